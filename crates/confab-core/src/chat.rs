@@ -1,0 +1,116 @@
+//! [`Chat`]: the engine one server runs. It owns the store, the broker and
+//! the local hub, and opens a [`Session`] for each connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_proto::{Event, SharedEvent};
+
+use crate::auth::Passwords;
+use crate::broker::Broker;
+use crate::conn::{self, CloseReason, ConnIds, ConnReceiver, Outbound};
+use crate::error::StoreError;
+use crate::hub::Hub;
+use crate::session::Session;
+use crate::store::DynStore;
+
+/// The engine's settings. Transports have their own (frame sizes, heartbeats).
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// Largest message body, in bytes of UTF-8.
+    pub max_body_bytes: usize,
+    /// Largest room topic, in characters.
+    pub max_topic_chars: usize,
+    /// Items one connection may have queued before it is closed as a slow
+    /// consumer.
+    pub outbound_queue: usize,
+    pub allow_guests: bool,
+    /// How long a room waits for a missing seq before reading it from storage.
+    pub gap_fill_delay: Duration,
+    /// How many password hashes may run at once.
+    pub hash_concurrency: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            max_body_bytes: 4096,
+            max_topic_chars: 256,
+            outbound_queue: 1024,
+            allow_guests: true,
+            gap_fill_delay: Duration::from_millis(100),
+            hash_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// The chat engine; cheap to clone.
+#[derive(Clone)]
+pub struct Chat {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: DynStore,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) config: ChatConfig,
+    pub(crate) passwords: Passwords,
+    ids: ConnIds,
+}
+
+impl Chat {
+    /// Start the engine on a store and a broker. Guest memberships left
+    /// over from a crash are removed: no guest is connected yet.
+    pub async fn new(
+        store: DynStore,
+        broker: Arc<dyn Broker>,
+        config: ChatConfig,
+    ) -> Result<Chat, StoreError> {
+        store.drop_all_guests().await?;
+        let hub = Hub::new(store.clone(), config.gap_fill_delay);
+        broker.attach(hub.clone());
+        Ok(Chat {
+            inner: Arc::new(Inner {
+                store,
+                broker,
+                hub,
+                passwords: Passwords::new(config.hash_concurrency),
+                config,
+                ids: ConnIds::default(),
+            }),
+        })
+    }
+
+    /// A session for a new connection, and the transport's end of its queue.
+    pub fn open(&self) -> (Session, ConnReceiver) {
+        let (conn, rx) = conn::channel(self.inner.ids.next(), self.inner.config.outbound_queue);
+        (Session::new(self.inner.clone(), conn), rx)
+    }
+
+    pub fn config(&self) -> &ChatConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.inner.store
+    }
+
+    /// Connected users and rooms with connected members, on this node.
+    pub fn counts(&self) -> (usize, usize) {
+        self.inner.hub.counts()
+    }
+
+    /// Tell every logged-in connection the server is going away, and ask
+    /// the transports to close them.
+    pub fn shutdown(&self, reason: &str, reconnect_ms: u64) {
+        let notice = Arc::new(SharedEvent::new(Event::Shutdown {
+            reason: reason.to_owned(),
+            reconnect_ms,
+        }));
+        for conn in self.inner.hub.connections() {
+            conn.push(Outbound::Event(notice.clone()));
+            conn.close(CloseReason::Shutdown);
+        }
+    }
+}

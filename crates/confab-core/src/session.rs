@@ -1,0 +1,668 @@
+//! One connection's state machine: who is logged in, and what each request
+//! does. Transports feed it decoded requests; it queues exactly one reply
+//! per request on the connection, then publishes what the request caused.
+//!
+//! The reply goes first, so a sender sees its `ok` before the `message`
+//! event of its own message. Requests of one connection run one at a time,
+//! in order. `handle` must be driven to completion (not dropped half-way):
+//! that is what guarantees every stored message is also published.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use confab_proto::json::DecodeError;
+use confab_proto::{
+    Envelope, ErrorBody, Event, Member, OkBody, Reply, Request, RequestId, RoomEntry, Seq,
+    SyncRoom,
+};
+
+use crate::auth;
+use crate::broker::{BrokerEvent, Skip};
+use crate::chat::Inner;
+use crate::conn::{Conn, Outbound};
+use crate::error::ChatError;
+use crate::names::{RoomName, UserName};
+use crate::store::{DirectPeers, NewMessage, Page, TokenHash};
+
+/// Page size of `history` and `sync` when the client gives none.
+pub const DEFAULT_PAGE: u32 = 50;
+/// Largest page a client may ask for.
+pub const MAX_PAGE: u32 = 500;
+/// Password length bounds, in characters.
+const PASSWORD_CHARS: std::ops::RangeInclusive<usize> = 8..=256;
+/// Longest nonce, in characters.
+const MAX_NONCE_CHARS: usize = 64;
+
+pub struct Session {
+    chat: Arc<Inner>,
+    conn: Conn,
+    login: Option<Login>,
+}
+
+struct Login {
+    user: UserName,
+    guest: bool,
+    /// The token this connection logged in with, revoked by `logout`.
+    token: Option<TokenHash>,
+}
+
+/// What a handler produced: the reply, then events to publish after it.
+struct Done {
+    reply: OkBody,
+    then: Vec<BrokerEvent>,
+}
+
+impl Done {
+    fn reply(reply: OkBody) -> Self {
+        Done {
+            reply,
+            then: Vec::new(),
+        }
+    }
+    fn empty() -> Self {
+        Self::reply(OkBody::Done {})
+    }
+    fn then(mut self, event: BrokerEvent) -> Self {
+        self.then.push(event);
+        self
+    }
+}
+
+type Handled = Result<Done, ChatError>;
+
+impl Session {
+    pub(crate) fn new(chat: Arc<Inner>, conn: Conn) -> Self {
+        Session {
+            chat,
+            conn,
+            login: None,
+        }
+    }
+
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    /// The logged-in user, if any.
+    pub fn user(&self) -> Option<&UserName> {
+        self.login.as_ref().map(|l| &l.user)
+    }
+
+    /// Execute one request: queue its reply, then publish its effects.
+    pub async fn handle(&mut self, envelope: Envelope) {
+        let Envelope { id, request } = envelope;
+        let kind = request.kind();
+        let (result, then) = match self.execute(request).await {
+            Ok(done) => (Ok(done.reply), done.then),
+            Err(e) => {
+                tracing::debug!(request = kind, code = e.code.as_str(), "refused: {}", e.message);
+                (Err(ErrorBody::from(e)), Vec::new())
+            }
+        };
+        self.reply(id, result).await;
+        self.publish(then).await;
+    }
+
+    /// Answer a frame that could not be decoded.
+    pub async fn reject(&mut self, error: DecodeError) {
+        let Reply { id, result } = error.into_reply();
+        self.reply(id, result).await;
+    }
+
+    /// Answer with an error the transport found (a frame too large, say).
+    pub async fn refuse(&mut self, id: Option<RequestId>, error: ChatError) {
+        self.reply(id, Err(error.into())).await;
+    }
+
+    /// The connection is gone: end the login (presence, guest memberships).
+    pub async fn close(mut self) {
+        let then = self.detach().await;
+        self.publish(then).await;
+    }
+
+    async fn reply(&self, id: Option<RequestId>, result: Result<OkBody, ErrorBody>) {
+        self.conn.send(Outbound::Reply(Reply { id, result })).await;
+    }
+
+    async fn publish(&self, events: Vec<BrokerEvent>) {
+        for event in events {
+            if let Err(e) = self.chat.broker.publish(event).await {
+                // The change is stored; members catch up with `sync`.
+                tracing::warn!(error = %e, "publish failed");
+            }
+        }
+    }
+
+    /// The command table: what each request needs before its handler runs.
+    async fn execute(&mut self, request: Request) -> Handled {
+        let logged_in = self.login.is_some();
+        match &request {
+            Request::Ping {} => return Ok(Done::reply(OkBody::Pong)),
+            Request::Register { .. }
+            | Request::Login { .. }
+            | Request::Guest { .. }
+            | Request::Resume { .. } => {
+                if let Some(l) = &self.login {
+                    return Err(ChatError::bad_request(format!(
+                        "already logged in as {}; log out first",
+                        l.user
+                    )));
+                }
+            }
+            _ if !logged_in => {
+                return Err(ChatError::unauthorized(
+                    "log in first: register, login, guest or resume",
+                ))
+            }
+            _ => {}
+        }
+        match request {
+            Request::Ping {} => unreachable!("answered above"),
+            Request::Register { user, password } => self.register(&user, password).await,
+            Request::Login { user, password } => self.login(&user, password).await,
+            Request::Guest { user } => self.guest(&user).await,
+            Request::Resume { token } => self.resume(&token).await,
+            Request::Logout {} => self.logout().await,
+            Request::Join { room } => self.join(&room).await,
+            Request::Leave { room } => self.leave(&room).await,
+            Request::Rooms { all } => self.rooms(all).await,
+            Request::Members { room } => self.members(&room).await,
+            Request::Topic { room, topic } => self.topic(&room, topic).await,
+            Request::Send { room, body, nonce } => {
+                let room = RoomName::parse(&room)?;
+                self.post(room, body, nonce, None).await
+            }
+            Request::Dm { to, body, nonce } => self.dm(&to, body, nonce).await,
+            Request::History {
+                room,
+                before,
+                after,
+                limit,
+            } => self.history(&room, before, after, limit).await,
+            Request::Sync { cursors, limit } => self.sync(cursors, limit).await,
+            Request::Read { room, seq } => self.read(&room, seq).await,
+            Request::Typing { room } => self.typing(&room),
+        }
+    }
+
+    fn me(&self) -> &Login {
+        self.login.as_ref().expect("the command table checked the login")
+    }
+
+    // --- accounts -------------------------------------------------------
+
+    async fn register(&mut self, user: &str, password: String) -> Handled {
+        let name = UserName::parse(user)?;
+        check_password(&password)?;
+        if self.chat.hub.online_user(name.key()).is_some_and(|u| u.guest) {
+            return Err(ChatError::conflict(format!(
+                "the name {name} is in use by a connected guest"
+            )));
+        }
+        let hash = self.chat.passwords.hash(password).await?;
+        self.chat
+            .store
+            .create_user(&name, &hash)
+            .await
+            .map_err(|e| match e {
+                crate::StoreError::Conflict(_) => {
+                    ChatError::conflict(format!("the user name {name} is already taken"))
+                }
+                e => e.into(),
+            })?;
+        self.start_with_token(name).await
+    }
+
+    async fn login(&mut self, user: &str, password: String) -> Handled {
+        let name = UserName::parse(user)?;
+        let record = self.chat.store.user(&name).await?;
+        let hash = record.as_ref().map(|r| r.password_hash.clone());
+        if !self.chat.passwords.verify(password, hash).await? {
+            return Err(ChatError::unauthorized("unknown user or wrong password"));
+        }
+        self.start_with_token(record.expect("verified").name).await
+    }
+
+    async fn start_with_token(&mut self, name: UserName) -> Handled {
+        let (token, hash) = auth::new_token();
+        self.chat.store.create_token(&name, &hash).await?;
+        let done = self.start(name.clone(), false, Some(hash)).await?;
+        Ok(Done {
+            reply: OkBody::Auth {
+                user: name.as_str().to_owned(),
+                token: Some(token),
+            },
+            ..done
+        })
+    }
+
+    async fn guest(&mut self, user: &str) -> Handled {
+        if !self.chat.config.allow_guests {
+            return Err(ChatError::forbidden("guests are turned off on this server"));
+        }
+        let name = UserName::parse(user)?;
+        if self.chat.store.user(&name).await?.is_some() {
+            return Err(ChatError::conflict(format!(
+                "{name} is a registered user; log in instead"
+            )));
+        }
+        self.start(name, true, None).await
+    }
+
+    async fn resume(&mut self, token: &str) -> Handled {
+        let hash = auth::token_hash(token);
+        let Some(name) = self.chat.store.token_user(&hash).await? else {
+            return Err(ChatError::unauthorized("invalid or revoked token"));
+        };
+        self.start(name, false, Some(hash)).await
+    }
+
+    /// Log this connection in: attach it to the hub with the user's rooms;
+    /// the first connection of a user announces its presence.
+    async fn start(&mut self, user: UserName, guest: bool, token: Option<TokenHash>) -> Handled {
+        let rooms: Vec<(RoomName, Seq)> = if guest {
+            Vec::new()
+        } else {
+            let views = self.chat.store.rooms(&user, false).await?;
+            views.into_iter().map(|v| (v.room, v.last_seq)).collect()
+        };
+        let first = self
+            .chat
+            .hub
+            .attach(&user, guest, self.conn.clone(), &rooms)?;
+        let mut done = Done::reply(OkBody::Auth {
+            user: user.as_str().to_owned(),
+            token: None,
+        });
+        if first {
+            done = done.then(BrokerEvent::Presence {
+                user: user.clone(),
+                online: true,
+                rooms: rooms.into_iter().map(|(r, _)| r).collect(),
+            });
+        }
+        self.login = Some(Login { user, guest, token });
+        Ok(done)
+    }
+
+    async fn logout(&mut self) -> Handled {
+        if let Some(token) = self.me().token {
+            self.chat.store.revoke_token(&token).await?;
+        }
+        let then = self.detach().await;
+        Ok(Done {
+            reply: OkBody::Done {},
+            then,
+        })
+    }
+
+    /// End this connection's login. The user's last connection takes its
+    /// presence down, and a guest's memberships with it.
+    async fn detach(&mut self) -> Vec<BrokerEvent> {
+        let Some(login) = self.login.take() else {
+            return Vec::new();
+        };
+        let Some(rooms) = self.chat.hub.detach(&login.user, self.conn.id()) else {
+            return Vec::new();
+        };
+        let mut events = vec![BrokerEvent::Presence {
+            user: login.user.clone(),
+            online: false,
+            rooms,
+        }];
+        if login.guest {
+            match self.chat.store.drop_guest(&login.user).await {
+                Ok(left) => {
+                    for room in left {
+                        events.push(left_event(&room, &login.user, Skip::Nobody));
+                        events.push(BrokerEvent::Membership {
+                            room,
+                            user: login.user.clone(),
+                            joined: false,
+                            last_seq: 0,
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, user = %login.user, "dropping a guest"),
+            }
+        }
+        events
+    }
+
+    // --- rooms ----------------------------------------------------------
+
+    async fn join(&mut self, room: &str) -> Handled {
+        let room = RoomName::parse_public(room)?;
+        let me = self.me();
+        let joined = self.chat.store.join(&room, &me.user, me.guest).await?;
+        let members = self.member_list(&room).await?;
+        let mut done = Done::reply(OkBody::Joined {
+            room: room.as_str().to_owned(),
+            topic: joined.topic,
+            members,
+            last_seq: joined.last_seq,
+        })
+        .then(BrokerEvent::Membership {
+            room: room.clone(),
+            user: me.user.clone(),
+            joined: true,
+            last_seq: joined.last_seq,
+        });
+        if joined.newly_joined {
+            done = done.then(BrokerEvent::Room {
+                event: Event::Joined {
+                    room: room.as_str().to_owned(),
+                    user: me.user.as_str().to_owned(),
+                },
+                room,
+                skip: Skip::Conn(self.conn.id()),
+            });
+        }
+        Ok(done)
+    }
+
+    async fn leave(&mut self, room: &str) -> Handled {
+        let room = RoomName::parse(room)?;
+        let user = self.me().user.clone();
+        self.chat.store.leave(&room, &user).await?;
+        // `left` first, so the user's other connections still receive it.
+        Ok(Done::empty()
+            .then(left_event(&room, &user, Skip::Conn(self.conn.id())))
+            .then(BrokerEvent::Membership {
+                room,
+                user,
+                joined: false,
+                last_seq: 0,
+            }))
+    }
+
+    async fn rooms(&mut self, all: bool) -> Handled {
+        let views = self.chat.store.rooms(&self.me().user, all).await?;
+        let rooms = views
+            .into_iter()
+            .map(|v| RoomEntry {
+                room: v.room.as_str().to_owned(),
+                topic: v.topic,
+                member_count: v.member_count,
+                last_seq: v.last_seq,
+                unread: v.read_seq.map_or(0, |r| v.last_seq.saturating_sub(r)),
+            })
+            .collect();
+        Ok(Done::reply(OkBody::Rooms { rooms }))
+    }
+
+    async fn members(&mut self, room: &str) -> Handled {
+        let room = RoomName::parse(room)?;
+        if let Some((a, b)) = room.direct_users() {
+            let me = self.me().user.key();
+            if me != a && me != b {
+                return Err(ChatError::forbidden("not your conversation"));
+            }
+        }
+        let members = self.member_list(&room).await?;
+        Ok(Done::reply(OkBody::Members { members }))
+    }
+
+    async fn member_list(&self, room: &RoomName) -> Result<Vec<Member>, ChatError> {
+        let users = self.chat.store.members(room).await?;
+        Ok(users
+            .into_iter()
+            .map(|u| Member {
+                online: self.chat.hub.is_online(u.key()),
+                user: u.as_str().to_owned(),
+            })
+            .collect())
+    }
+
+    async fn topic(&mut self, room: &str, topic: String) -> Handled {
+        let room = RoomName::parse(room)?;
+        if topic.chars().count() > self.chat.config.max_topic_chars {
+            return Err(ChatError::too_large(format!(
+                "a topic has at most {} characters",
+                self.chat.config.max_topic_chars
+            )));
+        }
+        check_text("topic", &topic)?;
+        let user = self.me().user.clone();
+        self.chat.store.set_topic(&room, &user, &topic).await?;
+        Ok(Done::empty().then(BrokerEvent::Room {
+            event: Event::Topic {
+                room: room.as_str().to_owned(),
+                topic,
+                user: user.as_str().to_owned(),
+            },
+            room,
+            skip: Skip::Nobody,
+        }))
+    }
+
+    // --- messages -------------------------------------------------------
+
+    async fn dm(&mut self, to: &str, body: String, nonce: Option<String>) -> Handled {
+        let peer = UserName::parse(to)?;
+        let me = self.me();
+        if peer == me.user {
+            return Err(ChatError::bad_request("a direct message needs another user"));
+        }
+        let (peer, peer_guest) = match self.chat.store.user(&peer).await? {
+            Some(record) => (record.name, false),
+            None => match self.chat.hub.online_user(peer.key()) {
+                Some(u) if u.guest => (u.name, true),
+                _ => return Err(ChatError::not_found(format!("no user named {peer}"))),
+            },
+        };
+        let room = RoomName::direct(&me.user, &peer);
+        let direct = DirectPeers {
+            sender_guest: me.guest,
+            peer,
+            peer_guest,
+        };
+        self.post(room, body, nonce, Some(direct)).await
+    }
+
+    /// Store a message and, once it is committed, publish it.
+    async fn post(
+        &mut self,
+        room: RoomName,
+        body: String,
+        nonce: Option<String>,
+        direct: Option<DirectPeers>,
+    ) -> Handled {
+        self.check_body(&body)?;
+        if let Some(n) = &nonce {
+            if n.is_empty() || n.chars().count() > MAX_NONCE_CHARS {
+                return Err(ChatError::bad_request(format!(
+                    "a nonce has 1 to {MAX_NONCE_CHARS} characters"
+                )));
+            }
+        }
+        let stored = self
+            .chat
+            .store
+            .append(NewMessage {
+                room: room.clone(),
+                sender: self.me().user.clone(),
+                body,
+                nonce,
+                ts: now_ms(),
+                direct,
+            })
+            .await?;
+        let m = &stored.message;
+        let mut done = Done::reply(OkBody::Sent {
+            room: m.room.clone(),
+            seq: m.seq,
+            ts: m.ts,
+        });
+        for user in stored.new_members {
+            done = done.then(BrokerEvent::Membership {
+                room: room.clone(),
+                user,
+                joined: true,
+                last_seq: m.seq - 1,
+            });
+        }
+        if !stored.duplicate {
+            done = done.then(BrokerEvent::Message(stored.message));
+        }
+        Ok(done)
+    }
+
+    fn check_body(&self, body: &str) -> Result<(), ChatError> {
+        if body.is_empty() {
+            return Err(ChatError::bad_request("the body is empty"));
+        }
+        let max = self.chat.config.max_body_bytes;
+        if body.len() > max {
+            return Err(ChatError::too_large(format!(
+                "the body has {} bytes; at most {max} are allowed",
+                body.len()
+            )));
+        }
+        check_text("body", body)
+    }
+
+    async fn history(
+        &mut self,
+        room: &str,
+        before: Option<Seq>,
+        after: Option<Seq>,
+        limit: Option<u32>,
+    ) -> Handled {
+        let room = RoomName::parse(room)?;
+        let page = match (before, after) {
+            (None, None) => Page::Latest,
+            (Some(b), None) => Page::Before(b),
+            (None, Some(a)) => Page::After(a),
+            (Some(_), Some(_)) => {
+                return Err(ChatError::bad_request("give `before` or `after`, not both"))
+            }
+        };
+        let limit = page_limit(limit)?;
+        let page = self
+            .chat
+            .store
+            .history(&room, &self.me().user, page, limit)
+            .await?;
+        Ok(Done::reply(OkBody::History {
+            room: room.as_str().to_owned(),
+            messages: page.messages,
+            more: page.more,
+        }))
+    }
+
+    async fn sync(&mut self, cursors: BTreeMap<String, Seq>, limit: Option<u32>) -> Handled {
+        let limit = page_limit(limit)?;
+        let mut given = BTreeMap::new();
+        for (room, seq) in cursors {
+            given.insert(RoomName::parse(&room)?, seq);
+        }
+        let user = self.me().user.clone();
+        let mut rooms = Vec::new();
+        for view in self.chat.store.rooms(&user, false).await? {
+            let cursor = given
+                .get(&view.room)
+                .copied()
+                .unwrap_or(view.read_seq.unwrap_or(0));
+            if view.last_seq <= cursor {
+                continue;
+            }
+            let page = match self
+                .chat
+                .store
+                .history(&view.room, &user, Page::After(cursor), limit)
+                .await
+            {
+                Ok(page) => page,
+                // Left on another connection since the listing: skip it.
+                Err(crate::StoreError::NotMember) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            rooms.push(SyncRoom {
+                room: view.room.as_str().to_owned(),
+                messages: page.messages,
+                more: page.more,
+            });
+        }
+        Ok(Done::reply(OkBody::Sync { rooms }))
+    }
+
+    async fn read(&mut self, room: &str, seq: Seq) -> Handled {
+        let room = RoomName::parse(room)?;
+        let user = self.me().user.clone();
+        let marker = self.chat.store.mark_read(&room, &user, seq).await?;
+        Ok(Done::empty().then(BrokerEvent::User {
+            user: user.key().to_owned(),
+            event: Event::Read {
+                room: room.as_str().to_owned(),
+                seq: marker,
+            },
+            skip: Skip::Conn(self.conn.id()),
+        }))
+    }
+
+    fn typing(&mut self, room: &str) -> Handled {
+        let room = RoomName::parse(room)?;
+        let user = &self.me().user;
+        if !self.chat.hub.is_member(user.key(), &room) {
+            return Err(ChatError::forbidden(format!("not a member of {room}")));
+        }
+        Ok(Done::empty().then(BrokerEvent::Room {
+            event: Event::Typing {
+                room: room.as_str().to_owned(),
+                user: user.as_str().to_owned(),
+            },
+            room,
+            skip: Skip::User(user.key().to_owned()),
+        }))
+    }
+}
+
+fn left_event(room: &RoomName, user: &UserName, skip: Skip) -> BrokerEvent {
+    BrokerEvent::Room {
+        room: room.clone(),
+        event: Event::Left {
+            room: room.as_str().to_owned(),
+            user: user.as_str().to_owned(),
+        },
+        skip,
+    }
+}
+
+fn check_password(password: &str) -> Result<(), ChatError> {
+    let n = password.chars().count();
+    if n > *PASSWORD_CHARS.end() {
+        return Err(ChatError::too_large("a password has at most 256 characters"));
+    }
+    if n < *PASSWORD_CHARS.start() {
+        return Err(ChatError::bad_request("a password has at least 8 characters"));
+    }
+    Ok(())
+}
+
+/// Text fields carry no control characters but newline and tab.
+fn check_text(field: &str, text: &str) -> Result<(), ChatError> {
+    match text.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
+        Some(c) => Err(ChatError::bad_request(format!(
+            "the {field} contains the control character U+{:04X}",
+            c as u32
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn page_limit(limit: Option<u32>) -> Result<u32, ChatError> {
+    match limit.unwrap_or(DEFAULT_PAGE) {
+        n @ 1..=MAX_PAGE => Ok(n),
+        n => Err(ChatError::bad_request(format!(
+            "limit {n} is out of range: 1 to {MAX_PAGE}"
+        ))),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,167 @@
+//! Durable state behind one trait, so that SQLite and PostgreSQL are
+//! interchangeable. Every operation that has to be atomic (allocating a
+//! `seq`, deduplicating a nonce, checking membership before a write) happens
+//! inside the backend, in one transaction: the core never keeps a counter
+//! of its own, so several servers can share one database.
+//!
+//! - [`memory`]: an in-memory backend for tests of the core.
+//! - [`contract`] (feature `testing`): the suite every backend must pass.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use confab_proto::{Message, Seq};
+
+use crate::error::StoreError;
+use crate::names::{RoomName, UserName};
+
+pub mod memory;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A SHA-256 digest of a session token: tokens are stored only as hashes.
+pub type TokenHash = [u8; 32];
+
+/// A registered user's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: UserName,
+    /// An argon2 hash in PHC string form.
+    pub password_hash: String,
+}
+
+/// The result of `join`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    pub topic: String,
+    pub last_seq: Seq,
+    /// False when the user was already a member.
+    pub newly_joined: bool,
+}
+
+/// A room as listed by `rooms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomView {
+    pub room: RoomName,
+    pub topic: String,
+    pub member_count: u64,
+    pub last_seq: Seq,
+    /// The caller's read marker; `None` when the caller is not a member.
+    pub read_seq: Option<Seq>,
+}
+
+/// A message to store. `ts` is chosen by the caller (the accepting server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub room: RoomName,
+    pub sender: UserName,
+    pub body: String,
+    pub nonce: Option<String>,
+    pub ts: i64,
+    /// For a direct message: open the conversation if needed, making both
+    /// users members, instead of requiring the sender to be one.
+    pub direct: Option<DirectPeers>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectPeers {
+    pub sender_guest: bool,
+    pub peer: UserName,
+    pub peer_guest: bool,
+}
+
+/// The stored message, and whether it was already there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub message: Message,
+    /// True when the nonce matched an earlier message: nothing was written
+    /// and `message` is the original.
+    pub duplicate: bool,
+    /// Users that this append made members (a direct conversation's first
+    /// message).
+    pub new_members: Vec<UserName>,
+}
+
+/// Which page of a room's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// The newest messages.
+    Latest,
+    /// The newest messages below this seq.
+    Before(Seq),
+    /// The oldest messages above this seq.
+    After(Seq),
+}
+
+/// Messages in ascending seq, and whether more exist in the page's direction.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryPage {
+    pub messages: Vec<Message>,
+    pub more: bool,
+}
+
+/// Durable storage. All methods are cancel-safe in the sense that dropping
+/// the future never leaves a half-applied change: a write that was already
+/// handed to the backend either commits whole or not at all.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Register a user; `Conflict` when the name (without regard to case) exists.
+    async fn create_user(&self, name: &UserName, password_hash: &str) -> StoreResult<()>;
+    /// The registered user with this name (any case).
+    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>>;
+
+    async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()>;
+    /// The user a live token belongs to.
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>>;
+    async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()>;
+
+    /// Make `user` a member of `room`, creating the room if needed.
+    /// Guest memberships end with [`Store::drop_guest`].
+    async fn join(&self, room: &RoomName, user: &UserName, guest: bool) -> StoreResult<Joined>;
+    /// End a membership: `NoSuchRoom` or `NotMember` when there is none.
+    async fn leave(&self, room: &RoomName, user: &UserName) -> StoreResult<()>;
+    /// Remove every membership of a guest; returns the rooms it was in.
+    async fn drop_guest(&self, user: &UserName) -> StoreResult<Vec<RoomName>>;
+    /// Remove every guest membership (left over from a crash).
+    async fn drop_all_guests(&self) -> StoreResult<()>;
+
+    /// The members of a room (`NoSuchRoom` if it does not exist), by name.
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<UserName>>;
+    /// The user's rooms, or with `all` every public room.
+    async fn rooms(&self, user: &UserName, all: bool) -> StoreResult<Vec<RoomView>>;
+    /// Set a room's topic; the user must be a member.
+    async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()>;
+
+    /// Store a message: allocate the room's next seq, or return the original
+    /// when the sender already sent this nonce to this room. The sender must
+    /// be a member, unless `direct` opens the conversation.
+    async fn append(&self, message: NewMessage) -> StoreResult<Appended>;
+    /// A page of a room's history; `user` must be a member.
+    async fn history(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        page: Page,
+        limit: u32,
+    ) -> StoreResult<HistoryPage>;
+    /// Up to `limit` messages after `after`, ascending, with no membership
+    /// check: for the server's own use (filling a gap in live delivery).
+    /// A room that does not exist has no messages.
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: Seq,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>>;
+    /// Move the read marker forward (never back); returns the marker now.
+    /// `Invalid` when `seq` is past the room's last message.
+    async fn mark_read(&self, room: &RoomName, user: &UserName, seq: Seq) -> StoreResult<Seq>;
+
+    /// Whether the store can serve requests (for readiness checks).
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+pub type DynStore = Arc<dyn Store>;

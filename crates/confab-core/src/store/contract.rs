@@ -1,0 +1,366 @@
+//! The contract every [`Store`] backend passes. Each check takes a fresh,
+//! empty store; [`store_contract_tests!`](crate::store_contract_tests)
+//! turns them into one `#[tokio::test]` each for a backend's factory.
+
+use std::collections::HashSet;
+
+use super::*;
+
+fn user(name: &str) -> UserName {
+    UserName::parse(name).unwrap()
+}
+
+fn room(name: &str) -> RoomName {
+    RoomName::parse(name).unwrap()
+}
+
+fn msg(r: &str, sender: &str, body: &str, nonce: Option<&str>) -> NewMessage {
+    NewMessage {
+        room: room(r),
+        sender: user(sender),
+        body: body.to_owned(),
+        nonce: nonce.map(str::to_owned),
+        ts: 1_700_000_000_000,
+        direct: None,
+    }
+}
+
+/// Generate a `#[tokio::test]` per contract check. `$make` is an expression
+/// evaluating to a future of `(DynStore, guard)`; the guard (a temporary
+/// directory, say) lives as long as the test.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($make:expr) => {
+        $crate::store_contract_tests!(@each $make;
+            users_are_unique_without_regard_to_case,
+            tokens_resolve_until_revoked,
+            join_creates_rooms_and_memberships,
+            leave_ends_membership,
+            appends_number_messages_gaplessly,
+            only_members_append,
+            nonces_deduplicate_per_sender_and_room,
+            direct_messages_open_the_conversation,
+            history_pages_in_both_directions,
+            read_markers_only_move_forward,
+            rooms_lists_memberships_and_public_rooms,
+            topics_are_set_by_members,
+            guest_memberships_are_dropped,
+            concurrent_appends_stay_gapless);
+    };
+    (@each $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (store, _guard) = $make.await;
+                $crate::store::contract::$name(store).await;
+            }
+        )*
+    };
+}
+
+pub async fn users_are_unique_without_regard_to_case(s: DynStore) {
+    s.create_user(&user("Alice"), "hash-a").await.unwrap();
+    let err = s.create_user(&user("aLICE"), "hash-b").await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    let rec = s.user(&user("ALICE")).await.unwrap().unwrap();
+    assert_eq!(rec.name.as_str(), "Alice", "answers with the name as registered");
+    assert_eq!(rec.password_hash, "hash-a");
+    assert_eq!(s.user(&user("bob")).await.unwrap(), None);
+}
+
+pub async fn tokens_resolve_until_revoked(s: DynStore) {
+    s.create_user(&user("Alice"), "h").await.unwrap();
+    let (t1, t2) = ([1u8; 32], [2u8; 32]);
+    s.create_token(&user("Alice"), &t1).await.unwrap();
+    s.create_token(&user("Alice"), &t2).await.unwrap();
+    assert_eq!(
+        s.token_user(&t1).await.unwrap().unwrap().as_str(),
+        "Alice"
+    );
+    s.revoke_token(&t1).await.unwrap();
+    assert_eq!(s.token_user(&t1).await.unwrap(), None);
+    assert!(s.token_user(&t2).await.unwrap().is_some(), "other tokens live on");
+    assert_eq!(s.token_user(&[3u8; 32]).await.unwrap(), None);
+}
+
+pub async fn join_creates_rooms_and_memberships(s: DynStore) {
+    let j = s.join(&room("general"), &user("alice"), false).await.unwrap();
+    assert_eq!(
+        j,
+        Joined {
+            topic: String::new(),
+            last_seq: 0,
+            newly_joined: true
+        }
+    );
+    let again = s.join(&room("general"), &user("Alice"), false).await.unwrap();
+    assert!(!again.newly_joined);
+    s.join(&room("general"), &user("Bob"), false).await.unwrap();
+    let mut names: Vec<_> = s
+        .members(&room("general"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["Bob", "alice"]);
+    assert_eq!(
+        s.members(&room("nowhere")).await.unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+}
+
+pub async fn leave_ends_membership(s: DynStore) {
+    s.join(&room("r"), &user("alice"), false).await.unwrap();
+    s.leave(&room("r"), &user("ALICE")).await.unwrap();
+    assert!(s.members(&room("r")).await.unwrap().is_empty());
+    assert_eq!(
+        s.leave(&room("r"), &user("alice")).await.unwrap_err(),
+        StoreError::NotMember
+    );
+    assert_eq!(
+        s.leave(&room("nowhere"), &user("alice")).await.unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+}
+
+pub async fn appends_number_messages_gaplessly(s: DynStore) {
+    s.join(&room("r"), &user("alice"), false).await.unwrap();
+    s.join(&room("q"), &user("alice"), false).await.unwrap();
+    for expected in 1..=3 {
+        let a = s.append(msg("r", "Alice", "hi", None)).await.unwrap();
+        assert_eq!(a.message.seq, expected);
+        assert!(!a.duplicate);
+        assert_eq!(a.message.user, "Alice");
+        assert_eq!(a.message.room, "r");
+        assert_eq!(a.message.ts, 1_700_000_000_000);
+    }
+    let other = s.append(msg("q", "alice", "x", None)).await.unwrap();
+    assert_eq!(other.message.seq, 1, "each room numbers its own messages");
+    let j = s.join(&room("r"), &user("bob"), false).await.unwrap();
+    assert_eq!(j.last_seq, 3);
+}
+
+pub async fn only_members_append(s: DynStore) {
+    s.join(&room("r"), &user("alice"), false).await.unwrap();
+    assert_eq!(
+        s.append(msg("r", "bob", "hi", None)).await.unwrap_err(),
+        StoreError::NotMember
+    );
+    assert_eq!(
+        s.append(msg("nowhere", "alice", "hi", None))
+            .await
+            .unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+    let page = s
+        .history(&room("r"), &user("alice"), Page::Latest, 10)
+        .await
+        .unwrap();
+    assert!(page.messages.is_empty(), "a refused append stores nothing");
+}
+
+pub async fn nonces_deduplicate_per_sender_and_room(s: DynStore) {
+    for u in ["alice", "bob"] {
+        s.join(&room("r"), &user(u), false).await.unwrap();
+        s.join(&room("q"), &user(u), false).await.unwrap();
+    }
+    let first = s.append(msg("r", "alice", "one", Some("n1"))).await.unwrap();
+    assert_eq!(first.message.nonce.as_deref(), Some("n1"));
+    let mut retry = msg("r", "ALICE", "one again", Some("n1"));
+    retry.ts += 5000;
+    let again = s.append(retry).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message, first.message, "the original, seq and ts");
+    let bob = s.append(msg("r", "bob", "b", Some("n1"))).await.unwrap();
+    assert!(!bob.duplicate, "another sender's nonce is another message");
+    let elsewhere = s.append(msg("q", "alice", "q", Some("n1"))).await.unwrap();
+    assert!(!elsewhere.duplicate, "another room's nonce is another message");
+    let plain = s.append(msg("r", "alice", "p", None)).await.unwrap();
+    assert_eq!(plain.message.seq, 3, "duplicates take no seq");
+}
+
+pub async fn direct_messages_open_the_conversation(s: DynStore) {
+    let dm = RoomName::direct(&user("bob"), &user("alice"));
+    let mut m = msg(dm.as_str(), "bob", "hello", Some("d1"));
+    m.direct = Some(DirectPeers {
+        sender_guest: false,
+        peer: user("Alice"),
+        peer_guest: false,
+    });
+    let a = s.append(m.clone()).await.unwrap();
+    assert_eq!(a.message.seq, 1);
+    let mut new: Vec<_> = a.new_members.iter().map(|u| u.key().to_owned()).collect();
+    new.sort();
+    assert_eq!(new, ["alice", "bob"]);
+    m.nonce = None;
+    let b = s.append(m).await.unwrap();
+    assert_eq!(b.message.seq, 2);
+    assert!(b.new_members.is_empty());
+    let rooms = s.rooms(&user("alice"), false).await.unwrap();
+    assert_eq!(rooms.len(), 1);
+    assert_eq!(rooms[0].room, dm);
+    assert!(
+        s.rooms(&user("alice"), true).await.unwrap().is_empty(),
+        "direct conversations are not public"
+    );
+}
+
+pub async fn history_pages_in_both_directions(s: DynStore) {
+    let (r, a) = (room("r"), user("alice"));
+    s.join(&r, &a, false).await.unwrap();
+    let empty = s.history(&r, &a, Page::Latest, 10).await.unwrap();
+    assert_eq!(empty, HistoryPage::default());
+    for i in 1..=10 {
+        s.append(msg("r", "alice", &format!("m{i}"), None))
+            .await
+            .unwrap();
+    }
+    let seqs = |p: &HistoryPage| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let p = s.history(&r, &a, Page::Latest, 3).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![8, 9, 10], true));
+    assert_eq!(p.messages[0].body, "m8");
+    let p = s.history(&r, &a, Page::Latest, 10).await.unwrap();
+    assert_eq!((seqs(&p).len(), p.more), (10, false));
+    let p = s.history(&r, &a, Page::Before(8), 3).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![5, 6, 7], true));
+    let p = s.history(&r, &a, Page::Before(4), 3).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![1, 2, 3], false));
+    let p = s.history(&r, &a, Page::Before(1), 3).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![], false));
+    let p = s.history(&r, &a, Page::Before(100), 2).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![9, 10], true));
+    let p = s.history(&r, &a, Page::After(0), 4).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![1, 2, 3, 4], true));
+    let p = s.history(&r, &a, Page::After(7), 3).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![8, 9, 10], false));
+    let p = s.history(&r, &a, Page::After(10), 3).await.unwrap();
+    assert_eq!((seqs(&p), p.more), (vec![], false));
+    let raw = s.messages_after(&r, 8, 10).await.unwrap();
+    assert_eq!(raw.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![9, 10]);
+    assert_eq!(s.messages_after(&r, 2, 1).await.unwrap()[0].seq, 3);
+    assert!(s.messages_after(&room("nowhere"), 0, 5).await.unwrap().is_empty());
+    assert_eq!(
+        s.history(&r, &user("bob"), Page::Latest, 3)
+            .await
+            .unwrap_err(),
+        StoreError::NotMember
+    );
+    assert_eq!(
+        s.history(&room("nowhere"), &a, Page::Latest, 3)
+            .await
+            .unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+}
+
+pub async fn read_markers_only_move_forward(s: DynStore) {
+    let (r, a) = (room("r"), user("alice"));
+    s.join(&r, &a, false).await.unwrap();
+    for _ in 0..5 {
+        s.append(msg("r", "alice", "x", None)).await.unwrap();
+    }
+    assert_eq!(s.mark_read(&r, &a, 3).await.unwrap(), 3);
+    assert_eq!(s.mark_read(&r, &a, 2).await.unwrap(), 3, "never backward");
+    assert_eq!(s.mark_read(&r, &a, 5).await.unwrap(), 5);
+    assert!(matches!(
+        s.mark_read(&r, &a, 6).await.unwrap_err(),
+        StoreError::Invalid(_)
+    ));
+    assert_eq!(
+        s.mark_read(&r, &user("bob"), 1).await.unwrap_err(),
+        StoreError::NotMember
+    );
+    let view = s.rooms(&a, false).await.unwrap();
+    assert_eq!(view[0].read_seq, Some(5));
+}
+
+pub async fn rooms_lists_memberships_and_public_rooms(s: DynStore) {
+    let (a, b) = (user("alice"), user("bob"));
+    s.join(&room("one"), &a, false).await.unwrap();
+    s.join(&room("one"), &b, false).await.unwrap();
+    s.join(&room("two"), &b, false).await.unwrap();
+    s.append(msg("one", "bob", "x", None)).await.unwrap();
+    s.append(msg("one", "bob", "y", None)).await.unwrap();
+    let mine = s.rooms(&a, false).await.unwrap();
+    assert_eq!(
+        mine,
+        vec![RoomView {
+            room: room("one"),
+            topic: String::new(),
+            member_count: 2,
+            last_seq: 2,
+            read_seq: Some(0),
+        }]
+    );
+    let mut all = s.rooms(&a, true).await.unwrap();
+    all.sort_by(|x, y| x.room.cmp(&y.room));
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1].room, room("two"));
+    assert_eq!(all[1].read_seq, None, "not a member of two");
+    assert_eq!(all[1].member_count, 1);
+}
+
+pub async fn topics_are_set_by_members(s: DynStore) {
+    let (r, a) = (room("r"), user("alice"));
+    s.join(&r, &a, false).await.unwrap();
+    s.set_topic(&r, &a, "Rust and tea").await.unwrap();
+    let j = s.join(&r, &user("bob"), false).await.unwrap();
+    assert_eq!(j.topic, "Rust and tea");
+    assert_eq!(
+        s.set_topic(&r, &user("carol"), "x").await.unwrap_err(),
+        StoreError::NotMember
+    );
+}
+
+pub async fn guest_memberships_are_dropped(s: DynStore) {
+    let g = user("Guesty");
+    s.join(&room("a"), &g, true).await.unwrap();
+    s.join(&room("b"), &g, true).await.unwrap();
+    s.join(&room("a"), &user("reg"), false).await.unwrap();
+    let mut left = s.drop_guest(&g).await.unwrap();
+    left.sort();
+    assert_eq!(left, vec![room("a"), room("b")]);
+    assert_eq!(s.members(&room("a")).await.unwrap().len(), 1);
+    s.join(&room("c"), &user("other"), true).await.unwrap();
+    s.drop_all_guests().await.unwrap();
+    assert!(s.members(&room("c")).await.unwrap().is_empty());
+    assert_eq!(s.members(&room("a")).await.unwrap().len(), 1);
+}
+
+pub async fn concurrent_appends_stay_gapless(s: DynStore) {
+    const SENDERS: usize = 20;
+    const EACH: usize = 25;
+    for i in 0..SENDERS {
+        s.join(&room("busy"), &user(&format!("u{i}")), false)
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for j in 0..EACH {
+                    let m = msg("busy", &format!("u{i}"), &format!("{i}-{j}"), None);
+                    seqs.push(s.append(m).await.unwrap().message.seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut all = HashSet::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one sender's order");
+        all.extend(seqs);
+    }
+    let expected: HashSet<Seq> = (1..=(SENDERS * EACH) as Seq).collect();
+    assert_eq!(all, expected, "every seq once, no gaps");
+    let page = s
+        .history(&room("busy"), &user("u0"), Page::After(0), 500)
+        .await
+        .unwrap();
+    assert_eq!(page.messages.len(), SENDERS * EACH);
+}

@@ -1,0 +1,318 @@
+//! An in-memory [`Store`]: the reference for the contract suite and the
+//! backend of the core's unit tests. Not for production: it forgets
+//! everything when the process ends.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use confab_proto::{Message, Seq};
+
+use super::*;
+
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    users: HashMap<String, UserRecord>,
+    tokens: HashMap<TokenHash, UserName>,
+    rooms: BTreeMap<RoomName, Room>,
+}
+
+#[derive(Default)]
+struct Room {
+    topic: String,
+    messages: Vec<Message>,
+    /// user key -> membership
+    members: BTreeMap<String, Membership>,
+    /// (sender key, nonce) -> seq
+    nonces: HashMap<(String, String), Seq>,
+}
+
+struct Membership {
+    name: UserName,
+    guest: bool,
+    read_seq: Seq,
+}
+
+impl Room {
+    fn last_seq(&self) -> Seq {
+        self.messages.len() as Seq
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().expect("memory store poisoned"))
+    }
+}
+
+impl State {
+    fn member_room(&mut self, room: &RoomName, user: &UserName) -> StoreResult<&mut Room> {
+        let r = self.rooms.get_mut(room).ok_or(StoreError::NoSuchRoom)?;
+        if !r.members.contains_key(user.key()) {
+            return Err(StoreError::NotMember);
+        }
+        Ok(r)
+    }
+}
+
+fn add_member(room: &mut Room, user: &UserName, guest: bool) -> bool {
+    if room.members.contains_key(user.key()) {
+        return false;
+    }
+    room.members.insert(
+        user.key().to_owned(),
+        Membership {
+            name: user.clone(),
+            guest,
+            read_seq: 0,
+        },
+    );
+    true
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_user(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
+        self.with(|s| {
+            if s.users.contains_key(name.key()) {
+                return Err(StoreError::Conflict(format!("user name {name}")));
+            }
+            s.users.insert(
+                name.key().to_owned(),
+                UserRecord {
+                    name: name.clone(),
+                    password_hash: password_hash.to_owned(),
+                },
+            );
+            Ok(())
+        })
+    }
+
+    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
+        Ok(self.with(|s| s.users.get(name.key()).cloned()))
+    }
+
+    async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()> {
+        self.with(|s| s.tokens.insert(*token, user.clone()));
+        Ok(())
+    }
+
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>> {
+        Ok(self.with(|s| s.tokens.get(token).cloned()))
+    }
+
+    async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()> {
+        self.with(|s| s.tokens.remove(token));
+        Ok(())
+    }
+
+    async fn join(&self, room: &RoomName, user: &UserName, guest: bool) -> StoreResult<Joined> {
+        self.with(|s| {
+            let r = s.rooms.entry(room.clone()).or_default();
+            let newly_joined = add_member(r, user, guest);
+            Ok(Joined {
+                topic: r.topic.clone(),
+                last_seq: r.last_seq(),
+                newly_joined,
+            })
+        })
+    }
+
+    async fn leave(&self, room: &RoomName, user: &UserName) -> StoreResult<()> {
+        self.with(|s| {
+            s.member_room(room, user)?.members.remove(user.key());
+            Ok(())
+        })
+    }
+
+    async fn drop_guest(&self, user: &UserName) -> StoreResult<Vec<RoomName>> {
+        self.with(|s| {
+            let mut left = Vec::new();
+            for (name, room) in s.rooms.iter_mut() {
+                if room.members.get(user.key()).is_some_and(|m| m.guest) {
+                    room.members.remove(user.key());
+                    left.push(name.clone());
+                }
+            }
+            Ok(left)
+        })
+    }
+
+    async fn drop_all_guests(&self) -> StoreResult<()> {
+        self.with(|s| {
+            for room in s.rooms.values_mut() {
+                room.members.retain(|_, m| !m.guest);
+            }
+        });
+        Ok(())
+    }
+
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<UserName>> {
+        self.with(|s| {
+            let r = s.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
+            Ok(r.members.values().map(|m| m.name.clone()).collect())
+        })
+    }
+
+    async fn rooms(&self, user: &UserName, all: bool) -> StoreResult<Vec<RoomView>> {
+        Ok(self.with(|s| {
+            s.rooms
+                .iter()
+                .filter_map(|(name, r)| {
+                    let read_seq = r.members.get(user.key()).map(|m| m.read_seq);
+                    let listed = if all {
+                        !name.is_direct()
+                    } else {
+                        read_seq.is_some()
+                    };
+                    listed.then(|| RoomView {
+                        room: name.clone(),
+                        topic: r.topic.clone(),
+                        member_count: r.members.len() as u64,
+                        last_seq: r.last_seq(),
+                        read_seq,
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()> {
+        self.with(|s| {
+            s.member_room(room, user)?.topic = topic.to_owned();
+            Ok(())
+        })
+    }
+
+    async fn append(&self, m: NewMessage) -> StoreResult<Appended> {
+        self.with(|s| {
+            let mut new_members = Vec::new();
+            let room = match &m.direct {
+                Some(d) => {
+                    let r = s.rooms.entry(m.room.clone()).or_default();
+                    if add_member(r, &m.sender, d.sender_guest) {
+                        new_members.push(m.sender.clone());
+                    }
+                    if add_member(r, &d.peer, d.peer_guest) {
+                        new_members.push(d.peer.clone());
+                    }
+                    r
+                }
+                None => s.member_room(&m.room, &m.sender)?,
+            };
+            if let Some(nonce) = &m.nonce {
+                let key = (m.sender.key().to_owned(), nonce.clone());
+                if let Some(&seq) = room.nonces.get(&key) {
+                    return Ok(Appended {
+                        message: room.messages[seq as usize - 1].clone(),
+                        duplicate: true,
+                        new_members,
+                    });
+                }
+                room.nonces.insert(key, room.last_seq() + 1);
+            }
+            let message = Message {
+                room: m.room.as_str().to_owned(),
+                seq: room.last_seq() + 1,
+                user: m.sender.as_str().to_owned(),
+                body: m.body,
+                ts: m.ts,
+                nonce: m.nonce,
+            };
+            room.messages.push(message.clone());
+            Ok(Appended {
+                message,
+                duplicate: false,
+                new_members,
+            })
+        })
+    }
+
+    async fn history(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        page: Page,
+        limit: u32,
+    ) -> StoreResult<HistoryPage> {
+        self.with(|s| {
+            let r = s.member_room(room, user)?;
+            let all = &r.messages;
+            let limit = limit as usize;
+            // Seq n is at index n - 1.
+            let (from, to, more) = match page {
+                Page::Latest => {
+                    let from = all.len().saturating_sub(limit);
+                    (from, all.len(), from > 0)
+                }
+                Page::Before(seq) => {
+                    let end = (seq.saturating_sub(1) as usize).min(all.len());
+                    let from = end.saturating_sub(limit);
+                    (from, end, from > 0)
+                }
+                Page::After(seq) => {
+                    let from = (seq as usize).min(all.len());
+                    let to = (from + limit).min(all.len());
+                    (from, to, to < all.len())
+                }
+            };
+            Ok(HistoryPage {
+                messages: all[from..to].to_vec(),
+                more,
+            })
+        })
+    }
+
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: Seq,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        Ok(self.with(|s| {
+            s.rooms.get(room).map_or_else(Vec::new, |r| {
+                let from = (after as usize).min(r.messages.len());
+                let to = (from + limit as usize).min(r.messages.len());
+                r.messages[from..to].to_vec()
+            })
+        }))
+    }
+
+    async fn mark_read(&self, room: &RoomName, user: &UserName, seq: Seq) -> StoreResult<Seq> {
+        self.with(|s| {
+            let r = s.member_room(room, user)?;
+            if seq > r.last_seq() {
+                return Err(StoreError::Invalid(format!(
+                    "seq {seq} is past the room's last message ({})",
+                    r.last_seq()
+                )));
+            }
+            let m = r.members.get_mut(user.key()).expect("checked member");
+            m.read_seq = m.read_seq.max(seq);
+            Ok(m.read_seq)
+        })
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    crate::store_contract_tests!(async {
+        (
+            std::sync::Arc::new(super::MemoryStore::new()) as crate::store::DynStore,
+            (),
+        )
+    });
+}

@@ -1,0 +1,309 @@
+//! The WebSocket codec: one JSON object per text frame.
+//!
+//! Decoding is two passes, so that a bad frame still gets an error carrying
+//! its `id`: first into a generic JSON map (where `id` and `type` are read
+//! and checked), then into the typed [`Request`].
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::types::{Envelope, ErrorBody, ErrorCode, Event, OkBody, Reply, Request, RequestId};
+
+/// A frame that is not a valid request. Always answered with `bad_request`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    /// The request id, when it could be read.
+    pub id: Option<RequestId>,
+    pub message: String,
+}
+
+impl DecodeError {
+    /// The reply this frame gets.
+    pub fn into_reply(self) -> Reply {
+        Reply {
+            id: self.id,
+            result: Err(ErrorBody::new(ErrorCode::BadRequest, self.message)),
+        }
+    }
+}
+
+/// Decode one client frame.
+pub fn decode_request(frame: &[u8]) -> Result<Envelope, DecodeError> {
+    let fail = |id: Option<RequestId>, message: String| DecodeError { id, message };
+    let value: Value =
+        serde_json::from_slice(frame).map_err(|e| fail(None, format!("invalid JSON: {e}")))?;
+    let Value::Object(mut map) = value else {
+        return Err(fail(None, "a frame must be a JSON object".into()));
+    };
+    let id = read_id(&map).map_err(|m| fail(None, m.into()))?;
+    match map.get("type") {
+        None => return Err(fail(id, "missing field `type`".into())),
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(fail(id, "field `type` must be a string".into())),
+    }
+    map.remove("id");
+    let request = serde_json::from_value::<Request>(Value::Object(map)).map_err(|e| {
+        let text = e.to_string();
+        let message = match text.strip_prefix("unknown variant ") {
+            Some(rest) => {
+                let name = rest.split(',').next().unwrap_or(rest);
+                format!("unknown request type {name}")
+            }
+            None => text,
+        };
+        fail(id.clone(), message)
+    })?;
+    Ok(Envelope { id, request })
+}
+
+fn read_id(map: &Map<String, Value>) -> Result<Option<RequestId>, &'static str> {
+    const BAD: &str = "field `id` must be a string of at most 64 characters or an integer";
+    match map.get("id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.chars().count() <= RequestId::MAX_LEN => {
+            Ok(Some(RequestId::Str(s.clone())))
+        }
+        Some(Value::Number(n)) => n.as_i64().map(|i| Some(RequestId::Int(i))).ok_or(BAD),
+        Some(_) => Err(BAD),
+    }
+}
+
+/// Encode a reply: `ok`, `error`, or `pong` for a ping.
+pub fn encode_reply(reply: &Reply) -> Bytes {
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Wire<'a> {
+        Ok {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: &'a Option<RequestId>,
+            #[serde(flatten)]
+            body: &'a OkBody,
+        },
+        Pong {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: &'a Option<RequestId>,
+        },
+        Error {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: &'a Option<RequestId>,
+            #[serde(flatten)]
+            error: &'a ErrorBody,
+        },
+    }
+    let id = &reply.id;
+    let wire = match &reply.result {
+        Ok(OkBody::Pong) => Wire::Pong { id },
+        Ok(body) => Wire::Ok { id, body },
+        Err(error) => Wire::Error { id, error },
+    };
+    to_bytes(&wire)
+}
+
+/// Encode a server event.
+pub fn encode_event(event: &Event) -> Bytes {
+    to_bytes(event)
+}
+
+fn to_bytes<T: Serialize>(value: &T) -> Bytes {
+    // Serialising our own types to a Vec cannot fail: no maps with
+    // non-string keys, no fallible Serialize impls.
+    Bytes::from(serde_json::to_vec(value).expect("protocol types always serialise"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::*;
+    use serde_json::json;
+
+    fn decode(v: Value) -> Result<Envelope, DecodeError> {
+        decode_request(v.to_string().as_bytes())
+    }
+
+    fn encoded(b: Bytes) -> Value {
+        serde_json::from_slice(&b).unwrap()
+    }
+
+    #[test]
+    fn decodes_every_request_kind() {
+        let cases = [
+            json!({"type":"register","user":"a","password":"p"}),
+            json!({"type":"login","user":"a","password":"p"}),
+            json!({"type":"guest","user":"a"}),
+            json!({"type":"resume","token":"t"}),
+            json!({"type":"logout"}),
+            json!({"type":"ping"}),
+            json!({"type":"join","room":"r"}),
+            json!({"type":"leave","room":"r"}),
+            json!({"type":"rooms","all":true}),
+            json!({"type":"members","room":"r"}),
+            json!({"type":"topic","room":"r","topic":"t"}),
+            json!({"type":"send","room":"r","body":"b","nonce":"n"}),
+            json!({"type":"dm","to":"u","body":"b"}),
+            json!({"type":"history","room":"r","before":5,"limit":10}),
+            json!({"type":"sync","cursors":{"r":3},"limit":2}),
+            json!({"type":"read","room":"r","seq":4}),
+            json!({"type":"typing","room":"r"}),
+        ];
+        for case in cases {
+            let kind = case["type"].as_str().unwrap().to_owned();
+            let env = decode(case).unwrap();
+            assert_eq!(env.request.kind(), kind);
+            assert_eq!(env.id, None);
+        }
+    }
+
+    #[test]
+    fn decodes_fields_and_ids() {
+        let env = decode(json!({"type":"send","id":"c1","room":"r","body":"hi"})).unwrap();
+        assert_eq!(env.id, Some(RequestId::Str("c1".into())));
+        assert_eq!(
+            env.request,
+            Request::Send {
+                room: "r".into(),
+                body: "hi".into(),
+                nonce: None
+            }
+        );
+        let env = decode(json!({"type":"ping","id":7})).unwrap();
+        assert_eq!(env.id, Some(RequestId::Int(7)));
+        let env = decode(json!({"type":"sync"})).unwrap();
+        assert_eq!(
+            env.request,
+            Request::Sync {
+                cursors: Default::default(),
+                limit: None
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let env = decode(json!({"type":"ping","extra":[1,2]})).unwrap();
+        assert_eq!(env.request, Request::Ping {});
+    }
+
+    #[test]
+    fn bad_frames_are_errors_that_keep_the_id_when_readable() {
+        let err = decode_request(b"not json").unwrap_err();
+        assert_eq!(err.id, None);
+        assert!(err.message.starts_with("invalid JSON"), "{}", err.message);
+
+        let err = decode(json!([1, 2])).unwrap_err();
+        assert_eq!(err.message, "a frame must be a JSON object");
+
+        let err = decode(json!({"id":1})).unwrap_err();
+        assert_eq!(err.id, Some(RequestId::Int(1)));
+        assert_eq!(err.message, "missing field `type`");
+
+        let err = decode(json!({"id":"x","type":"fly"})).unwrap_err();
+        assert_eq!(err.id, Some(RequestId::Str("x".into())));
+        assert_eq!(err.message, "unknown request type `fly`");
+
+        let err = decode(json!({"id":2,"type":"read","room":"r","seq":"5"})).unwrap_err();
+        assert_eq!(err.id, Some(RequestId::Int(2)));
+        assert!(err.message.contains("invalid type"), "{}", err.message);
+
+        let err = decode(json!({"id":3,"type":"join"})).unwrap_err();
+        assert_eq!(err.message, "missing field `room`");
+
+        let err = decode(json!({"id":"x".repeat(65),"type":"ping"})).unwrap_err();
+        assert_eq!(err.id, None);
+        assert!(err.message.contains("field `id`"));
+
+        let err = decode(json!({"id":1.5,"type":"ping"})).unwrap_err();
+        assert!(err.message.contains("field `id`"));
+
+        let err = decode(json!({"type":5})).unwrap_err();
+        assert_eq!(err.message, "field `type` must be a string");
+    }
+
+    #[test]
+    fn encodes_replies() {
+        let pong = Reply {
+            id: Some(RequestId::Int(1)),
+            result: Ok(OkBody::Pong),
+        };
+        assert_eq!(encoded(encode_reply(&pong)), json!({"type":"pong","id":1}));
+
+        let done = Reply {
+            id: None,
+            result: Ok(OkBody::Done {}),
+        };
+        assert_eq!(encoded(encode_reply(&done)), json!({"type":"ok"}));
+
+        let sent = Reply {
+            id: Some(RequestId::Str("a".into())),
+            result: Ok(OkBody::Sent {
+                room: "general".into(),
+                seq: 42,
+                ts: 1_763_779_200_123,
+            }),
+        };
+        assert_eq!(
+            encoded(encode_reply(&sent)),
+            json!({"type":"ok","id":"a","room":"general","seq":42,"ts":1_763_779_200_123_i64})
+        );
+
+        let auth = Reply {
+            id: None,
+            result: Ok(OkBody::Auth {
+                user: "Al".into(),
+                token: None,
+            }),
+        };
+        assert_eq!(
+            encoded(encode_reply(&auth)),
+            json!({"type":"ok","user":"Al"})
+        );
+
+        let mut err = ErrorBody::new(ErrorCode::RateLimited, "slow down");
+        err.retry_after_ms = Some(250);
+        let reply = Reply {
+            id: Some(RequestId::Int(9)),
+            result: Err(err),
+        };
+        assert_eq!(
+            encoded(encode_reply(&reply)),
+            json!({"type":"error","id":9,"code":"rate_limited","message":"slow down","retry_after_ms":250})
+        );
+    }
+
+    #[test]
+    fn encodes_events() {
+        let msg = Event::Message(Message {
+            room: "general".into(),
+            seq: 42,
+            user: "alice".into(),
+            body: "hi".into(),
+            ts: 1,
+            nonce: Some("c-17".into()),
+        });
+        assert_eq!(
+            encoded(encode_event(&msg)),
+            json!({"type":"message","room":"general","seq":42,"user":"alice","body":"hi","ts":1,"nonce":"c-17"})
+        );
+        let hello = Event::Hello {
+            server: crate::SERVER_NAME,
+            version: "0.1.0",
+            heartbeat_ms: 30000,
+            limits: Limits {
+                max_body_bytes: 4096,
+                max_frame_bytes: 65536,
+            },
+        };
+        assert_eq!(
+            encoded(encode_event(&hello)),
+            json!({"type":"hello","server":"confab","version":"0.1.0","heartbeat_ms":30000,"limits":{"max_body_bytes":4096,"max_frame_bytes":65536}})
+        );
+        let presence = Event::Presence {
+            user: "bob".into(),
+            online: false,
+        };
+        assert_eq!(
+            encoded(encode_event(&presence)),
+            json!({"type":"presence","user":"bob","online":false})
+        );
+    }
+}

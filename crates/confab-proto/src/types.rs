@@ -1,0 +1,352 @@
+//! The protocol's vocabulary. Names arrive here as plain strings: validating
+//! them (syntax, case folding) is the core's job, so that every transport
+//! gets the same rules.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A room's message sequence number: 1, 2, 3, … with no gaps.
+pub type Seq = u64;
+
+/// The client's request id, echoed on the reply. A string of at most
+/// [`RequestId::MAX_LEN`] characters or an integer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RequestId {
+    Int(i64),
+    Str(String),
+}
+
+impl RequestId {
+    pub const MAX_LEN: usize = 64;
+}
+
+/// A request with the id it came with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub id: Option<RequestId>,
+    pub request: Request,
+}
+
+/// Everything a client may ask. Field names are the wire names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Register {
+        user: String,
+        password: String,
+    },
+    Login {
+        user: String,
+        password: String,
+    },
+    Guest {
+        user: String,
+    },
+    Resume {
+        token: String,
+    },
+    Logout {},
+    Ping {},
+    Join {
+        room: String,
+    },
+    Leave {
+        room: String,
+    },
+    Rooms {
+        #[serde(default)]
+        all: bool,
+    },
+    Members {
+        room: String,
+    },
+    Topic {
+        room: String,
+        topic: String,
+    },
+    Send {
+        room: String,
+        body: String,
+        #[serde(default)]
+        nonce: Option<String>,
+    },
+    Dm {
+        to: String,
+        body: String,
+        #[serde(default)]
+        nonce: Option<String>,
+    },
+    History {
+        room: String,
+        #[serde(default)]
+        before: Option<Seq>,
+        #[serde(default)]
+        after: Option<Seq>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    Sync {
+        #[serde(default)]
+        cursors: BTreeMap<String, Seq>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    Read {
+        room: String,
+        seq: Seq,
+    },
+    Typing {
+        room: String,
+    },
+}
+
+impl Request {
+    /// The wire name of the request, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Register { .. } => "register",
+            Request::Login { .. } => "login",
+            Request::Guest { .. } => "guest",
+            Request::Resume { .. } => "resume",
+            Request::Logout {} => "logout",
+            Request::Ping {} => "ping",
+            Request::Join { .. } => "join",
+            Request::Leave { .. } => "leave",
+            Request::Rooms { .. } => "rooms",
+            Request::Members { .. } => "members",
+            Request::Topic { .. } => "topic",
+            Request::Send { .. } => "send",
+            Request::Dm { .. } => "dm",
+            Request::History { .. } => "history",
+            Request::Sync { .. } => "sync",
+            Request::Read { .. } => "read",
+            Request::Typing { .. } => "typing",
+        }
+    }
+}
+
+/// The stable, machine-readable error codes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    RateLimited,
+    TooLarge,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A refused request: a code for programs, a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+/// A stored chat message, as the wire shows it (and as the `message` event).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub room: String,
+    pub seq: Seq,
+    pub user: String,
+    pub body: String,
+    /// Server time in Unix milliseconds when the message was accepted.
+    pub ts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub user: String,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoomEntry {
+    pub room: String,
+    pub topic: String,
+    pub member_count: u64,
+    pub last_seq: Seq,
+    pub unread: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncRoom {
+    pub room: String,
+    pub messages: Vec<Message>,
+    pub more: bool,
+}
+
+/// The result fields of a successful reply; each variant is what one kind
+/// of request answers with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum OkBody {
+    /// The answer to `ping`, sent as `{"type":"pong"}`.
+    Pong,
+    /// A reply with no fields.
+    Done {},
+    Auth {
+        user: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    Joined {
+        room: String,
+        topic: String,
+        members: Vec<Member>,
+        last_seq: Seq,
+    },
+    Rooms {
+        rooms: Vec<RoomEntry>,
+    },
+    Members {
+        members: Vec<Member>,
+    },
+    Sent {
+        room: String,
+        seq: Seq,
+        ts: i64,
+    },
+    History {
+        room: String,
+        messages: Vec<Message>,
+        more: bool,
+    },
+    Sync {
+        rooms: Vec<SyncRoom>,
+    },
+}
+
+/// The one reply every request gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub id: Option<RequestId>,
+    pub result: Result<OkBody, ErrorBody>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_frame_bytes: usize,
+}
+
+/// Everything the server sends that is not a reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Hello {
+        server: &'static str,
+        version: &'static str,
+        heartbeat_ms: u64,
+        limits: Limits,
+    },
+    Message(Message),
+    Joined {
+        room: String,
+        user: String,
+    },
+    Left {
+        room: String,
+        user: String,
+    },
+    Topic {
+        room: String,
+        topic: String,
+        user: String,
+    },
+    Read {
+        room: String,
+        seq: Seq,
+    },
+    Typing {
+        room: String,
+        user: String,
+    },
+    Presence {
+        user: String,
+        online: bool,
+    },
+    Shutdown {
+        reason: String,
+        reconnect_ms: u64,
+    },
+}
+
+/// The encodings the server writes, one per transport family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+}
+
+impl Format {
+    const COUNT: usize = 1;
+
+    fn index(self) -> usize {
+        match self {
+            Format::Json => 0,
+        }
+    }
+}
+
+/// An event fanned out to many connections: encoded at most once per
+/// [`Format`], by whichever connection writes it first, and the same bytes
+/// are shared by every other recipient.
+#[derive(Debug)]
+pub struct SharedEvent {
+    pub event: Event,
+    encoded: [std::sync::OnceLock<bytes::Bytes>; Format::COUNT],
+}
+
+impl SharedEvent {
+    pub fn new(event: Event) -> Self {
+        SharedEvent {
+            event,
+            encoded: Default::default(),
+        }
+    }
+
+    /// The event's bytes in `format`; cheap after the first call.
+    pub fn encoded(&self, format: Format) -> bytes::Bytes {
+        self.encoded[format.index()]
+            .get_or_init(|| match format {
+                Format::Json => crate::json::encode_event(&self.event),
+            })
+            .clone()
+    }
+}
