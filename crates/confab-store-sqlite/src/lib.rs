@@ -1,1 +1,738 @@
-//! placeholder
+//! Embedded SQLite storage for Confab: the default backend, a single file
+//! created on first start.
+//!
+//! - [`SqliteStore`]: the [`Store`] implementation.
+//! - `writer`: the one thread that writes, committing many jobs per
+//!   transaction (group commit).
+//! - `schema.sql` and [`MIGRATIONS`]: the schema, embedded in the binary and
+//!   applied on open by `PRAGMA user_version`.
+//!
+//! Why rusqlite and not sqlx here: sqlx's SQLite driver runs each connection
+//! on a worker thread of its own and hands every statement across a
+//! channel. Group commit wants the opposite: one thread that owns the
+//! connection and runs a whole batch of jobs without a hop per statement.
+//! Reads run on tokio's blocking pool over a small pool of connections; the
+//! async threads never touch SQLite.
+
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use confab_core::store::{
+    Appended, DirectPeers, HistoryPage, Joined, NewMessage, Page, RoomView, StoreResult,
+    TokenHash, UserRecord,
+};
+use confab_core::{RoomName, Store, StoreError, UserName};
+use confab_proto::{Message, Seq};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::Semaphore;
+
+pub use writer::WriterStats;
+
+/// The schema, one entry per version; `PRAGMA user_version` says how many
+/// have been applied.
+pub const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+
+/// Reader connections kept open at most (WAL lets them read concurrently
+/// with the writer).
+const READERS: usize = 4;
+
+pub struct SqliteStore {
+    writer: writer::Writer,
+    readers: Arc<Readers>,
+}
+
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+/// How durable a commit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// fsync on every commit: an acknowledged message survives a power cut.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a crash of the process, not of
+    /// the machine.
+    Normal,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`, and apply pending
+    /// migrations.
+    pub async fn open(path: impl AsRef<Path>, durability: Durability) -> StoreResult<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("creating {}: {e}", dir.display()))
+            })?;
+        }
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || open_writer(&p, durability))
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))??;
+        Ok(SqliteStore {
+            writer: writer::Writer::start(conn),
+            readers: Arc::new(Readers {
+                path,
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(READERS)),
+            }),
+        })
+    }
+
+    /// Counts of the writer's transactions and jobs so far.
+    pub fn writer_stats(&self) -> WriterStats {
+        self.writer.stats()
+    }
+
+    /// Wait until everything written before this call is committed.
+    pub async fn flush(&self) -> StoreResult<()> {
+        self.writer.run(|_| Ok(())).await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let permit = self
+            .readers
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.take()?;
+            let result = f(&conn);
+            readers.idle.lock().expect("pool poisoned").push(conn);
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))?
+    }
+}
+
+impl Readers {
+    fn take(&self) -> StoreResult<Connection> {
+        if let Some(conn) = self.idle.lock().expect("pool poisoned").pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_error)?;
+        Ok(conn)
+    }
+}
+
+fn open_writer(path: &Path, durability: Durability) -> StoreResult<Connection> {
+    let mut conn = Connection::open(path).map_err(db_error)?;
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000;"
+    ))
+    .map_err(db_error)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let applied: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db_error)?;
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Unavailable(format!(
+            "the database has schema version {applied}, newer than this server's {}",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction().map_err(db_error)?;
+        tx.execute_batch(sql).map_err(db_error)?;
+        tx.pragma_update(None, "user_version", i + 1)
+            .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        tracing::info!(version = i + 1, "applied migration");
+    }
+    Ok(())
+}
+
+pub(crate) fn db_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | DiskFull | CannotOpen | SystemIoFailure) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn user_name(name: String) -> StoreResult<UserName> {
+    UserName::parse(&name).map_err(|_| StoreError::Internal(format!("stored user name {name:?}")))
+}
+
+/// The room's id and last seq.
+fn room_row(conn: &Connection, room: &str) -> StoreResult<Option<(i64, Seq)>> {
+    conn.prepare_cached("SELECT id, last_seq FROM rooms WHERE name = ?1")
+        .and_then(|mut s| s.query_row([room], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(db_error)
+}
+
+/// The room's id and last seq, if `user` is a member.
+fn member_room(conn: &Connection, room: &RoomName, user: &UserName) -> StoreResult<(i64, Seq)> {
+    let (id, last) = room_row(conn, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+    let member = conn
+        .prepare_cached("SELECT 1 FROM members WHERE room_id = ?1 AND user_key = ?2")
+        .and_then(|mut s| s.exists(params![id, user.key()]))
+        .map_err(db_error)?;
+    if !member {
+        return Err(StoreError::NotMember);
+    }
+    Ok((id, last))
+}
+
+/// Insert a membership if absent; returns whether it is new.
+fn add_member(conn: &Connection, room_id: i64, user: &UserName, guest: bool) -> StoreResult<bool> {
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO members (room_id, user_key, user_name, guest, joined_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut s| s.execute(params![room_id, user.key(), user.as_str(), guest, now_ms()]))
+    .map(|n| n == 1)
+    .map_err(db_error)
+}
+
+fn create_room(conn: &Connection, room: &RoomName) -> StoreResult<i64> {
+    conn.prepare_cached("INSERT INTO rooms (name, direct, created_at) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| s.insert(params![room.as_str(), room.is_direct(), now_ms()]))
+        .map_err(db_error)
+}
+
+const MESSAGE_COLUMNS: &str = "seq, sender, body, ts, nonce";
+
+fn message_row(room: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        room: room.to_owned(),
+        seq: r.get(0)?,
+        user: r.get(1)?,
+        body: r.get(2)?,
+        ts: r.get(3)?,
+        nonce: r.get(4)?,
+    })
+}
+
+fn query_messages(
+    conn: &Connection,
+    room: &str,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> StoreResult<Vec<Message>> {
+    let mut stmt = conn.prepare_cached(sql).map_err(db_error)?;
+    let rows = stmt
+        .query_map(args, |r| message_row(room, r))
+        .map_err(db_error)?;
+    rows.collect::<Result<_, _>>().map_err(db_error)
+}
+
+fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
+    let mut new_members = Vec::new();
+    let (room_id, last_seq) = match &m.direct {
+        Some(DirectPeers {
+            sender_guest,
+            peer,
+            peer_guest,
+        }) => {
+            let (id, last) = match room_row(conn, m.room.as_str())? {
+                Some(row) => row,
+                None => (create_room(conn, &m.room)?, 0),
+            };
+            if add_member(conn, id, &m.sender, *sender_guest)? {
+                new_members.push(m.sender.clone());
+            }
+            if add_member(conn, id, peer, *peer_guest)? {
+                new_members.push(peer.clone());
+            }
+            (id, last)
+        }
+        None => member_room(conn, &m.room, &m.sender)?,
+    };
+    if let Some(nonce) = &m.nonce {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE room_id = ?1 AND sender_key = ?2 AND nonce = ?3"
+        );
+        let original = query_messages(
+            conn,
+            m.room.as_str(),
+            &sql,
+            params![room_id, m.sender.key(), nonce],
+        )?;
+        if let Some(message) = original.into_iter().next() {
+            return Ok(Appended {
+                message,
+                duplicate: true,
+                new_members,
+            });
+        }
+    }
+    let seq = last_seq + 1;
+    conn.prepare_cached("UPDATE rooms SET last_seq = ?1 WHERE id = ?2")
+        .and_then(|mut s| s.execute(params![seq, room_id]))
+        .map_err(db_error)?;
+    conn.prepare_cached(
+        "INSERT INTO messages (room_id, seq, sender_key, sender, body, ts, nonce)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            room_id,
+            seq,
+            m.sender.key(),
+            m.sender.as_str(),
+            m.body,
+            m.ts,
+            m.nonce
+        ])
+    })
+    .map_err(db_error)?;
+    Ok(Appended {
+        message: Message {
+            room: m.room.as_str().to_owned(),
+            seq,
+            user: m.sender.as_str().to_owned(),
+            body: m.body,
+            ts: m.ts,
+            nonce: m.nonce,
+        },
+        duplicate: false,
+        new_members,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
+        let (name, hash) = (name.clone(), password_hash.to_owned());
+        self.writer
+            .run(move |c| {
+                let n = c
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO users (key, name, password_hash, created_at)
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .and_then(|mut s| s.execute(params![name.key(), name.as_str(), hash, now_ms()]))
+                    .map_err(db_error)?;
+                if n == 0 {
+                    return Err(StoreError::Conflict(format!("user name {name}")));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
+        let key = name.key().to_owned();
+        self.read(move |c| {
+            let row: Option<(String, String)> = c
+                .prepare_cached("SELECT name, password_hash FROM users WHERE key = ?1")
+                .and_then(|mut s| s.query_row([key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .map_err(db_error)?;
+            row.map(|(name, password_hash)| {
+                Ok(UserRecord {
+                    name: user_name(name)?,
+                    password_hash,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()> {
+        let (key, token) = (user.key().to_owned(), *token);
+        self.writer
+            .run(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO tokens (hash, user_key, created_at) VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut s| s.execute(params![&token[..], key, now_ms()]))
+                .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>> {
+        let token = *token;
+        self.read(move |c| {
+            let name: Option<String> = c
+                .prepare_cached(
+                    "SELECT u.name FROM tokens t JOIN users u ON u.key = t.user_key
+                     WHERE t.hash = ?1",
+                )
+                .and_then(|mut s| s.query_row([&token[..]], |r| r.get(0)).optional())
+                .map_err(db_error)?;
+            name.map(user_name).transpose()
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()> {
+        let token = *token;
+        self.writer
+            .run(move |c| {
+                c.prepare_cached("DELETE FROM tokens WHERE hash = ?1")
+                    .and_then(|mut s| s.execute([&token[..]]))
+                    .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn join(&self, room: &RoomName, user: &UserName, guest: bool) -> StoreResult<Joined> {
+        let (room, user) = (room.clone(), user.clone());
+        self.writer
+            .run(move |c| {
+                let id = match room_row(c, room.as_str())? {
+                    Some((id, _)) => id,
+                    None => create_room(c, &room)?,
+                };
+                let newly_joined = add_member(c, id, &user, guest)?;
+                let (topic, last_seq) = c
+                    .prepare_cached("SELECT topic, last_seq FROM rooms WHERE id = ?1")
+                    .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))))
+                    .map_err(db_error)?;
+                Ok(Joined {
+                    topic,
+                    last_seq,
+                    newly_joined,
+                })
+            })
+            .await
+    }
+
+    async fn leave(&self, room: &RoomName, user: &UserName) -> StoreResult<()> {
+        let (room, user) = (room.clone(), user.clone());
+        self.writer
+            .run(move |c| {
+                let (id, _) = member_room(c, &room, &user)?;
+                c.prepare_cached("DELETE FROM members WHERE room_id = ?1 AND user_key = ?2")
+                    .and_then(|mut s| s.execute(params![id, user.key()]))
+                    .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn drop_guest(&self, user: &UserName) -> StoreResult<Vec<RoomName>> {
+        let key = user.key().to_owned();
+        self.writer
+            .run(move |c| {
+                let rooms: Vec<String> = c
+                    .prepare_cached(
+                        "DELETE FROM members WHERE user_key = ?1 AND guest = 1
+                         RETURNING (SELECT name FROM rooms WHERE id = room_id)",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map([key], |r| r.get(0))?
+                            .collect::<Result<_, _>>()
+                    })
+                    .map_err(db_error)?;
+                Ok(rooms.into_iter().map(RoomName::from_trusted).collect())
+            })
+            .await
+    }
+
+    async fn drop_all_guests(&self) -> StoreResult<()> {
+        self.writer
+            .run(|c| {
+                c.execute("DELETE FROM members WHERE guest = 1", [])
+                    .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn members(&self, room: &RoomName) -> StoreResult<Vec<UserName>> {
+        let room = room.clone();
+        self.read(move |c| {
+            let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+            let names: Vec<String> = c
+                .prepare_cached("SELECT user_name FROM members WHERE room_id = ?1 ORDER BY user_key")
+                .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
+                .map_err(db_error)?;
+            names.into_iter().map(user_name).collect()
+        })
+        .await
+    }
+
+    async fn rooms(&self, user: &UserName, all: bool) -> StoreResult<Vec<RoomView>> {
+        let key = user.key().to_owned();
+        self.read(move |c| {
+            let sql = if all {
+                "SELECT r.name, r.topic, r.last_seq, m.read_seq,
+                        (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
+                 FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = ?1
+                 WHERE r.direct = 0 ORDER BY r.name"
+            } else {
+                "SELECT r.name, r.topic, r.last_seq, m.read_seq,
+                        (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
+                 FROM members m JOIN rooms r ON r.id = m.room_id
+                 WHERE m.user_key = ?1 ORDER BY r.name"
+            };
+            let mut stmt = c.prepare_cached(sql).map_err(db_error)?;
+            let rows = stmt
+                .query_map([key], |r| {
+                    Ok(RoomView {
+                        room: RoomName::from_trusted(r.get(0)?),
+                        topic: r.get(1)?,
+                        last_seq: r.get(2)?,
+                        read_seq: r.get(3)?,
+                        member_count: r.get(4)?,
+                    })
+                })
+                .map_err(db_error)?;
+            rows.collect::<Result<_, _>>().map_err(db_error)
+        })
+        .await
+    }
+
+    async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()> {
+        let (room, user, topic) = (room.clone(), user.clone(), topic.to_owned());
+        self.writer
+            .run(move |c| {
+                let (id, _) = member_room(c, &room, &user)?;
+                c.prepare_cached("UPDATE rooms SET topic = ?1 WHERE id = ?2")
+                    .and_then(|mut s| s.execute(params![topic, id]))
+                    .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn append(&self, message: NewMessage) -> StoreResult<Appended> {
+        self.writer.run(move |c| append(c, message)).await
+    }
+
+    async fn history(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        page: Page,
+        limit: u32,
+    ) -> StoreResult<HistoryPage> {
+        let (room, user) = (room.clone(), user.clone());
+        self.read(move |c| {
+            let (id, _) = member_room(c, &room, &user)?;
+            // One row more than asked tells whether there are more.
+            let probe = i64::from(limit) + 1;
+            let (sql, bound, descending) = match page {
+                Page::Latest => ("seq <= ?2 ORDER BY seq DESC", i64::MAX, true),
+                Page::Before(b) => ("seq < ?2 ORDER BY seq DESC", b as i64, true),
+                Page::After(a) => ("seq > ?2 ORDER BY seq ASC", a as i64, false),
+            };
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND {sql} LIMIT ?3"
+            );
+            let mut messages =
+                query_messages(c, room.as_str(), &sql, params![id, bound, probe])?;
+            let more = messages.len() > limit as usize;
+            messages.truncate(limit as usize);
+            if descending {
+                messages.reverse();
+            }
+            Ok(HistoryPage { messages, more })
+        })
+        .await
+    }
+
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: Seq,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let room = room.clone();
+        self.read(move |c| {
+            let Some((id, _)) = room_row(c, room.as_str())? else {
+                return Ok(Vec::new());
+            };
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE room_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            );
+            query_messages(c, room.as_str(), &sql, params![id, after, limit])
+        })
+        .await
+    }
+
+    async fn mark_read(&self, room: &RoomName, user: &UserName, seq: Seq) -> StoreResult<Seq> {
+        let (room, user) = (room.clone(), user.clone());
+        self.writer
+            .run(move |c| {
+                let (id, last_seq) = member_room(c, &room, &user)?;
+                if seq > last_seq {
+                    return Err(StoreError::Invalid(format!(
+                        "seq {seq} is past the room's last message ({last_seq})"
+                    )));
+                }
+                c.prepare_cached(
+                    "UPDATE members SET read_seq = MAX(read_seq, ?1)
+                     WHERE room_id = ?2 AND user_key = ?3 RETURNING read_seq",
+                )
+                .and_then(|mut s| s.query_row(params![seq, id, user.key()], |r| r.get(0)))
+                .map_err(db_error)
+            })
+            .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read(|c| {
+            c.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(db_error)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confab_core::DynStore;
+
+    async fn fresh() -> (DynStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("confab.db"), Durability::Normal)
+            .await
+            .unwrap();
+        (Arc::new(store) as DynStore, dir)
+    }
+
+    confab_core::store_contract_tests!(fresh());
+
+    fn name(s: &str) -> UserName {
+        UserName::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn everything_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/dir/confab.db");
+        let room = RoomName::parse("r").unwrap();
+        {
+            let s = SqliteStore::open(&path, Durability::Full).await.unwrap();
+            s.create_user(&name("Alice"), "h").await.unwrap();
+            s.create_token(&name("alice"), &[7; 32]).await.unwrap();
+            s.join(&room, &name("alice"), false).await.unwrap();
+            s.set_topic(&room, &name("alice"), "t").await.unwrap();
+            for _ in 0..3 {
+                let m = NewMessage {
+                    room: room.clone(),
+                    sender: name("alice"),
+                    body: "b".into(),
+                    nonce: Some("n".into()),
+                    ts: 5,
+                    direct: None,
+                };
+                s.append(m).await.unwrap();
+            }
+            s.mark_read(&room, &name("alice"), 1).await.unwrap();
+        }
+        let s = SqliteStore::open(&path, Durability::Full).await.unwrap();
+        assert_eq!(
+            s.user(&name("alice")).await.unwrap().unwrap().name.as_str(),
+            "Alice"
+        );
+        assert!(s.token_user(&[7; 32]).await.unwrap().is_some());
+        let views = s.rooms(&name("alice"), false).await.unwrap();
+        assert_eq!(views.len(), 1);
+        assert_eq!(
+            (views[0].topic.as_str(), views[0].last_seq, views[0].read_seq),
+            ("t", 1, Some(1)),
+            "one message: the nonce deduplicated the retries"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_share_commits() {
+        let (dir, store) = {
+            let dir = tempfile::tempdir().unwrap();
+            let s = SqliteStore::open(dir.path().join("c.db"), Durability::Full)
+                .await
+                .unwrap();
+            (dir, Arc::new(s))
+        };
+        let room = RoomName::parse("r").unwrap();
+        for i in 0..50 {
+            store
+                .join(&room, &name(&format!("u{i}")), false)
+                .await
+                .unwrap();
+        }
+        let before = store.writer_stats();
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let s = store.clone();
+                let room = room.clone();
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        let m = NewMessage {
+                            room: room.clone(),
+                            sender: name(&format!("u{i}")),
+                            body: "x".into(),
+                            nonce: None,
+                            ts: 0,
+                            direct: None,
+                        };
+                        s.append(m).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let after = store.writer_stats();
+        let jobs = after.jobs - before.jobs;
+        let commits = after.transactions - before.transactions;
+        assert_eq!(jobs, 500);
+        assert!(
+            commits < jobs,
+            "500 concurrent appends took {commits} transactions: no group commit"
+        );
+        drop(dir);
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.db");
+        drop(SqliteStore::open(&path, Durability::Normal).await.unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        match SqliteStore::open(&path, Durability::Normal).await {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("newer"), "{m}"),
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
+    }
+}
