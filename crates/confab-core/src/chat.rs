@@ -4,11 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_proto::{Event, SharedEvent};
-
 use crate::auth::Passwords;
 use crate::broker::Broker;
-use crate::conn::{self, CloseReason, ConnIds, ConnReceiver, Outbound};
+use crate::conn::{self, ConnIds, ConnReceiver};
 use crate::error::StoreError;
 use crate::hub::Hub;
 use crate::session::Session;
@@ -99,18 +97,5 @@ impl Chat {
     /// Connected users and rooms with connected members, on this node.
     pub fn counts(&self) -> (usize, usize) {
         self.inner.hub.counts()
-    }
-
-    /// Tell every logged-in connection the server is going away, and ask
-    /// the transports to close them.
-    pub fn shutdown(&self, reason: &str, reconnect_ms: u64) {
-        let notice = Arc::new(SharedEvent::new(Event::Shutdown {
-            reason: reason.to_owned(),
-            reconnect_ms,
-        }));
-        for conn in self.inner.hub.connections() {
-            conn.push(Outbound::Event(notice.clone()));
-            conn.close(CloseReason::Shutdown);
-        }
     }
 }

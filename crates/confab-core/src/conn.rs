@@ -31,8 +31,6 @@ pub enum Outbound {
 pub enum CloseReason {
     /// The outbound queue overflowed: the client does not read fast enough.
     SlowConsumer,
-    /// The server is shutting down.
-    Shutdown,
 }
 
 #[derive(Debug, Default)]
@@ -132,10 +130,10 @@ impl ConnReceiver {
         self.rx.try_recv().ok()
     }
 
-    /// Resolves when the core asked to close the connection. Cancel-safe.
-    pub async fn closed(&self) -> CloseReason {
-        self.control.closed.cancelled().await;
-        self.reason().unwrap_or(CloseReason::Shutdown)
+    /// Cancelled when the core asks to close the connection; then
+    /// [`ConnReceiver::reason`] says why.
+    pub fn close_signal(&self) -> CancellationToken {
+        self.control.closed.clone()
     }
 
     pub fn reason(&self) -> Option<CloseReason> {
@@ -163,7 +161,8 @@ mod tests {
         assert!(!conn.is_closed());
         assert!(!conn.push(event()), "third item does not fit");
         assert!(conn.is_closed());
-        assert_eq!(rx.closed().await, CloseReason::SlowConsumer);
+        assert!(rx.close_signal().is_cancelled());
+        assert_eq!(rx.reason(), Some(CloseReason::SlowConsumer));
         assert!(rx.recv().await.is_some(), "what was queued stays queued");
     }
 
@@ -171,13 +170,11 @@ mod tests {
     async fn send_gives_up_when_closed() {
         let (conn, _rx) = channel(ConnId(1), 1);
         conn.push(event());
-        conn.close(CloseReason::Shutdown);
+        conn.close(CloseReason::SlowConsumer);
         let reply = Outbound::Reply(confab_proto::Reply {
             id: None,
             result: Ok(OkBody::Pong),
         });
         conn.send(reply).await; // would wait forever on a full queue
-        conn.close(CloseReason::SlowConsumer);
-        assert!(conn.is_closed());
     }
 }

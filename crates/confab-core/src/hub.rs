@@ -153,15 +153,6 @@ impl Hub {
             .is_some_and(|u| u.rooms.contains(room))
     }
 
-    /// Every connection of every connected user.
-    pub fn connections(&self) -> Vec<Conn> {
-        let st = self.lock();
-        st.users
-            .values()
-            .flat_map(|u| u.conns.iter().cloned())
-            .collect()
-    }
-
     pub fn counts(&self) -> (usize, usize) {
         let st = self.lock();
         (st.users.len(), st.rooms.len())

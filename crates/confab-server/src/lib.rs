@@ -1,1 +1,104 @@
-//! placeholder
+//! The Confab server: storage and engine set-up, the HTTP listener with its
+//! WebSocket endpoint, and graceful shutdown. `main.rs` is only the command
+//! line; everything else is here so tests can run a real server in-process.
+//!
+//! - [`config`]: settings and their defaults.
+//! - [`ws`]: the WebSocket transport (`GET /ws`).
+//!
+//! The caller binds: [`run`] takes a listener that is already bound (tests
+//! bind port 0) and a future that resolves when it is time to stop.
+
+pub mod config;
+pub mod ws;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use confab_core::{Chat, DynStore, MemoryBroker, StoreError};
+use confab_store_sqlite::SqliteStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, Database};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every connection task shares.
+pub(crate) struct App {
+    pub(crate) chat: Chat,
+    pub(crate) config: Config,
+    /// Cancelled when the server starts draining.
+    pub(crate) draining: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+}
+
+/// Open the store the configuration names.
+pub async fn open_store(config: &Config) -> Result<DynStore, StoreError> {
+    match &config.database {
+        Database::Sqlite { path, durability } => {
+            let store = SqliteStore::open(path, *durability).await?;
+            tracing::info!(path = %path.display(), "storage: SQLite");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Serve until `shutdown` resolves, then drain: stop accepting, let every
+/// connection finish the request in hand, send it `shutdown` and close it
+/// with 1001, wait up to the grace period, and return once storage has
+/// committed everything acknowledged.
+pub async fn run(
+    config: Config,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let store = open_store(&config).await?;
+    let chat = Chat::new(store.clone(), Arc::new(MemoryBroker::new()), config.chat.clone()).await?;
+    let draining = CancellationToken::new();
+    let app = Arc::new(App {
+        chat,
+        config: config.clone(),
+        draining: draining.clone(),
+        tasks: TaskTracker::new(),
+    });
+    let router = Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(app.clone());
+    tracing::info!(addr = %http.local_addr()?, "listening for HTTP and WebSocket");
+
+    let stop = draining.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining connections");
+        stop.cancel();
+    });
+    axum::serve(http, router)
+        .with_graceful_shutdown(draining.clone().cancelled_owned())
+        .await?;
+
+    app.tasks.close();
+    if tokio::time::timeout(config.shutdown_grace, app.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = app.tasks.len(),
+            "grace period over; closing the remaining connections"
+        );
+    }
+    // Every acknowledged write was committed before its ack; this waits for
+    // anything still queued behind them.
+    store.ping().await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,85 @@
-fn main() {}
+//! The `confab` command line. Everything it runs lives in the library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use confab_server::{Config, Database};
+
+#[derive(Parser)]
+#[command(name = "confab", version, about = "A real-time chat server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(Serve),
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// Address of the HTTP and WebSocket listener (WebSocket at /ws).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "CONFAB_HTTP")]
+    http: SocketAddr,
+    /// Storage: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH,
+    /// optionally with ?synchronous=normal (survives a process crash, not
+    /// a power cut; faster).
+    #[arg(long, default_value = "sqlite://data/confab.db", env = "CONFAB_DATABASE")]
+    database: String,
+    /// WebSocket ping interval in milliseconds; silent for two is dead.
+    #[arg(long, default_value_t = 30_000)]
+    heartbeat_ms: u64,
+    /// Refuse `guest` logins.
+    #[arg(long)]
+    no_guests: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: Serve) -> anyhow::Result<()> {
+    let mut config = Config {
+        database: Database::parse(&args.database).map_err(anyhow::Error::msg)?,
+        heartbeat: Duration::from_millis(args.heartbeat_ms.max(1)),
+        ..Config::default()
+    };
+    config.chat.allow_guests = !args.no_guests;
+    let http = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("binding {}", args.http))?;
+    confab_server::run(config, http, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,1 +1,304 @@
-//! placeholder
+//! Test helpers: [`TestServer`] runs a real Confab server in-process on
+//! `127.0.0.1:0` with a temporary database; [`WsClient`] is a small
+//! WebSocket client that pairs replies with requests and queues the events
+//! that arrive in between.
+//!
+//! Nothing here sleeps to wait: the server is ready when `spawn` returns
+//! (the listener is bound before `run` starts), and every read has a
+//! generous timeout that only fires when a test is about to fail anyway.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_server::{Config, Database};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub use confab_server;
+pub use serde_json;
+pub use tokio_tungstenite::tungstenite::Message;
+
+/// How long any single read may take before the test fails.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server and the directory holding its database.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub config: Config,
+    dir: Arc<tempfile::TempDir>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn spawn() -> TestServer {
+        Self::with_config(|_| {}).await
+    }
+
+    /// A server whose configuration `tweak` adjusts.
+    pub async fn with_config(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().expect("temporary directory"));
+        let mut config = Config {
+            database: Database::parse(&format!(
+                "sqlite://{}",
+                dir.path().join("confab.db").display()
+            ))
+            .expect("valid URL"),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        Self::start(config, dir).await
+    }
+
+    async fn start(config: Config, dir: Arc<tempfile::TempDir>) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding port 0");
+        let addr = listener.local_addr().expect("local address");
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone().cancelled_owned();
+        let c = config.clone();
+        let task = tokio::spawn(async move {
+            confab_server::run(c, listener, shutdown)
+                .await
+                .expect("server ran");
+        });
+        TestServer {
+            addr,
+            config,
+            dir,
+            stop,
+            task,
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("confab.db")
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// A connected client that has read the `hello`.
+    pub async fn client(&self) -> WsClient {
+        WsClient::connect(&self.ws_url()).await
+    }
+
+    /// Start a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Shut down gracefully and wait until the server has stopped.
+    pub async fn stop(self) -> StoppedServer {
+        self.stop.cancel();
+        self.task.await.expect("server task");
+        StoppedServer {
+            config: self.config,
+            dir: self.dir,
+        }
+    }
+
+    /// Stop, then start again on the same database (on a new port).
+    pub async fn restart(self) -> TestServer {
+        self.stop().await.start().await
+    }
+}
+
+/// A server that stopped; its database is still there.
+pub struct StoppedServer {
+    config: Config,
+    dir: Arc<tempfile::TempDir>,
+}
+
+impl StoppedServer {
+    pub async fn start(self) -> TestServer {
+        TestServer::start(self.config, self.dir).await
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client for tests.
+pub struct WsClient {
+    ws: Ws,
+    next_id: u64,
+    /// Events that arrived while waiting for a reply.
+    events: VecDeque<Value>,
+    pub hello: Value,
+}
+
+impl WsClient {
+    pub async fn connect(url: &str) -> WsClient {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connect");
+        let mut client = WsClient {
+            ws,
+            next_id: 0,
+            events: VecDeque::new(),
+            hello: Value::Null,
+        };
+        client.hello = client.frame().await;
+        assert_eq!(client.hello["type"], "hello", "first frame is hello");
+        client
+    }
+
+    /// Send a raw WebSocket message.
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send");
+    }
+
+    /// Send a JSON value as a text frame, as is.
+    pub async fn send_json(&mut self, value: &Value) {
+        self.send_raw(Message::text(value.to_string())).await;
+    }
+
+    /// The next JSON frame from the server (pings are answered and skipped).
+    pub async fn frame(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(READ_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("connection ended")
+                .expect("read error");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Send a request with a fresh id and return its reply; events that
+    /// arrive first are kept for [`WsClient::event`].
+    pub async fn request(&mut self, mut request: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        request["id"] = json!(id);
+        self.send_json(&request).await;
+        self.reply_to(json!(id)).await
+    }
+
+    /// Wait for the reply carrying `id`, queueing events meanwhile.
+    pub async fn reply_to(&mut self, id: Value) -> Value {
+        loop {
+            let frame = self.frame().await;
+            if is_reply(&frame) && frame.get("id") == Some(&id) {
+                return frame;
+            }
+            assert!(!is_reply(&frame), "unexpected reply {frame} (waiting for id {id})");
+            self.events.push_back(frame);
+        }
+    }
+
+    /// A request that must succeed; returns the `ok` reply.
+    pub async fn ok(&mut self, request: Value) -> Value {
+        let reply = self.request(request.clone()).await;
+        assert_eq!(reply["type"], "ok", "{request} failed: {reply}");
+        reply
+    }
+
+    /// A request that must fail; returns the error code.
+    pub async fn error(&mut self, request: Value) -> String {
+        let reply = self.request(request.clone()).await;
+        assert_eq!(reply["type"], "error", "{request} should fail: {reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+        reply["code"].as_str().expect("error code").to_owned()
+    }
+
+    /// The next event (queued or arriving).
+    pub async fn event(&mut self) -> Value {
+        if let Some(e) = self.events.pop_front() {
+            return e;
+        }
+        let frame = self.frame().await;
+        assert!(!is_reply(&frame), "expected an event, got reply {frame}");
+        frame
+    }
+
+    /// The next event, which must be of type `kind`.
+    pub async fn event_of(&mut self, kind: &str) -> Value {
+        let e = self.event().await;
+        assert_eq!(e["type"], kind, "expected a {kind} event, got {e}");
+        e
+    }
+
+    /// Assert that no event is waiting, after a round trip that lets
+    /// anything already queued for this client arrive.
+    pub async fn assert_no_event(&mut self) {
+        let pong = self.request(json!({"type": "ping"})).await;
+        assert_eq!(pong["type"], "pong");
+        assert!(self.events.is_empty(), "unexpected events: {:?}", self.events);
+    }
+
+    /// Read until the server closes; returns the close code and reason.
+    /// Frames before the close are discarded.
+    pub async fn closed(&mut self) -> (u16, String) {
+        loop {
+            let msg = tokio::time::timeout(READ_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for the close");
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("connection failed without a close frame: {e}"),
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+
+    // --- shorthands ---
+
+    /// Register `user` (password `password-<user>`); returns the token.
+    pub async fn register(&mut self, user: &str) -> String {
+        let r = self
+            .ok(json!({"type":"register","user":user,"password":password(user)}))
+            .await;
+        r["token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn login(&mut self, user: &str) -> String {
+        let r = self
+            .ok(json!({"type":"login","user":user,"password":password(user)}))
+            .await;
+        r["token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn guest(&mut self, user: &str) {
+        self.ok(json!({"type":"guest","user":user})).await;
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.ok(json!({"type":"join","room":room})).await
+    }
+
+    /// Send a message; returns its seq.
+    pub async fn send(&mut self, room: &str, body: &str) -> u64 {
+        let r = self
+            .ok(json!({"type":"send","room":room,"body":body}))
+            .await;
+        r["seq"].as_u64().expect("seq")
+    }
+}
+
+/// The password the shorthands use for `user`.
+pub fn password(user: &str) -> String {
+    format!("password-{user}")
+}
+
+fn is_reply(frame: &Value) -> bool {
+    matches!(frame["type"].as_str(), Some("ok" | "error" | "pong"))
+}

@@ -1,0 +1,101 @@
+//! The server's settings, with the defaults in one place ([`Config::default`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use confab_core::ChatConfig;
+use confab_store_sqlite::Durability;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: Database,
+    /// WebSocket ping interval; a connection silent for two is closed.
+    pub heartbeat: Duration,
+    /// Largest WebSocket frame (and message) a client may send.
+    pub max_frame_bytes: usize,
+    /// How long a graceful shutdown waits for connections to finish.
+    pub shutdown_grace: Duration,
+    /// What the `shutdown` event advises clients to wait before reconnecting.
+    pub reconnect_ms: u64,
+    pub chat: ChatConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: Database::Sqlite {
+                path: PathBuf::from("data/confab.db"),
+                durability: Durability::Full,
+            },
+            heartbeat: Duration::from_secs(30),
+            max_frame_bytes: 64 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+            reconnect_ms: 2000,
+            chat: ChatConfig::default(),
+        }
+    }
+}
+
+/// Where the data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite {
+        path: PathBuf,
+        durability: Durability,
+    },
+}
+
+impl Database {
+    /// Parse a database URL: `sqlite://PATH` (relative) or
+    /// `sqlite:///ABSOLUTE/PATH`, optionally `?synchronous=normal`.
+    pub fn parse(url: &str) -> Result<Database, String> {
+        let Some(rest) = url.strip_prefix("sqlite://") else {
+            return Err(format!(
+                "unsupported database URL {url:?}: expected sqlite://PATH"
+            ));
+        };
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if path.is_empty() {
+            return Err(format!("database URL {url:?} has no path"));
+        }
+        let durability = match query {
+            "" | "synchronous=full" => Durability::Full,
+            "synchronous=normal" => Durability::Normal,
+            other => {
+                return Err(format!(
+                    "unknown database option {other:?}: expected synchronous=full or synchronous=normal"
+                ))
+            }
+        };
+        Ok(Database::Sqlite {
+            path: PathBuf::from(path),
+            durability,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sqlite_urls() {
+        assert_eq!(
+            Database::parse("sqlite://data/x.db").unwrap(),
+            Database::Sqlite {
+                path: "data/x.db".into(),
+                durability: Durability::Full
+            }
+        );
+        assert_eq!(
+            Database::parse("sqlite:///tmp/x.db?synchronous=normal").unwrap(),
+            Database::Sqlite {
+                path: "/tmp/x.db".into(),
+                durability: Durability::Normal
+            }
+        );
+        assert!(Database::parse("postgres://x").is_err());
+        assert!(Database::parse("sqlite://").is_err());
+        assert!(Database::parse("sqlite://x.db?fast=yes").is_err());
+    }
+}

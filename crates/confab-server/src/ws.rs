@@ -1,0 +1,227 @@
+//! The WebSocket transport: `GET /ws`, one JSON object per text frame.
+//!
+//! Each connection is two tasks. The reader (the upgrade's own task) decodes
+//! frames and drives the [`Session`], one request at a time; the writer
+//! drains the connection's outbound queue to the socket, coalescing what is
+//! queued into one flush, and sends heartbeat pings. The reader watches for
+//! idleness, frames over the limit and shutdown; it tells the writer how to
+//! close through a oneshot. The core closes a slow consumer through the
+//! queue's close signal.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use axum::extract::{State, WebSocketUpgrade};
+use axum::response::Response;
+use bytes::Bytes;
+use confab_core::{ChatError, CloseReason, ConnReceiver, Outbound, Session};
+use confab_proto::{json, Event, Format, Limits};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::App;
+
+/// Close codes of the contract.
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// How the reader asks the writer to end the connection.
+enum Ending {
+    /// Drain the queue, send `shutdown`, close with 1001.
+    Shutdown,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// The client went away: nothing more to send.
+    Gone,
+}
+
+pub(crate) async fn upgrade(ws: WebSocketUpgrade, State(app): State<Arc<App>>) -> Response {
+    let max = app.config.max_frame_bytes;
+    ws.max_frame_size(max)
+        .max_message_size(max)
+        .on_upgrade(move |socket| {
+            let tracker = app.tasks.clone();
+            tracker.track_future(connection(app, socket))
+        })
+}
+
+async fn connection(app: Arc<App>, socket: WebSocket) {
+    let (session, rx) = app.chat.open();
+    let id = rx.id.0;
+    let span = tracing::debug_span!("ws", conn = id);
+    let _enter = span.enter();
+    tracing::debug!("connected");
+    let (sink, stream) = socket.split();
+    let (ending_tx, ending_rx) = oneshot::channel();
+    let writer_gone = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        app.clone(),
+        sink,
+        rx,
+        ending_rx,
+        writer_gone.clone(),
+    ));
+    let (session, ending) = read_loop(&app, session, stream, &writer_gone).await;
+    let _ = ending_tx.send(ending);
+    session.close().await;
+    let _ = writer.await;
+    tracing::debug!("disconnected");
+}
+
+async fn read_loop(
+    app: &App,
+    mut session: Session,
+    mut stream: SplitStream<WebSocket>,
+    writer_gone: &CancellationToken,
+) -> (Session, Ending) {
+    // Two heartbeat intervals without a frame (or a pong) is a dead peer.
+    let idle = app.config.heartbeat * 2;
+    loop {
+        let next = tokio::select! {
+            _ = writer_gone.cancelled() => return (session, Ending::Gone),
+            _ = app.draining.cancelled() => return (session, Ending::Shutdown),
+            next = tokio::time::timeout(idle, stream.next()) => next,
+        };
+        let frame = match next {
+            Err(_) => return (session, Ending::Close(close::POLICY, "idle timeout")),
+            Ok(None) => return (session, Ending::Gone),
+            Ok(Some(Err(e))) => {
+                let too_big = matches!(
+                    e.into_inner().downcast_ref::<tungstenite::Error>(),
+                    Some(tungstenite::Error::Capacity(_))
+                );
+                let ending = if too_big {
+                    Ending::Close(close::TOO_BIG, "frame too large")
+                } else {
+                    Ending::Gone
+                };
+                return (session, ending);
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match frame {
+            WsMessage::Text(text) => match json::decode_request(text.as_bytes()) {
+                Ok(envelope) => session.handle(envelope).await,
+                Err(error) => session.reject(error).await,
+            },
+            WsMessage::Binary(_) => {
+                let e = ChatError::bad_request("binary frames are not accepted: send JSON text");
+                session.refuse(None, e).await;
+            }
+            WsMessage::Close(_) => return (session, Ending::Gone),
+            // Pings are answered by the library; any frame proves liveness.
+            WsMessage::Ping(_) | WsMessage::Pong(_) => {}
+        }
+    }
+}
+
+async fn write_loop(
+    app: Arc<App>,
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut rx: ConnReceiver,
+    mut ending: oneshot::Receiver<Ending>,
+    gone: CancellationToken,
+) {
+    let hello = Event::Hello {
+        server: confab_proto::SERVER_NAME,
+        version: confab_proto::VERSION,
+        heartbeat_ms: app.config.heartbeat.as_millis() as u64,
+        limits: Limits {
+            max_body_bytes: app.chat.config().max_body_bytes,
+            max_frame_bytes: app.config.max_frame_bytes,
+        },
+    };
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + app.config.heartbeat,
+        app.config.heartbeat,
+    );
+    let close_requested = rx.close_signal();
+    let mut result = sink.send(text(json::encode_event(&hello))).await;
+    while result.is_ok() {
+        tokio::select! {
+            _ = close_requested.cancelled() => {
+                let Some(CloseReason::SlowConsumer) = rx.reason() else { break };
+                tracing::info!("closing a slow consumer");
+                let _ = close_with(&mut sink, close::SLOW_CONSUMER, "slow consumer").await;
+                break;
+            }
+            end = &mut ending => {
+                match end.unwrap_or(Ending::Gone) {
+                    Ending::Gone => {}
+                    Ending::Close(code, reason) => {
+                        let _ = close_with(&mut sink, code, reason).await;
+                    }
+                    Ending::Shutdown => {
+                        let _ = drain_and_shut_down(&app, &mut sink, &mut rx).await;
+                    }
+                }
+                break;
+            }
+            item = rx.recv() => match item {
+                Some(item) => result = write_batch(&mut sink, &mut rx, item).await,
+                None => break,
+            },
+            _ = ping.tick() => result = sink.send(WsMessage::Ping(Bytes::new())).await,
+        }
+    }
+    gone.cancel();
+}
+
+/// Write `first` and whatever else is queued now, then flush once.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    rx: &mut ConnReceiver,
+    first: Outbound,
+) -> Result<(), axum::Error> {
+    sink.feed(text(encode(first))).await?;
+    while let Some(item) = rx.try_recv() {
+        sink.feed(text(encode(item))).await?;
+    }
+    sink.flush().await
+}
+
+async fn drain_and_shut_down(
+    app: &App,
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    rx: &mut ConnReceiver,
+) -> Result<(), axum::Error> {
+    while let Some(item) = rx.try_recv() {
+        sink.feed(text(encode(item))).await?;
+    }
+    let notice = Event::Shutdown {
+        reason: "the server is shutting down".into(),
+        reconnect_ms: app.config.reconnect_ms,
+    };
+    sink.feed(text(json::encode_event(&notice))).await?;
+    close_with(sink, close::GOING_AWAY, "server shutting down").await
+}
+
+async fn close_with(
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    code: u16,
+    reason: &'static str,
+) -> Result<(), axum::Error> {
+    sink.send(WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    })))
+    .await
+}
+
+fn encode(item: Outbound) -> Bytes {
+    match item {
+        Outbound::Reply(reply) => json::encode_reply(&reply),
+        Outbound::Event(shared) => shared.encoded(Format::Json),
+    }
+}
+
+fn text(bytes: Bytes) -> WsMessage {
+    // Our encoder writes JSON, which is always UTF-8; the check is a copy-free scan.
+    WsMessage::Text(Utf8Bytes::try_from(bytes).expect("JSON is UTF-8"))
+}
