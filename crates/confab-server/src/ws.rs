@@ -31,6 +31,13 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 
+/// How long the socket stays open after a 1009 close. The oversized frame's
+/// bytes are still unread (tungstenite refuses a frame by its header, which
+/// is what keeps memory bounded), and closing a socket with unread input
+/// sends a TCP reset that makes the peer discard our close frame unread.
+/// Lingering gives the client time to read it (nginx's lingering close).
+const LINGER_AFTER_TOO_BIG: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How the reader asks the writer to end the connection.
 enum Ending {
     /// Drain the queue, send `shutdown`, close with 1001.
@@ -144,7 +151,10 @@ async fn write_loop(
     let close_requested = rx.close_signal();
     let mut result = sink.send(text(json::encode_event(&hello))).await;
     while result.is_ok() {
+        // Biased: the reader sends its ending before the session (and so
+        // the queue) goes away, and the ending must win over the queue's end.
         tokio::select! {
+            biased;
             _ = close_requested.cancelled() => {
                 let Some(CloseReason::SlowConsumer) = rx.reason() else { break };
                 tracing::info!("closing a slow consumer");
@@ -156,6 +166,9 @@ async fn write_loop(
                     Ending::Gone => {}
                     Ending::Close(code, reason) => {
                         let _ = close_with(&mut sink, code, reason).await;
+                        if code == close::TOO_BIG {
+                            tokio::time::sleep(LINGER_AFTER_TOO_BIG).await;
+                        }
                     }
                     Ending::Shutdown => {
                         let _ = drain_and_shut_down(&app, &mut sink, &mut rx).await;
