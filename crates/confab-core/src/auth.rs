@@ -105,7 +105,10 @@ mod tests {
         let p = Passwords::new(2);
         let h = p.hash("correct horse".into()).await.unwrap();
         assert!(h.starts_with("$argon2id$"));
-        assert!(p.verify("correct horse".into(), Some(h.clone())).await.unwrap());
+        assert!(p
+            .verify("correct horse".into(), Some(h.clone()))
+            .await
+            .unwrap());
         assert!(!p.verify("wrong".into(), Some(h)).await.unwrap());
         assert!(!p.verify("decoy password".into(), None).await.unwrap());
     }

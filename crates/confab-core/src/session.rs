@@ -13,8 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use confab_proto::json::DecodeError;
 use confab_proto::{
-    Envelope, ErrorBody, Event, Member, OkBody, Reply, Request, RequestId, RoomEntry, Seq,
-    SyncRoom,
+    Envelope, ErrorBody, Event, Member, OkBody, Reply, Request, RequestId, RoomEntry, Seq, SyncRoom,
 };
 
 use crate::auth;
@@ -96,7 +95,12 @@ impl Session {
         let (result, then) = match self.execute(request).await {
             Ok(done) => (Ok(done.reply), done.then),
             Err(e) => {
-                tracing::debug!(request = kind, code = e.code.as_str(), "refused: {}", e.message);
+                tracing::debug!(
+                    request = kind,
+                    code = e.code.as_str(),
+                    "refused: {}",
+                    e.message
+                );
                 (Err(ErrorBody::from(e)), Vec::new())
             }
         };
@@ -187,7 +191,9 @@ impl Session {
     }
 
     fn me(&self) -> &Login {
-        self.login.as_ref().expect("the command table checked the login")
+        self.login
+            .as_ref()
+            .expect("the command table checked the login")
     }
 
     // --- accounts -------------------------------------------------------
@@ -195,7 +201,12 @@ impl Session {
     async fn register(&mut self, user: &str, password: String) -> Handled {
         let name = UserName::parse(user)?;
         check_password(&password)?;
-        if self.chat.hub.online_user(name.key()).is_some_and(|u| u.guest) {
+        if self
+            .chat
+            .hub
+            .online_user(name.key())
+            .is_some_and(|u| u.guest)
+        {
             return Err(ChatError::conflict(format!(
                 "the name {name} is in use by a connected guest"
             )));
@@ -443,7 +454,9 @@ impl Session {
         let peer = UserName::parse(to)?;
         let me = self.me();
         if peer == me.user {
-            return Err(ChatError::bad_request("a direct message needs another user"));
+            return Err(ChatError::bad_request(
+                "a direct message needs another user",
+            ));
         }
         let (peer, peer_guest) = match self.chat.store.user(&peer).await? {
             Some(record) => (record.name, false),
@@ -633,17 +646,24 @@ fn left_event(room: &RoomName, user: &UserName, skip: Skip) -> BrokerEvent {
 fn check_password(password: &str) -> Result<(), ChatError> {
     let n = password.chars().count();
     if n > *PASSWORD_CHARS.end() {
-        return Err(ChatError::too_large("a password has at most 256 characters"));
+        return Err(ChatError::too_large(
+            "a password has at most 256 characters",
+        ));
     }
     if n < *PASSWORD_CHARS.start() {
-        return Err(ChatError::bad_request("a password has at least 8 characters"));
+        return Err(ChatError::bad_request(
+            "a password has at least 8 characters",
+        ));
     }
     Ok(())
 }
 
 /// Text fields carry no control characters but newline and tab.
 fn check_text(field: &str, text: &str) -> Result<(), ChatError> {
-    match text.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
+    match text
+        .chars()
+        .find(|c| c.is_control() && *c != '\n' && *c != '\t')
+    {
         Some(c) => Err(ChatError::bad_request(format!(
             "the {field} contains the control character U+{:04X}",
             c as u32

@@ -62,7 +62,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let store = open_store(&config).await?;
-    let chat = Chat::new(store.clone(), Arc::new(MemoryBroker::new()), config.chat.clone()).await?;
+    let chat = Chat::new(
+        store.clone(),
+        Arc::new(MemoryBroker::new()),
+        config.chat.clone(),
+    )
+    .await?;
     let draining = CancellationToken::new();
     let app = Arc::new(App {
         chat,

@@ -28,7 +28,11 @@ struct Serve {
     /// Storage: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH,
     /// optionally with ?synchronous=normal (survives a process crash, not
     /// a power cut; faster).
-    #[arg(long, default_value = "sqlite://data/confab.db", env = "CONFAB_DATABASE")]
+    #[arg(
+        long,
+        default_value = "sqlite://data/confab.db",
+        env = "CONFAB_DATABASE"
+    )]
     database: String,
     /// WebSocket ping interval in milliseconds; silent for two is dead.
     #[arg(long, default_value_t = 30_000)]
@@ -42,8 +46,7 @@ struct Serve {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {

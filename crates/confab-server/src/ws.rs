@@ -74,11 +74,32 @@ async fn connection(app: Arc<App>, socket: WebSocket) {
         ending_rx,
         writer_gone.clone(),
     ));
-    let (session, ending) = read_loop(&app, session, stream, &writer_gone).await;
+    let (session, mut stream, ending) = read_loop(&app, session, stream, &writer_gone).await;
+    let handshake = matches!(ending, Ending::Shutdown | Ending::Close(close::POLICY, _));
     let _ = ending_tx.send(ending);
-    session.close().await;
+    let finish_reading = async {
+        if handshake {
+            closing_handshake(&mut stream).await;
+        }
+    };
+    tokio::join!(session.close(), finish_reading);
     let _ = writer.await;
     tracing::debug!("disconnected");
+}
+
+/// After the server's close frame, read (and drop) what the client still
+/// sends until its own close arrives, for at most a second: closing the
+/// socket with unread input would reset the connection, and the client
+/// could lose our close frame (RFC 6455 section 7.1.1).
+async fn closing_handshake(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Some(Ok(frame)) = stream.next().await {
+            if matches!(frame, WsMessage::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn read_loop(
@@ -86,18 +107,27 @@ async fn read_loop(
     mut session: Session,
     mut stream: SplitStream<WebSocket>,
     writer_gone: &CancellationToken,
-) -> (Session, Ending) {
+) -> (Session, SplitStream<WebSocket>, Ending) {
     // Two heartbeat intervals without a frame (or a pong) is a dead peer.
     let idle = app.config.heartbeat * 2;
     loop {
+        // Biased: a request already received is served before a shutdown
+        // is noticed, so requests in flight get their replies.
         let next = tokio::select! {
-            _ = writer_gone.cancelled() => return (session, Ending::Gone),
-            _ = app.draining.cancelled() => return (session, Ending::Shutdown),
+            biased;
             next = tokio::time::timeout(idle, stream.next()) => next,
+            _ = app.draining.cancelled() => return (session, stream, Ending::Shutdown),
+            _ = writer_gone.cancelled() => return (session, stream, Ending::Gone),
         };
         let frame = match next {
-            Err(_) => return (session, Ending::Close(close::POLICY, "idle timeout")),
-            Ok(None) => return (session, Ending::Gone),
+            Err(_) => {
+                return (
+                    session,
+                    stream,
+                    Ending::Close(close::POLICY, "idle timeout"),
+                )
+            }
+            Ok(None) => return (session, stream, Ending::Gone),
             Ok(Some(Err(e))) => {
                 let too_big = matches!(
                     e.into_inner().downcast_ref::<tungstenite::Error>(),
@@ -108,7 +138,7 @@ async fn read_loop(
                 } else {
                     Ending::Gone
                 };
-                return (session, ending);
+                return (session, stream, ending);
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -121,7 +151,7 @@ async fn read_loop(
                 let e = ChatError::bad_request("binary frames are not accepted: send JSON text");
                 session.refuse(None, e).await;
             }
-            WsMessage::Close(_) => return (session, Ending::Gone),
+            WsMessage::Close(_) => return (session, stream, Ending::Gone),
             // Pings are answered by the library; any frame proves liveness.
             WsMessage::Ping(_) | WsMessage::Pong(_) => {}
         }

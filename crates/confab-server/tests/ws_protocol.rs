@@ -2,8 +2,8 @@
 //! protocol, against a real server over a real socket.
 
 use confab_testkit::serde_json::{json, Value};
-use confab_testkit::{TestServer, WsClient};
 use confab_testkit::Message;
+use confab_testkit::{TestServer, WsClient};
 
 async fn registered(server: &TestServer, user: &str) -> WsClient {
     let mut c = server.client().await;
@@ -20,11 +20,18 @@ async fn hello_ping_and_ids() {
         json!({"type":"hello","server":"confab","version":"0.1.0","heartbeat_ms":30000,
                "limits":{"max_body_bytes":4096,"max_frame_bytes":65536}})
     );
-    assert_eq!(c.request(json!({"type":"ping"})).await, json!({"type":"pong","id":1}));
+    assert_eq!(
+        c.request(json!({"type":"ping"})).await,
+        json!({"type":"pong","id":1})
+    );
     c.send_json(&json!({"type":"ping","id":"abc"})).await;
     assert_eq!(c.frame().await, json!({"type":"pong","id":"abc"}));
     c.send_json(&json!({"type":"ping"})).await;
-    assert_eq!(c.frame().await, json!({"type":"pong"}), "no id, none echoed");
+    assert_eq!(
+        c.frame().await,
+        json!({"type":"pong"}),
+        "no id, none echoed"
+    );
 }
 
 #[tokio::test]
@@ -34,7 +41,11 @@ async fn malformed_frames_get_errors_and_keep_the_session() {
     for bad in ["not json", "[1,2]", "{}", "{\"type\":17}", "\"str\""] {
         c.send_raw(Message::text(bad)).await;
         let e = c.frame().await;
-        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("bad_request")), "{bad}: {e}");
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("bad_request")),
+            "{bad}: {e}"
+        );
         assert!(e.get("id").is_none());
     }
     let e = c.request(json!({"type":"fly"})).await;
@@ -56,7 +67,10 @@ async fn malformed_frames_get_errors_and_keep_the_session() {
 async fn frames_over_the_limit_close_with_1009() {
     let server = TestServer::spawn().await;
     let mut c = server.client().await;
-    let big = format!("{{\"type\":\"ping\",\"pad\":\"{}\"}}", "x".repeat(70 * 1024));
+    let big = format!(
+        "{{\"type\":\"ping\",\"pad\":\"{}\"}}",
+        "x".repeat(70 * 1024)
+    );
     c.send_raw(Message::text(big)).await;
     assert_eq!(c.closed().await.0, 1009);
 }
@@ -87,7 +101,8 @@ async fn register_login_resume_logout() {
     let token = r["token"].as_str().unwrap().to_owned();
     assert_eq!(token.len(), 64);
     assert_eq!(
-        c.error(json!({"type":"login","user":"Alice","password":"password-Alice"})).await,
+        c.error(json!({"type":"login","user":"Alice","password":"password-Alice"}))
+            .await,
         "bad_request",
         "already logged in"
     );
@@ -124,7 +139,11 @@ async fn register_login_resume_logout() {
     );
     third.ok(json!({"type":"logout"})).await;
     assert_eq!(third.error(json!({"type":"rooms"})).await, "unauthorized");
-    assert_eq!(third.request(json!({"type":"ping"})).await["type"], "pong", "still open");
+    assert_eq!(
+        third.request(json!({"type":"ping"})).await["type"],
+        "pong",
+        "still open"
+    );
     let mut fourth = server.client().await;
     assert_eq!(
         fourth.error(json!({"type":"resume","token":token})).await,
@@ -132,7 +151,9 @@ async fn register_login_resume_logout() {
         "logout revoked the token"
     );
     assert_eq!(
-        fourth.error(json!({"type":"resume","token":"nonsense"})).await,
+        fourth
+            .error(json!({"type":"resume","token":"nonsense"}))
+            .await,
         "unauthorized"
     );
 }
@@ -144,23 +165,42 @@ async fn guests_come_and_go() {
     alice.join("lobby").await;
 
     let mut g = server.client().await;
-    assert_eq!(g.ok(json!({"type":"guest","user":"Visitor"})).await, json!({"type":"ok","id":1,"user":"Visitor"}));
-    let mut g2 = server.client().await;
-    assert_eq!(g2.error(json!({"type":"guest","user":"visitor"})).await, "conflict");
-    assert_eq!(g2.error(json!({"type":"guest","user":"alice"})).await, "conflict");
     assert_eq!(
-        g2.error(json!({"type":"register","user":"visitor","password":"long enough"})).await,
+        g.ok(json!({"type":"guest","user":"Visitor"})).await,
+        json!({"type":"ok","id":1,"user":"Visitor"})
+    );
+    let mut g2 = server.client().await;
+    assert_eq!(
+        g2.error(json!({"type":"guest","user":"visitor"})).await,
+        "conflict"
+    );
+    assert_eq!(
+        g2.error(json!({"type":"guest","user":"alice"})).await,
+        "conflict"
+    );
+    assert_eq!(
+        g2.error(json!({"type":"register","user":"visitor","password":"long enough"}))
+            .await,
         "conflict",
         "a connected guest's name cannot be registered"
     );
 
     g.join("lobby").await;
-    assert_eq!(alice.event_of("joined").await, json!({"type":"joined","room":"lobby","user":"Visitor"}));
+    assert_eq!(
+        alice.event_of("joined").await,
+        json!({"type":"joined","room":"lobby","user":"Visitor"})
+    );
     g.send("lobby", "hi from a guest").await;
     assert_eq!(alice.event_of("message").await["user"], "Visitor");
     drop(g);
-    assert_eq!(alice.event_of("presence").await, json!({"type":"presence","user":"Visitor","online":false}));
-    assert_eq!(alice.event_of("left").await, json!({"type":"left","room":"lobby","user":"Visitor"}));
+    assert_eq!(
+        alice.event_of("presence").await,
+        json!({"type":"presence","user":"Visitor","online":false})
+    );
+    assert_eq!(
+        alice.event_of("left").await,
+        json!({"type":"left","room":"lobby","user":"Visitor"})
+    );
     let members = alice.ok(json!({"type":"members","room":"lobby"})).await;
     assert_eq!(members["members"], json!([{"user":"alice","online":true}]));
     g2.guest("visitor").await; // the name is free again
@@ -170,7 +210,10 @@ async fn guests_come_and_go() {
 async fn guests_can_be_turned_off() {
     let server = TestServer::with_config(|c| c.chat.allow_guests = false).await;
     let mut c = server.client().await;
-    assert_eq!(c.error(json!({"type":"guest","user":"g"})).await, "forbidden");
+    assert_eq!(
+        c.error(json!({"type":"guest","user":"g"})).await,
+        "forbidden"
+    );
 }
 
 #[tokio::test]
@@ -184,15 +227,23 @@ async fn rooms_members_topics_and_their_events() {
         r,
         json!({"type":"ok","id":2,"room":"general","topic":"","members":[{"user":"alice","online":true}],"last_seq":0})
     );
-    alice.ok(json!({"type":"topic","room":"general","topic":"All things"})).await;
+    alice
+        .ok(json!({"type":"topic","room":"general","topic":"All things"}))
+        .await;
     assert_eq!(
         alice.event_of("topic").await,
         json!({"type":"topic","room":"general","topic":"All things","user":"alice"})
     );
     let r = bob.join("general").await;
     assert_eq!(r["topic"], "All things");
-    assert_eq!(r["members"], json!([{"user":"alice","online":true},{"user":"bob","online":true}]));
-    assert_eq!(alice.event_of("joined").await, json!({"type":"joined","room":"general","user":"bob"}));
+    assert_eq!(
+        r["members"],
+        json!([{"user":"alice","online":true},{"user":"bob","online":true}])
+    );
+    assert_eq!(
+        alice.event_of("joined").await,
+        json!({"type":"joined","room":"general","user":"bob"})
+    );
     bob.join("general").await; // joining again is fine and announces nothing
     alice.assert_no_event().await;
 
@@ -208,22 +259,57 @@ async fn rooms_members_topics_and_their_events() {
         ])
     );
     let all = alice.ok(json!({"type":"rooms","all":true})).await;
-    assert_eq!(all["rooms"][1], json!({"room":"side","topic":"","member_count":1,"last_seq":0,"unread":0}));
+    assert_eq!(
+        all["rooms"][1],
+        json!({"room":"side","topic":"","member_count":1,"last_seq":0,"unread":0})
+    );
 
-    assert_eq!(bob.ok(json!({"type":"members","room":"side"})).await["members"], json!([{"user":"bob","online":true}]));
-    assert_eq!(bob.error(json!({"type":"members","room":"nowhere"})).await, "not_found");
-    assert_eq!(bob.error(json!({"type":"join","room":"no spaces"})).await, "bad_request");
-    assert_eq!(bob.error(json!({"type":"join","room":"dm:alice:bob"})).await, "bad_request");
-    assert_eq!(alice.error(json!({"type":"topic","room":"side","topic":"x"})).await, "forbidden");
-    assert_eq!(alice.error(json!({"type":"topic","room":"general","topic":"x".repeat(257)})).await, "too_large");
+    assert_eq!(
+        bob.ok(json!({"type":"members","room":"side"})).await["members"],
+        json!([{"user":"bob","online":true}])
+    );
+    assert_eq!(
+        bob.error(json!({"type":"members","room":"nowhere"})).await,
+        "not_found"
+    );
+    assert_eq!(
+        bob.error(json!({"type":"join","room":"no spaces"})).await,
+        "bad_request"
+    );
+    assert_eq!(
+        bob.error(json!({"type":"join","room":"dm:alice:bob"}))
+            .await,
+        "bad_request"
+    );
+    assert_eq!(
+        alice
+            .error(json!({"type":"topic","room":"side","topic":"x"}))
+            .await,
+        "forbidden"
+    );
+    assert_eq!(
+        alice
+            .error(json!({"type":"topic","room":"general","topic":"x".repeat(257)}))
+            .await,
+        "too_large"
+    );
 
     bob.ok(json!({"type":"leave","room":"general"})).await;
     // alice drains the message echoes, then sees bob leave
     assert_eq!(alice.event_of("message").await["body"], "one");
     assert_eq!(alice.event_of("message").await["body"], "two");
-    assert_eq!(alice.event_of("left").await, json!({"type":"left","room":"general","user":"bob"}));
-    assert_eq!(bob.error(json!({"type":"leave","room":"general"})).await, "forbidden");
-    assert_eq!(bob.error(json!({"type":"leave","room":"nowhere"})).await, "not_found");
+    assert_eq!(
+        alice.event_of("left").await,
+        json!({"type":"left","room":"general","user":"bob"})
+    );
+    assert_eq!(
+        bob.error(json!({"type":"leave","room":"general"})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        bob.error(json!({"type":"leave","room":"nowhere"})).await,
+        "not_found"
+    );
     alice.send("general", "bob is gone").await;
     assert_eq!(bob.event_of("message").await["body"], "one");
     assert_eq!(bob.event_of("message").await["body"], "two");
@@ -236,8 +322,16 @@ async fn send_rules_and_echo() {
     let mut alice = registered(&server, "alice").await;
     let mut bob = registered(&server, "bob").await;
     alice.join("r").await;
-    assert_eq!(bob.error(json!({"type":"send","room":"r","body":"hi"})).await, "forbidden");
-    assert_eq!(bob.error(json!({"type":"send","room":"nowhere","body":"hi"})).await, "not_found");
+    assert_eq!(
+        bob.error(json!({"type":"send","room":"r","body":"hi"}))
+            .await,
+        "forbidden"
+    );
+    assert_eq!(
+        bob.error(json!({"type":"send","room":"nowhere","body":"hi"}))
+            .await,
+        "not_found"
+    );
     bob.join("r").await;
     alice.event_of("joined").await;
 
@@ -247,10 +341,17 @@ async fn send_rules_and_echo() {
         ("nul\u{0}byte".into(), "bad_request"),
         ("bell\u{7}".into(), "bad_request"),
     ] {
-        assert_eq!(alice.error(json!({"type":"send","room":"r","body":body})).await, code);
+        assert_eq!(
+            alice
+                .error(json!({"type":"send","room":"r","body":body}))
+                .await,
+            code
+        );
     }
     assert_eq!(
-        alice.error(json!({"type":"send","room":"r","body":"x","nonce":"n".repeat(65)})).await,
+        alice
+            .error(json!({"type":"send","room":"r","body":"x","nonce":"n".repeat(65)}))
+            .await,
         "bad_request"
     );
 
@@ -260,14 +361,25 @@ async fn send_rules_and_echo() {
     assert_eq!(ok["seq"], 1);
     let ts = ok["ts"].as_i64().unwrap();
     let expected = json!({"type":"message","room":"r","seq":1,"user":"alice","body":"line one\n\tline two","ts":ts,"nonce":"c-1"});
-    assert_eq!(alice.event().await, expected, "the sender's echo, after its ok");
+    assert_eq!(
+        alice.event().await,
+        expected,
+        "the sender's echo, after its ok"
+    );
     assert_eq!(bob.event().await, expected);
-    assert_eq!(alice.send("r", &"x".repeat(4096)).await, 2, "4096 bytes fit");
+    assert_eq!(
+        alice.send("r", &"x".repeat(4096)).await,
+        2,
+        "4096 bytes fit"
+    );
 
     let again = alice
         .ok(json!({"type":"send","room":"r","body":"line one\n\tline two","nonce":"c-1"}))
         .await;
-    assert_eq!((again["seq"].clone(), again["ts"].clone()), (json!(1), json!(ts)));
+    assert_eq!(
+        (again["seq"].clone(), again["ts"].clone()),
+        (json!(1), json!(ts))
+    );
     assert_eq!(alice.event().await["seq"], 2);
     alice.assert_no_event().await;
     assert_eq!(bob.event().await["seq"], 2);
@@ -283,27 +395,54 @@ async fn history_pages() {
         alice.send("r", &format!("m{i}")).await;
     }
     let page = |r: &Value| {
-        let seqs: Vec<u64> = r["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = r["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
         (seqs, r["more"].as_bool().unwrap())
     };
     let h = |extra: Value| {
         let mut req = json!({"type":"history","room":"r"});
-        req.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        req.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         req
     };
     let r = alice.ok(h(json!({"limit":5}))).await;
     assert_eq!(page(&r), (vec![8, 9, 10, 11, 12], true));
     assert_eq!(r["room"], "r");
     assert_eq!(r["messages"][0]["body"], "m8");
-    assert_eq!(page(&alice.ok(h(json!({"before":8,"limit":5}))).await), (vec![3, 4, 5, 6, 7], true));
-    assert_eq!(page(&alice.ok(h(json!({"before":3}))).await), (vec![1, 2], false));
-    assert_eq!(page(&alice.ok(h(json!({"after":9}))).await), (vec![10, 11, 12], false));
-    assert_eq!(page(&alice.ok(h(json!({"after":0,"limit":2}))).await), (vec![1, 2], true));
+    assert_eq!(
+        page(&alice.ok(h(json!({"before":8,"limit":5}))).await),
+        (vec![3, 4, 5, 6, 7], true)
+    );
+    assert_eq!(
+        page(&alice.ok(h(json!({"before":3}))).await),
+        (vec![1, 2], false)
+    );
+    assert_eq!(
+        page(&alice.ok(h(json!({"after":9}))).await),
+        (vec![10, 11, 12], false)
+    );
+    assert_eq!(
+        page(&alice.ok(h(json!({"after":0,"limit":2}))).await),
+        (vec![1, 2], true)
+    );
     assert_eq!(page(&alice.ok(h(json!({}))).await).0.len(), 12);
-    assert_eq!(alice.error(h(json!({"before":5,"after":2}))).await, "bad_request");
+    assert_eq!(
+        alice.error(h(json!({"before":5,"after":2}))).await,
+        "bad_request"
+    );
     assert_eq!(alice.error(h(json!({"limit":501}))).await, "bad_request");
     assert_eq!(alice.error(h(json!({"limit":0}))).await, "bad_request");
-    assert_eq!(alice.error(json!({"type":"history","room":"nowhere"})).await, "not_found");
+    assert_eq!(
+        alice
+            .error(json!({"type":"history","room":"nowhere"}))
+            .await,
+        "not_found"
+    );
     let mut bob = registered(&server, "bob").await;
     assert_eq!(bob.error(h(json!({}))).await, "forbidden");
 }
@@ -318,7 +457,10 @@ async fn read_markers_typing_and_several_connections() {
 
     alice.join("r").await;
     // The user's other connections learn of the join too.
-    assert_eq!(alice2.event_of("joined").await, json!({"type":"joined","room":"r","user":"alice"}));
+    assert_eq!(
+        alice2.event_of("joined").await,
+        json!({"type":"joined","room":"r","user":"alice"})
+    );
     alice.assert_no_event().await;
     bob.join("r").await;
     // Both of alice's connections see bob join: the membership is the user's.
@@ -332,21 +474,42 @@ async fn read_markers_typing_and_several_connections() {
         assert_eq!(c.event_of("message").await["seq"], 2);
     }
     alice.ok(json!({"type":"read","room":"r","seq":2})).await;
-    assert_eq!(alice2.event_of("read").await, json!({"type":"read","room":"r","seq":2}));
+    assert_eq!(
+        alice2.event_of("read").await,
+        json!({"type":"read","room":"r","seq":2})
+    );
     alice.assert_no_event().await;
     alice.ok(json!({"type":"read","room":"r","seq":1})).await;
     assert_eq!(alice2.event_of("read").await["seq"], 2, "never backward");
-    assert_eq!(alice.error(json!({"type":"read","room":"r","seq":3})).await, "bad_request");
-    assert_eq!(bob.ok(json!({"type":"rooms"})).await["rooms"][0]["unread"], 2);
-    assert_eq!(alice.ok(json!({"type":"rooms"})).await["rooms"][0]["unread"], 0);
+    assert_eq!(
+        alice.error(json!({"type":"read","room":"r","seq":3})).await,
+        "bad_request"
+    );
+    assert_eq!(
+        bob.ok(json!({"type":"rooms"})).await["rooms"][0]["unread"],
+        2
+    );
+    assert_eq!(
+        alice.ok(json!({"type":"rooms"})).await["rooms"][0]["unread"],
+        0
+    );
 
     bob.ok(json!({"type":"typing","room":"r"})).await;
-    assert_eq!(alice.event_of("typing").await, json!({"type":"typing","room":"r","user":"bob"}));
+    assert_eq!(
+        alice.event_of("typing").await,
+        json!({"type":"typing","room":"r","user":"bob"})
+    );
     assert_eq!(alice2.event_of("typing").await["user"], "bob");
     bob.assert_no_event().await;
     let mut carol = registered(&server, "carol").await;
-    assert_eq!(carol.error(json!({"type":"typing","room":"r"})).await, "forbidden");
-    assert_eq!(carol.error(json!({"type":"read","room":"r","seq":1})).await, "forbidden");
+    assert_eq!(
+        carol.error(json!({"type":"typing","room":"r"})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        carol.error(json!({"type":"read","room":"r","seq":1})).await,
+        "forbidden"
+    );
 }
 
 #[tokio::test]
@@ -362,12 +525,18 @@ async fn presence_follows_first_and_last_connection() {
     alice.event_of("joined").await;
     drop(bob);
     // One event although they share two rooms.
-    assert_eq!(alice.event_of("presence").await, json!({"type":"presence","user":"bob","online":false}));
+    assert_eq!(
+        alice.event_of("presence").await,
+        json!({"type":"presence","user":"bob","online":false})
+    );
     alice.assert_no_event().await;
 
     let mut bob = server.client().await;
     bob.login("bob").await;
-    assert_eq!(alice.event_of("presence").await, json!({"type":"presence","user":"bob","online":true}));
+    assert_eq!(
+        alice.event_of("presence").await,
+        json!({"type":"presence","user":"bob","online":true})
+    );
     let mut bob2 = server.client().await;
     bob2.login("bob").await;
     alice.assert_no_event().await; // not the first connection
@@ -375,7 +544,10 @@ async fn presence_follows_first_and_last_connection() {
     bob.assert_no_event().await;
     alice.assert_no_event().await; // not the last either
     let members = alice.ok(json!({"type":"members","room":"r"})).await;
-    assert_eq!(members["members"], json!([{"user":"alice","online":true},{"user":"bob","online":true}]));
+    assert_eq!(
+        members["members"],
+        json!([{"user":"alice","online":true},{"user":"bob","online":true}])
+    );
     bob.ok(json!({"type":"logout"})).await;
     assert_eq!(alice.event_of("presence").await["online"], false);
 }
@@ -385,27 +557,65 @@ async fn direct_messages() {
     let server = TestServer::spawn().await;
     let mut alice = registered(&server, "alice").await;
     let mut bob = registered(&server, "Bob").await;
-    assert_eq!(alice.error(json!({"type":"dm","to":"nobody","body":"hi"})).await, "not_found");
-    assert_eq!(alice.error(json!({"type":"dm","to":"alice","body":"hi"})).await, "bad_request");
-    let r = alice.ok(json!({"type":"dm","to":"bob","body":"psst","nonce":"d1"})).await;
-    assert_eq!((r["room"].as_str(), r["seq"].as_u64()), (Some("dm:alice:bob"), Some(1)));
+    assert_eq!(
+        alice
+            .error(json!({"type":"dm","to":"nobody","body":"hi"}))
+            .await,
+        "not_found"
+    );
+    assert_eq!(
+        alice
+            .error(json!({"type":"dm","to":"alice","body":"hi"}))
+            .await,
+        "bad_request"
+    );
+    let r = alice
+        .ok(json!({"type":"dm","to":"bob","body":"psst","nonce":"d1"}))
+        .await;
+    assert_eq!(
+        (r["room"].as_str(), r["seq"].as_u64()),
+        (Some("dm:alice:bob"), Some(1))
+    );
     let expected = json!({"type":"message","room":"dm:alice:bob","seq":1,"user":"alice","body":"psst","ts":r["ts"],"nonce":"d1"});
     assert_eq!(alice.event().await, expected);
     assert_eq!(bob.event().await, expected);
-    bob.ok(json!({"type":"send","room":"dm:alice:bob","body":"hey"})).await;
+    bob.ok(json!({"type":"send","room":"dm:alice:bob","body":"hey"}))
+        .await;
     assert_eq!(alice.event_of("message").await["user"], "Bob");
     let rooms = bob.ok(json!({"type":"rooms"})).await;
     assert_eq!(rooms["rooms"][0]["room"], "dm:alice:bob");
-    let h = alice.ok(json!({"type":"history","room":"dm:alice:bob"})).await;
+    let h = alice
+        .ok(json!({"type":"history","room":"dm:alice:bob"}))
+        .await;
     assert_eq!(h["messages"].as_array().unwrap().len(), 2);
     let mut carol = registered(&server, "carol").await;
-    assert_eq!(carol.error(json!({"type":"history","room":"dm:alice:bob"})).await, "forbidden");
-    assert_eq!(carol.error(json!({"type":"members","room":"dm:alice:bob"})).await, "forbidden");
-    assert_eq!(carol.error(json!({"type":"send","room":"dm:alice:bob","body":"x"})).await, "forbidden");
-    assert_eq!(alice.ok(json!({"type":"rooms","all":true})).await["rooms"], json!([]));
+    assert_eq!(
+        carol
+            .error(json!({"type":"history","room":"dm:alice:bob"}))
+            .await,
+        "forbidden"
+    );
+    assert_eq!(
+        carol
+            .error(json!({"type":"members","room":"dm:alice:bob"}))
+            .await,
+        "forbidden"
+    );
+    assert_eq!(
+        carol
+            .error(json!({"type":"send","room":"dm:alice:bob","body":"x"}))
+            .await,
+        "forbidden"
+    );
+    assert_eq!(
+        alice.ok(json!({"type":"rooms","all":true})).await["rooms"],
+        json!([])
+    );
     // Direct messages to a connected guest work too.
     let mut g = server.client().await;
     g.guest("Gus").await;
-    alice.ok(json!({"type":"dm","to":"gus","body":"welcome"})).await;
+    alice
+        .ok(json!({"type":"dm","to":"gus","body":"welcome"}))
+        .await;
     assert_eq!(g.event_of("message").await["room"], "dm:alice:gus");
 }

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_core::store::{
-    Appended, DirectPeers, HistoryPage, Joined, NewMessage, Page, RoomView, StoreResult,
-    TokenHash, UserRecord,
+    Appended, DirectPeers, HistoryPage, Joined, NewMessage, Page, RoomView, StoreResult, TokenHash,
+    UserRecord,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Seq};
@@ -67,9 +67,8 @@ impl SqliteStore {
     pub async fn open(path: impl AsRef<Path>, durability: Durability) -> StoreResult<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("creating {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
         }
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || open_writer(&p, durability))
@@ -193,7 +192,10 @@ fn user_name(name: String) -> StoreResult<UserName> {
 /// The room's id and last seq.
 fn room_row(conn: &Connection, room: &str) -> StoreResult<Option<(i64, Seq)>> {
     conn.prepare_cached("SELECT id, last_seq FROM rooms WHERE name = ?1")
-        .and_then(|mut s| s.query_row([room], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .and_then(|mut s| {
+            s.query_row([room], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(db_error)
 }
 
@@ -354,7 +356,10 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let row: Option<(String, String)> = c
                 .prepare_cached("SELECT name, password_hash FROM users WHERE key = ?1")
-                .and_then(|mut s| s.query_row([key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .and_then(|mut s| {
+                    s.query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
                 .map_err(db_error)?;
             row.map(|(name, password_hash)| {
                 Ok(UserRecord {
@@ -452,10 +457,7 @@ impl Store for SqliteStore {
                         "DELETE FROM members WHERE user_key = ?1 AND guest = 1
                          RETURNING (SELECT name FROM rooms WHERE id = room_id)",
                     )
-                    .and_then(|mut s| {
-                        s.query_map([key], |r| r.get(0))?
-                            .collect::<Result<_, _>>()
-                    })
+                    .and_then(|mut s| s.query_map([key], |r| r.get(0))?.collect::<Result<_, _>>())
                     .map_err(db_error)?;
                 Ok(rooms.into_iter().map(RoomName::from_trusted).collect())
             })
@@ -477,7 +479,9 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
             let names: Vec<String> = c
-                .prepare_cached("SELECT user_name FROM members WHERE room_id = ?1 ORDER BY user_key")
+                .prepare_cached(
+                    "SELECT user_name FROM members WHERE room_id = ?1 ORDER BY user_key",
+                )
                 .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
                 .map_err(db_error)?;
             names.into_iter().map(user_name).collect()
@@ -553,8 +557,7 @@ impl Store for SqliteStore {
             let sql = format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = ?1 AND {sql} LIMIT ?3"
             );
-            let mut messages =
-                query_messages(c, room.as_str(), &sql, params![id, bound, probe])?;
+            let mut messages = query_messages(c, room.as_str(), &sql, params![id, bound, probe])?;
             let more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
             if descending {
@@ -606,11 +609,8 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|c| {
-            c.query_row("SELECT 1", [], |_| Ok(()))
-                .map_err(db_error)
-        })
-        .await
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
+            .await
     }
 }
 
@@ -666,7 +666,11 @@ mod tests {
         let views = s.rooms(&name("alice"), false).await.unwrap();
         assert_eq!(views.len(), 1);
         assert_eq!(
-            (views[0].topic.as_str(), views[0].last_seq, views[0].read_seq),
+            (
+                views[0].topic.as_str(),
+                views[0].last_seq,
+                views[0].read_seq
+            ),
             ("t", 1, Some(1)),
             "one message: the nonce deduplicated the retries"
         );

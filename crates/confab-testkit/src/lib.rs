@@ -196,7 +196,10 @@ impl WsClient {
             if is_reply(&frame) && frame.get("id") == Some(&id) {
                 return frame;
             }
-            assert!(!is_reply(&frame), "unexpected reply {frame} (waiting for id {id})");
+            assert!(
+                !is_reply(&frame),
+                "unexpected reply {frame} (waiting for id {id})"
+            );
             self.events.push_back(frame);
         }
     }
@@ -238,7 +241,11 @@ impl WsClient {
     pub async fn assert_no_event(&mut self) {
         let pong = self.request(json!({"type": "ping"})).await;
         assert_eq!(pong["type"], "pong");
-        assert!(self.events.is_empty(), "unexpected events: {:?}", self.events);
+        assert!(
+            self.events.is_empty(),
+            "unexpected events: {:?}",
+            self.events
+        );
     }
 
     /// Read until the server closes; returns the close code and reason.
@@ -252,7 +259,9 @@ impl WsClient {
                 Some(Ok(Message::Close(Some(frame)))) => {
                     return (u16::from(frame.code), frame.reason.to_string())
                 }
-                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+                Some(Ok(Message::Close(None))) => {
+                    return (u16::from(CloseCode::Status), String::new())
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => panic!("connection failed without a close frame: {e}"),
                 None => panic!("connection ended without a close frame"),

@@ -63,7 +63,11 @@ pub async fn users_are_unique_without_regard_to_case(s: DynStore) {
     let err = s.create_user(&user("aLICE"), "hash-b").await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     let rec = s.user(&user("ALICE")).await.unwrap().unwrap();
-    assert_eq!(rec.name.as_str(), "Alice", "answers with the name as registered");
+    assert_eq!(
+        rec.name.as_str(),
+        "Alice",
+        "answers with the name as registered"
+    );
     assert_eq!(rec.password_hash, "hash-a");
     assert_eq!(s.user(&user("bob")).await.unwrap(), None);
 }
@@ -73,18 +77,21 @@ pub async fn tokens_resolve_until_revoked(s: DynStore) {
     let (t1, t2) = ([1u8; 32], [2u8; 32]);
     s.create_token(&user("Alice"), &t1).await.unwrap();
     s.create_token(&user("Alice"), &t2).await.unwrap();
-    assert_eq!(
-        s.token_user(&t1).await.unwrap().unwrap().as_str(),
-        "Alice"
-    );
+    assert_eq!(s.token_user(&t1).await.unwrap().unwrap().as_str(), "Alice");
     s.revoke_token(&t1).await.unwrap();
     assert_eq!(s.token_user(&t1).await.unwrap(), None);
-    assert!(s.token_user(&t2).await.unwrap().is_some(), "other tokens live on");
+    assert!(
+        s.token_user(&t2).await.unwrap().is_some(),
+        "other tokens live on"
+    );
     assert_eq!(s.token_user(&[3u8; 32]).await.unwrap(), None);
 }
 
 pub async fn join_creates_rooms_and_memberships(s: DynStore) {
-    let j = s.join(&room("general"), &user("alice"), false).await.unwrap();
+    let j = s
+        .join(&room("general"), &user("alice"), false)
+        .await
+        .unwrap();
     assert_eq!(
         j,
         Joined {
@@ -93,7 +100,10 @@ pub async fn join_creates_rooms_and_memberships(s: DynStore) {
             newly_joined: true
         }
     );
-    let again = s.join(&room("general"), &user("Alice"), false).await.unwrap();
+    let again = s
+        .join(&room("general"), &user("Alice"), false)
+        .await
+        .unwrap();
     assert!(!again.newly_joined);
     s.join(&room("general"), &user("Bob"), false).await.unwrap();
     let mut names: Vec<_> = s
@@ -166,7 +176,10 @@ pub async fn nonces_deduplicate_per_sender_and_room(s: DynStore) {
         s.join(&room("r"), &user(u), false).await.unwrap();
         s.join(&room("q"), &user(u), false).await.unwrap();
     }
-    let first = s.append(msg("r", "alice", "one", Some("n1"))).await.unwrap();
+    let first = s
+        .append(msg("r", "alice", "one", Some("n1")))
+        .await
+        .unwrap();
     assert_eq!(first.message.nonce.as_deref(), Some("n1"));
     let mut retry = msg("r", "ALICE", "one again", Some("n1"));
     retry.ts += 5000;
@@ -176,7 +189,10 @@ pub async fn nonces_deduplicate_per_sender_and_room(s: DynStore) {
     let bob = s.append(msg("r", "bob", "b", Some("n1"))).await.unwrap();
     assert!(!bob.duplicate, "another sender's nonce is another message");
     let elsewhere = s.append(msg("q", "alice", "q", Some("n1"))).await.unwrap();
-    assert!(!elsewhere.duplicate, "another room's nonce is another message");
+    assert!(
+        !elsewhere.duplicate,
+        "another room's nonce is another message"
+    );
     let plain = s.append(msg("r", "alice", "p", None)).await.unwrap();
     assert_eq!(plain.message.seq, 3, "duplicates take no seq");
 }
@@ -240,7 +256,11 @@ pub async fn history_pages_in_both_directions(s: DynStore) {
     let raw = s.messages_after(&r, 8, 10).await.unwrap();
     assert_eq!(raw.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![9, 10]);
     assert_eq!(s.messages_after(&r, 2, 1).await.unwrap()[0].seq, 3);
-    assert!(s.messages_after(&room("nowhere"), 0, 5).await.unwrap().is_empty());
+    assert!(s
+        .messages_after(&room("nowhere"), 0, 5)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(
         s.history(&r, &user("bob"), Page::Latest, 3)
             .await
