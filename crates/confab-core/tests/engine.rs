@@ -1,0 +1,193 @@
+//! The engine without a socket: sessions over channels, an in-memory store
+//! and the in-memory broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_core::broker::BrokerSink;
+use confab_core::hub::Hub;
+use confab_core::store::memory::MemoryStore;
+use confab_core::store::NewMessage;
+use confab_core::{
+    BrokerEvent, Chat, ChatConfig, ConnReceiver, DynStore, MemoryBroker, Outbound, RoomName,
+    Session, UserName,
+};
+use confab_proto::{Envelope, ErrorCode, Event, Message, OkBody, Reply, Request};
+
+async fn engine() -> (Chat, DynStore) {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let chat = Chat::new(
+        store.clone(),
+        Arc::new(MemoryBroker::new()),
+        ChatConfig::default(),
+    )
+    .await
+    .unwrap();
+    (chat, store)
+}
+
+async fn call(
+    s: &mut Session,
+    rx: &mut ConnReceiver,
+    request: Request,
+) -> Result<OkBody, ErrorCode> {
+    s.handle(Envelope { id: None, request }).await;
+    match rx.try_recv() {
+        Some(Outbound::Reply(Reply { result, .. })) => result.map_err(|e| e.code),
+        other => panic!("expected a reply, got {other:?}"),
+    }
+}
+
+fn event(rx: &mut ConnReceiver) -> Option<Event> {
+    match rx.try_recv()? {
+        Outbound::Event(shared) => Some(shared.event.clone()),
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn guest(name: &str) -> Request {
+    Request::Guest { user: name.into() }
+}
+fn join(room: &str) -> Request {
+    Request::Join { room: room.into() }
+}
+fn send(room: &str, body: &str) -> Request {
+    Request::Send {
+        room: room.into(),
+        body: body.into(),
+        nonce: None,
+    }
+}
+
+#[tokio::test]
+async fn a_message_is_replied_then_fanned_out() {
+    let (chat, _) = engine().await;
+    let (mut a, mut arx) = chat.open();
+    let (mut b, mut brx) = chat.open();
+    call(&mut a, &mut arx, guest("ann")).await.unwrap();
+    call(&mut b, &mut brx, guest("ben")).await.unwrap();
+    call(&mut a, &mut arx, join("r")).await.unwrap();
+    call(&mut b, &mut brx, join("r")).await.unwrap();
+    assert!(matches!(event(&mut arx), Some(Event::Joined { user, .. }) if user == "ben"));
+
+    let reply = call(&mut a, &mut arx, send("r", "hi")).await.unwrap();
+    assert!(matches!(reply, OkBody::Sent { seq: 1, .. }));
+    // The reply was taken first; the echo follows it.
+    assert!(matches!(event(&mut arx), Some(Event::Message(m)) if m.body == "hi"));
+    assert!(matches!(event(&mut brx), Some(Event::Message(m)) if m.seq == 1));
+    assert!(event(&mut arx).is_none() && event(&mut brx).is_none());
+}
+
+#[tokio::test]
+async fn the_command_table_checks_login_first() {
+    let (chat, _) = engine().await;
+    let (mut s, mut rx) = chat.open();
+    assert_eq!(
+        call(&mut s, &mut rx, join("r")).await,
+        Err(ErrorCode::Unauthorized)
+    );
+    assert_eq!(
+        call(&mut s, &mut rx, Request::Ping {}).await,
+        Ok(OkBody::Pong)
+    );
+    call(&mut s, &mut rx, guest("gil")).await.unwrap();
+    assert_eq!(
+        call(&mut s, &mut rx, guest("gil")).await,
+        Err(ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        call(&mut s, &mut rx, send("r", "x")).await,
+        Err(ErrorCode::NotFound)
+    );
+}
+
+#[tokio::test]
+async fn closing_a_guest_ends_its_memberships() {
+    let (chat, store) = engine().await;
+    let (mut a, mut arx) = chat.open();
+    let (mut g, mut grx) = chat.open();
+    call(&mut a, &mut arx, guest("ann")).await.unwrap();
+    call(&mut g, &mut grx, guest("gus")).await.unwrap();
+    call(&mut a, &mut arx, join("r")).await.unwrap();
+    call(&mut g, &mut grx, join("r")).await.unwrap();
+    event(&mut arx); // joined
+    g.close().await;
+    assert!(matches!(
+        event(&mut arx),
+        Some(Event::Presence { online: false, .. })
+    ));
+    assert!(matches!(event(&mut arx), Some(Event::Left { user, .. }) if user == "gus"));
+    let members = store.members(&RoomName::parse("r").unwrap()).await.unwrap();
+    assert_eq!(members.len(), 1);
+}
+
+fn message(room: &str, seq: u64) -> Message {
+    Message {
+        room: room.into(),
+        seq,
+        user: "u".into(),
+        body: format!("m{seq}"),
+        ts: 0,
+        nonce: None,
+    }
+}
+
+/// A hub with one connected user in room `r` (whose last seq is 0).
+fn hub_with_listener(store: DynStore) -> (Arc<Hub>, ConnReceiver) {
+    let hub = Hub::new(store, Duration::from_millis(50));
+    let (conn, rx) = confab_core::conn::channel(confab_core::conn::ConnId(1), 64);
+    let user = UserName::parse("u").unwrap();
+    hub.attach(&user, false, conn, &[(RoomName::parse("r").unwrap(), 0)])
+        .unwrap();
+    (hub, rx)
+}
+
+fn delivered(rx: &mut ConnReceiver) -> Vec<u64> {
+    std::iter::from_fn(|| event(rx))
+        .map(|e| match e {
+            Event::Message(m) => m.seq,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_hub_delivers_in_seq_order_whatever_the_publish_order() {
+    let (hub, mut rx) = hub_with_listener(Arc::new(MemoryStore::new()));
+    for seq in [2, 3, 1, 1, 5, 4, 2] {
+        hub.deliver(&BrokerEvent::Message(message("r", seq)));
+    }
+    assert_eq!(
+        delivered(&mut rx),
+        vec![1, 2, 3, 4, 5],
+        "ordered, duplicates dropped"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gap_no_publish_fills_is_read_from_the_store() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let room = RoomName::parse("r").unwrap();
+    let user = UserName::parse("u").unwrap();
+    store.join(&room, &user, false).await.unwrap();
+    for _ in 0..3 {
+        let m = NewMessage {
+            room: room.clone(),
+            sender: user.clone(),
+            body: "x".into(),
+            nonce: None,
+            ts: 0,
+            direct: None,
+        };
+        store.append(m).await.unwrap();
+    }
+    let (hub, mut rx) = hub_with_listener(store);
+    // Seqs 1 and 2 were committed but their publishes were lost.
+    hub.deliver(&BrokerEvent::Message(message("r", 3)));
+    assert!(delivered(&mut rx).is_empty(), "held back behind the gap");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(delivered(&mut rx), vec![1, 2, 3]);
+}
