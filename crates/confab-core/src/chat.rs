@@ -89,13 +89,4 @@ impl Chat {
     pub fn config(&self) -> &ChatConfig {
         &self.inner.config
     }
-
-    pub fn store(&self) -> &DynStore {
-        &self.inner.store
-    }
-
-    /// Connected users and rooms with connected members, on this node.
-    pub fn counts(&self) -> (usize, usize) {
-        self.inner.hub.counts()
-    }
 }

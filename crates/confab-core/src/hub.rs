@@ -153,11 +153,6 @@ impl Hub {
             .is_some_and(|u| u.rooms.contains(room))
     }
 
-    pub fn counts(&self) -> (usize, usize) {
-        let st = self.lock();
-        (st.users.len(), st.rooms.len())
-    }
-
     fn schedule_gap_fill(&self, room: RoomName) {
         let Some(hub) = self.me.upgrade() else { return };
         tokio::spawn(async move {

@@ -79,15 +79,6 @@ impl Session {
         }
     }
 
-    pub fn conn(&self) -> &Conn {
-        &self.conn
-    }
-
-    /// The logged-in user, if any.
-    pub fn user(&self) -> Option<&UserName> {
-        self.login.as_ref().map(|l| &l.user)
-    }
-
     /// Execute one request: queue its reply, then publish its effects.
     pub async fn handle(&mut self, envelope: Envelope) {
         let Envelope { id, request } = envelope;

@@ -89,11 +89,6 @@ impl SqliteStore {
         self.writer.stats()
     }
 
-    /// Wait until everything written before this call is committed.
-    pub async fn flush(&self) -> StoreResult<()> {
-        self.writer.run(|_| Ok(())).await
-    }
-
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,

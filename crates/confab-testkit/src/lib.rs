@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,10 +77,6 @@ impl TestServer {
             stop,
             task,
         }
-    }
-
-    pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("confab.db")
     }
 
     pub fn ws_url(&self) -> String {
