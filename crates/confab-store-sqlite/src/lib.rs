@@ -66,10 +66,6 @@ impl SqliteStore {
     /// migrations.
     pub async fn open(path: impl AsRef<Path>, durability: Durability) -> StoreResult<Self> {
         let path = path.as_ref().to_path_buf();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
-        }
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || open_writer(&p, durability))
             .await
@@ -130,6 +126,10 @@ impl Readers {
 }
 
 fn open_writer(path: &Path, durability: Durability) -> StoreResult<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+    }
     let mut conn = Connection::open(path).map_err(db_error)?;
     let sync = match durability {
         Durability::Full => "FULL",
