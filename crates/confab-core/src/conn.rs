@@ -24,6 +24,9 @@ pub enum Outbound {
     Reply(Reply),
     /// An event, possibly shared with many connections.
     Event(Arc<SharedEvent>),
+    /// Bytes the transport queued for its own connection (a greeting, a
+    /// `PONG`), written as they are, in order with the rest.
+    Raw(bytes::Bytes),
 }
 
 /// Why the server closes a connection.

@@ -80,7 +80,8 @@ impl Session {
     }
 
     /// Execute one request: queue its reply, then publish its effects.
-    pub async fn handle(&mut self, envelope: Envelope) {
+    /// Returns whether the request succeeded.
+    pub async fn handle(&mut self, envelope: Envelope) -> bool {
         let Envelope { id, request } = envelope;
         let kind = request.kind();
         let (result, then) = match self.execute(request).await {
@@ -95,8 +96,15 @@ impl Session {
                 (Err(ErrorBody::from(e)), Vec::new())
             }
         };
+        let succeeded = result.is_ok();
         self.reply(id, result).await;
         self.publish(then).await;
+        succeeded
+    }
+
+    /// Queue transport-specific bytes, in order with replies and events.
+    pub async fn write_raw(&self, bytes: bytes::Bytes) {
+        self.conn.send(Outbound::Raw(bytes)).await;
     }
 
     /// Answer a frame that could not be decoded.

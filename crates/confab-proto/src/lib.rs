@@ -5,8 +5,10 @@
 //! - [`types`]: the protocol's vocabulary, shared by every codec: requests,
 //!   replies with their stable error codes, events and the message object.
 //! - [`json`]: the WebSocket codec (one JSON object per text frame).
+//! - [`line`]: the terminal codec (framing, commands, formatting).
 
 pub mod json;
+pub mod line;
 pub mod types;
 
 pub use types::*;

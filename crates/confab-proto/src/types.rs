@@ -312,14 +312,16 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Json,
+    Line,
 }
 
 impl Format {
-    const COUNT: usize = 1;
+    const COUNT: usize = 2;
 
     fn index(self) -> usize {
         match self {
             Format::Json => 0,
+            Format::Line => 1,
         }
     }
 }
@@ -346,6 +348,7 @@ impl SharedEvent {
         self.encoded[format.index()]
             .get_or_init(|| match format {
                 Format::Json => crate::json::encode_event(&self.event),
+                Format::Line => crate::line::format_event(&self.event),
             })
             .clone()
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use confab_core::ChatConfig;
-use confab_store_sqlite::Durability;
+pub use confab_store_sqlite::Durability;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -13,6 +13,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Largest WebSocket frame (and message) a client may send.
     pub max_frame_bytes: usize,
+    /// Longest line the line transport accepts, in bytes.
+    pub max_line_bytes: usize,
     /// How long a graceful shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
     /// What the `shutdown` event advises clients to wait before reconnecting.
@@ -29,6 +31,8 @@ impl Default for Config {
             },
             heartbeat: Duration::from_secs(30),
             max_frame_bytes: 64 * 1024,
+            // A 4096-byte body plus `/msg NAME `, with room to spare.
+            max_line_bytes: 8 * 1024,
             shutdown_grace: Duration::from_secs(10),
             reconnect_ms: 2000,
             chat: ChatConfig::default(),
@@ -46,6 +50,13 @@ pub enum Database {
 }
 
 impl Database {
+    /// Set how durable commits are.
+    pub fn set_durability(&mut self, to: Durability) {
+        match self {
+            Database::Sqlite { durability, .. } => *durability = to,
+        }
+    }
+
     /// Parse a database URL: `sqlite://PATH` (relative) or
     /// `sqlite:///ABSOLUTE/PATH`, optionally `?synchronous=normal`.
     pub fn parse(url: &str) -> Result<Database, String> {

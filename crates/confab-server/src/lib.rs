@@ -4,11 +4,13 @@
 //!
 //! - [`config`]: settings and their defaults.
 //! - [`ws`]: the WebSocket transport (`GET /ws`).
+//! - [`line`]: the line transport (plain TCP, for `nc` and `telnet`).
 //!
-//! The caller binds: [`run`] takes a listener that is already bound (tests
+//! The caller binds: [`run`] takes listeners that are already bound (tests
 //! bind port 0) and a future that resolves when it is time to stop.
 
 pub mod config;
+pub mod line;
 pub mod ws;
 
 use std::future::Future;
@@ -22,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, Database};
+pub use config::{Config, Database, Durability};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -30,6 +32,33 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// How long the last words to a slow consumer (a close frame, a last line)
+/// may wait for room in its socket. The connection is already gone for
+/// everyone else: its session closed before this starts.
+pub(crate) const SLOW_CONSUMER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Run a socket write unless the core evicts the connection first: a write
+/// to a client that stopped reading can wait forever, and the eviction
+/// must not wait for it. `None` when evicted.
+pub(crate) async fn unless_evicted<T>(
+    evicted: &CancellationToken,
+    write: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = evicted.cancelled() => None,
+        done = write => Some(done),
+    }
+}
+
+/// The bound listeners the server serves.
+pub struct Listeners {
+    /// HTTP, with the WebSocket endpoint at `/ws`.
+    pub http: TcpListener,
+    /// The line protocol, when enabled.
+    pub line: Option<TcpListener>,
 }
 
 /// What every connection task shares.
@@ -58,9 +87,10 @@ pub async fn open_store(config: &Config) -> Result<DynStore, StoreError> {
 /// committed everything acknowledged.
 pub async fn run(
     config: Config,
-    http: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let Listeners { http, line } = listeners;
     let store = open_store(&config).await?;
     let chat = Chat::new(
         store.clone(),
@@ -80,6 +110,10 @@ pub async fn run(
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app.clone());
     tracing::info!(addr = %http.local_addr()?, "listening for HTTP and WebSocket");
+    if let Some(line) = line {
+        tracing::info!(addr = %line.local_addr()?, "listening for the line protocol");
+        app.tasks.spawn(line::serve(app.clone(), line));
+    }
 
     let stop = draining.clone();
     tokio::spawn(async move {

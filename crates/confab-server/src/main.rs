@@ -25,6 +25,12 @@ struct Serve {
     /// Address of the HTTP and WebSocket listener (WebSocket at /ws).
     #[arg(long, default_value = "127.0.0.1:8080", env = "CONFAB_HTTP")]
     http: SocketAddr,
+    /// Address of the line-protocol listener (for nc and telnet).
+    #[arg(long, default_value = "127.0.0.1:7777", env = "CONFAB_LINE")]
+    line: SocketAddr,
+    /// Do not open the line-protocol listener.
+    #[arg(long)]
+    no_line: bool,
     /// Storage: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH,
     /// optionally with ?synchronous=normal (survives a process crash, not
     /// a power cut; faster).
@@ -61,11 +67,20 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         ..Config::default()
     };
     config.chat.allow_guests = !args.no_guests;
-    let http = tokio::net::TcpListener::bind(args.http)
-        .await
-        .with_context(|| format!("binding {}", args.http))?;
-    confab_server::run(config, http, shutdown_signal()).await?;
+    let http = bind(args.http).await?;
+    let line = match args.no_line {
+        true => None,
+        false => Some(bind(args.line).await?),
+    };
+    let listeners = confab_server::Listeners { http, line };
+    confab_server::run(config, listeners, shutdown_signal()).await?;
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.

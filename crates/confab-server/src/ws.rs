@@ -21,7 +21,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::App;
+use crate::{unless_evicted, App, SLOW_CONSUMER_GRACE};
 
 /// Close codes of the contract.
 pub mod close {
@@ -144,7 +144,9 @@ async fn read_loop(
         };
         match frame {
             WsMessage::Text(text) => match json::decode_request(text.as_bytes()) {
-                Ok(envelope) => session.handle(envelope).await,
+                Ok(envelope) => {
+                    session.handle(envelope).await;
+                }
                 Err(error) => session.reject(error).await,
             },
             WsMessage::Binary(_) => {
@@ -178,19 +180,14 @@ async fn write_loop(
         tokio::time::Instant::now() + app.config.heartbeat,
         app.config.heartbeat,
     );
-    let close_requested = rx.close_signal();
-    let mut result = sink.send(text(json::encode_event(&hello))).await;
-    while result.is_ok() {
+    let evicted = rx.close_signal();
+    let mut written = unless_evicted(&evicted, sink.send(text(json::encode_event(&hello)))).await;
+    while let Some(Ok(())) = written {
         // Biased: the reader sends its ending before the session (and so
         // the queue) goes away, and the ending must win over the queue's end.
-        tokio::select! {
+        written = tokio::select! {
             biased;
-            _ = close_requested.cancelled() => {
-                let Some(CloseReason::SlowConsumer) = rx.reason() else { break };
-                tracing::info!("closing a slow consumer");
-                let _ = close_with(&mut sink, close::SLOW_CONSUMER, "slow consumer").await;
-                break;
-            }
+            _ = evicted.cancelled() => None,
             end = &mut ending => {
                 match end.unwrap_or(Ending::Gone) {
                     Ending::Gone => {}
@@ -207,11 +204,20 @@ async fn write_loop(
                 break;
             }
             item = rx.recv() => match item {
-                Some(item) => result = write_batch(&mut sink, &mut rx, item).await,
+                Some(item) => unless_evicted(&evicted, write_batch(&mut sink, &mut rx, item)).await,
                 None => break,
             },
-            _ = ping.tick() => result = sink.send(WsMessage::Ping(Bytes::new())).await,
-        }
+            _ = ping.tick() => {
+                unless_evicted(&evicted, sink.send(WsMessage::Ping(Bytes::new()))).await
+            }
+        };
+    }
+    if rx.reason() == Some(CloseReason::SlowConsumer) {
+        tracing::info!("closing a slow consumer");
+        // Let the session go first: the close frame may wait for room.
+        gone.cancel();
+        let last = close_with(&mut sink, close::SLOW_CONSUMER, "slow consumer");
+        let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
     }
     gone.cancel();
 }
@@ -261,6 +267,7 @@ fn encode(item: Outbound) -> Bytes {
     match item {
         Outbound::Reply(reply) => json::encode_reply(&reply),
         Outbound::Event(shared) => shared.encoded(Format::Json),
+        Outbound::Raw(bytes) => bytes,
     }
 }
 

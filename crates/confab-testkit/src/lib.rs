@@ -1,7 +1,7 @@
 //! Test helpers: [`TestServer`] runs a real Confab server in-process on
 //! `127.0.0.1:0` with a temporary database; [`WsClient`] is a small
 //! WebSocket client that pairs replies with requests and queues the events
-//! that arrive in between.
+//! that arrive in between; [`LineClient`] is a line-protocol client.
 //!
 //! Nothing here sleeps to wait: the server is ready when `spawn` returns
 //! (the listener is bound before `run` starts), and every read has a
@@ -30,7 +30,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running server and the directory holding its database.
 pub struct TestServer {
+    /// The HTTP and WebSocket listener.
     pub addr: SocketAddr,
+    /// The line-protocol listener.
+    pub line_addr: SocketAddr,
     pub config: Config,
     dir: Arc<tempfile::TempDir>,
     stop: CancellationToken,
@@ -58,20 +61,29 @@ impl TestServer {
     }
 
     async fn start(config: Config, dir: Arc<tempfile::TempDir>) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding port 0");
-        let addr = listener.local_addr().expect("local address");
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("binding port 0")
+        };
+        let (http, line) = (bind().await, bind().await);
+        let addr = http.local_addr().expect("local address");
+        let line_addr = line.local_addr().expect("local address");
+        let listeners = confab_server::Listeners {
+            http,
+            line: Some(line),
+        };
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
         let c = config.clone();
         let task = tokio::spawn(async move {
-            confab_server::run(c, listener, shutdown)
+            confab_server::run(c, listeners, shutdown)
                 .await
                 .expect("server ran");
         });
         TestServer {
             addr,
+            line_addr,
             config,
             dir,
             stop,
@@ -81,6 +93,11 @@ impl TestServer {
 
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// A connected line client that has read the greeting.
+    pub async fn line_client(&self) -> LineClient {
+        LineClient::connect(self.line_addr).await
     }
 
     /// A connected client that has read the `hello`.
@@ -231,6 +248,11 @@ impl WsClient {
         e
     }
 
+    /// Whether an event matching `pred` has arrived (and is still queued).
+    pub fn has_event(&self, pred: impl Fn(&Value) -> bool) -> bool {
+        self.events.iter().any(pred)
+    }
+
     /// Assert that no event is waiting, after a round trip that lets
     /// anything already queued for this client arrive.
     pub async fn assert_no_event(&mut self) {
@@ -305,4 +327,86 @@ pub fn password(user: &str) -> String {
 
 fn is_reply(frame: &Value) -> bool {
     matches!(frame["type"].as_str(), Some("ok" | "error" | "pong"))
+}
+
+/// A line-protocol client for tests.
+pub struct LineClient {
+    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    pings: u64,
+    pub greeting: String,
+}
+
+impl LineClient {
+    pub async fn connect(addr: SocketAddr) -> LineClient {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (r, w) = stream.into_split();
+        let mut client = LineClient {
+            reader: tokio::io::BufReader::new(r),
+            writer: w,
+            pings: 0,
+            greeting: String::new(),
+        };
+        client.greeting = client.line().await;
+        client
+    }
+
+    /// Send one line (a newline is added).
+    pub async fn send(&mut self, line: &str) {
+        self.write_raw(format!("{line}\n").as_bytes()).await;
+    }
+
+    /// Send bytes as they are.
+    pub async fn write_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.writer.write_all(bytes).await.expect("write");
+    }
+
+    /// The next line, without its newline; panics at the end of the stream.
+    pub async fn line(&mut self) -> String {
+        self.next_line()
+            .await
+            .expect("the server closed the connection")
+    }
+
+    async fn next_line(&mut self) -> Option<String> {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        let n = tokio::time::timeout(READ_TIMEOUT, self.reader.read_line(&mut line))
+            .await
+            .expect("timed out waiting for a line")
+            .expect("read");
+        (n > 0).then(|| line.trim_end_matches('\n').to_owned())
+    }
+
+    /// Send `line`, then return every line the server writes up to a PING
+    /// round trip: its replies, and every event already queued for us.
+    pub async fn say(&mut self, line: &str) -> Vec<String> {
+        self.send(line).await;
+        self.pending().await
+    }
+
+    /// Every line already on its way to us, proven by a PING round trip.
+    pub async fn pending(&mut self) -> Vec<String> {
+        self.pings += 1;
+        let pong = format!("PONG sync-{}", self.pings);
+        self.send(&format!("PING sync-{}", self.pings)).await;
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line == pong {
+                return lines;
+            }
+            lines.push(line);
+        }
+    }
+
+    /// Read until the server closes; returns the lines read.
+    pub async fn until_closed(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Some(line) = self.next_line().await {
+            lines.push(line);
+        }
+        lines
+    }
 }

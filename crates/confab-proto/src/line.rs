@@ -1,0 +1,646 @@
+//! The line protocol, for people at a terminal (`nc`, `telnet`): one
+//! command or message per line, UTF-8, `\n` or `\r\n`.
+//!
+//! - [`LineDecoder`]: bytes to lines, with a hard limit. A line over the
+//!   limit is reported as soon as the limit is passed and its bytes are
+//!   dropped up to the next newline, so memory never grows past the limit.
+//! - [`parse`]: a line to a [`LineCommand`].
+//! - [`format_event`], [`format_reply`]: events and replies to lines.
+//!   Information lines start with `* `, errors with `! code: `, chat lines
+//!   with `[room] `.
+//!
+//! Replies carry no request type, so the transport puts the command that
+//! caused a request in its `id` ([`context`]) and [`format_reply`] reads
+//! it back.
+
+use std::fmt::Write;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::types::{Event, Message, OkBody, Reply, RequestId};
+
+/// One decoded unit of input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineFrame {
+    /// A complete line, without its `\n` or `\r\n`.
+    Line(String),
+    /// A line passed the limit; its bytes are being discarded.
+    TooLong,
+    /// A complete line that is not UTF-8.
+    BadUtf8,
+}
+
+/// Splits a byte stream into lines of at most `max` bytes.
+#[derive(Debug)]
+pub struct LineDecoder {
+    max: usize,
+    /// Dropping the rest of an over-long line, up to its newline.
+    discarding: bool,
+}
+
+impl LineDecoder {
+    pub fn new(max: usize) -> Self {
+        LineDecoder {
+            max,
+            discarding: false,
+        }
+    }
+
+    /// How many more bytes the transport may read into `buf` now: never
+    /// more than one past the limit, so an over-long line is caught before
+    /// it is buffered.
+    pub fn room(&self, buf: &BytesMut) -> usize {
+        if self.discarding {
+            return self.max.max(1);
+        }
+        (self.max + 1).saturating_sub(buf.len()).max(1)
+    }
+
+    /// The next frame in `buf`, consuming its bytes; `None` when more input
+    /// is needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Option<LineFrame> {
+        loop {
+            let newline = buf.iter().position(|b| *b == b'\n');
+            if self.discarding {
+                match newline {
+                    Some(i) => {
+                        buf.advance(i + 1);
+                        self.discarding = false;
+                        continue;
+                    }
+                    None => {
+                        buf.clear();
+                        return None;
+                    }
+                }
+            }
+            return match newline {
+                Some(i) if i > self.max => {
+                    buf.advance(i + 1);
+                    Some(LineFrame::TooLong)
+                }
+                Some(i) => {
+                    let mut line = buf.split_to(i + 1);
+                    line.truncate(i);
+                    if line.last() == Some(&b'\r') {
+                        line.truncate(i - 1);
+                    }
+                    Some(match String::from_utf8(line.to_vec()) {
+                        Ok(s) => LineFrame::Line(s),
+                        Err(_) => LineFrame::BadUtf8,
+                    })
+                }
+                None if buf.len() > self.max => {
+                    buf.clear();
+                    self.discarding = true;
+                    Some(LineFrame::TooLong)
+                }
+                None => None,
+            };
+        }
+    }
+}
+
+/// What a line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineCommand {
+    /// `PING [token]`, answered `PONG [token]` at any time.
+    Ping(Option<String>),
+    Help,
+    Nick(String),
+    Register {
+        user: String,
+        password: String,
+    },
+    Login {
+        user: String,
+        password: String,
+    },
+    Join(String),
+    Leave(Option<String>),
+    Rooms {
+        all: bool,
+    },
+    Who(Option<String>),
+    Msg {
+        to: String,
+        text: String,
+    },
+    /// `/topic` shows the current room's topic, `/topic TEXT` sets it.
+    Topic(Option<String>),
+    History(Option<u32>),
+    Quit,
+    /// A plain line: a message to the current room. `//text` sends `/text`.
+    Say(String),
+    /// A blank line: nothing to do.
+    Nothing,
+}
+
+/// A line that is not a valid command: the text says how to use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage(pub String);
+
+/// The commands, for `/help`.
+pub const HELP: &str = "\
+* commands:
+*   /nick NAME                  chat as a guest
+*   /register NAME PASSWORD     create an account (password: 8 to 256 characters)
+*   /login NAME PASSWORD        log in
+*   /join ROOM                  join ROOM (created if new) and talk in it
+*   /leave [ROOM]               leave ROOM (default: the current room)
+*   /rooms [all]                your rooms with unread counts, or every public room
+*   /who [ROOM]                 members of ROOM and who is online
+*   /msg USER TEXT              a direct message
+*   /topic [TEXT]               show or set the current room's topic
+*   /history [N]                the last N messages of the current room (default 20)
+*   /quit                       leave
+*   PING [TOKEN]                answered PONG [TOKEN]
+* any other line is a message to the current room; start it with // to send a leading /
+";
+
+/// Parse one line.
+pub fn parse(line: &str) -> Result<LineCommand, Usage> {
+    let usage = |u: &str| Err(Usage(format!("usage: {u}")));
+    if line.trim().is_empty() {
+        return Ok(LineCommand::Nothing);
+    }
+    if let Some(rest) = line.strip_prefix("PING") {
+        if rest.is_empty() || rest.starts_with(' ') {
+            let token = rest.trim();
+            return Ok(LineCommand::Ping(
+                (!token.is_empty()).then(|| token.to_owned()),
+            ));
+        }
+    }
+    let Some(command) = line.strip_prefix('/') else {
+        return Ok(LineCommand::Say(line.to_owned()));
+    };
+    if command.starts_with('/') {
+        return Ok(LineCommand::Say(command.to_owned()));
+    }
+    let (name, rest) = command.split_once(' ').unwrap_or((command, ""));
+    let rest = rest.trim();
+    let mut words = rest.split_whitespace();
+    let arg = |n: usize| rest.split_whitespace().nth(n).map(str::to_owned);
+    let count = words.clone().count();
+    match name.to_ascii_lowercase().as_str() {
+        "help" => Ok(LineCommand::Help),
+        "nick" if count == 1 => Ok(LineCommand::Nick(rest.to_owned())),
+        "nick" => usage("/nick NAME"),
+        "register" | "login" if count == 2 => {
+            let (user, password) = (arg(0).unwrap(), arg(1).unwrap());
+            Ok(if name.eq_ignore_ascii_case("register") {
+                LineCommand::Register { user, password }
+            } else {
+                LineCommand::Login { user, password }
+            })
+        }
+        "register" => usage("/register NAME PASSWORD"),
+        "login" => usage("/login NAME PASSWORD"),
+        "join" if count == 1 => Ok(LineCommand::Join(rest.to_owned())),
+        "join" => usage("/join ROOM"),
+        "leave" | "part" if count <= 1 => Ok(LineCommand::Leave(words.next().map(str::to_owned))),
+        "leave" | "part" => usage("/leave [ROOM]"),
+        "rooms" | "list" if rest.is_empty() => Ok(LineCommand::Rooms { all: false }),
+        "rooms" | "list" if rest == "all" => Ok(LineCommand::Rooms { all: true }),
+        "rooms" | "list" => usage("/rooms [all]"),
+        "who" | "names" if count <= 1 => Ok(LineCommand::Who(words.next().map(str::to_owned))),
+        "who" | "names" => usage("/who [ROOM]"),
+        "msg" | "dm" if count >= 2 => {
+            let (to, text) = rest.split_once(' ').expect("two words");
+            Ok(LineCommand::Msg {
+                to: to.to_owned(),
+                text: text.trim_start().to_owned(),
+            })
+        }
+        "msg" | "dm" => usage("/msg USER TEXT"),
+        "topic" => Ok(LineCommand::Topic(
+            (!rest.is_empty()).then(|| rest.to_owned()),
+        )),
+        "history" if rest.is_empty() => Ok(LineCommand::History(None)),
+        "history" => match rest.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(LineCommand::History(Some(n))),
+            _ => usage("/history [N], N a positive number"),
+        },
+        "quit" | "exit" => Ok(LineCommand::Quit),
+        _ => Err(Usage(format!("unknown command /{name}; /help lists them"))),
+    }
+}
+
+/// Request ids the line transport uses, so that [`format_reply`] knows what
+/// a reply answers.
+pub mod context {
+    pub const AUTH: &str = "auth";
+    pub const JOIN: &str = "join";
+    pub const LEAVE: &str = "leave";
+    pub const ROOMS: &str = "rooms";
+    pub const WHO: &str = "who";
+    pub const SAY: &str = "say";
+    pub const TOPIC_SET: &str = "topic";
+    /// A `rooms` listing asked for to show one room's topic: `topic?ROOM`.
+    pub const TOPIC_SHOW: &str = "topic?";
+    pub const HISTORY: &str = "history";
+}
+
+/// A chat line for a message: `[room] user: body`, or `[dm] user: body` in
+/// a direct conversation. Each line of a multi-line body gets the prefix.
+pub fn format_message(m: &Message, out: &mut String) {
+    let room = if m.room.starts_with("dm:") {
+        "dm"
+    } else {
+        &m.room
+    };
+    for part in m.body.split('\n') {
+        let _ = writeln!(out, "[{room}] {}: {part}", m.user);
+    }
+}
+
+/// An event as lines; empty for events a terminal does not show (typing,
+/// read markers: they would only be noise).
+pub fn format_event(event: &Event) -> Bytes {
+    let mut out = String::new();
+    match event {
+        Event::Hello { .. } | Event::Typing { .. } | Event::Read { .. } => {}
+        Event::Message(m) => format_message(m, &mut out),
+        Event::Joined { room, user } => {
+            let _ = writeln!(out, "* {user} joined #{room}");
+        }
+        Event::Left { room, user } => {
+            let _ = writeln!(out, "* {user} left #{room}");
+        }
+        Event::Topic { room, topic, user } => {
+            let _ = writeln!(out, "* {user} set the topic of #{room}: {topic}");
+        }
+        Event::Presence { user, online } => {
+            let state = if *online { "online" } else { "offline" };
+            let _ = writeln!(out, "* {user} is {state}");
+        }
+        Event::Shutdown {
+            reason,
+            reconnect_ms,
+        } => {
+            let _ = writeln!(
+                out,
+                "* {reason}; try again in {} s",
+                reconnect_ms.div_ceil(1000)
+            );
+        }
+    }
+    Bytes::from(out)
+}
+
+/// A reply as lines. Errors are `! code: message`; what an `ok` shows
+/// depends on the request, named by the reply's id (see [`context`]).
+pub fn format_reply(reply: &Reply) -> Bytes {
+    let mut out = String::new();
+    let ctx = match &reply.id {
+        Some(RequestId::Str(s)) => s.as_str(),
+        _ => "",
+    };
+    match &reply.result {
+        Err(e) => {
+            let _ = write!(out, "! {}: {}", e.code.as_str(), e.message);
+            if let Some(ms) = e.retry_after_ms {
+                let _ = write!(out, " (retry in {ms} ms)");
+            }
+            out.push('\n');
+        }
+        Ok(body) => format_ok(ctx, body, &mut out),
+    }
+    Bytes::from(out)
+}
+
+fn format_ok(ctx: &str, body: &OkBody, out: &mut String) {
+    match body {
+        OkBody::Auth { user, .. } => {
+            let _ = writeln!(out, "* you are {user}; /join ROOM to talk, /help for more");
+        }
+        OkBody::Joined {
+            room,
+            topic,
+            members,
+            ..
+        } => {
+            let _ = writeln!(out, "* now talking in #{room}");
+            if !topic.is_empty() {
+                let _ = writeln!(out, "* topic: {topic}");
+            }
+            let _ = writeln!(out, "* members: {}", member_list(members));
+        }
+        OkBody::Members { members } => {
+            let room = ctx.strip_prefix(context::WHO).unwrap_or("").trim();
+            let _ = writeln!(out, "* in #{room}: {}", member_list(members));
+        }
+        OkBody::Rooms { rooms } => {
+            if let Some(room) = ctx.strip_prefix(context::TOPIC_SHOW) {
+                let topic = rooms
+                    .iter()
+                    .find(|r| r.room == room)
+                    .map(|r| r.topic.as_str());
+                let _ = match topic {
+                    Some("") | None => writeln!(out, "* #{room} has no topic"),
+                    Some(t) => writeln!(out, "* topic of #{room}: {t}"),
+                };
+                return;
+            }
+            if rooms.is_empty() {
+                let _ = writeln!(out, "* no rooms yet: /join ROOM creates one");
+            }
+            for r in rooms {
+                let name = r
+                    .room
+                    .strip_prefix("dm:")
+                    .map_or(format!("#{}", r.room), |pair| {
+                        format!("dm with {}", pair.replace(':', " and "))
+                    });
+                let _ = write!(out, "* {name}: {} members", r.member_count);
+                if r.unread > 0 {
+                    let _ = write!(out, ", {} unread", r.unread);
+                }
+                if !r.topic.is_empty() {
+                    let _ = write!(out, " - {}", r.topic);
+                }
+                out.push('\n');
+            }
+        }
+        OkBody::History { messages, more, .. } => {
+            for m in messages {
+                format_message(m, out);
+            }
+            if messages.is_empty() {
+                out.push_str("* no messages yet\n");
+            } else if *more {
+                out.push_str("* older messages exist: /history N for more\n");
+            }
+        }
+        OkBody::Done {} if ctx.starts_with(context::LEAVE) => {
+            let room = ctx[context::LEAVE.len()..].trim();
+            let _ = writeln!(out, "* you left #{room}");
+        }
+        // The event that follows shows these (the echo, the topic).
+        OkBody::Done {} | OkBody::Sent { .. } | OkBody::Pong | OkBody::Sync { .. } => {}
+    }
+}
+
+fn member_list(members: &[crate::types::Member]) -> String {
+    members
+        .iter()
+        .map(|m| {
+            if m.online {
+                format!("{} (online)", m.user)
+            } else {
+                m.user.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{ErrorBody, ErrorCode, Member, RoomEntry};
+
+    fn decode_all(d: &mut LineDecoder, buf: &mut BytesMut) -> Vec<LineFrame> {
+        std::iter::from_fn(|| d.decode(buf)).collect()
+    }
+
+    #[test]
+    fn splits_lines_however_the_bytes_arrive() {
+        let mut d = LineDecoder::new(64);
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        for b in b"/join a\r\nhello\nsec".iter() {
+            buf.extend_from_slice(&[*b]);
+            frames.extend(decode_all(&mut d, &mut buf));
+        }
+        assert_eq!(
+            frames,
+            vec![
+                LineFrame::Line("/join a".into()),
+                LineFrame::Line("hello".into())
+            ]
+        );
+        buf.extend_from_slice(b"ond\n\nthird\n");
+        assert_eq!(
+            decode_all(&mut d, &mut buf),
+            vec![
+                LineFrame::Line("second".into()),
+                LineFrame::Line(String::new()),
+                LineFrame::Line("third".into())
+            ]
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn over_long_lines_are_reported_once_and_dropped() {
+        let mut d = LineDecoder::new(8);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(b"123456789");
+        assert_eq!(decode_all(&mut d, &mut buf), vec![LineFrame::TooLong]);
+        assert!(buf.is_empty(), "nothing of it is kept");
+        for _ in 0..100 {
+            assert!(d.room(&buf) <= 8);
+            buf.extend_from_slice(b"xxxxxxxx");
+            assert_eq!(decode_all(&mut d, &mut buf), vec![]);
+            assert!(buf.is_empty());
+        }
+        buf.extend_from_slice(b"tail\nok\n");
+        assert_eq!(
+            decode_all(&mut d, &mut buf),
+            vec![LineFrame::Line("ok".into())]
+        );
+        // A long line that arrives whole, with its newline.
+        buf.extend_from_slice(b"0123456789\nfine\n");
+        assert_eq!(
+            decode_all(&mut d, &mut buf),
+            vec![LineFrame::TooLong, LineFrame::Line("fine".into())]
+        );
+        // Exactly the limit is fine.
+        buf.extend_from_slice(b"12345678\n");
+        assert_eq!(
+            decode_all(&mut d, &mut buf),
+            vec![LineFrame::Line("12345678".into())]
+        );
+        assert_eq!(d.room(&buf), 9);
+    }
+
+    #[test]
+    fn invalid_utf8_is_its_own_frame() {
+        let mut d = LineDecoder::new(64);
+        let mut buf = BytesMut::from(&b"ok\n\xff\xfe\nnext\n"[..]);
+        assert_eq!(
+            decode_all(&mut d, &mut buf),
+            vec![
+                LineFrame::Line("ok".into()),
+                LineFrame::BadUtf8,
+                LineFrame::Line("next".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_commands() {
+        use LineCommand::*;
+        let cases = [
+            ("PING", Ping(None)),
+            ("PING abc", Ping(Some("abc".into()))),
+            ("/help", Help),
+            ("/nick Al", Nick("Al".into())),
+            (
+                "/register al secret12",
+                Register {
+                    user: "al".into(),
+                    password: "secret12".into(),
+                },
+            ),
+            (
+                "/LOGIN al secret12",
+                Login {
+                    user: "al".into(),
+                    password: "secret12".into(),
+                },
+            ),
+            ("/join general", Join("general".into())),
+            ("/leave", Leave(None)),
+            ("/leave x", Leave(Some("x".into()))),
+            ("/rooms", Rooms { all: false }),
+            ("/rooms all", Rooms { all: true }),
+            ("/who", Who(None)),
+            ("/who r", Who(Some("r".into()))),
+            (
+                "/msg bob hi there  you",
+                Msg {
+                    to: "bob".into(),
+                    text: "hi there  you".into(),
+                },
+            ),
+            ("/topic", Topic(None)),
+            ("/topic Rust and tea", Topic(Some("Rust and tea".into()))),
+            ("/history", History(None)),
+            ("/history 5", History(Some(5))),
+            ("/quit", Quit),
+            ("/quit see you", Quit),
+            ("hello /world", Say("hello /world".into())),
+            ("//join is a command", Say("/join is a command".into())),
+            ("PINGU", Say("PINGU".into())),
+            ("   ", Nothing),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(parse(line), Ok(expected), "{line}");
+        }
+        for bad in [
+            "/join",
+            "/join a b",
+            "/nick",
+            "/msg bob",
+            "/history x",
+            "/history 0",
+            "/rooms some",
+            "/frobnicate",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse("/frob").unwrap_err().0,
+            "unknown command /frob; /help lists them"
+        );
+    }
+
+    fn msg(room: &str, body: &str) -> Message {
+        Message {
+            room: room.into(),
+            seq: 1,
+            user: "alice".into(),
+            body: body.into(),
+            ts: 0,
+            nonce: None,
+        }
+    }
+
+    fn text(b: Bytes) -> String {
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn formats_events() {
+        assert_eq!(
+            text(format_event(&Event::Message(msg("general", "hello")))),
+            "[general] alice: hello\n"
+        );
+        assert_eq!(
+            text(format_event(&Event::Message(msg("dm:alice:bob", "hi")))),
+            "[dm] alice: hi\n"
+        );
+        assert_eq!(
+            text(format_event(&Event::Message(msg("r", "one\ntwo")))),
+            "[r] alice: one\n[r] alice: two\n"
+        );
+        let joined = Event::Joined {
+            room: "r".into(),
+            user: "bob".into(),
+        };
+        assert_eq!(text(format_event(&joined)), "* bob joined #r\n");
+        let presence = Event::Presence {
+            user: "bob".into(),
+            online: false,
+        };
+        assert_eq!(text(format_event(&presence)), "* bob is offline\n");
+        let typing = Event::Typing {
+            room: "r".into(),
+            user: "bob".into(),
+        };
+        assert!(format_event(&typing).is_empty());
+    }
+
+    #[test]
+    fn formats_replies() {
+        let err = Reply {
+            id: Some(RequestId::Str(context::SAY.into())),
+            result: Err(ErrorBody::new(ErrorCode::RateLimited, "slow down")),
+        };
+        assert_eq!(text(format_reply(&err)), "! rate_limited: slow down\n");
+        let who = Reply {
+            id: Some(RequestId::Str(format!("{} r", context::WHO))),
+            result: Ok(OkBody::Members {
+                members: vec![
+                    Member {
+                        user: "a".into(),
+                        online: true,
+                    },
+                    Member {
+                        user: "b".into(),
+                        online: false,
+                    },
+                ],
+            }),
+        };
+        assert_eq!(text(format_reply(&who)), "* in #r: a (online), b\n");
+        let rooms = Reply {
+            id: Some(RequestId::Str(context::ROOMS.into())),
+            result: Ok(OkBody::Rooms {
+                rooms: vec![RoomEntry {
+                    room: "dm:alice:bob".into(),
+                    topic: String::new(),
+                    member_count: 2,
+                    last_seq: 3,
+                    unread: 1,
+                }],
+            }),
+        };
+        assert_eq!(
+            text(format_reply(&rooms)),
+            "* dm with alice and bob: 2 members, 1 unread\n"
+        );
+        let sent = Reply {
+            id: Some(RequestId::Str(context::SAY.into())),
+            result: Ok(OkBody::Sent {
+                room: "r".into(),
+                seq: 1,
+                ts: 0,
+            }),
+        };
+        assert!(format_reply(&sent).is_empty(), "the echo shows it");
+    }
+}

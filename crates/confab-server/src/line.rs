@@ -1,0 +1,342 @@
+//! The line transport: plain TCP for `nc` and `telnet`.
+//!
+//! Shaped like the WebSocket transport: the reader (the connection's task)
+//! frames lines with a bounded [`LineDecoder`], turns each into a
+//! [`Request`] for the [`Session`] and keeps the one piece of state a
+//! terminal needs, the current room; the writer drains the connection's
+//! queue, formatting replies and events as lines (an event once for every
+//! line client, through [`SharedEvent`](confab_proto::SharedEvent)).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use confab_core::{ChatError, CloseReason, ConnReceiver, Outbound, Session};
+use confab_proto::line::{self, context, LineCommand, LineDecoder, LineFrame, Usage};
+use confab_proto::{Envelope, Event, Format, Request, RequestId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::{unless_evicted, App, SLOW_CONSUMER_GRACE};
+
+/// Largest single read from a socket.
+const READ_CHUNK: usize = 4096;
+/// Messages `/history` shows when not told how many.
+const DEFAULT_HISTORY: u32 = 20;
+/// How long accepting waits after an error (out of descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+enum Ending {
+    Shutdown,
+    Quit,
+    Gone,
+}
+
+/// Accept line connections until the server drains.
+pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
+    loop {
+        tokio::select! {
+            _ = app.draining.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    app.tasks.spawn(connection(app.clone(), stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a line connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+}
+
+async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (session, rx) = app.chat.open();
+    let span = tracing::debug_span!("line", conn = rx.id.0, %peer);
+    let _enter = span.enter();
+    tracing::debug!("connected");
+    let (reader, writer) = stream.into_split();
+    let (ending_tx, ending_rx) = oneshot::channel();
+    let writer_gone = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        app.clone(),
+        writer,
+        rx,
+        ending_rx,
+        writer_gone.clone(),
+    ));
+    let (session, ending) = read_loop(&app, session, reader, &writer_gone).await;
+    let _ = ending_tx.send(ending);
+    session.close().await;
+    let _ = writer.await;
+    tracing::debug!("disconnected");
+}
+
+async fn read_loop(
+    app: &App,
+    session: Session,
+    mut reader: OwnedReadHalf,
+    writer_gone: &CancellationToken,
+) -> (Session, Ending) {
+    let mut terminal = Terminal {
+        session,
+        current: None,
+        max_line: app.config.max_line_bytes,
+    };
+    let mut decoder = LineDecoder::new(app.config.max_line_bytes);
+    let mut buf = BytesMut::new();
+    loop {
+        while let Some(frame) = decoder.decode(&mut buf) {
+            if let Some(ending) = terminal.frame(frame).await {
+                return (terminal.session, ending);
+            }
+        }
+        let room = decoder.room(&buf).min(READ_CHUNK);
+        let mut limited = (&mut reader).take(room as u64);
+        // Biased: input that already arrived is served before a drain.
+        let read = tokio::select! {
+            biased;
+            read = limited.read_buf(&mut buf) => read,
+            _ = app.draining.cancelled() => return (terminal.session, Ending::Shutdown),
+            _ = writer_gone.cancelled() => return (terminal.session, Ending::Gone),
+        };
+        match read {
+            Ok(0) | Err(_) => return (terminal.session, Ending::Gone),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A session seen from a terminal: the current room, and commands turned
+/// into requests.
+struct Terminal {
+    session: Session,
+    current: Option<String>,
+    max_line: usize,
+}
+
+impl Terminal {
+    async fn frame(&mut self, frame: LineFrame) -> Option<Ending> {
+        match frame {
+            LineFrame::Line(text) => return self.line(&text).await,
+            LineFrame::TooLong => {
+                let e = ChatError::too_large(format!(
+                    "a line has at most {} bytes; this one was discarded",
+                    self.max_line
+                ));
+                self.session.refuse(None, e).await;
+            }
+            LineFrame::BadUtf8 => {
+                let e = ChatError::bad_request("the line is not valid UTF-8; it was discarded");
+                self.session.refuse(None, e).await;
+            }
+        }
+        None
+    }
+
+    async fn line(&mut self, text: &str) -> Option<Ending> {
+        let command = match line::parse(text) {
+            Ok(command) => command,
+            Err(Usage(usage)) => {
+                self.session
+                    .refuse(None, ChatError::bad_request(usage))
+                    .await;
+                return None;
+            }
+        };
+        match command {
+            LineCommand::Nothing => {}
+            LineCommand::Quit => return Some(Ending::Quit),
+            LineCommand::Ping(token) => {
+                let pong = match token {
+                    Some(t) => format!("PONG {t}\n"),
+                    None => "PONG\n".to_owned(),
+                };
+                self.session.write_raw(Bytes::from(pong)).await;
+            }
+            LineCommand::Help => {
+                self.session
+                    .write_raw(Bytes::from_static(line::HELP.as_bytes()))
+                    .await
+            }
+            LineCommand::Nick(user) => {
+                self.request(context::AUTH, Request::Guest { user }).await;
+            }
+            LineCommand::Register { user, password } => {
+                self.request(context::AUTH, Request::Register { user, password })
+                    .await;
+            }
+            LineCommand::Login { user, password } => {
+                self.request(context::AUTH, Request::Login { user, password })
+                    .await;
+            }
+            LineCommand::Join(room) => {
+                let room = room.to_ascii_lowercase();
+                if self
+                    .request(context::JOIN, Request::Join { room: room.clone() })
+                    .await
+                {
+                    self.current = Some(room);
+                }
+            }
+            LineCommand::Leave(room) => {
+                let room = self.room_or_current(room).await?;
+                let ctx = format!("{} {room}", context::LEAVE);
+                if self
+                    .request(&ctx, Request::Leave { room: room.clone() })
+                    .await
+                    && self.current.as_deref() == Some(&room)
+                {
+                    self.current = None;
+                }
+            }
+            LineCommand::Rooms { all } => {
+                self.request(context::ROOMS, Request::Rooms { all }).await;
+            }
+            LineCommand::Who(room) => {
+                if let Some(room) = self.room_or_current(room).await {
+                    let ctx = format!("{} {room}", context::WHO);
+                    self.request(&ctx, Request::Members { room }).await;
+                }
+            }
+            LineCommand::Msg { to, text } => {
+                let dm = Request::Dm {
+                    to,
+                    body: text,
+                    nonce: None,
+                };
+                self.request(context::SAY, dm).await;
+            }
+            LineCommand::Topic(topic) => {
+                let room = self.room_or_current(None).await?;
+                match topic {
+                    Some(topic) => {
+                        self.request(context::TOPIC_SET, Request::Topic { room, topic })
+                            .await;
+                    }
+                    None => {
+                        let ctx = format!("{}{room}", context::TOPIC_SHOW);
+                        self.request(&ctx, Request::Rooms { all: false }).await;
+                    }
+                }
+            }
+            LineCommand::History(n) => {
+                if let Some(room) = self.room_or_current(None).await {
+                    let history = Request::History {
+                        room,
+                        before: None,
+                        after: None,
+                        limit: Some(n.unwrap_or(DEFAULT_HISTORY)),
+                    };
+                    self.request(context::HISTORY, history).await;
+                }
+            }
+            LineCommand::Say(body) => {
+                if let Some(room) = self.room_or_current(None).await {
+                    let send = Request::Send {
+                        room,
+                        body,
+                        nonce: None,
+                    };
+                    self.request(context::SAY, send).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// The room named, or the current one; without either, says so.
+    async fn room_or_current(&mut self, room: Option<String>) -> Option<String> {
+        match room.or_else(|| self.current.clone()) {
+            Some(room) => Some(room.to_ascii_lowercase()),
+            None => {
+                let e = ChatError::bad_request("you are not in a room: /join ROOM first");
+                self.session.refuse(None, e).await;
+                None
+            }
+        }
+    }
+
+    async fn request(&mut self, ctx: &str, request: Request) -> bool {
+        let envelope = Envelope {
+            id: Some(RequestId::Str(ctx.to_owned())),
+            request,
+        };
+        self.session.handle(envelope).await
+    }
+}
+
+async fn write_loop(
+    app: Arc<App>,
+    mut out: OwnedWriteHalf,
+    mut rx: ConnReceiver,
+    mut ending: oneshot::Receiver<Ending>,
+    gone: CancellationToken,
+) {
+    let greeting = format!(
+        "* welcome to {} {}: /nick NAME to chat as a guest, /register NAME PASSWORD, /login NAME PASSWORD; /help for more\n",
+        confab_proto::SERVER_NAME,
+        confab_proto::VERSION
+    );
+    let evicted = rx.close_signal();
+    let mut written = unless_evicted(&evicted, out.write_all(greeting.as_bytes())).await;
+    while let Some(Ok(())) = written {
+        written = tokio::select! {
+            biased;
+            _ = evicted.cancelled() => None,
+            end = &mut ending => {
+                let last: Option<Bytes> = match end.unwrap_or(Ending::Gone) {
+                    Ending::Gone => None,
+                    Ending::Quit => Some(Bytes::from_static(b"* bye\n")),
+                    Ending::Shutdown => Some(line::format_event(&Event::Shutdown {
+                        reason: "the server is shutting down".into(),
+                        reconnect_ms: app.config.reconnect_ms,
+                    })),
+                };
+                if let Some(last) = last {
+                    let mut batch = Vec::new();
+                    while let Some(item) = rx.try_recv() {
+                        batch.extend_from_slice(&encode(item));
+                    }
+                    batch.extend_from_slice(&last);
+                    let _ = out.write_all(&batch).await;
+                    let _ = out.shutdown().await;
+                }
+                break;
+            }
+            item = rx.recv() => match item {
+                Some(item) => {
+                    // Everything queued now, in one write.
+                    let mut batch = encode(item).to_vec();
+                    while let Some(item) = rx.try_recv() {
+                        batch.extend_from_slice(&encode(item));
+                    }
+                    unless_evicted(&evicted, out.write_all(&batch)).await
+                }
+                None => break,
+            },
+        };
+    }
+    if rx.reason() == Some(CloseReason::SlowConsumer) {
+        tracing::info!("closing a slow consumer");
+        // Let the session go first: the last line may wait for room.
+        gone.cancel();
+        // A write cut short may have left half a line: start afresh.
+        let words = b"\n! slow_consumer: you are not reading fast enough; disconnecting\n";
+        let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words)).await;
+    }
+    gone.cancel();
+}
+
+fn encode(item: Outbound) -> Bytes {
+    match item {
+        Outbound::Reply(reply) => line::format_reply(&reply),
+        Outbound::Event(shared) => shared.encoded(Format::Line),
+        Outbound::Raw(bytes) => bytes,
+    }
+}

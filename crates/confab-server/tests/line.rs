@@ -1,0 +1,313 @@
+//! The line protocol over raw TCP, and its users meeting WebSocket users.
+
+use confab_testkit::confab_server::Durability;
+use confab_testkit::serde_json::json;
+use confab_testkit::{password, LineClient, TestServer};
+
+/// A line client logged in as guest `name`, in room `room`.
+async fn guest_in(server: &TestServer, name: &str, room: &str) -> LineClient {
+    let mut c = server.line_client().await;
+    c.say(&format!("/nick {name}")).await;
+    c.say(&format!("/join {room}")).await;
+    c
+}
+
+#[tokio::test]
+async fn greeting_ping_help_and_errors_before_login() {
+    let server = TestServer::spawn().await;
+    let mut c = server.line_client().await;
+    assert!(
+        c.greeting.starts_with("* welcome to confab 0.1.0"),
+        "{}",
+        c.greeting
+    );
+    c.send("PING").await;
+    assert_eq!(c.line().await, "PONG");
+    c.send("PING 12345").await;
+    assert_eq!(c.line().await, "PONG 12345");
+    let help = c.say("/help").await;
+    assert!(
+        help.len() > 10 && help.iter().all(|l| l.starts_with("* ")),
+        "{help:?}"
+    );
+    assert!(help.iter().any(|l| l.contains("/msg USER TEXT")));
+    assert_eq!(
+        c.say("/join general").await,
+        ["! unauthorized: log in first: register, login, guest or resume"]
+    );
+    assert_eq!(
+        c.say("/frobnicate").await,
+        ["! bad_request: unknown command /frobnicate; /help lists them"]
+    );
+    assert_eq!(c.say("/join").await, ["! bad_request: usage: /join ROOM"]);
+    assert_eq!(
+        c.say("").await,
+        Vec::<String>::new(),
+        "a blank line is nothing"
+    );
+}
+
+#[tokio::test]
+async fn every_command() {
+    let server = TestServer::spawn().await;
+    let mut c = server.line_client().await;
+    assert_eq!(
+        c.say("/register Lena secret-pw").await,
+        ["* you are Lena; /join ROOM to talk, /help for more"]
+    );
+    assert_eq!(
+        c.say("hello?").await,
+        ["! bad_request: you are not in a room: /join ROOM first"]
+    );
+    assert_eq!(
+        c.say("/join General").await,
+        ["* now talking in #general", "* members: Lena (online)"]
+    );
+    assert_eq!(c.say("hello, room").await, ["[general] Lena: hello, room"]);
+    assert_eq!(
+        c.say("//slash at the start").await,
+        ["[general] Lena: /slash at the start"]
+    );
+    assert_eq!(c.say("/topic").await, ["* #general has no topic"]);
+    assert_eq!(
+        c.say("/topic Rust and tea").await,
+        ["* Lena set the topic of #general: Rust and tea"]
+    );
+    assert_eq!(c.say("/topic").await, ["* topic of #general: Rust and tea"]);
+    assert_eq!(c.say("/who").await, ["* in #general: Lena (online)"]);
+    assert_eq!(
+        c.say("/rooms").await,
+        ["* #general: 1 members, 2 unread - Rust and tea"]
+    );
+    assert_eq!(
+        c.say("/history").await,
+        [
+            "[general] Lena: hello, room",
+            "[general] Lena: /slash at the start"
+        ]
+    );
+    assert_eq!(
+        c.say("/history 1").await,
+        [
+            "[general] Lena: /slash at the start",
+            "* older messages exist: /history N for more"
+        ]
+    );
+    c.say("/join side").await;
+    assert_eq!(
+        c.say("in side").await,
+        ["[side] Lena: in side"],
+        "/join switches rooms"
+    );
+    assert_eq!(
+        c.say("/who general").await,
+        ["* in #general: Lena (online)"]
+    );
+    assert_eq!(
+        c.say("/rooms all").await,
+        [
+            "* #general: 1 members, 2 unread - Rust and tea",
+            "* #side: 1 members, 1 unread"
+        ]
+    );
+    assert_eq!(c.say("/leave general").await, ["* you left #general"]);
+    assert_eq!(c.say("still in side").await, ["[side] Lena: still in side"]);
+    assert_eq!(c.say("/leave").await, ["* you left #side"]);
+    assert_eq!(
+        c.say("nowhere").await,
+        ["! bad_request: you are not in a room: /join ROOM first"]
+    );
+    assert_eq!(
+        c.say("/msg nobody hi").await,
+        ["! not_found: no user named nobody"]
+    );
+    assert_eq!(
+        c.say("/history 0").await,
+        ["! bad_request: usage: /history [N], N a positive number"]
+    );
+    c.send("/quit bye all").await;
+    assert_eq!(c.until_closed().await, ["* bye"]);
+
+    // The account works from another line connection.
+    let mut again = server.line_client().await;
+    assert_eq!(
+        again.say("/login lena wrong-password").await,
+        ["! unauthorized: unknown user or wrong password"]
+    );
+    assert_eq!(
+        again.say("/login lena secret-pw").await,
+        ["* you are Lena; /join ROOM to talk, /help for more"]
+    );
+    assert_eq!(again.say("/nick other").await.len(), 1, "already logged in");
+}
+
+#[tokio::test]
+async fn framing_survives_what_tcp_does() {
+    let server = TestServer::spawn().await;
+    let mut c = guest_in(&server, "bytes", "r").await;
+    // One byte at a time.
+    for b in b"one byte at a time\r\n" {
+        c.write_raw(&[*b]).await;
+    }
+    assert_eq!(c.line().await, "[r] bytes: one byte at a time");
+    // Many lines in one write.
+    c.write_raw(b"first\nsecond\r\nthird\n").await;
+    assert_eq!(
+        c.pending().await,
+        ["[r] bytes: first", "[r] bytes: second", "[r] bytes: third"]
+    );
+    // Invalid UTF-8.
+    c.write_raw(b"bad \xff\xfe bytes\n").await;
+    assert_eq!(
+        c.pending().await,
+        ["! bad_request: the line is not valid UTF-8; it was discarded"]
+    );
+    // A megabyte without a newline: refused as soon as it passes the limit,
+    // discarded up to its end, and the connection goes on.
+    let mega = vec![b'x'; 1024 * 1024];
+    for chunk in mega.chunks(64 * 1024) {
+        c.write_raw(chunk).await;
+    }
+    c.write_raw(b"\nafter the flood\n").await;
+    assert_eq!(
+        c.pending().await,
+        [
+            "! too_large: a line has at most 8192 bytes; this one was discarded",
+            "[r] bytes: after the flood"
+        ]
+    );
+    // A body over the message limit but under the line limit.
+    let long = "y".repeat(5000);
+    assert_eq!(
+        c.say(&long).await,
+        ["! too_large: the body has 5000 bytes; at most 4096 are allowed"]
+    );
+}
+
+#[tokio::test]
+async fn line_and_websocket_users_talk() {
+    let server = TestServer::spawn().await;
+    let mut web = server.client().await;
+    web.register("webby").await;
+    web.join("mixed").await;
+
+    let mut term = server.line_client().await;
+    term.say("/register termy secret-pw").await;
+    assert_eq!(
+        term.say("/join mixed").await,
+        [
+            "* now talking in #mixed",
+            "* members: termy (online), webby (online)"
+        ]
+    );
+    assert_eq!(web.event_of("joined").await["user"], "termy");
+
+    // Line to WebSocket.
+    term.say("hello from a terminal").await;
+    let m = web.event_of("message").await;
+    assert_eq!(
+        (m["user"].as_str(), m["body"].as_str()),
+        (Some("termy"), Some("hello from a terminal"))
+    );
+    // WebSocket to line.
+    web.send("mixed", "hello from a browser").await;
+    assert_eq!(
+        web.event_of("message").await["body"],
+        "hello from a browser"
+    );
+    assert_eq!(
+        term.pending().await,
+        ["[mixed] webby: hello from a browser"]
+    );
+    // Direct messages, both ways.
+    term.say("/msg webby just you and me").await;
+    let dm = web.event_of("message").await;
+    assert_eq!(dm["room"], "dm:termy:webby");
+    assert_eq!(dm["body"], "just you and me");
+    web.ok(json!({"type":"dm","to":"termy","body":"got it"}))
+        .await;
+    assert_eq!(term.pending().await, ["[dm] webby: got it"]);
+    // Topics, typing (not shown), presence, leaves.
+    web.ok(json!({"type":"topic","room":"mixed","topic":"mixed company"}))
+        .await;
+    web.ok(json!({"type":"typing","room":"mixed"})).await;
+    assert_eq!(
+        term.pending().await,
+        ["* webby set the topic of #mixed: mixed company"]
+    );
+    web.ok(json!({"type":"leave","room":"mixed"})).await;
+    assert_eq!(term.pending().await, ["* webby left #mixed"]);
+    web.join("mixed").await;
+    assert_eq!(term.pending().await, ["* webby joined #mixed"]);
+    drop(web);
+    assert_eq!(term.line().await, "* webby is offline");
+    let mut web = server.client().await;
+    web.login("webby").await;
+    assert_eq!(term.pending().await, ["* webby is online"]);
+
+    // The terminal user's account works over WebSocket, with its history.
+    let mut term_on_web = server.client().await;
+    let r = term_on_web
+        .ok(json!({"type":"login","user":"TERMY","password":"secret-pw"}))
+        .await;
+    assert_eq!(r["user"], "termy");
+    let h = term_on_web
+        .ok(json!({"type":"history","room":"mixed"}))
+        .await;
+    assert_eq!(h["messages"][0]["body"], "hello from a terminal");
+    // And a web account works on the line.
+    let mut web_on_line = server.line_client().await;
+    let pw = password("webby");
+    assert_eq!(
+        web_on_line.say(&format!("/login webby {pw}")).await,
+        ["* you are webby; /join ROOM to talk, /help for more"]
+    );
+}
+
+#[tokio::test]
+async fn a_slow_line_reader_is_cut_off_with_a_last_line() {
+    let server = TestServer::with_config(|c| {
+        c.chat.outbound_queue = 8;
+        // Many messages: commits that survive a process crash are enough.
+        c.database.set_durability(Durability::Normal);
+    })
+    .await;
+    let mut slow = guest_in(&server, "slow", "firehose").await;
+    let mut fast = server.client().await;
+    fast.guest("fast").await;
+    fast.join("firehose").await;
+    let mut sender = server.client().await;
+    sender.guest("sender").await;
+    sender.join("firehose").await;
+
+    // The fast member reads as the messages come, up to an END marker.
+    let fast_reader = tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            let e = fast.event().await;
+            if e["type"] == "message" {
+                seen += 1;
+                assert_eq!(e["seq"], seen, "the fast reader gets everything, in order");
+                if e["body"] == "END" {
+                    return seen;
+                }
+            }
+        }
+    });
+    // Until the server gives up on the slow reader (its presence ends), and
+    // no longer than it takes to fill any socket buffer many times over.
+    let body = "z".repeat(4000);
+    let mut sent = 0;
+    while !sender.has_event(|e| e["type"] == "presence" && e["user"] == "slow") {
+        sent += 1;
+        assert!(sent < 20_000, "the slow reader was never cut off");
+        sender.send("firehose", &body).await;
+    }
+    sender.send("firehose", "END").await;
+    assert_eq!(fast_reader.await.unwrap(), sent + 1);
+    let lines = slow.until_closed().await;
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("! slow_consumer: you are not reading fast enough; disconnecting")
+    );
+}
