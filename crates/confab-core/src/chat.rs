@@ -1,6 +1,7 @@
 //! [`Chat`]: the engine one server runs. It owns the store, the broker and
 //! the local hub, and opens a [`Session`] for each connection.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use crate::broker::Broker;
 use crate::conn::{self, ConnIds, ConnReceiver};
 use crate::error::StoreError;
 use crate::hub::Hub;
+use crate::limits::{ContentFilter, RateLimits, SharedLimiters};
 use crate::session::Session;
 use crate::store::DynStore;
 
@@ -27,6 +29,9 @@ pub struct ChatConfig {
     pub gap_fill_delay: Duration,
     /// How many password hashes may run at once.
     pub hash_concurrency: usize,
+    pub rate_limits: RateLimits,
+    /// Refuses message bodies and topics matching its rules.
+    pub filter: ContentFilter,
 }
 
 impl Default for ChatConfig {
@@ -38,6 +43,8 @@ impl Default for ChatConfig {
             allow_guests: true,
             gap_fill_delay: Duration::from_millis(100),
             hash_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            rate_limits: RateLimits::default(),
+            filter: ContentFilter::default(),
         }
     }
 }
@@ -54,8 +61,12 @@ pub(crate) struct Inner {
     pub(crate) hub: Arc<Hub>,
     pub(crate) config: ChatConfig,
     pub(crate) passwords: Passwords,
+    pub(crate) limiters: SharedLimiters,
     ids: ConnIds,
 }
+
+/// How often idle per-user and per-IP buckets are forgotten.
+const LIMITER_GC_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Chat {
     /// Start the engine on a store and a broker. Guest memberships left
@@ -68,22 +79,35 @@ impl Chat {
         store.drop_all_guests().await?;
         let hub = Hub::new(store.clone(), config.gap_fill_delay);
         broker.attach(hub.clone());
-        Ok(Chat {
-            inner: Arc::new(Inner {
-                store,
-                broker,
-                hub,
-                passwords: Passwords::new(config.hash_concurrency),
-                config,
-                ids: ConnIds::default(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            store,
+            broker,
+            hub,
+            passwords: Passwords::new(config.hash_concurrency),
+            limiters: SharedLimiters::new(&config.rate_limits),
+            config,
+            ids: ConnIds::default(),
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIMITER_GC_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(inner) => inner.limiters.forget_idle(),
+                    None => break,
+                }
+            }
+        });
+        Ok(Chat { inner })
     }
 
-    /// A session for a new connection, and the transport's end of its queue.
-    pub fn open(&self) -> (Session, ConnReceiver) {
+    /// A session for a new connection from `peer`, and the transport's end
+    /// of its queue.
+    pub fn open(&self, peer: Option<IpAddr>) -> (Session, ConnReceiver) {
         let (conn, rx) = conn::channel(self.inner.ids.next(), self.inner.config.outbound_queue);
-        (Session::new(self.inner.clone(), conn), rx)
+        (Session::new(self.inner.clone(), conn, peer), rx)
     }
 
     pub fn config(&self) -> &ChatConfig {

@@ -34,6 +34,9 @@ pub enum Outbound {
 pub enum CloseReason {
     /// The outbound queue overflowed: the client does not read fast enough.
     SlowConsumer,
+    /// The client kept going past its rate limits. What is queued (the
+    /// refusal) is still written before the close.
+    Abuse,
 }
 
 #[derive(Debug, Default)]

@@ -7,6 +7,7 @@
 //! - [`store`]: the [`Store`] trait, an in-memory backend, the contract suite.
 //! - [`broker`]: the [`Broker`] trait that carries events between nodes.
 //! - [`hub`]: local fan-out, in seq order, encoded once.
+//! - [`limits`]: rate limits (token buckets) and the content filter.
 //! - [`conn`]: a connection's bounded outbound queue and its close signal.
 //! - [`session`]: one connection's state machine and the command table.
 //! - [`auth`]: argon2id password hashing and tokens.
@@ -18,6 +19,7 @@ pub mod chat;
 pub mod conn;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod names;
 pub mod session;
 pub mod store;
@@ -26,6 +28,7 @@ pub use broker::{Broker, BrokerEvent, MemoryBroker};
 pub use chat::{Chat, ChatConfig};
 pub use conn::{CloseReason, ConnReceiver, Outbound};
 pub use error::{ChatError, StoreError};
+pub use limits::{ContentFilter, FilterRule, Rate, RateLimits};
 pub use names::{RoomName, UserName};
 pub use session::Session;
 pub use store::{DynStore, Store};

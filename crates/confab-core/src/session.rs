@@ -8,6 +8,7 @@
 //! that is what guarantees every stored message is also published.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,8 +20,9 @@ use confab_proto::{
 use crate::auth;
 use crate::broker::{BrokerEvent, Skip};
 use crate::chat::Inner;
-use crate::conn::{Conn, Outbound};
+use crate::conn::{CloseReason, Conn, Outbound};
 use crate::error::ChatError;
+use crate::limits::{ConnLimiter, Refusal};
 use crate::names::{RoomName, UserName};
 use crate::store::{DirectPeers, NewMessage, Page, TokenHash};
 
@@ -36,6 +38,10 @@ const MAX_NONCE_CHARS: usize = 64;
 pub struct Session {
     chat: Arc<Inner>,
     conn: Conn,
+    peer: Option<IpAddr>,
+    limiter: ConnLimiter,
+    /// Set when a refusal found the client abusive: close after the reply.
+    abusive: bool,
     login: Option<Login>,
 }
 
@@ -71,12 +77,20 @@ impl Done {
 type Handled = Result<Done, ChatError>;
 
 impl Session {
-    pub(crate) fn new(chat: Arc<Inner>, conn: Conn) -> Self {
+    pub(crate) fn new(chat: Arc<Inner>, conn: Conn, peer: Option<IpAddr>) -> Self {
         Session {
+            limiter: ConnLimiter::new(&chat.config.rate_limits),
             chat,
             conn,
+            peer,
+            abusive: false,
             login: None,
         }
+    }
+
+    /// Whether the connection is logged in.
+    pub fn logged_in(&self) -> bool {
+        self.login.is_some()
     }
 
     /// Execute one request: queue its reply, then publish its effects.
@@ -99,6 +113,9 @@ impl Session {
         let succeeded = result.is_ok();
         self.reply(id, result).await;
         self.publish(then).await;
+        if self.abusive {
+            self.conn.close(CloseReason::Abuse);
+        }
         succeeded
     }
 
@@ -139,9 +156,12 @@ impl Session {
 
     /// The command table: what each request needs before its handler runs.
     async fn execute(&mut self, request: Request) -> Handled {
+        if let Request::Ping {} = request {
+            return Ok(Done::reply(OkBody::Pong));
+        }
+        self.admit(&request)?;
         let logged_in = self.login.is_some();
         match &request {
-            Request::Ping {} => return Ok(Done::reply(OkBody::Pong)),
             Request::Register { .. }
             | Request::Login { .. }
             | Request::Guest { .. }
@@ -161,7 +181,7 @@ impl Session {
             _ => {}
         }
         match request {
-            Request::Ping {} => unreachable!("answered above"),
+            Request::Ping {} => Ok(Done::reply(OkBody::Pong)),
             Request::Register { user, password } => self.register(&user, password).await,
             Request::Login { user, password } => self.login(&user, password).await,
             Request::Guest { user } => self.guest(&user).await,
@@ -186,6 +206,36 @@ impl Session {
             Request::Sync { cursors, limit } => self.sync(cursors, limit).await,
             Request::Read { room, seq } => self.read(&room, seq).await,
             Request::Typing { room } => self.typing(&room),
+        }
+    }
+
+    /// The rate limits a request passes before anything else happens.
+    fn admit(&mut self, request: &Request) -> Result<(), ChatError> {
+        let limits = &self.chat.limiters;
+        let (verdict, what) = match request {
+            Request::Send { .. } | Request::Dm { .. } => {
+                let user = self.login.as_ref().map(|l| l.user.key());
+                let verdict = self.limiter.message().and_then(|()| match user {
+                    Some(key) => limits.user_message(key),
+                    None => Ok(()),
+                });
+                (verdict, "messages")
+            }
+            Request::Register { user, .. } | Request::Login { user, .. } => {
+                let account = user.to_ascii_lowercase();
+                (limits.auth(self.peer, Some(&account)), "login attempts")
+            }
+            Request::Resume { .. } => (limits.auth(self.peer, None), "login attempts"),
+            _ => (Ok(()), "requests"),
+        };
+        let verdict = self.limiter.request().and(verdict);
+        let Err(wait) = verdict else { return Ok(()) };
+        match self.limiter.refuse(wait, what) {
+            Refusal::Retry(e) => Err(e),
+            Refusal::Abuse(e) => {
+                self.abusive = true;
+                Err(e)
+            }
         }
     }
 
@@ -434,6 +484,7 @@ impl Session {
             )));
         }
         check_text("topic", &topic)?;
+        self.chat.config.filter.check(&topic)?;
         let user = self.me().user.clone();
         self.chat.store.set_topic(&room, &user, &topic).await?;
         Ok(Done::empty().then(BrokerEvent::Room {
@@ -532,7 +583,8 @@ impl Session {
                 body.len()
             )));
         }
-        check_text("body", body)
+        check_text("body", body)?;
+        self.chat.config.filter.check(body)
     }
 
     async fn history(

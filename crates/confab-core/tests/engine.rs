@@ -62,8 +62,8 @@ fn send(room: &str, body: &str) -> Request {
 #[tokio::test]
 async fn a_message_is_replied_then_fanned_out() {
     let (chat, _) = engine().await;
-    let (mut a, mut arx) = chat.open();
-    let (mut b, mut brx) = chat.open();
+    let (mut a, mut arx) = chat.open(None);
+    let (mut b, mut brx) = chat.open(None);
     call(&mut a, &mut arx, guest("ann")).await.unwrap();
     call(&mut b, &mut brx, guest("ben")).await.unwrap();
     call(&mut a, &mut arx, join("r")).await.unwrap();
@@ -81,7 +81,7 @@ async fn a_message_is_replied_then_fanned_out() {
 #[tokio::test]
 async fn the_command_table_checks_login_first() {
     let (chat, _) = engine().await;
-    let (mut s, mut rx) = chat.open();
+    let (mut s, mut rx) = chat.open(None);
     assert_eq!(
         call(&mut s, &mut rx, join("r")).await,
         Err(ErrorCode::Unauthorized)
@@ -104,8 +104,8 @@ async fn the_command_table_checks_login_first() {
 #[tokio::test]
 async fn closing_a_guest_ends_its_memberships() {
     let (chat, store) = engine().await;
-    let (mut a, mut arx) = chat.open();
-    let (mut g, mut grx) = chat.open();
+    let (mut a, mut arx) = chat.open(None);
+    let (mut g, mut grx) = chat.open(None);
     call(&mut a, &mut arx, guest("ann")).await.unwrap();
     call(&mut g, &mut grx, guest("gus")).await.unwrap();
     call(&mut a, &mut arx, join("r")).await.unwrap();

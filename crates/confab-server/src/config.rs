@@ -15,6 +15,15 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Longest line the line transport accepts, in bytes.
     pub max_line_bytes: usize,
+    /// Most chat connections (WebSocket and line) at once.
+    pub max_connections: usize,
+    /// Most chat connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// How long a client may take to send its HTTP request (the WebSocket
+    /// upgrade), counted from connecting.
+    pub handshake_timeout: Duration,
+    /// How long a connection may stay without logging in.
+    pub login_timeout: Duration,
     /// How long a graceful shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
     /// What the `shutdown` event advises clients to wait before reconnecting.
@@ -33,6 +42,10 @@ impl Default for Config {
             max_frame_bytes: 64 * 1024,
             // A 4096-byte body plus `/msg NAME `, with room to spare.
             max_line_bytes: 8 * 1024,
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            handshake_timeout: Duration::from_secs(10),
+            login_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             reconnect_ms: 2000,
             chat: ChatConfig::default(),

@@ -9,7 +9,9 @@
 //! The caller binds: [`run`] takes listeners that are already bound (tests
 //! bind port 0) and a future that resolves when it is time to stop.
 
+mod admission;
 pub mod config;
+mod http;
 pub mod line;
 pub mod ws;
 
@@ -24,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use confab_core::{FilterRule, Rate, RateLimits};
 pub use config::{Config, Database, Durability};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,7 @@ pub(crate) struct App {
     /// Cancelled when the server starts draining.
     pub(crate) draining: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    pub(crate) gate: Arc<admission::Gate>,
 }
 
 /// Open the store the configuration names.
@@ -101,6 +105,7 @@ pub async fn run(
     let draining = CancellationToken::new();
     let app = Arc::new(App {
         chat,
+        gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
         config: config.clone(),
         draining: draining.clone(),
         tasks: TaskTracker::new(),
@@ -110,21 +115,15 @@ pub async fn run(
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app.clone());
     tracing::info!(addr = %http.local_addr()?, "listening for HTTP and WebSocket");
+    app.tasks.spawn(http::serve(app.clone(), http, router));
     if let Some(line) = line {
         tracing::info!(addr = %line.local_addr()?, "listening for the line protocol");
         app.tasks.spawn(line::serve(app.clone(), line));
     }
 
-    let stop = draining.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down: draining connections");
-        stop.cancel();
-    });
-    axum::serve(http, router)
-        .with_graceful_shutdown(draining.clone().cancelled_owned())
-        .await?;
-
+    shutdown.await;
+    tracing::info!("shutting down: draining connections");
+    draining.cancel();
     app.tasks.close();
     if tokio::time::timeout(config.shutdown_grace, app.tasks.wait())
         .await

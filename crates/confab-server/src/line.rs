@@ -21,20 +21,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admitted;
+use crate::http::ACCEPT_BACKOFF;
 use crate::{unless_evicted, App, SLOW_CONSUMER_GRACE};
 
 /// Largest single read from a socket.
 const READ_CHUNK: usize = 4096;
 /// Messages `/history` shows when not told how many.
 const DEFAULT_HISTORY: u32 = 20;
-/// How long accepting waits after an error (out of descriptors, say).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
 enum Ending {
     Shutdown,
-    Quit,
+    /// Write this last line, then close.
+    Bye(&'static str),
     Gone,
 }
+
+const BYE: &str = "* bye\n";
+const LOGIN_TIMEOUT: &str = "! unauthorized: you did not log in in time; disconnecting\n";
 
 /// Accept line connections until the server drains.
 pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
@@ -42,9 +45,14 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
         tokio::select! {
             _ = app.draining.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    app.tasks.spawn(connection(app.clone(), stream, peer));
-                }
+                Ok((stream, peer)) => match app.gate.admit(peer.ip()) {
+                    Ok(admitted) => {
+                        app.tasks.spawn(connection(app.clone(), stream, peer, admitted));
+                    }
+                    Err(full) => {
+                        app.tasks.spawn(refuse(stream, full.message()));
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a line connection");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -54,9 +62,16 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+/// Tell a connection over the limits why, and close it.
+async fn refuse(mut stream: TcpStream, why: &str) {
+    let line = format!("! unavailable: {why}\n");
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, _admitted: Admitted) {
     let _ = stream.set_nodelay(true);
-    let (session, rx) = app.chat.open();
+    let (session, rx) = app.chat.open(Some(peer.ip()));
     let span = tracing::debug_span!("line", conn = rx.id.0, %peer);
     let _enter = span.enter();
     tracing::debug!("connected");
@@ -90,6 +105,7 @@ async fn read_loop(
     };
     let mut decoder = LineDecoder::new(app.config.max_line_bytes);
     let mut buf = BytesMut::new();
+    let login_deadline = tokio::time::Instant::now() + app.config.login_timeout;
     loop {
         while let Some(frame) = decoder.decode(&mut buf) {
             if let Some(ending) = terminal.frame(frame).await {
@@ -101,6 +117,9 @@ async fn read_loop(
         // Biased: input that already arrived is served before a drain.
         let read = tokio::select! {
             biased;
+            _ = tokio::time::sleep_until(login_deadline), if !terminal.session.logged_in() => {
+                return (terminal.session, Ending::Bye(LOGIN_TIMEOUT));
+            }
             read = limited.read_buf(&mut buf) => read,
             _ = app.draining.cancelled() => return (terminal.session, Ending::Shutdown),
             _ = writer_gone.cancelled() => return (terminal.session, Ending::Gone),
@@ -151,7 +170,7 @@ impl Terminal {
         };
         match command {
             LineCommand::Nothing => {}
-            LineCommand::Quit => return Some(Ending::Quit),
+            LineCommand::Quit => return Some(Ending::Bye(BYE)),
             LineCommand::Ping(token) => {
                 let pong = match token {
                     Some(t) => format!("PONG {t}\n"),
@@ -292,7 +311,7 @@ async fn write_loop(
             end = &mut ending => {
                 let last: Option<Bytes> = match end.unwrap_or(Ending::Gone) {
                     Ending::Gone => None,
-                    Ending::Quit => Some(Bytes::from_static(b"* bye\n")),
+                    Ending::Bye(last) => Some(Bytes::from_static(last.as_bytes())),
                     Ending::Shutdown => Some(line::format_event(&Event::Shutdown {
                         reason: "the server is shutting down".into(),
                         reconnect_ms: app.config.reconnect_ms,
@@ -322,13 +341,26 @@ async fn write_loop(
             },
         };
     }
-    if rx.reason() == Some(CloseReason::SlowConsumer) {
-        tracing::info!("closing a slow consumer");
-        // Let the session go first: the last line may wait for room.
-        gone.cancel();
-        // A write cut short may have left half a line: start afresh.
-        let words = b"\n! slow_consumer: you are not reading fast enough; disconnecting\n";
-        let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words)).await;
+    match rx.reason() {
+        Some(CloseReason::SlowConsumer) => {
+            tracing::info!("closing a slow consumer");
+            // Let the session go first: the last line may wait for room.
+            gone.cancel();
+            // A write cut short may have left half a line: start afresh.
+            let words = b"\n! slow_consumer: you are not reading fast enough; disconnecting\n";
+            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words)).await;
+        }
+        Some(CloseReason::Abuse) => {
+            tracing::info!("closing a connection that kept flooding");
+            gone.cancel();
+            // The refusal that says why is still queued.
+            let mut batch = Vec::new();
+            while let Some(item) = rx.try_recv() {
+                batch.extend_from_slice(&encode(item));
+            }
+            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(&batch)).await;
+        }
+        None => {}
     }
     gone.cancel();
 }

@@ -8,11 +8,13 @@
 //! close through a oneshot. The core closes a slow consumer through the
 //! queue's close signal.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
-use axum::extract::{State, WebSocketUpgrade};
-use axum::response::Response;
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use confab_core::{ChatError, CloseReason, ConnReceiver, Outbound, Session};
 use confab_proto::{json, Event, Format, Limits};
@@ -21,6 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admitted;
 use crate::{unless_evicted, App, SLOW_CONSUMER_GRACE};
 
 /// Close codes of the contract.
@@ -29,6 +32,7 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const SLOW_CONSUMER: u16 = 4008;
+    pub const ABUSE: u16 = 4029;
 }
 
 /// How long the socket stays open after a 1009 close. The oversized frame's
@@ -48,20 +52,35 @@ enum Ending {
     Gone,
 }
 
-pub(crate) async fn upgrade(ws: WebSocketUpgrade, State(app): State<Arc<App>>) -> Response {
+pub(crate) async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(app): State<Arc<App>>,
+) -> Response {
+    let unavailable = |why: &'static str| {
+        let headers = [(header::RETRY_AFTER, "5")];
+        (StatusCode::SERVICE_UNAVAILABLE, headers, why).into_response()
+    };
+    if app.draining.is_cancelled() {
+        return unavailable("the server is shutting down");
+    }
+    let admitted = match app.gate.admit(peer.ip()) {
+        Ok(admitted) => admitted,
+        Err(full) => return unavailable(full.message()),
+    };
     let max = app.config.max_frame_bytes;
     ws.max_frame_size(max)
         .max_message_size(max)
         .on_upgrade(move |socket| {
             let tracker = app.tasks.clone();
-            tracker.track_future(connection(app, socket))
+            tracker.track_future(connection(app, socket, peer, admitted))
         })
 }
 
-async fn connection(app: Arc<App>, socket: WebSocket) {
-    let (session, rx) = app.chat.open();
+async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, _admitted: Admitted) {
+    let (session, rx) = app.chat.open(Some(peer.ip()));
     let id = rx.id.0;
-    let span = tracing::debug_span!("ws", conn = id);
+    let span = tracing::debug_span!("ws", conn = id, %peer);
     let _enter = span.enter();
     tracing::debug!("connected");
     let (sink, stream) = socket.split();
@@ -110,11 +129,15 @@ async fn read_loop(
 ) -> (Session, SplitStream<WebSocket>, Ending) {
     // Two heartbeat intervals without a frame (or a pong) is a dead peer.
     let idle = app.config.heartbeat * 2;
+    let login_deadline = tokio::time::Instant::now() + app.config.login_timeout;
     loop {
         // Biased: a request already received is served before a shutdown
         // is noticed, so requests in flight get their replies.
         let next = tokio::select! {
             biased;
+            _ = tokio::time::sleep_until(login_deadline), if !session.logged_in() => {
+                return (session, stream, Ending::Close(close::POLICY, "login timeout"));
+            }
             next = tokio::time::timeout(idle, stream.next()) => next,
             _ = app.draining.cancelled() => return (session, stream, Ending::Shutdown),
             _ = writer_gone.cancelled() => return (session, stream, Ending::Gone),
@@ -212,12 +235,26 @@ async fn write_loop(
             }
         };
     }
-    if rx.reason() == Some(CloseReason::SlowConsumer) {
-        tracing::info!("closing a slow consumer");
-        // Let the session go first: the close frame may wait for room.
-        gone.cancel();
-        let last = close_with(&mut sink, close::SLOW_CONSUMER, "slow consumer");
-        let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
+    match rx.reason() {
+        Some(CloseReason::SlowConsumer) => {
+            tracing::info!("closing a slow consumer");
+            // Let the session go first: the close frame may wait for room.
+            gone.cancel();
+            let last = close_with(&mut sink, close::SLOW_CONSUMER, "slow consumer");
+            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
+        }
+        Some(CloseReason::Abuse) => {
+            tracing::info!("closing a connection that kept flooding");
+            gone.cancel();
+            let last = async {
+                while let Some(item) = rx.try_recv() {
+                    sink.feed(text(encode(item))).await?;
+                }
+                close_with(&mut sink, close::ABUSE, "rate limit abuse").await
+            };
+            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
+        }
+        None => {}
     }
     gone.cancel();
 }

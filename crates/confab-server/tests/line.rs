@@ -1,6 +1,7 @@
 //! The line protocol over raw TCP, and its users meeting WebSocket users.
 
 use confab_testkit::confab_server::Durability;
+use confab_testkit::confab_server::RateLimits;
 use confab_testkit::serde_json::json;
 use confab_testkit::{password, LineClient, TestServer};
 
@@ -268,7 +269,9 @@ async fn line_and_websocket_users_talk() {
 async fn a_slow_line_reader_is_cut_off_with_a_last_line() {
     let server = TestServer::with_config(|c| {
         c.chat.outbound_queue = 8;
-        // Many messages: commits that survive a process crash are enough.
+        // A flood on purpose: no rate limits, and commits that survive a
+        // process crash are enough.
+        c.chat.rate_limits = RateLimits::off();
         c.database.set_durability(Durability::Normal);
     })
     .await;

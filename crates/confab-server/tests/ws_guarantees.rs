@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use confab_testkit::confab_server::Durability;
+use confab_testkit::confab_server::RateLimits;
 use confab_testkit::serde_json::{json, Value};
 use confab_testkit::TestServer;
 
@@ -241,7 +242,9 @@ async fn silent_connections_are_closed_and_their_presence_ends() {
 async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
     let server = TestServer::with_config(|c| {
         c.chat.outbound_queue = 8;
-        // Many messages: commits that survive a process crash are enough.
+        // A flood on purpose: no rate limits, and commits that survive a
+        // process crash are enough.
+        c.chat.rate_limits = RateLimits::off();
         c.database.set_durability(Durability::Normal);
     })
     .await;
@@ -285,7 +288,8 @@ async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
 
 #[tokio::test]
 async fn a_graceful_shutdown_says_goodbye_and_loses_no_ack() {
-    let server = TestServer::spawn().await;
+    // 50 pipelined sends: past the default message burst on purpose.
+    let server = TestServer::with_config(|c| c.chat.rate_limits = RateLimits::off()).await;
     let mut alice = server.client().await;
     alice.register("alice").await;
     alice.join("r").await;
