@@ -223,6 +223,8 @@ impl ConnLimiter {
         error.retry_after_ms = Some(ms);
         if self.abuse_refusals > 0 && self.refusals >= self.abuse_refusals {
             error.message = format!("too many {what}, too often: disconnecting");
+            // No retry on this connection: it is closing.
+            error.retry_after_ms = None;
             return Refusal::Abuse(error);
         }
         Refusal::Retry(error)
@@ -302,7 +304,10 @@ mod tests {
             Refusal::Abuse(_) => panic!("too early"),
         }
         assert!(matches!(conn.refuse(wait, "messages"), Refusal::Retry(_)));
-        assert!(matches!(conn.refuse(wait, "messages"), Refusal::Abuse(_)));
+        match conn.refuse(wait, "messages") {
+            Refusal::Abuse(e) => assert_eq!(e.retry_after_ms, None),
+            Refusal::Retry(_) => panic!("the third refusal is abuse"),
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use confab_core::{FilterRule, Rate, RateLimits};
+pub use confab_core::{ContentFilter, FilterRule, Rate, RateLimits};
 pub use config::{Config, Database, Durability};
 
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use confab_server;
 pub use serde_json;
+pub use tokio_tungstenite;
 pub use tokio_tungstenite::tungstenite::Message;
 
 /// How long any single read may take before the test fails.
@@ -138,7 +139,8 @@ impl StoppedServer {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The WebSocket stream the clients use.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A WebSocket client for tests.
 pub struct WsClient {
@@ -154,6 +156,11 @@ impl WsClient {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("WebSocket connect");
+        Self::over(ws).await
+    }
+
+    /// A client over an already upgraded WebSocket; reads the `hello`.
+    pub async fn over(ws: Ws) -> WsClient {
         let mut client = WsClient {
             ws,
             next_id: 0,
@@ -337,9 +344,23 @@ pub struct LineClient {
     pub greeting: String,
 }
 
+/// A TCP connection to `addr` from the loopback address `from` (tests
+/// of per-address limits use 127.0.0.2 and up).
+pub async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback source address");
+    socket.connect(addr).await.expect("connect")
+}
+
 impl LineClient {
     pub async fn connect(addr: SocketAddr) -> LineClient {
-        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::over(TcpStream::connect(addr).await.expect("connect")).await
+    }
+
+    /// A line client over a connected stream; reads the greeting.
+    pub async fn over(stream: TcpStream) -> LineClient {
         let (r, w) = stream.into_split();
         let mut client = LineClient {
             reader: tokio::io::BufReader::new(r),

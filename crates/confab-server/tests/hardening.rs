@@ -1,0 +1,285 @@
+//! Limits, timeouts, rate limits and the content filter, each provoked
+//! over the wire.
+
+use std::time::Duration;
+
+use confab_testkit::confab_server::{Config, FilterRule, Rate, RateLimits};
+use confab_testkit::serde_json::json;
+use confab_testkit::tokio_tungstenite::tungstenite;
+use confab_testkit::{connect_from, LineClient, TestServer, WsClient};
+use tokio::io::AsyncReadExt;
+
+/// The HTTP status of a refused WebSocket upgrade from `from`.
+async fn refused_upgrade(server: &TestServer, from: [u8; 4]) -> u16 {
+    let stream = connect_from(from, server.addr).await;
+    match confab_testkit::tokio_tungstenite::client_async(server.ws_url(), stream).await {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Ok(_) => panic!("the upgrade was accepted"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+async fn ws_from(server: &TestServer, from: [u8; 4]) -> WsClient {
+    let stream = connect_from(from, server.addr).await;
+    let maybe_tls = confab_testkit::tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = confab_testkit::tokio_tungstenite::client_async(server.ws_url(), maybe_tls)
+        .await
+        .expect("upgrade");
+    WsClient::over(ws).await
+}
+
+#[tokio::test]
+async fn connection_limits_refuse_clearly() {
+    let server = TestServer::with_config(|c| {
+        c.max_connections = 4;
+        c.max_connections_per_ip = 2;
+    })
+    .await;
+    // Two from 127.0.0.1 fill its share, over either transport.
+    let _a = ws_from(&server, [127, 0, 0, 1]).await;
+    let _b = LineClient::over(connect_from([127, 0, 0, 1], server.line_addr).await).await;
+    assert_eq!(refused_upgrade(&server, [127, 0, 0, 1]).await, 503);
+    let mut refused = LineClient::over(connect_from([127, 0, 0, 1], server.line_addr).await).await;
+    assert_eq!(
+        refused.greeting,
+        "! unavailable: too many connections from your address"
+    );
+    assert!(refused.until_closed().await.is_empty());
+    // Another address still gets in, until the server is full.
+    let mut c = ws_from(&server, [127, 0, 0, 2]).await;
+    c.guest("c").await;
+    let _d = ws_from(&server, [127, 0, 0, 3]).await;
+    assert_eq!(refused_upgrade(&server, [127, 0, 0, 4]).await, 503);
+    let full = LineClient::over(connect_from([127, 0, 0, 4], server.line_addr).await).await;
+    assert_eq!(
+        full.greeting,
+        "! unavailable: the server has too many connections; try again later"
+    );
+    // Plain HTTP is not a chat connection and is not counted.
+    assert_eq!(c.request(json!({"type":"ping"})).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn silent_connections_time_out_and_slow_nobody_down() {
+    let server = TestServer::with_config(|c| {
+        c.handshake_timeout = Duration::from_millis(500);
+        c.login_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // 200 connections that open and say nothing, on each listener.
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+        silent.push(
+            tokio::net::TcpStream::connect(server.line_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    // A real client is served as usual meanwhile.
+    let mut real = server.client().await;
+    real.register("real").await;
+    real.join("r").await;
+    assert_eq!(real.send("r", "not slowed down").await, 1);
+    // Then every silent connection is closed by the server.
+    for mut s in silent {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a silent connection was not closed");
+    }
+    // The logged-in client is not subject to the login timeout.
+    assert_eq!(real.request(json!({"type":"ping"})).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn connections_that_never_log_in_are_closed() {
+    let server = TestServer::with_config(|c| c.login_timeout = Duration::from_millis(300)).await;
+    let mut ws = server.client().await;
+    assert_eq!(ws.request(json!({"type":"ping"})).await["type"], "pong");
+    assert_eq!(ws.closed().await, (1008, "login timeout".to_owned()));
+    let mut line = server.line_client().await;
+    assert_eq!(
+        line.until_closed().await,
+        ["! unauthorized: you did not log in in time; disconnecting"]
+    );
+}
+
+fn limits(tweak: impl FnOnce(&mut RateLimits)) -> impl FnOnce(&mut Config) {
+    move |c: &mut Config| {
+        let mut l = RateLimits::off();
+        tweak(&mut l);
+        c.chat.rate_limits = l;
+    }
+}
+
+#[tokio::test]
+async fn message_bursts_are_allowed_floods_refused_truthfully() {
+    // A token every 500 ms: five sends take far less, so the sixth waits.
+    let server = TestServer::with_config(limits(|l| l.messages = Some(Rate::new(2.0, 5)))).await;
+    let mut c = server.client().await;
+    c.guest("burst").await;
+    c.join("r").await;
+    for _ in 0..5 {
+        c.send("r", "ok").await;
+    }
+    let refused = c
+        .request(json!({"type":"send","room":"r","body":"one too many"}))
+        .await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    let wait = refused["retry_after_ms"].as_u64().unwrap();
+    assert!((1..=500).contains(&wait), "a token every 500 ms: {wait}");
+    // Waiting what it said is enough.
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    c.send("r", "after waiting").await;
+    // Other requests are not messages.
+    c.ok(json!({"type":"rooms"})).await;
+}
+
+#[tokio::test]
+async fn a_user_is_limited_across_connections() {
+    let server =
+        TestServer::with_config(limits(|l| l.user_messages = Some(Rate::new(0.01, 3)))).await;
+    let mut a = server.client().await;
+    a.register("multi").await;
+    a.join("r").await;
+    let mut b = server.client().await;
+    b.login("multi").await;
+    a.send("r", "1").await;
+    a.send("r", "2").await;
+    b.send("r", "3").await;
+    let refused = b
+        .request(json!({"type":"send","room":"r","body":"4"}))
+        .await;
+    assert_eq!(refused["code"], "rate_limited");
+    let mut other = server.client().await;
+    other.guest("other").await;
+    other.join("r").await;
+    other.send("r", "someone else is fine").await;
+}
+
+#[tokio::test]
+async fn requests_in_general_are_limited() {
+    let server = TestServer::with_config(limits(|l| l.requests = Some(Rate::new(0.01, 4)))).await;
+    let mut c = server.client().await;
+    c.guest("asker").await;
+    for _ in 0..3 {
+        c.ok(json!({"type":"rooms"})).await;
+    }
+    assert_eq!(c.error(json!({"type":"rooms"})).await, "rate_limited");
+    assert_eq!(
+        c.request(json!({"type":"ping"})).await["type"],
+        "pong",
+        "ping is free"
+    );
+}
+
+#[tokio::test]
+async fn password_guessing_is_slowed_per_address_and_per_account() {
+    let server = TestServer::with_config(limits(|l| {
+        l.auth_per_account = Some(Rate::new(0.01, 3));
+        l.auth_per_ip = Some(Rate::new(0.01, 6));
+    }))
+    .await;
+    let mut owner = server.client().await;
+    owner.register("target").await; // 1 for target, 1 for the address
+    let mut c = server.client().await;
+    let guess = |pw: &str| json!({"type":"login","user":"target","password":pw});
+    assert_eq!(c.error(guess("wrong-one")).await, "unauthorized");
+    assert_eq!(c.error(guess("wrong-two")).await, "unauthorized");
+    // The account's bucket is empty: even the right password waits.
+    let limited = c.request(guess("password-target")).await;
+    assert_eq!(limited["code"], "rate_limited");
+    assert!(limited["retry_after_ms"].as_u64().unwrap() > 1000);
+    // Another account from the same address: two left for the address.
+    let mut d = server.client().await;
+    d.register("second").await;
+    let mut e = server.client().await;
+    e.register("third").await;
+    let mut f = server.client().await;
+    let r = f
+        .request(json!({"type":"register","user":"fourth","password":"long enough"}))
+        .await;
+    assert_eq!(r["code"], "rate_limited", "the address's bucket is empty");
+    // From another address, registering works.
+    let mut g = ws_from(&server, [127, 0, 0, 9]).await;
+    g.register("fifth").await;
+}
+
+#[tokio::test]
+async fn repeated_abuse_closes_with_4029() {
+    let server = TestServer::with_config(limits(|l| {
+        l.messages = Some(Rate::new(0.01, 2));
+        l.abuse_refusals = 3;
+        l.abuse_window = Duration::from_secs(60);
+    }))
+    .await;
+    let mut c = server.client().await;
+    c.guest("flooder").await;
+    c.join("r").await;
+    c.send("r", "1").await;
+    c.send("r", "2").await;
+    assert_eq!(
+        c.error(json!({"type":"send","room":"r","body":"3"})).await,
+        "rate_limited"
+    );
+    assert_eq!(
+        c.error(json!({"type":"send","room":"r","body":"4"})).await,
+        "rate_limited"
+    );
+    let last = c
+        .request(json!({"type":"send","room":"r","body":"5"}))
+        .await;
+    assert_eq!(last["code"], "rate_limited");
+    assert!(last["message"].as_str().unwrap().contains("disconnecting"));
+    assert_eq!(c.closed().await, (4029, "rate limit abuse".to_owned()));
+
+    let mut line = server.line_client().await;
+    line.say("/nick lineflood").await;
+    line.say("/join r").await;
+    line.say("1").await;
+    line.say("2").await;
+    line.say("3").await;
+    line.say("4").await;
+    line.send("5").await;
+    assert_eq!(
+        line.until_closed().await,
+        ["! rate_limited: too many messages, too often: disconnecting"]
+    );
+}
+
+#[tokio::test]
+async fn the_content_filter_refuses_with_its_reason() {
+    let server = TestServer::with_config(|c| {
+        c.chat.filter = confab_testkit::confab_server::ContentFilter::new(&[FilterRule {
+            pattern: r"\bbuy\s+now\b".into(),
+            reason: "no advertising".into(),
+        }])
+        .unwrap();
+    })
+    .await;
+    let mut c = server.client().await;
+    c.guest("seller").await;
+    c.join("market").await;
+    let r = c
+        .request(json!({"type":"send","room":"market","body":"BUY  now!"}))
+        .await;
+    assert_eq!(
+        (r["code"].as_str(), r["message"].as_str()),
+        (
+            Some("forbidden"),
+            Some("refused by the content filter: no advertising")
+        )
+    );
+    let r = c
+        .request(json!({"type":"topic","room":"market","topic":"buy now"}))
+        .await;
+    assert_eq!(r["code"], "forbidden");
+    c.send("market", "buyers welcome").await;
+    let mut line = server.line_client().await;
+    line.say("/nick liner").await;
+    line.say("/join market").await;
+    assert_eq!(
+        line.say("buy now").await,
+        ["! forbidden: refused by the content filter: no advertising"]
+    );
+}
