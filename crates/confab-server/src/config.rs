@@ -29,6 +29,8 @@ pub struct Config {
     /// What the `shutdown` event advises clients to wait before reconnecting.
     pub reconnect_ms: u64,
     pub chat: ChatConfig,
+    /// Serve both listeners over TLS with this certificate.
+    pub tls: Option<crate::TlsFiles>,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             reconnect_ms: 2000,
             chat: ChatConfig::default(),
+            tls: None,
         }
     }
 }

@@ -11,7 +11,8 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
 
 use crate::App;
@@ -39,12 +40,24 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener, router: Router) 
     }
 }
 
-async fn connection(
-    app: Arc<App>,
-    router: Router,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-) {
+async fn connection(app: Arc<App>, router: Router, stream: TcpStream, peer: SocketAddr) {
+    match &app.tls {
+        None => serve_connection(&app, router, stream, peer).await,
+        Some(tls) => {
+            let handshake = tls.acceptor.accept(stream);
+            match tokio::time::timeout(app.config.handshake_timeout, handshake).await {
+                Ok(Ok(stream)) => serve_connection(&app, router, stream, peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_connection<S>(app: &App, router: Router, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();

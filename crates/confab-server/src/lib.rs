@@ -1,18 +1,21 @@
-//! The Confab server: storage and engine set-up, the HTTP listener with its
-//! WebSocket endpoint, and graceful shutdown. `main.rs` is only the command
-//! line; everything else is here so tests can run a real server in-process.
+//! The Confab server: storage and engine set-up, the listeners, TLS and
+//! graceful shutdown. `main.rs` is only the command line; everything else
+//! is here so tests can run a real server in-process.
 //!
 //! - [`config`]: settings and their defaults.
 //! - [`ws`]: the WebSocket transport (`GET /ws`).
 //! - [`line`]: the line transport (plain TCP, for `nc` and `telnet`).
+//! - `http`: the HTTP accept loop; `admission`: connection limits;
+//!   `tls`: rustls with a reloadable certificate.
 //!
-//! The caller binds: [`run`] takes listeners that are already bound (tests
-//! bind port 0) and a future that resolves when it is time to stop.
+//! The caller binds: [`start`] takes listeners that are already bound (tests
+//! bind port 0) and returns a [`Server`] to reload and stop.
 
 mod admission;
 pub mod config;
 mod http;
 pub mod line;
+mod tls;
 pub mod ws;
 
 use std::future::Future;
@@ -28,6 +31,7 @@ use tokio_util::task::TaskTracker;
 
 pub use confab_core::{ContentFilter, FilterRule, Rate, RateLimits};
 pub use config::{Config, Database, Durability};
+pub use tls::{TlsError, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -35,6 +39,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// How long the last words to a slow consumer (a close frame, a last line)
@@ -72,6 +78,7 @@ pub(crate) struct App {
     pub(crate) draining: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) gate: Arc<admission::Gate>,
+    pub(crate) tls: Option<tls::Tls>,
 }
 
 /// Open the store the configuration names.
@@ -85,16 +92,16 @@ pub async fn open_store(config: &Config) -> Result<DynStore, StoreError> {
     }
 }
 
-/// Serve until `shutdown` resolves, then drain: stop accepting, let every
-/// connection finish the request in hand, send it `shutdown` and close it
-/// with 1001, wait up to the grace period, and return once storage has
-/// committed everything acknowledged.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
+/// A running server.
+pub struct Server {
+    app: Arc<App>,
+    store: DynStore,
+}
+
+/// Open storage, start the engine and serve the listeners.
+pub async fn start(config: Config, listeners: Listeners) -> Result<Server, ServerError> {
     let Listeners { http, line } = listeners;
+    let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
     let store = open_store(&config).await?;
     let chat = Chat::new(
         store.clone(),
@@ -102,41 +109,80 @@ pub async fn run(
         config.chat.clone(),
     )
     .await?;
-    let draining = CancellationToken::new();
     let app = Arc::new(App {
         chat,
         gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
-        config: config.clone(),
-        draining: draining.clone(),
+        config,
+        draining: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        tls,
     });
     let router = Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app.clone());
-    tracing::info!(addr = %http.local_addr()?, "listening for HTTP and WebSocket");
+    let scheme = if app.tls.is_some() { "TLS" } else { "plain" };
+    tracing::info!(addr = %http.local_addr()?, scheme, "listening for HTTP and WebSocket");
     app.tasks.spawn(http::serve(app.clone(), http, router));
     if let Some(line) = line {
-        tracing::info!(addr = %line.local_addr()?, "listening for the line protocol");
+        tracing::info!(addr = %line.local_addr()?, scheme, "listening for the line protocol");
         app.tasks.spawn(line::serve(app.clone(), line));
     }
+    Ok(Server { app, store })
+}
 
-    shutdown.await;
-    tracing::info!("shutting down: draining connections");
-    draining.cancel();
-    app.tasks.close();
-    if tokio::time::timeout(config.shutdown_grace, app.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = app.tasks.len(),
-            "grace period over; closing the remaining connections"
-        );
+impl Server {
+    /// Reload what can change while running: the TLS certificate (new
+    /// connections get it; open ones keep theirs). On an error nothing
+    /// changes.
+    pub async fn reload(&self) -> Result<(), ServerError> {
+        if let Some(tls) = &self.app.tls {
+            tls.reload()?;
+            tracing::info!("reloaded the TLS certificate");
+        }
+        Ok(())
     }
-    // Every acknowledged write was committed before its ack; this waits for
-    // anything still queued behind them.
-    store.ping().await?;
-    tracing::info!("stopped");
-    Ok(())
+
+    /// Start draining: stop accepting, let every connection finish the
+    /// request in hand, send it `shutdown` and close it.
+    pub fn begin_shutdown(&self) {
+        if !self.app.draining.is_cancelled() {
+            tracing::info!("shutting down: draining connections");
+        }
+        self.app.draining.cancel();
+    }
+
+    /// Wait for a drain to finish (at most the grace period), and return
+    /// once storage has committed everything acknowledged.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.app.draining.cancelled().await;
+        self.app.tasks.close();
+        let grace = self.app.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.app.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.app.tasks.len(),
+                "grace period over; closing the remaining connections"
+            );
+        }
+        // Every acknowledged write was committed before its ack; this waits
+        // for the storage to answer once more behind anything still queued.
+        self.store.ping().await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Serve until `shutdown` resolves, then drain and return.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let server = start(config, listeners).await?;
+    shutdown.await;
+    server.begin_shutdown();
+    server.wait().await
 }

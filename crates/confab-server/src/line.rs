@@ -15,13 +15,12 @@ use bytes::{Bytes, BytesMut};
 use confab_core::{ChatError, CloseReason, ConnReceiver, Outbound, Session};
 use confab_proto::line::{self, context, LineCommand, LineDecoder, LineFrame, Usage};
 use confab_proto::{Envelope, Event, Format, Request, RequestId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::admission::Admitted;
+use crate::admission::{Admitted, Full};
 use crate::http::ACCEPT_BACKOFF;
 use crate::{unless_evicted, App, SLOW_CONSUMER_GRACE};
 
@@ -45,14 +44,10 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
         tokio::select! {
             _ = app.draining.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match app.gate.admit(peer.ip()) {
-                    Ok(admitted) => {
-                        app.tasks.spawn(connection(app.clone(), stream, peer, admitted));
-                    }
-                    Err(full) => {
-                        app.tasks.spawn(refuse(stream, full.message()));
-                    }
-                },
+                Ok((stream, peer)) => {
+                    let admitted = app.gate.admit(peer.ip());
+                    app.tasks.spawn(handshake(app.clone(), stream, peer, admitted));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a line connection");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -62,20 +57,56 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-/// Tell a connection over the limits why, and close it.
-async fn refuse(mut stream: TcpStream, why: &str) {
-    let line = format!("! unavailable: {why}\n");
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line.as_bytes())).await;
-    let _ = stream.shutdown().await;
+/// TLS first when configured, then serve the connection, or tell it why not.
+async fn handshake(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: Result<Admitted, Full>,
+) {
+    let _ = stream.set_nodelay(true);
+    match &app.tls {
+        None => admit(app, stream, peer, admitted).await,
+        Some(tls) => {
+            let handshake = tls.acceptor.accept(stream);
+            match tokio::time::timeout(app.config.handshake_timeout, handshake).await {
+                Ok(Ok(stream)) => admit(app, stream, peer, admitted).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
 }
 
-async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, _admitted: Admitted) {
-    let _ = stream.set_nodelay(true);
+async fn admit<S: Stream>(
+    app: Arc<App>,
+    mut stream: S,
+    peer: SocketAddr,
+    admitted: Result<Admitted, Full>,
+) {
+    match admitted {
+        Ok(admitted) => connection(app, stream, peer, admitted).await,
+        Err(full) => {
+            let line = format!("! unavailable: {}\n", full.message());
+            let refusal = async {
+                stream.write_all(line.as_bytes()).await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), refusal).await;
+        }
+    }
+}
+
+/// What a line connection runs over: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for S {}
+
+async fn connection<S: Stream>(app: Arc<App>, stream: S, peer: SocketAddr, _admitted: Admitted) {
     let (session, rx) = app.chat.open(Some(peer.ip()));
     let span = tracing::debug_span!("line", conn = rx.id.0, %peer);
     let _enter = span.enter();
     tracing::debug!("connected");
-    let (reader, writer) = stream.into_split();
+    let (reader, writer) = tokio::io::split(stream);
     let (ending_tx, ending_rx) = oneshot::channel();
     let writer_gone = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
@@ -95,7 +126,7 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, _admitte
 async fn read_loop(
     app: &App,
     session: Session,
-    mut reader: OwnedReadHalf,
+    mut reader: impl AsyncRead + Unpin,
     writer_gone: &CancellationToken,
 ) -> (Session, Ending) {
     let mut terminal = Terminal {
@@ -292,7 +323,7 @@ impl Terminal {
 
 async fn write_loop(
     app: Arc<App>,
-    mut out: OwnedWriteHalf,
+    mut out: impl AsyncWrite + Unpin,
     mut rx: ConnReceiver,
     mut ending: oneshot::Receiver<Ending>,
     gone: CancellationToken,

@@ -1,11 +1,13 @@
 //! The `confab` command line. Everything it runs lives in the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use confab_server::{Config, Database};
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(name = "confab", version, about = "A real-time chat server")]
@@ -46,6 +48,22 @@ struct Serve {
     /// Refuse `guest` logins.
     #[arg(long)]
     no_guests: bool,
+    /// Serve both listeners over TLS with this certificate chain (PEM);
+    /// needs --tls-key. SIGHUP reloads both files.
+    #[arg(long, requires = "tls_key", env = "CONFAB_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", env = "CONFAB_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Most chat connections at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Most chat connections from one IP address.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_ip: usize,
+    /// How long a graceful shutdown may take, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
 }
 
 #[tokio::main]
@@ -67,13 +85,37 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         ..Config::default()
     };
     config.chat.allow_guests = !args.no_guests;
+    config.max_connections = args.max_connections;
+    config.max_connections_per_ip = args.max_connections_per_ip;
+    config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(confab_server::TlsFiles { cert, key });
+    }
     let http = bind(args.http).await?;
     let line = match args.no_line {
         true => None,
         false => Some(bind(args.line).await?),
     };
     let listeners = confab_server::Listeners { http, line };
-    confab_server::run(config, listeners, shutdown_signal()).await?;
+    let server = confab_server::start(config, listeners).await?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                if let Err(e) = server.reload().await {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                }
+            }
+            _ = stop_signal() => break,
+        }
+    }
+    server.begin_shutdown();
+    tokio::spawn(async {
+        stop_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    server.wait().await?;
     Ok(())
 }
 
@@ -83,19 +125,9 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding {addr}"))
 }
 
-/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
-}
-
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -20,12 +20,7 @@ async fn refused_upgrade(server: &TestServer, from: [u8; 4]) -> u16 {
 }
 
 async fn ws_from(server: &TestServer, from: [u8; 4]) -> WsClient {
-    let stream = connect_from(from, server.addr).await;
-    let maybe_tls = confab_testkit::tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (ws, _) = confab_testkit::tokio_tungstenite::client_async(server.ws_url(), maybe_tls)
-        .await
-        .expect("upgrade");
-    WsClient::over(ws).await
+    WsClient::upgrade(&server.ws_url(), connect_from(from, server.addr).await).await
 }
 
 #[tokio::test]

@@ -12,14 +12,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_server::{Config, Database};
+use confab_server::{Config, Database, Server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tokio_util::sync::CancellationToken;
+use tokio_tungstenite::WebSocketStream;
 
 pub use confab_server;
 pub use serde_json;
@@ -37,8 +36,7 @@ pub struct TestServer {
     pub line_addr: SocketAddr,
     pub config: Config,
     dir: Arc<tempfile::TempDir>,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
+    server: Server,
 }
 
 impl TestServer {
@@ -74,22 +72,21 @@ impl TestServer {
             http,
             line: Some(line),
         };
-        let stop = CancellationToken::new();
-        let shutdown = stop.clone().cancelled_owned();
-        let c = config.clone();
-        let task = tokio::spawn(async move {
-            confab_server::run(c, listeners, shutdown)
-                .await
-                .expect("server ran");
-        });
+        let server = confab_server::start(config.clone(), listeners)
+            .await
+            .expect("the server starts");
         TestServer {
             addr,
             line_addr,
             config,
             dir,
-            stop,
-            task,
+            server,
         }
+    }
+
+    /// The directory of the database (and of any files a test puts there).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub fn ws_url(&self) -> String {
@@ -106,22 +103,27 @@ impl TestServer {
         WsClient::connect(&self.ws_url()).await
     }
 
+    /// Reload the certificate, as SIGHUP does.
+    pub async fn reload(&self) -> Result<(), confab_server::ServerError> {
+        self.server.reload().await
+    }
+
     /// Start a graceful shutdown without waiting for it.
     pub fn begin_shutdown(&self) {
-        self.stop.cancel();
+        self.server.begin_shutdown();
     }
 
     /// Shut down gracefully and wait until the server has stopped.
     pub async fn stop(self) -> StoppedServer {
-        self.stop.cancel();
-        self.task.await.expect("server task");
+        self.server.begin_shutdown();
+        self.server.wait().await.expect("a clean stop");
         StoppedServer {
             config: self.config,
             dir: self.dir,
         }
     }
 
-    /// Stop, then start again on the same database (on a new port).
+    /// Stop, then start again on the same database (on new ports).
     pub async fn restart(self) -> TestServer {
         self.stop().await.start().await
     }
@@ -139,8 +141,15 @@ impl StoppedServer {
     }
 }
 
+/// Any byte stream a client can run over: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed [`Io`].
+pub type BoxedIo = Box<dyn Io>;
+
 /// The WebSocket stream the clients use.
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<BoxedIo>;
 
 /// A WebSocket client for tests.
 pub struct WsClient {
@@ -153,9 +162,20 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(url: &str) -> WsClient {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+        let addr = url
+            .split("//")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("ws://HOST:PORT/...");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        Self::upgrade(url, Box::new(tcp)).await
+    }
+
+    /// Upgrade an open stream (TCP or TLS) at `url`; reads the `hello`.
+    pub async fn upgrade(url: &str, stream: BoxedIo) -> WsClient {
+        let (ws, _) = tokio_tungstenite::client_async(url, stream)
             .await
-            .expect("WebSocket connect");
+            .expect("WebSocket upgrade");
         Self::over(ws).await
     }
 
@@ -338,30 +358,30 @@ fn is_reply(frame: &Value) -> bool {
 
 /// A line-protocol client for tests.
 pub struct LineClient {
-    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    reader: tokio::io::BufReader<tokio::io::ReadHalf<BoxedIo>>,
+    writer: tokio::io::WriteHalf<BoxedIo>,
     pings: u64,
     pub greeting: String,
 }
 
 /// A TCP connection to `addr` from the loopback address `from` (tests
 /// of per-address limits use 127.0.0.2 and up).
-pub async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+pub async fn connect_from(from: [u8; 4], addr: SocketAddr) -> BoxedIo {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .bind(SocketAddr::from((from, 0)))
         .expect("bind a loopback source address");
-    socket.connect(addr).await.expect("connect")
+    Box::new(socket.connect(addr).await.expect("connect"))
 }
 
 impl LineClient {
     pub async fn connect(addr: SocketAddr) -> LineClient {
-        Self::over(TcpStream::connect(addr).await.expect("connect")).await
+        Self::over(Box::new(TcpStream::connect(addr).await.expect("connect"))).await
     }
 
-    /// A line client over a connected stream; reads the greeting.
-    pub async fn over(stream: TcpStream) -> LineClient {
-        let (r, w) = stream.into_split();
+    /// A line client over a connected stream (TCP or TLS); reads the greeting.
+    pub async fn over(stream: BoxedIo) -> LineClient {
+        let (r, w) = tokio::io::split(stream);
         let mut client = LineClient {
             reader: tokio::io::BufReader::new(r),
             writer: w,
@@ -429,5 +449,63 @@ impl LineClient {
             lines.push(line);
         }
         lines
+    }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM
+/// files into `dir`.
+pub struct TestCert {
+    pub files: confab_server::TlsFiles,
+    /// The certificate in DER, to compare with what a server presents.
+    pub der: Vec<u8>,
+    pem: String,
+}
+
+impl TestCert {
+    pub fn new(dir: &std::path::Path, name: &str) -> TestCert {
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(names).expect("generating a certificate");
+        let files = confab_server::TlsFiles {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&files.cert, cert.pem()).expect("writing the certificate");
+        std::fs::write(&files.key, signing_key.serialize_pem()).expect("writing the key");
+        TestCert {
+            files,
+            der: cert.der().to_vec(),
+            pem: cert.pem(),
+        }
+    }
+
+    /// Copy this certificate over another's files (for reloads).
+    pub fn install_at(&self, files: &confab_server::TlsFiles) {
+        std::fs::copy(&self.files.cert, &files.cert).expect("copying the certificate");
+        std::fs::copy(&self.files.key, &files.key).expect("copying the key");
+    }
+
+    /// Connect to `addr` over TLS trusting only this certificate; returns
+    /// the stream and the certificate the server presented.
+    pub async fn connect(&self, addr: SocketAddr) -> (BoxedIo, Vec<u8>) {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+        use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.pem.as_bytes()).expect("PEM"))
+            .expect("a root");
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("a name");
+        let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+        let presented = tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec();
+        (Box::new(tls), presented)
     }
 }
