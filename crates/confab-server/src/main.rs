@@ -1,5 +1,6 @@
 //! The `confab` command line. Everything it runs lives in the library.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,6 +73,8 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
@@ -97,8 +100,11 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         false => Some(bind(args.line).await?),
     };
     let listeners = confab_server::Listeners { http, line };
-    let server = confab_server::start(config, listeners).await?;
+    // Listen before serving, and keep the same listeners throughout, so
+    // that no signal falls between two registrations.
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut stops = Stops::new()?;
+    let server = confab_server::start(config, listeners).await?;
     loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -106,12 +112,12 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "reload failed; keeping the running configuration");
                 }
             }
-            _ = stop_signal() => break,
+            _ = stops.next() => break,
         }
     }
     server.begin_shutdown();
-    tokio::spawn(async {
-        stop_signal().await;
+    tokio::spawn(async move {
+        stops.next().await;
         eprintln!("second signal: exiting now");
         std::process::exit(130);
     });
@@ -125,11 +131,25 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding {addr}"))
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() {
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM.
+struct Stops {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Stops {
+    fn new() -> std::io::Result<Stops> {
+        Ok(Stops {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }

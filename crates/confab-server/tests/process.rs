@@ -1,0 +1,252 @@
+//! The real `confab` binary under load: SIGTERM and SIGKILL in the middle of
+//! a stream of sends, a restart, and an audit of every acknowledgement.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use confab_testkit::serde_json::{json, Value};
+use confab_testkit::tokio_tungstenite::tungstenite::Message;
+use confab_testkit::WsClient;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+
+struct Confab {
+    child: Child,
+    http: SocketAddr,
+    /// Log lines, as they come.
+    logs: mpsc::UnboundedReceiver<String>,
+}
+
+impl Confab {
+    /// Start the binary on `db`, on ports of its choosing; returns once it
+    /// listens.
+    async fn start(db: &Path) -> Confab {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
+            .args(["serve", "--http", "127.0.0.1:0", "--line", "127.0.0.1:0"])
+            .args(["--database", &format!("sqlite://{}", db.display())])
+            .args(["--shutdown-grace-ms", "5000"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting confab");
+        let (tx, mut logs) = mpsc::unbounded_channel();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let http = loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), logs.recv())
+                .await
+                .expect("confab did not start")
+                .expect("confab exited at start");
+            if line.contains("listening for HTTP and WebSocket") {
+                let addr = line
+                    .split("addr=")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap();
+                break addr.parse().unwrap();
+            }
+        };
+        Confab { child, http, logs }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Wait for a log line containing `text`.
+    async fn log(&mut self, text: &str) {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.logs.recv())
+                .await
+                .expect("waiting for a log line")
+                .expect("confab exited");
+            if line.contains(text) {
+                return;
+            }
+        }
+    }
+
+    async fn exit(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("confab did not exit")
+            .expect("waiting for confab")
+    }
+}
+
+type Acks = Arc<Mutex<Vec<(u64, String)>>>;
+
+/// Send numbered messages until the connection dies, honouring rate limits
+/// as a real client does; record every acknowledgement.
+async fn sender(url: String, name: String, acks: Acks, started: watch::Sender<usize>) {
+    let Ok((mut ws, _)) = confab_testkit::tokio_tungstenite::connect_async(&url).await else {
+        return;
+    };
+    let mut id = 0u64;
+    let mut call = async |ws: &mut _, request: Value| -> Option<Value> {
+        let ws: &mut confab_testkit::tokio_tungstenite::WebSocketStream<_> = ws;
+        id += 1;
+        let mut request = request;
+        request["id"] = json!(id);
+        ws.send(Message::text(request.to_string())).await.ok()?;
+        loop {
+            let Some(Ok(Message::Text(text))) = ws.next().await else {
+                return None;
+            };
+            let frame: Value = confab_testkit::serde_json::from_str(&text).ok()?;
+            if frame["id"] == json!(id) {
+                return Some(frame);
+            }
+        }
+    };
+    call(&mut ws, json!({"type":"guest","user":name})).await;
+    call(&mut ws, json!({"type":"join","room":"load"})).await;
+    let mut n = 0;
+    loop {
+        let body = format!("{name}-{n}");
+        let request = json!({"type":"send","room":"load","body":body,"nonce":body});
+        let Some(reply) = call(&mut ws, request).await else {
+            return;
+        };
+        match reply["type"].as_str() {
+            Some("ok") => {
+                let mut acks = acks.lock().unwrap();
+                acks.push((reply["seq"].as_u64().unwrap(), body));
+                started.send_replace(acks.len());
+                n += 1;
+            }
+            _ if reply["code"] == "rate_limited" => {
+                let wait = reply["retry_after_ms"].as_u64().unwrap_or(10);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            // Shutting down or unavailable: stop like a client would.
+            _ => return,
+        }
+    }
+}
+
+/// Start load, let `signal` hit the server once `threshold` messages were
+/// acknowledged, restart, and audit.
+async fn load_then(signal: i32, expect_clean_exit: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("confab.db");
+    let server = Confab::start(&db).await;
+    let mut auditor = WsClient::connect(&server.url()).await;
+    auditor.register("auditor").await;
+    auditor.join("load").await;
+
+    let acks: Acks = Arc::default();
+    let (progress, mut watch_progress) = watch::channel(0);
+    let senders: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(sender(
+                server.url(),
+                format!("s{i}"),
+                acks.clone(),
+                progress.clone(),
+            ))
+        })
+        .collect();
+    watch_progress
+        .wait_for(|n| *n >= 300)
+        .await
+        .expect("load started");
+    server.signal(signal);
+    let status = server.exit().await;
+    if expect_clean_exit {
+        assert_eq!(status.code(), Some(0), "a graceful exit: {status:?}");
+    } else {
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(signal)
+        );
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    drop(auditor);
+
+    let server = Confab::start(&db).await;
+    let mut auditor = WsClient::connect(&server.url()).await;
+    auditor.login("auditor").await;
+    let mut stored = BTreeMap::new();
+    let mut after = 0;
+    loop {
+        let page = auditor
+            .ok(json!({"type":"history","room":"load","after":after,"limit":500}))
+            .await;
+        for m in page["messages"].as_array().unwrap() {
+            let seq = m["seq"].as_u64().unwrap();
+            stored.insert(seq, m["body"].as_str().unwrap().to_owned());
+            after = seq;
+        }
+        if page["more"] == false {
+            break;
+        }
+    }
+    let acks = acks.lock().unwrap().clone();
+    assert!(acks.len() >= 300);
+    let last = *stored.keys().last().unwrap();
+    assert_eq!(
+        stored.keys().copied().collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>(),
+        "no gaps"
+    );
+    for (seq, body) in &acks {
+        assert_eq!(
+            stored.get(seq),
+            Some(body),
+            "acknowledged seq {seq} is in history with its body"
+        );
+    }
+    let mut bodies: Vec<_> = stored.values().collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), stored.len(), "no message stored twice");
+    drop(server);
+}
+
+#[tokio::test]
+async fn sigterm_under_load_loses_no_ack() {
+    load_then(libc::SIGTERM, true).await;
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_ack() {
+    load_then(libc::SIGKILL, false).await;
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Confab::start(&dir.path().join("confab.db")).await;
+    // A client that never answers the close keeps the drain busy for its
+    // closing handshake.
+    let (_silent, _) = confab_testkit::tokio_tungstenite::connect_async(server.url())
+        .await
+        .unwrap();
+    server.signal(libc::SIGTERM);
+    server.log("shutting down").await;
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.exit().await.code(), Some(130));
+}
