@@ -207,7 +207,10 @@ pub fn parse(line: &str) -> Result<LineCommand, Usage> {
         "who" | "names" if count <= 1 => Ok(LineCommand::Who(words.next().map(str::to_owned))),
         "who" | "names" => usage("/who [ROOM]"),
         "msg" | "dm" if count >= 2 => {
-            let (to, text) = rest.split_once(' ').expect("two words");
+            // The same whitespace that counted the words splits them: a
+            // vertical tab between the two once panicked here (found by
+            // fuzzing).
+            let (to, text) = rest.split_once(char::is_whitespace).expect("two words");
             Ok(LineCommand::Msg {
                 to: to.to_owned(),
                 text: text.trim_start().to_owned(),
@@ -545,6 +548,26 @@ mod tests {
         assert_eq!(
             parse("/frob").unwrap_err().0,
             "unknown command /frob; /help lists them"
+        );
+    }
+
+    #[test]
+    fn fuzz_regressions() {
+        // crash-261d191940e881395b77c05befcb0f86c508a386: words counted with
+        // Unicode whitespace, split on ' ' only.
+        assert_eq!(
+            parse("/msg G\u{b}**"),
+            Ok(LineCommand::Msg {
+                to: "G".into(),
+                text: "**".into()
+            })
+        );
+        assert_eq!(
+            parse("/msg bob\tsee\u{a0}you"),
+            Ok(LineCommand::Msg {
+                to: "bob".into(),
+                text: "see\u{a0}you".into()
+            })
         );
     }
 
