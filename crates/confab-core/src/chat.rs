@@ -2,7 +2,7 @@
 //! the local hub, and opens a [`Session`] for each connection.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::auth::Passwords;
@@ -59,10 +59,32 @@ pub(crate) struct Inner {
     pub(crate) store: DynStore,
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) config: ChatConfig,
+    policy: RwLock<Arc<Policy>>,
     pub(crate) passwords: Passwords,
-    pub(crate) limiters: SharedLimiters,
     ids: ConnIds,
+}
+
+/// The settings that can change while the server runs, with the shared
+/// rate-limit buckets built from them. Sessions pick up a new policy at
+/// their next request.
+pub(crate) struct Policy {
+    pub(crate) config: ChatConfig,
+    pub(crate) limiters: SharedLimiters,
+}
+
+impl Policy {
+    fn new(config: ChatConfig) -> Arc<Policy> {
+        Arc::new(Policy {
+            limiters: SharedLimiters::new(&config.rate_limits),
+            config,
+        })
+    }
+}
+
+impl Inner {
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy.read().expect("policy poisoned").clone()
+    }
 }
 
 /// How often idle per-user and per-IP buckets are forgotten.
@@ -84,8 +106,7 @@ impl Chat {
             broker,
             hub,
             passwords: Passwords::new(config.hash_concurrency),
-            limiters: SharedLimiters::new(&config.rate_limits),
-            config,
+            policy: RwLock::new(Policy::new(config)),
             ids: ConnIds::default(),
         });
         let weak = Arc::downgrade(&inner);
@@ -95,7 +116,7 @@ impl Chat {
             loop {
                 tick.tick().await;
                 match weak.upgrade() {
-                    Some(inner) => inner.limiters.forget_idle(),
+                    Some(inner) => inner.policy().limiters.forget_idle(),
                     None => break,
                 }
             }
@@ -106,11 +127,20 @@ impl Chat {
     /// A session for a new connection from `peer`, and the transport's end
     /// of its queue.
     pub fn open(&self, peer: Option<IpAddr>) -> (Session, ConnReceiver) {
-        let (conn, rx) = conn::channel(self.inner.ids.next(), self.inner.config.outbound_queue);
+        let queue = self.inner.policy().config.outbound_queue;
+        let (conn, rx) = conn::channel(self.inner.ids.next(), queue);
         (Session::new(self.inner.clone(), conn, peer), rx)
     }
 
-    pub fn config(&self) -> &ChatConfig {
-        &self.inner.config
+    /// The settings in force.
+    pub fn config(&self) -> ChatConfig {
+        self.inner.policy().config.clone()
+    }
+
+    /// Change the settings while running: limits, rate limits (with fresh
+    /// buckets), the filter, guests, the queue size of new connections.
+    /// `gap_fill_delay` and `hash_concurrency` keep their start values.
+    pub fn set_config(&self, config: ChatConfig) {
+        *self.inner.policy.write().expect("policy poisoned") = Policy::new(config);
     }
 }

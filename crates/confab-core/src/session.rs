@@ -19,7 +19,7 @@ use confab_proto::{
 
 use crate::auth;
 use crate::broker::{BrokerEvent, Skip};
-use crate::chat::Inner;
+use crate::chat::{Inner, Policy};
 use crate::conn::{CloseReason, Conn, Outbound};
 use crate::error::ChatError;
 use crate::limits::{ConnLimiter, Refusal};
@@ -39,6 +39,8 @@ pub struct Session {
     chat: Arc<Inner>,
     conn: Conn,
     peer: Option<IpAddr>,
+    /// The policy this session's limiter was built from.
+    policy: Arc<Policy>,
     limiter: ConnLimiter,
     /// Set when a refusal found the client abusive: close after the reply.
     abusive: bool,
@@ -78,8 +80,10 @@ type Handled = Result<Done, ChatError>;
 
 impl Session {
     pub(crate) fn new(chat: Arc<Inner>, conn: Conn, peer: Option<IpAddr>) -> Self {
+        let policy = chat.policy();
         Session {
-            limiter: ConnLimiter::new(&chat.config.rate_limits),
+            limiter: ConnLimiter::new(&policy.config.rate_limits),
+            policy,
             chat,
             conn,
             peer,
@@ -211,7 +215,12 @@ impl Session {
 
     /// The rate limits a request passes before anything else happens.
     fn admit(&mut self, request: &Request) -> Result<(), ChatError> {
-        let limits = &self.chat.limiters;
+        let current = self.chat.policy();
+        if !Arc::ptr_eq(&current, &self.policy) {
+            self.limiter = ConnLimiter::new(&current.config.rate_limits);
+            self.policy = current;
+        }
+        let limits = &self.policy.limiters;
         let (verdict, what) = match request {
             Request::Send { .. } | Request::Dm { .. } => {
                 let user = self.login.as_ref().map(|l| l.user.key());
@@ -298,7 +307,7 @@ impl Session {
     }
 
     async fn guest(&mut self, user: &str) -> Handled {
-        if !self.chat.config.allow_guests {
+        if !self.policy.config.allow_guests {
             return Err(ChatError::forbidden("guests are turned off on this server"));
         }
         let name = UserName::parse(user)?;
@@ -477,14 +486,14 @@ impl Session {
 
     async fn topic(&mut self, room: &str, topic: String) -> Handled {
         let room = RoomName::parse(room)?;
-        if topic.chars().count() > self.chat.config.max_topic_chars {
+        if topic.chars().count() > self.policy.config.max_topic_chars {
             return Err(ChatError::too_large(format!(
                 "a topic has at most {} characters",
-                self.chat.config.max_topic_chars
+                self.policy.config.max_topic_chars
             )));
         }
         check_text("topic", &topic)?;
-        self.chat.config.filter.check(&topic)?;
+        self.policy.config.filter.check(&topic)?;
         let user = self.me().user.clone();
         self.chat.store.set_topic(&room, &user, &topic).await?;
         Ok(Done::empty().then(BrokerEvent::Room {
@@ -576,7 +585,7 @@ impl Session {
         if body.is_empty() {
             return Err(ChatError::bad_request("the body is empty"));
         }
-        let max = self.chat.config.max_body_bytes;
+        let max = self.policy.config.max_body_bytes;
         if body.len() > max {
             return Err(ChatError::too_large(format!(
                 "the body has {} bytes; at most {max} are allowed",
@@ -584,7 +593,7 @@ impl Session {
             )));
         }
         check_text("body", body)?;
-        self.chat.config.filter.check(body)
+        self.policy.config.filter.check(body)
     }
 
     async fn history(

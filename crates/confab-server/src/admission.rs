@@ -7,13 +7,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 pub(crate) struct Gate {
-    max_total: usize,
-    max_per_ip: usize,
     state: Mutex<Counts>,
 }
 
 #[derive(Default)]
 struct Counts {
+    max_total: usize,
+    max_per_ip: usize,
     total: usize,
     per_ip: HashMap<IpAddr, usize>,
 }
@@ -42,20 +42,28 @@ impl Full {
 
 impl Gate {
     pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Arc<Gate> {
-        Arc::new(Gate {
-            max_total,
-            max_per_ip,
+        let gate = Arc::new(Gate {
             state: Mutex::default(),
-        })
+        });
+        gate.set_limits(max_total, max_per_ip);
+        gate
+    }
+
+    /// New limits; connections already in stay, even past them.
+    pub(crate) fn set_limits(&self, max_total: usize, max_per_ip: usize) {
+        let mut counts = self.state.lock().expect("gate poisoned");
+        counts.max_total = max_total;
+        counts.max_per_ip = max_per_ip;
     }
 
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Full> {
         let mut counts = self.state.lock().expect("gate poisoned");
-        if counts.total >= self.max_total {
+        if counts.total >= counts.max_total {
             return Err(Full::Server);
         }
+        let max_per_ip = counts.max_per_ip;
         let from_ip = counts.per_ip.entry(ip).or_default();
-        if *from_ip >= self.max_per_ip {
+        if *from_ip >= max_per_ip {
             return Err(Full::Address);
         }
         *from_ip += 1;

@@ -31,6 +31,8 @@ pub struct Config {
     pub chat: ChatConfig,
     /// Serve both listeners over TLS with this certificate.
     pub tls: Option<crate::TlsFiles>,
+    /// The bearer token of the admin API; `None` turns the API off.
+    pub admin_token: Option<crate::settings::Secret>,
 }
 
 impl Default for Config {
@@ -52,6 +54,7 @@ impl Default for Config {
             reconnect_ms: 2000,
             chat: ChatConfig::default(),
             tls: None,
+            admin_token: None,
         }
     }
 }

@@ -45,7 +45,7 @@ async fn connection(app: Arc<App>, router: Router, stream: TcpStream, peer: Sock
         None => serve_connection(&app, router, stream, peer).await,
         Some(tls) => {
             let handshake = tls.acceptor.accept(stream);
-            match tokio::time::timeout(app.config.handshake_timeout, handshake).await {
+            match tokio::time::timeout(app.config().handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => serve_connection(&app, router, stream, peer).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -65,7 +65,7 @@ where
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(app.config.handshake_timeout)
+        .header_read_timeout(app.config().handshake_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

@@ -2,7 +2,8 @@
 //! graceful shutdown. `main.rs` is only the command line; everything else
 //! is here so tests can run a real server in-process.
 //!
-//! - [`config`]: settings and their defaults.
+//! - [`config`]: the server's settings and their defaults.
+//! - [`settings`]: the configuration file, environment and flags.
 //! - [`ws`]: the WebSocket transport (`GET /ws`).
 //! - [`line`]: the line transport (plain TCP, for `nc` and `telnet`).
 //! - `http`: the HTTP accept loop; `admission`: connection limits;
@@ -15,6 +16,7 @@ mod admission;
 pub mod config;
 mod http;
 pub mod line;
+pub mod settings;
 mod tls;
 pub mod ws;
 
@@ -73,12 +75,19 @@ pub struct Listeners {
 /// What every connection task shares.
 pub(crate) struct App {
     pub(crate) chat: Chat,
-    pub(crate) config: Config,
+    config: std::sync::RwLock<Arc<Config>>,
     /// Cancelled when the server starts draining.
     pub(crate) draining: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) gate: Arc<admission::Gate>,
     pub(crate) tls: Option<tls::Tls>,
+}
+
+impl App {
+    /// The configuration in force; a connection reads it when it starts.
+    pub(crate) fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config poisoned").clone()
+    }
 }
 
 /// Open the store the configuration names.
@@ -112,7 +121,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Server, Serve
     let app = Arc::new(App {
         chat,
         gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
-        config,
+        config: std::sync::RwLock::new(Arc::new(config)),
         draining: CancellationToken::new(),
         tasks: TaskTracker::new(),
         tls,
@@ -132,14 +141,25 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Server, Serve
 }
 
 impl Server {
-    /// Reload what can change while running: the TLS certificate (new
-    /// connections get it; open ones keep theirs). On an error nothing
-    /// changes.
-    pub async fn reload(&self) -> Result<(), ServerError> {
-        if let Some(tls) = &self.app.tls {
-            tls.reload()?;
-            tracing::info!("reloaded the TLS certificate");
+    /// Apply a new configuration while running, without dropping anyone:
+    /// the TLS certificate, connection limits, rate limits, the filter,
+    /// guests, and the timeouts and sizes of new connections. The
+    /// listeners, the database and turning TLS on or off need a restart.
+    /// On an error nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<(), ServerError> {
+        match (&self.app.tls, &config.tls) {
+            (Some(tls), Some(files)) => {
+                tls.reload(files)?;
+                tracing::info!("reloaded the TLS certificate");
+            }
+            (None, None) => {}
+            _ => tracing::warn!("turning TLS on or off needs a restart"),
         }
+        self.app
+            .gate
+            .set_limits(config.max_connections, config.max_connections_per_ip);
+        self.app.chat.set_config(config.chat.clone());
+        *self.app.config.write().expect("config poisoned") = Arc::new(config);
         Ok(())
     }
 
@@ -157,7 +177,7 @@ impl Server {
     pub async fn wait(self) -> Result<(), ServerError> {
         self.app.draining.cancelled().await;
         self.app.tasks.close();
-        let grace = self.app.config.shutdown_grace;
+        let grace = self.app.config().shutdown_grace;
         if tokio::time::timeout(grace, self.app.tasks.wait())
             .await
             .is_err()

@@ -69,7 +69,7 @@ async fn handshake(
         None => admit(app, stream, peer, admitted).await,
         Some(tls) => {
             let handshake = tls.acceptor.accept(stream);
-            match tokio::time::timeout(app.config.handshake_timeout, handshake).await {
+            match tokio::time::timeout(app.config().handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => admit(app, stream, peer, admitted).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -132,11 +132,11 @@ async fn read_loop(
     let mut terminal = Terminal {
         session,
         current: None,
-        max_line: app.config.max_line_bytes,
+        max_line: app.config().max_line_bytes,
     };
-    let mut decoder = LineDecoder::new(app.config.max_line_bytes);
+    let mut decoder = LineDecoder::new(app.config().max_line_bytes);
     let mut buf = BytesMut::new();
-    let login_deadline = tokio::time::Instant::now() + app.config.login_timeout;
+    let login_deadline = tokio::time::Instant::now() + app.config().login_timeout;
     loop {
         while let Some(frame) = decoder.decode(&mut buf) {
             if let Some(ending) = terminal.frame(frame).await {
@@ -345,7 +345,7 @@ async fn write_loop(
                     Ending::Bye(last) => Some(Bytes::from_static(last.as_bytes())),
                     Ending::Shutdown => Some(line::format_event(&Event::Shutdown {
                         reason: "the server is shutting down".into(),
-                        reconnect_ms: app.config.reconnect_ms,
+                        reconnect_ms: app.config().reconnect_ms,
                     })),
                 };
                 if let Some(last) = last {

@@ -3,12 +3,14 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use confab_server::{Config, Database};
+use confab_server::settings::{LogFormat, Settings};
 use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 #[derive(Parser)]
 #[command(name = "confab", version, about = "A real-time chat server")]
@@ -20,84 +22,159 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(Serve),
+    Serve(Overrides),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
-#[derive(clap::Args)]
-struct Serve {
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration (file, environment, flags) and print the
+    /// effective result, secrets masked.
+    Check(Overrides),
+}
+
+/// Where the configuration comes from, and the flags that override it.
+/// Every option is in config/example.toml; these are the common ones.
+#[derive(clap::Args, Clone)]
+struct Overrides {
+    /// A TOML configuration file (see config/example.toml).
+    #[arg(long, env = "CONFAB_CONFIG")]
+    config: Option<PathBuf>,
     /// Address of the HTTP and WebSocket listener (WebSocket at /ws).
-    #[arg(long, default_value = "127.0.0.1:8080", env = "CONFAB_HTTP")]
-    http: SocketAddr,
-    /// Address of the line-protocol listener (for nc and telnet).
-    #[arg(long, default_value = "127.0.0.1:7777", env = "CONFAB_LINE")]
-    line: SocketAddr,
-    /// Do not open the line-protocol listener.
     #[arg(long)]
-    no_line: bool,
+    http: Option<SocketAddr>,
+    /// Address of the line-protocol listener, or "off".
+    #[arg(long)]
+    line: Option<String>,
     /// Storage: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH,
-    /// optionally with ?synchronous=normal (survives a process crash, not
-    /// a power cut; faster).
-    #[arg(
-        long,
-        default_value = "sqlite://data/confab.db",
-        env = "CONFAB_DATABASE"
-    )]
-    database: String,
-    /// WebSocket ping interval in milliseconds; silent for two is dead.
-    #[arg(long, default_value_t = 30_000)]
-    heartbeat_ms: u64,
+    /// optionally with ?synchronous=normal.
+    #[arg(long)]
+    database: Option<String>,
+    /// Log filter: error, warn, info, debug, trace, or per module.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Serve both listeners over TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// WebSocket ping interval in milliseconds.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Most chat connections at once.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most chat connections from one IP address.
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
+    /// How long a graceful shutdown may take, in milliseconds.
+    #[arg(long)]
+    shutdown_grace_ms: Option<u64>,
     /// Refuse `guest` logins.
     #[arg(long)]
     no_guests: bool,
-    /// Serve both listeners over TLS with this certificate chain (PEM);
-    /// needs --tls-key. SIGHUP reloads both files.
-    #[arg(long, requires = "tls_key", env = "CONFAB_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, requires = "tls_cert", env = "CONFAB_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// Most chat connections at once.
-    #[arg(long, default_value_t = 10_000)]
-    max_connections: usize,
-    /// Most chat connections from one IP address.
-    #[arg(long, default_value_t = 256)]
-    max_connections_per_ip: usize,
-    /// How long a graceful shutdown may take, in milliseconds.
-    #[arg(long, default_value_t = 10_000)]
-    shutdown_grace_ms: u64,
+}
+
+impl Overrides {
+    /// The file, then the environment, then these flags; validated.
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let mut s = Settings::load(self.config.as_deref(), std::env::vars())?;
+        if let Some(v) = self.http {
+            s.http = v;
+        }
+        if let Some(v) = &self.line {
+            s.line = v.clone();
+        }
+        if let Some(v) = &self.database {
+            s.database = v.clone();
+        }
+        if let Some(v) = &self.log_level {
+            s.log.level = v.clone();
+        }
+        if let Some(v) = self.log_format {
+            s.log.format = v;
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            s.tls = Some(confab_server::settings::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        if let Some(v) = self.heartbeat_ms {
+            s.limits.heartbeat_ms = v;
+        }
+        if let Some(v) = self.max_connections {
+            s.limits.max_connections = v;
+        }
+        if let Some(v) = self.max_connections_per_ip {
+            s.limits.max_connections_per_ip = v;
+        }
+        if let Some(v) = self.shutdown_grace_ms {
+            s.limits.shutdown_grace_ms = v;
+        }
+        if self.no_guests {
+            s.guests.allowed = false;
+        }
+        s.validate()?;
+        Ok(s)
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(overrides) => serve(overrides).await,
+        Command::Config(ConfigCommand::Check(overrides)) => {
+            let settings = overrides.settings()?;
+            println!("# the configuration is valid; in effect:\n");
+            print!("{}", settings.to_toml());
+            Ok(())
+        }
     }
 }
 
-async fn serve(args: Serve) -> anyhow::Result<()> {
-    let mut config = Config {
-        database: Database::parse(&args.database).map_err(anyhow::Error::msg)?,
-        heartbeat: Duration::from_millis(args.heartbeat_ms.max(1)),
-        ..Config::default()
-    };
-    config.chat.allow_guests = !args.no_guests;
-    config.max_connections = args.max_connections;
-    config.max_connections_per_ip = args.max_connections_per_ip;
-    config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
-    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
-        config.tls = Some(confab_server::TlsFiles { cert, key });
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Logs to stderr: text (plain when not a terminal) or JSON lines. The
+/// filter can be changed later through the handle.
+fn init_logging(settings: &Settings) -> anyhow::Result<FilterHandle> {
+    let filter = EnvFilter::try_new(&settings.log.level).context("log.level")?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match settings.log.format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
     }
-    let http = bind(args.http).await?;
-    let line = match args.no_line {
-        true => None,
-        false => Some(bind(args.line).await?),
+    Ok(handle)
+}
+
+async fn serve(overrides: Overrides) -> anyhow::Result<()> {
+    let mut settings = overrides.settings()?;
+    let logs = init_logging(&settings)?;
+    let config = settings.to_config()?;
+    let http = bind(settings.http).await?;
+    let line = match settings.line_addr()? {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
     };
     let listeners = confab_server::Listeners { http, line };
     // Listen before serving, and keep the same listeners throughout, so
@@ -108,8 +185,9 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                if let Err(e) = server.reload().await {
-                    tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                match reload(&overrides, &settings, &server, &logs).await {
+                    Ok(fresh) => settings = fresh,
+                    Err(e) => tracing::error!(error = %e, "reload failed; nothing changed"),
                 }
             }
             _ = stops.next() => break,
@@ -123,6 +201,33 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
     });
     server.wait().await?;
     Ok(())
+}
+
+/// SIGHUP: read the configuration again and apply what can change live.
+async fn reload(
+    overrides: &Overrides,
+    current: &Settings,
+    server: &confab_server::Server,
+    logs: &FilterHandle,
+) -> anyhow::Result<Settings> {
+    let fresh = overrides.settings()?;
+    server.reload(fresh.to_config()?).await?;
+    logs.reload(EnvFilter::try_new(&fresh.log.level)?)?;
+    let changes = current.changes(&fresh);
+    if changes.is_empty() {
+        tracing::info!("reloaded the configuration: nothing changed");
+    }
+    for change in changes {
+        let restart = ["http:", "line:", "database:", "log.format:"]
+            .iter()
+            .any(|k| change.starts_with(k));
+        if restart {
+            tracing::warn!(%change, "this change needs a restart");
+        } else {
+            tracing::info!(%change, "configuration changed");
+        }
+    }
+    Ok(fresh)
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

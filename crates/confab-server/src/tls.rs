@@ -28,7 +28,6 @@ pub struct TlsError(String);
 pub(crate) struct Tls {
     pub(crate) acceptor: TlsAcceptor,
     slot: Arc<CertSlot>,
-    files: TlsFiles,
 }
 
 #[derive(Debug)]
@@ -52,14 +51,13 @@ impl Tls {
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             slot,
-            files: files.clone(),
         })
     }
 
-    /// Read the files again and use them for new connections. On an error
-    /// the certificate in use stays.
-    pub(crate) fn reload(&self) -> Result<(), TlsError> {
-        let fresh = load(&self.files)?;
+    /// Read the files (again) and use them for new connections. On an
+    /// error the certificate in use stays.
+    pub(crate) fn reload(&self, files: &TlsFiles) -> Result<(), TlsError> {
+        let fresh = load(files)?;
         *self.slot.0.write().expect("cert slot poisoned") = Arc::new(fresh);
         Ok(())
     }

@@ -68,7 +68,7 @@ pub(crate) async fn upgrade(
         Ok(admitted) => admitted,
         Err(full) => return unavailable(full.message()),
     };
-    let max = app.config.max_frame_bytes;
+    let max = app.config().max_frame_bytes;
     ws.max_frame_size(max)
         .max_message_size(max)
         .on_upgrade(move |socket| {
@@ -128,8 +128,8 @@ async fn read_loop(
     writer_gone: &CancellationToken,
 ) -> (Session, SplitStream<WebSocket>, Ending) {
     // Two heartbeat intervals without a frame (or a pong) is a dead peer.
-    let idle = app.config.heartbeat * 2;
-    let login_deadline = tokio::time::Instant::now() + app.config.login_timeout;
+    let idle = app.config().heartbeat * 2;
+    let login_deadline = tokio::time::Instant::now() + app.config().login_timeout;
     loop {
         // Biased: a request already received is served before a shutdown
         // is noticed, so requests in flight get their replies.
@@ -193,15 +193,15 @@ async fn write_loop(
     let hello = Event::Hello {
         server: confab_proto::SERVER_NAME,
         version: confab_proto::VERSION,
-        heartbeat_ms: app.config.heartbeat.as_millis() as u64,
+        heartbeat_ms: app.config().heartbeat.as_millis() as u64,
         limits: Limits {
             max_body_bytes: app.chat.config().max_body_bytes,
-            max_frame_bytes: app.config.max_frame_bytes,
+            max_frame_bytes: app.config().max_frame_bytes,
         },
     };
     let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + app.config.heartbeat,
-        app.config.heartbeat,
+        tokio::time::Instant::now() + app.config().heartbeat,
+        app.config().heartbeat,
     );
     let evicted = rx.close_signal();
     let mut written = unless_evicted(&evicted, sink.send(text(json::encode_event(&hello)))).await;
@@ -282,7 +282,7 @@ async fn drain_and_shut_down(
     }
     let notice = Event::Shutdown {
         reason: "the server is shutting down".into(),
-        reconnect_ms: app.config.reconnect_ms,
+        reconnect_ms: app.config().reconnect_ms,
     };
     sink.feed(text(json::encode_event(&notice))).await?;
     close_with(sink, close::GOING_AWAY, "server shutting down").await

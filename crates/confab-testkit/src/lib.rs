@@ -103,9 +103,19 @@ impl TestServer {
         WsClient::connect(&self.ws_url()).await
     }
 
-    /// Reload the certificate, as SIGHUP does.
+    /// Apply the configuration again, as SIGHUP does (re-reading the
+    /// certificate files).
     pub async fn reload(&self) -> Result<(), confab_server::ServerError> {
-        self.server.reload().await
+        self.server.reload(self.config.clone()).await
+    }
+
+    /// Change the configuration while running, as SIGHUP does.
+    pub async fn reload_with(
+        &mut self,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Result<(), confab_server::ServerError> {
+        tweak(&mut self.config);
+        self.server.reload(self.config.clone()).await
     }
 
     /// Start a graceful shutdown without waiting for it.
