@@ -83,6 +83,25 @@ fn hash_now(password: &str) -> Result<String, ChatError> {
         .map_err(|e| ChatError::new(confab_proto::ErrorCode::Internal, format!("hashing: {e}")))
 }
 
+/// Password length bounds, in characters.
+const PASSWORD_CHARS: std::ops::RangeInclusive<usize> = 8..=256;
+
+/// The rules a new password follows.
+pub fn check_password(password: &str) -> Result<(), ChatError> {
+    let n = password.chars().count();
+    if n > *PASSWORD_CHARS.end() {
+        return Err(ChatError::too_large(
+            "a password has at most 256 characters",
+        ));
+    }
+    if n < *PASSWORD_CHARS.start() {
+        return Err(ChatError::bad_request(
+            "a password has at least 8 characters",
+        ));
+    }
+    Ok(())
+}
+
 /// A fresh token: what the client gets, and what the store keeps.
 pub fn new_token() -> (String, TokenHash) {
     let mut raw = [0u8; 32];

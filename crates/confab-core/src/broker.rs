@@ -4,6 +4,7 @@
 //! between nodes, and each node's hub fans them out to its own sessions.
 
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use confab_proto::{Event, Message, Seq};
@@ -24,7 +25,11 @@ pub enum Skip {
 #[derive(Debug, Clone)]
 pub enum BrokerEvent {
     /// A committed message, delivered to the room's members in seq order.
-    Message(Message),
+    /// `accepted` is when this node accepted it (not carried between nodes).
+    Message {
+        message: Message,
+        accepted: Option<Instant>,
+    },
     /// An event for a room's connected members: joined, left, topic, typing.
     Room {
         room: RoomName,
@@ -52,6 +57,10 @@ pub enum BrokerEvent {
         online: bool,
         rooms: Vec<RoomName>,
     },
+    /// An event for every connected user (operators' notices).
+    Everyone { event: Event },
+    /// Close every connection of a user (by key), on every node.
+    Disconnect { user: String },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,15 +2,19 @@
 //! the local hub, and opens a [`Session`] for each connection.
 
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use confab_proto::{ErrorCode, Event};
 use std::time::Duration;
 
 use crate::auth::Passwords;
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError, BrokerEvent};
 use crate::conn::{self, ConnIds, ConnReceiver};
 use crate::error::StoreError;
 use crate::hub::Hub;
+use crate::hub::OnlineUser;
 use crate::limits::{ContentFilter, RateLimits, SharedLimiters};
+use crate::names::UserName;
 use crate::session::Session;
 use crate::store::DynStore;
 
@@ -61,7 +65,17 @@ pub(crate) struct Inner {
     pub(crate) hub: Arc<Hub>,
     policy: RwLock<Arc<Policy>>,
     pub(crate) passwords: Passwords,
+    pub(crate) observer: OnceLock<Arc<dyn Observer>>,
     ids: ConnIds,
+}
+
+/// Told of what the engine does, for metrics. Called on the session's task:
+/// must not block.
+pub trait Observer: Send + Sync + 'static {
+    /// A request was answered: `Ok`, or the error code.
+    fn request(&self, kind: &'static str, result: Result<(), ErrorCode>);
+    /// A new message was stored (a duplicate nonce is not one).
+    fn message_stored(&self);
 }
 
 /// The settings that can change while the server runs, with the shared
@@ -107,6 +121,7 @@ impl Chat {
             hub,
             passwords: Passwords::new(config.hash_concurrency),
             policy: RwLock::new(Policy::new(config)),
+            observer: OnceLock::new(),
             ids: ConnIds::default(),
         });
         let weak = Arc::downgrade(&inner);
@@ -130,6 +145,45 @@ impl Chat {
         let queue = self.inner.policy().config.outbound_queue;
         let (conn, rx) = conn::channel(self.inner.ids.next(), queue);
         (Session::new(self.inner.clone(), conn, peer), rx)
+    }
+
+    /// Report to `observer` from now on (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
+    /// The users connected to this node, with their number of connections.
+    pub fn online(&self) -> Vec<(OnlineUser, usize)> {
+        self.inner.hub.online()
+    }
+
+    /// (users connected to this node, rooms with a connected member).
+    pub fn counts(&self) -> (usize, usize) {
+        self.inner.hub.counts()
+    }
+
+    /// Send a notice to everyone connected, on every node.
+    pub async fn notice(&self, text: &str) -> Result<(), BrokerError> {
+        let event = Event::Notice {
+            text: text.to_owned(),
+        };
+        self.inner
+            .broker
+            .publish(BrokerEvent::Everyone { event })
+            .await
+    }
+
+    /// Close every connection of `user`, on every node.
+    pub async fn disconnect(&self, user: &UserName) -> Result<(), BrokerError> {
+        let user = user.key().to_owned();
+        self.inner
+            .broker
+            .publish(BrokerEvent::Disconnect { user })
+            .await
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.inner.store
     }
 
     /// The settings in force.

@@ -37,6 +37,8 @@ pub enum CloseReason {
     /// The client kept going past its rate limits. What is queued (the
     /// refusal) is still written before the close.
     Abuse,
+    /// An operator disconnected the user.
+    Kicked,
 }
 
 #[derive(Debug, Default)]

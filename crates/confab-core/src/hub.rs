@@ -17,12 +17,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use confab_proto::{Event, Message, Seq, SharedEvent};
 
 use crate::broker::{BrokerEvent, BrokerSink, Skip};
-use crate::conn::{Conn, ConnId, Outbound};
+use crate::conn::{CloseReason, Conn, ConnId, Outbound};
 use crate::error::ChatError;
 use crate::names::{RoomName, UserName};
 use crate::store::DynStore;
@@ -145,6 +145,30 @@ impl Hub {
         })
     }
 
+    /// The users connected here, with their number of connections, by name.
+    pub fn online(&self) -> Vec<(OnlineUser, usize)> {
+        let st = self.lock();
+        let mut users: Vec<_> = st
+            .users
+            .values()
+            .map(|u| {
+                let user = OnlineUser {
+                    name: u.name.clone(),
+                    guest: u.guest,
+                };
+                (user, u.conns.len())
+            })
+            .collect();
+        users.sort_by(|a, b| a.0.name.key().cmp(b.0.name.key()));
+        users
+    }
+
+    /// (users connected here, rooms with a connected member here).
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.users.len(), st.rooms.len())
+    }
+
     /// Whether a connected user is a member of `room` (as far as this node knows).
     pub fn is_member(&self, user_key: &str, room: &RoomName) -> bool {
         self.lock()
@@ -182,7 +206,7 @@ impl Hub {
             match fetched {
                 Ok(messages) if !messages.is_empty() => {
                     for m in &messages {
-                        st.message(m);
+                        st.message(m, None);
                     }
                 }
                 outcome => {
@@ -205,8 +229,8 @@ impl BrokerSink for Hub {
     fn deliver(&self, event: &BrokerEvent) {
         let mut st = self.lock();
         match event {
-            BrokerEvent::Message(m) => {
-                if let Some(room) = st.message(m) {
+            BrokerEvent::Message { message, accepted } => {
+                if let Some(room) = st.message(message, *accepted) {
                     drop(st);
                     self.schedule_gap_fill(room);
                 }
@@ -236,6 +260,19 @@ impl BrokerSink for Hub {
                     st.subscribe(room, user.key(), *last_seq);
                 } else {
                     st.unsubscribe(room, user.key());
+                }
+            }
+            BrokerEvent::Everyone { event } => {
+                let shared = Arc::new(SharedEvent::new(event.clone()));
+                for u in st.users.values() {
+                    push_all(u, &shared, &Skip::Nobody);
+                }
+            }
+            BrokerEvent::Disconnect { user } => {
+                if let Some(u) = st.users.get(user) {
+                    for conn in &u.conns {
+                        conn.close(CloseReason::Kicked);
+                    }
                 }
             }
             BrokerEvent::Presence {
@@ -302,14 +339,14 @@ impl State {
 
     /// Deliver or hold back one message. Returns the room when a new gap
     /// opened and needs filling.
-    fn message(&mut self, m: &Message) -> Option<RoomName> {
+    fn message(&mut self, m: &Message, accepted: Option<Instant>) -> Option<RoomName> {
         let room = RoomName::from_trusted(m.room.clone());
         let entry = self.rooms.get_mut(&room)?;
         if m.seq < entry.next_seq || entry.pending.contains_key(&m.seq) {
             return None; // delivered already
         }
-        let shared = Arc::new(SharedEvent::new(Event::Message(m.clone())));
-        entry.pending.insert(m.seq, shared);
+        let shared = SharedEvent::new(Event::Message(m.clone())).accepted_at(accepted);
+        entry.pending.insert(m.seq, Arc::new(shared));
         if m.seq > entry.next_seq {
             if entry.filling {
                 return None;

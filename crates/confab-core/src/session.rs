@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use confab_proto::json::DecodeError;
@@ -30,8 +31,6 @@ use crate::store::{DirectPeers, NewMessage, Page, TokenHash};
 pub const DEFAULT_PAGE: u32 = 50;
 /// Largest page a client may ask for.
 pub const MAX_PAGE: u32 = 500;
-/// Password length bounds, in characters.
-const PASSWORD_CHARS: std::ops::RangeInclusive<usize> = 8..=256;
 /// Longest nonce, in characters.
 const MAX_NONCE_CHARS: usize = 64;
 
@@ -44,6 +43,8 @@ pub struct Session {
     limiter: ConnLimiter,
     /// Set when a refusal found the client abusive: close after the reply.
     abusive: bool,
+    /// When the request being handled arrived.
+    accepted: Instant,
     login: Option<Login>,
 }
 
@@ -88,6 +89,7 @@ impl Session {
             conn,
             peer,
             abusive: false,
+            accepted: Instant::now(),
             login: None,
         }
     }
@@ -97,11 +99,17 @@ impl Session {
         self.login.is_some()
     }
 
+    /// The logged-in user, if any.
+    pub fn user(&self) -> Option<&UserName> {
+        self.login.as_ref().map(|l| &l.user)
+    }
+
     /// Execute one request: queue its reply, then publish its effects.
     /// Returns whether the request succeeded.
     pub async fn handle(&mut self, envelope: Envelope) -> bool {
         let Envelope { id, request } = envelope;
         let kind = request.kind();
+        self.accepted = Instant::now();
         let (result, then) = match self.execute(request).await {
             Ok(done) => (Ok(done.reply), done.then),
             Err(e) => {
@@ -115,6 +123,9 @@ impl Session {
             }
         };
         let succeeded = result.is_ok();
+        if let Some(observer) = self.chat.observer.get() {
+            observer.request(kind, result.as_ref().map(|_| ()).map_err(|e| e.code));
+        }
         self.reply(id, result).await;
         self.publish(then).await;
         if self.abusive {
@@ -258,7 +269,7 @@ impl Session {
 
     async fn register(&mut self, user: &str, password: String) -> Handled {
         let name = UserName::parse(user)?;
-        check_password(&password)?;
+        auth::check_password(&password)?;
         if self
             .chat
             .hub
@@ -576,7 +587,13 @@ impl Session {
             });
         }
         if !stored.duplicate {
-            done = done.then(BrokerEvent::Message(stored.message));
+            if let Some(observer) = self.chat.observer.get() {
+                observer.message_stored();
+            }
+            done = done.then(BrokerEvent::Message {
+                message: stored.message,
+                accepted: Some(self.accepted),
+            });
         }
         Ok(done)
     }
@@ -701,21 +718,6 @@ fn left_event(room: &RoomName, user: &UserName, skip: Skip) -> BrokerEvent {
         },
         skip,
     }
-}
-
-fn check_password(password: &str) -> Result<(), ChatError> {
-    let n = password.chars().count();
-    if n > *PASSWORD_CHARS.end() {
-        return Err(ChatError::too_large(
-            "a password has at most 256 characters",
-        ));
-    }
-    if n < *PASSWORD_CHARS.start() {
-        return Err(ChatError::bad_request(
-            "a password has at least 8 characters",
-        ));
-    }
-    Ok(())
 }
 
 /// Text fields carry no control characters but newline and tab.

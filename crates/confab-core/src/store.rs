@@ -113,6 +113,15 @@ pub trait Store: Send + Sync + 'static {
     /// The registered user with this name (any case).
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>>;
 
+    /// Replace a user's password hash and revoke all of the user's tokens.
+    /// `Invalid` when there is no such user.
+    async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()>;
+    /// Every registered user, by name.
+    async fn list_users(&self) -> StoreResult<Vec<UserName>>;
+    /// Remove a user with its tokens and memberships (its messages stay).
+    /// `Invalid` when there is no such user.
+    async fn delete_user(&self, name: &UserName) -> StoreResult<()>;
+
     async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()>;
     /// The user a live token belongs to.
     async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>>;

@@ -155,7 +155,10 @@ fn delivered(rx: &mut ConnReceiver) -> Vec<u64> {
 async fn the_hub_delivers_in_seq_order_whatever_the_publish_order() {
     let (hub, mut rx) = hub_with_listener(Arc::new(MemoryStore::new()));
     for seq in [2, 3, 1, 1, 5, 4, 2] {
-        hub.deliver(&BrokerEvent::Message(message("r", seq)));
+        hub.deliver(&BrokerEvent::Message {
+            message: message("r", seq),
+            accepted: None,
+        });
     }
     assert_eq!(
         delivered(&mut rx),
@@ -183,7 +186,10 @@ async fn a_gap_no_publish_fills_is_read_from_the_store() {
     }
     let (hub, mut rx) = hub_with_listener(store);
     // Seqs 1 and 2 were committed but their publishes were lost.
-    hub.deliver(&BrokerEvent::Message(message("r", 3)));
+    hub.deliver(&BrokerEvent::Message {
+        message: message("r", 3),
+        accepted: None,
+    });
     assert!(delivered(&mut rx).is_empty(), "held back behind the gap");
     tokio::time::sleep(Duration::from_millis(60)).await;
     for _ in 0..10 {

@@ -274,6 +274,11 @@ pub fn format_event(event: &Event) -> Bytes {
         Event::Topic { room, topic, user } => {
             let _ = writeln!(out, "* {user} set the topic of #{room}: {topic}");
         }
+        Event::Notice { text } => {
+            for part in text.split('\n') {
+                let _ = writeln!(out, "* notice: {part}");
+            }
+        }
         Event::Presence { user, online } => {
             let state = if *online { "online" } else { "offline" };
             let _ = writeln!(out, "* {user} is {state}");

@@ -306,6 +306,10 @@ pub enum Event {
         reason: String,
         reconnect_ms: u64,
     },
+    /// A message from the server's operators to everyone connected.
+    Notice {
+        text: String,
+    },
 }
 
 /// The encodings the server writes, one per transport family.
@@ -332,6 +336,9 @@ impl Format {
 #[derive(Debug)]
 pub struct SharedEvent {
     pub event: Event,
+    /// When the server accepted what this event announces (a message's
+    /// `send`), for measuring delivery latency.
+    pub accepted: Option<std::time::Instant>,
     encoded: [std::sync::OnceLock<bytes::Bytes>; Format::COUNT],
 }
 
@@ -339,8 +346,14 @@ impl SharedEvent {
     pub fn new(event: Event) -> Self {
         SharedEvent {
             event,
+            accepted: None,
             encoded: Default::default(),
         }
+    }
+
+    pub fn accepted_at(mut self, at: Option<std::time::Instant>) -> Self {
+        self.accepted = at;
+        self
     }
 
     /// The event's bytes in `format`; cheap after the first call.

@@ -12,10 +12,12 @@
 //! The caller binds: [`start`] takes listeners that are already bound (tests
 //! bind port 0) and returns a [`Server`] to reload and stop.
 
+mod admin;
 mod admission;
 pub mod config;
 mod http;
 pub mod line;
+mod metrics;
 pub mod settings;
 mod tls;
 pub mod ws;
@@ -25,7 +27,7 @@ use std::sync::Arc;
 
 use axum::routing::get;
 use axum::Router;
-use confab_core::{Chat, DynStore, MemoryBroker, StoreError};
+use confab_core::{Chat, DynStore, MemoryBroker, Outbound, StoreError};
 use confab_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +36,8 @@ use tokio_util::task::TaskTracker;
 pub use confab_core::{ContentFilter, FilterRule, Rate, RateLimits};
 pub use config::{Config, Database, Durability};
 pub use tls::{TlsError, TlsFiles};
+
+use metrics::{Metrics, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -64,6 +68,28 @@ pub(crate) async fn unless_evicted<T>(
     }
 }
 
+/// Encode one queued item for `transport`, counting message deliveries
+/// and their latency since accept.
+pub(crate) fn encode(app: &App, transport: Transport, item: Outbound) -> bytes::Bytes {
+    match item {
+        Outbound::Reply(reply) => match transport {
+            Transport::Ws => confab_proto::json::encode_reply(&reply),
+            Transport::Line => confab_proto::line::format_reply(&reply),
+        },
+        Outbound::Event(shared) => {
+            if let confab_proto::Event::Message(_) = shared.event {
+                let latency = shared.accepted.map(|at| at.elapsed());
+                app.metrics.delivered(transport, latency);
+            }
+            shared.encoded(match transport {
+                Transport::Ws => confab_proto::Format::Json,
+                Transport::Line => confab_proto::Format::Line,
+            })
+        }
+        Outbound::Raw(bytes) => bytes,
+    }
+}
+
 /// The bound listeners the server serves.
 pub struct Listeners {
     /// HTTP, with the WebSocket endpoint at `/ws`.
@@ -81,6 +107,8 @@ pub(crate) struct App {
     pub(crate) tasks: TaskTracker,
     pub(crate) gate: Arc<admission::Gate>,
     pub(crate) tls: Option<tls::Tls>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) started: std::time::Instant,
 }
 
 impl App {
@@ -90,11 +118,22 @@ impl App {
     }
 }
 
-/// Open the store the configuration names.
+/// Open the store the configuration names; commits are reported to
+/// `metrics` when given.
 pub async fn open_store(config: &Config) -> Result<DynStore, StoreError> {
+    open_observed_store(config, None).await
+}
+
+async fn open_observed_store(
+    config: &Config,
+    metrics: Option<Arc<Metrics>>,
+) -> Result<DynStore, StoreError> {
     match &config.database {
         Database::Sqlite { path, durability } => {
             let store = SqliteStore::open(path, *durability).await?;
+            if let Some(metrics) = metrics {
+                store.observe_commits(Box::new(move |jobs, took| metrics.committed(jobs, took)));
+            }
             tracing::info!(path = %path.display(), "storage: SQLite");
             Ok(Arc::new(store))
         }
@@ -111,13 +150,11 @@ pub struct Server {
 pub async fn start(config: Config, listeners: Listeners) -> Result<Server, ServerError> {
     let Listeners { http, line } = listeners;
     let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
-    let store = open_store(&config).await?;
-    let chat = Chat::new(
-        store.clone(),
-        Arc::new(MemoryBroker::new()),
-        config.chat.clone(),
-    )
-    .await?;
+    let metrics = Arc::new(Metrics::new());
+    let store = open_observed_store(&config, Some(metrics.clone())).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let chat = Chat::new(store.clone(), broker, config.chat.clone()).await?;
+    chat.set_observer(metrics.clone());
     let app = Arc::new(App {
         chat,
         gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
@@ -125,10 +162,15 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Server, Serve
         draining: CancellationToken::new(),
         tasks: TaskTracker::new(),
         tls,
+        metrics: metrics.clone(),
+        started: std::time::Instant::now(),
     });
     let router = Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(admin::ready))
+        .route("/metrics", get(admin::metrics))
+        .merge(admin::routes())
         .with_state(app.clone());
     let scheme = if app.tls.is_some() { "TLS" } else { "plain" };
     tracing::info!(addr = %http.local_addr()?, scheme, "listening for HTTP and WebSocket");

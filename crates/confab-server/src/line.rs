@@ -12,17 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use confab_core::{ChatError, CloseReason, ConnReceiver, Outbound, Session};
+use confab_core::{ChatError, CloseReason, ConnReceiver, Session};
 use confab_proto::line::{self, context, LineCommand, LineDecoder, LineFrame, Usage};
-use confab_proto::{Envelope, Event, Format, Request, RequestId};
+use confab_proto::{Envelope, Event, Request, RequestId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::admission::{Admitted, Full};
 use crate::http::ACCEPT_BACKOFF;
-use crate::{unless_evicted, App, SLOW_CONSUMER_GRACE};
+use crate::metrics::Transport;
+use crate::{encode, unless_evicted, App, SLOW_CONSUMER_GRACE};
 
 /// Largest single read from a socket.
 const READ_CHUNK: usize = 4096;
@@ -101,21 +103,36 @@ async fn admit<S: Stream>(
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for S {}
 
-async fn connection<S: Stream>(app: Arc<App>, stream: S, peer: SocketAddr, _admitted: Admitted) {
+async fn connection<S: Stream>(app: Arc<App>, stream: S, peer: SocketAddr, admitted: Admitted) {
     let (session, rx) = app.chat.open(Some(peer.ip()));
-    let span = tracing::debug_span!("line", conn = rx.id.0, %peer);
-    let _enter = span.enter();
+    let span = tracing::info_span!(
+        "conn",
+        id = rx.id.0,
+        transport = "line",
+        %peer,
+        user = tracing::field::Empty
+    );
+    run_connection(app, stream, session, rx, admitted)
+        .instrument(span)
+        .await;
+}
+
+async fn run_connection<S: Stream>(
+    app: Arc<App>,
+    stream: S,
+    session: Session,
+    rx: ConnReceiver,
+    _admitted: Admitted,
+) {
+    let _open = app.metrics.connection(Transport::Line);
     tracing::debug!("connected");
     let (reader, writer) = tokio::io::split(stream);
     let (ending_tx, ending_rx) = oneshot::channel();
     let writer_gone = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        app.clone(),
-        writer,
-        rx,
-        ending_rx,
-        writer_gone.clone(),
-    ));
+    // The writer logs under the connection's span too.
+    let writer = tokio::spawn(
+        write_loop(app.clone(), writer, rx, ending_rx, writer_gone.clone()).in_current_span(),
+    );
     let (session, ending) = read_loop(&app, session, reader, &writer_gone).await;
     let _ = ending_tx.send(ending);
     session.close().await;
@@ -317,7 +334,14 @@ impl Terminal {
             id: Some(RequestId::Str(ctx.to_owned())),
             request,
         };
-        self.session.handle(envelope).await
+        let was_in = self.session.logged_in();
+        let ok = self.session.handle(envelope).await;
+        if !was_in {
+            if let Some(user) = self.session.user() {
+                tracing::Span::current().record("user", user.as_str());
+            }
+        }
+        ok
     }
 }
 
@@ -351,7 +375,7 @@ async fn write_loop(
                 if let Some(last) = last {
                     let mut batch = Vec::new();
                     while let Some(item) = rx.try_recv() {
-                        batch.extend_from_slice(&encode(item));
+                        batch.extend_from_slice(&encode(&app, Transport::Line, item));
                     }
                     batch.extend_from_slice(&last);
                     let _ = out.write_all(&batch).await;
@@ -362,9 +386,9 @@ async fn write_loop(
             item = rx.recv() => match item {
                 Some(item) => {
                     // Everything queued now, in one write.
-                    let mut batch = encode(item).to_vec();
+                    let mut batch = encode(&app, Transport::Line, item).to_vec();
                     while let Some(item) = rx.try_recv() {
-                        batch.extend_from_slice(&encode(item));
+                        batch.extend_from_slice(&encode(&app, Transport::Line, item));
                     }
                     unless_evicted(&evicted, out.write_all(&batch)).await
                 }
@@ -373,7 +397,14 @@ async fn write_loop(
         };
     }
     match rx.reason() {
+        Some(CloseReason::Kicked) => {
+            tracing::info!("disconnected by an administrator");
+            gone.cancel();
+            let words = b"! disconnected by an administrator\n";
+            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words)).await;
+        }
         Some(CloseReason::SlowConsumer) => {
+            app.metrics.evicted(Transport::Line);
             tracing::info!("closing a slow consumer");
             // Let the session go first: the last line may wait for room.
             gone.cancel();
@@ -387,19 +418,11 @@ async fn write_loop(
             // The refusal that says why is still queued.
             let mut batch = Vec::new();
             while let Some(item) = rx.try_recv() {
-                batch.extend_from_slice(&encode(item));
+                batch.extend_from_slice(&encode(&app, Transport::Line, item));
             }
             let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(&batch)).await;
         }
         None => {}
     }
     gone.cancel();
-}
-
-fn encode(item: Outbound) -> Bytes {
-    match item {
-        Outbound::Reply(reply) => line::format_reply(&reply),
-        Outbound::Event(shared) => shared.encoded(Format::Line),
-        Outbound::Raw(bytes) => bytes,
-    }
 }

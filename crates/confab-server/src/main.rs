@@ -26,6 +26,26 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage accounts in the configured database (passwords are read from
+    /// a prompt or standard input, never from the command line).
+    User {
+        #[command(subcommand)]
+        action: UserCommand,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create an account.
+    Add { name: String },
+    /// Set an account's password; its tokens are revoked.
+    Passwd { name: String },
+    /// List the accounts.
+    List,
+    /// Delete an account, its tokens and memberships (its messages stay).
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -130,6 +150,7 @@ impl Overrides {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(overrides) => serve(overrides).await,
+        Command::User { action, overrides } => user(action, &overrides).await,
         Command::Config(ConfigCommand::Check(overrides)) => {
             let settings = overrides.settings()?;
             println!("# the configuration is valid; in effect:\n");
@@ -137,6 +158,65 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn user(action: UserCommand, overrides: &Overrides) -> anyhow::Result<()> {
+    use confab_core::auth::{check_password, Passwords};
+    use confab_core::UserName;
+    let config = overrides.settings()?.to_config()?;
+    let store = confab_server::open_store(&config).await?;
+    let name = |raw: &str| UserName::parse(raw).map_err(|e| anyhow::anyhow!(e.message));
+    let new_password = |user: &UserName| -> anyhow::Result<String> {
+        let password = read_password(user)?;
+        check_password(&password).map_err(|e| anyhow::anyhow!(e.message))?;
+        Ok(password)
+    };
+    match action {
+        UserCommand::Add { name: raw } => {
+            let user = name(&raw)?;
+            let hash = Passwords::new(1).hash(new_password(&user)?).await?;
+            store.create_user(&user, &hash).await?;
+            println!("added {user}");
+        }
+        UserCommand::Passwd { name: raw } => {
+            let user = name(&raw)?;
+            let record = store
+                .user(&user)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no user named {user}"))?;
+            let hash = Passwords::new(1).hash(new_password(&record.name)?).await?;
+            store.set_password(&record.name, &hash).await?;
+            println!(
+                "changed the password of {}; its sessions were logged out",
+                record.name
+            );
+        }
+        UserCommand::List => {
+            for user in store.list_users().await? {
+                println!("{user}");
+            }
+        }
+        UserCommand::Delete { name: raw } => {
+            let user = name(&raw)?;
+            store.delete_user(&user).await?;
+            println!("deleted {user}");
+        }
+    }
+    Ok(())
+}
+
+/// A password from a prompt without echo (asked twice) when standard input
+/// is a terminal, else the first line of standard input.
+fn read_password(user: &confab_core::UserName) -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {user}: "))?;
+        let again = rpassword::prompt_password("again: ")?;
+        anyhow::ensure!(first == again, "the passwords differ");
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;

@@ -17,14 +17,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use confab_core::{ChatError, CloseReason, ConnReceiver, Outbound, Session};
-use confab_proto::{json, Event, Format, Limits};
+use confab_proto::{json, Event, Limits};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::admission::Admitted;
-use crate::{unless_evicted, App, SLOW_CONSUMER_GRACE};
+use crate::metrics::Transport;
+use crate::{encode, unless_evicted, App, SLOW_CONSUMER_GRACE};
 
 /// Close codes of the contract.
 pub mod close {
@@ -77,22 +79,36 @@ pub(crate) async fn upgrade(
         })
 }
 
-async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, _admitted: Admitted) {
+async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, admitted: Admitted) {
     let (session, rx) = app.chat.open(Some(peer.ip()));
-    let id = rx.id.0;
-    let span = tracing::debug_span!("ws", conn = id, %peer);
-    let _enter = span.enter();
+    let span = tracing::info_span!(
+        "conn",
+        id = rx.id.0,
+        transport = "ws",
+        %peer,
+        user = tracing::field::Empty
+    );
+    run_connection(app, socket, session, rx, admitted)
+        .instrument(span)
+        .await;
+}
+
+async fn run_connection(
+    app: Arc<App>,
+    socket: WebSocket,
+    session: Session,
+    rx: ConnReceiver,
+    _admitted: Admitted,
+) {
+    let _open = app.metrics.connection(Transport::Ws);
     tracing::debug!("connected");
     let (sink, stream) = socket.split();
     let (ending_tx, ending_rx) = oneshot::channel();
     let writer_gone = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        app.clone(),
-        sink,
-        rx,
-        ending_rx,
-        writer_gone.clone(),
-    ));
+    // The writer logs under the connection's span too.
+    let writer = tokio::spawn(
+        write_loop(app.clone(), sink, rx, ending_rx, writer_gone.clone()).in_current_span(),
+    );
     let (session, mut stream, ending) = read_loop(&app, session, stream, &writer_gone).await;
     let handshake = matches!(ending, Ending::Shutdown | Ending::Close(close::POLICY, _));
     let _ = ending_tx.send(ending);
@@ -168,7 +184,13 @@ async fn read_loop(
         match frame {
             WsMessage::Text(text) => match json::decode_request(text.as_bytes()) {
                 Ok(envelope) => {
+                    let was_in = session.logged_in();
                     session.handle(envelope).await;
+                    if !was_in {
+                        if let Some(user) = session.user() {
+                            tracing::Span::current().record("user", user.as_str());
+                        }
+                    }
                 }
                 Err(error) => session.reject(error).await,
             },
@@ -227,7 +249,7 @@ async fn write_loop(
                 break;
             }
             item = rx.recv() => match item {
-                Some(item) => unless_evicted(&evicted, write_batch(&mut sink, &mut rx, item)).await,
+                Some(item) => unless_evicted(&evicted, write_batch(&app, &mut sink, &mut rx, item)).await,
                 None => break,
             },
             _ = ping.tick() => {
@@ -236,7 +258,14 @@ async fn write_loop(
         };
     }
     match rx.reason() {
+        Some(CloseReason::Kicked) => {
+            tracing::info!("disconnected by an administrator");
+            gone.cancel();
+            let last = close_with(&mut sink, close::POLICY, "disconnected by an administrator");
+            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
+        }
         Some(CloseReason::SlowConsumer) => {
+            app.metrics.evicted(Transport::Ws);
             tracing::info!("closing a slow consumer");
             // Let the session go first: the close frame may wait for room.
             gone.cancel();
@@ -248,7 +277,7 @@ async fn write_loop(
             gone.cancel();
             let last = async {
                 while let Some(item) = rx.try_recv() {
-                    sink.feed(text(encode(item))).await?;
+                    sink.feed(text(encode(&app, Transport::Ws, item))).await?;
                 }
                 close_with(&mut sink, close::ABUSE, "rate limit abuse").await
             };
@@ -261,13 +290,14 @@ async fn write_loop(
 
 /// Write `first` and whatever else is queued now, then flush once.
 async fn write_batch(
+    app: &App,
     sink: &mut SplitSink<WebSocket, WsMessage>,
     rx: &mut ConnReceiver,
     first: Outbound,
 ) -> Result<(), axum::Error> {
-    sink.feed(text(encode(first))).await?;
+    sink.feed(text(encode(app, Transport::Ws, first))).await?;
     while let Some(item) = rx.try_recv() {
-        sink.feed(text(encode(item))).await?;
+        sink.feed(text(encode(app, Transport::Ws, item))).await?;
     }
     sink.flush().await
 }
@@ -278,7 +308,7 @@ async fn drain_and_shut_down(
     rx: &mut ConnReceiver,
 ) -> Result<(), axum::Error> {
     while let Some(item) = rx.try_recv() {
-        sink.feed(text(encode(item))).await?;
+        sink.feed(text(encode(app, Transport::Ws, item))).await?;
     }
     let notice = Event::Shutdown {
         reason: "the server is shutting down".into(),
@@ -298,14 +328,6 @@ async fn close_with(
         reason: Utf8Bytes::from_static(reason),
     })))
     .await
-}
-
-fn encode(item: Outbound) -> Bytes {
-    match item {
-        Outbound::Reply(reply) => json::encode_reply(&reply),
-        Outbound::Event(shared) => shared.encoded(Format::Json),
-        Outbound::Raw(bytes) => bytes,
-    }
 }
 
 fn text(bytes: Bytes) -> WsMessage {

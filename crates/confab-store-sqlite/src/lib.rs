@@ -29,7 +29,7 @@ use confab_proto::{Message, Seq};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::Semaphore;
 
-pub use writer::WriterStats;
+pub use writer::{CommitObserver, WriterStats};
 
 /// The schema, one entry per version; `PRAGMA user_version` says how many
 /// have been applied.
@@ -78,6 +78,11 @@ impl SqliteStore {
                 permits: Arc::new(Semaphore::new(READERS)),
             }),
         })
+    }
+
+    /// Be told of every commit (once; later calls are ignored).
+    pub fn observe_commits(&self, observer: CommitObserver) {
+        self.writer.observe(observer);
     }
 
     /// Counts of the writer's transactions and jobs so far.
@@ -178,6 +183,10 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn no_user(name: &UserName) -> StoreError {
+    StoreError::Invalid(format!("no user named {name}"))
 }
 
 fn user_name(name: String) -> StoreResult<UserName> {
@@ -365,6 +374,56 @@ impl Store for SqliteStore {
             .transpose()
         })
         .await
+    }
+
+    async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
+        let (name, hash) = (name.clone(), password_hash.to_owned());
+        self.writer
+            .run(move |c| {
+                let n = c
+                    .execute(
+                        "UPDATE users SET password_hash = ?1 WHERE key = ?2",
+                        params![hash, name.key()],
+                    )
+                    .map_err(db_error)?;
+                if n == 0 {
+                    return Err(no_user(&name));
+                }
+                c.execute("DELETE FROM tokens WHERE user_key = ?1", [name.key()])
+                    .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<UserName>> {
+        self.read(|c| {
+            let names: Vec<String> = c
+                .prepare("SELECT name FROM users ORDER BY key")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(db_error)?;
+            names.into_iter().map(user_name).collect()
+        })
+        .await
+    }
+
+    async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
+        let name = name.clone();
+        self.writer
+            .run(move |c| {
+                let n = c
+                    .execute("DELETE FROM users WHERE key = ?1", [name.key()])
+                    .map_err(db_error)?;
+                if n == 0 {
+                    return Err(no_user(&name));
+                }
+                c.execute("DELETE FROM tokens WHERE user_key = ?1", [name.key()])
+                    .map_err(db_error)?;
+                c.execute("DELETE FROM members WHERE user_key = ?1", [name.key()])
+                    .map_err(db_error)?;
+                Ok(())
+            })
+            .await
     }
 
     async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()> {

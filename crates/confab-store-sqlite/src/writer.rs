@@ -7,7 +7,8 @@
 //! is not durable, and concurrent callers share one fsync.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use confab_core::store::StoreResult;
 use confab_core::StoreError;
@@ -67,10 +68,14 @@ pub struct WriterStats {
     pub jobs: u64,
 }
 
+/// Told of every commit: how many jobs it held and how long it took.
+pub type CommitObserver = Box<dyn Fn(usize, Duration) + Send + Sync>;
+
 #[derive(Default)]
 struct Counters {
     transactions: AtomicU64,
     jobs: AtomicU64,
+    observer: OnceLock<CommitObserver>,
 }
 
 pub(crate) struct Writer {
@@ -88,6 +93,10 @@ impl Writer {
             .spawn(move || run(conn, rx, &c))
             .expect("spawning the writer thread");
         Writer { jobs: tx, counters }
+    }
+
+    pub(crate) fn observe(&self, observer: CommitObserver) {
+        let _ = self.counters.observer.set(observer);
     }
 
     pub(crate) fn stats(&self) -> WriterStats {
@@ -127,10 +136,13 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, counters: &Counte
             }
         }
         counters.transactions.fetch_add(1, Ordering::Relaxed);
-        counters
-            .jobs
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let jobs = batch.len();
+        counters.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
+        let started = Instant::now();
         commit_batch(&conn, &mut batch);
+        if let Some(observe) = counters.observer.get() {
+            observe(jobs, started.elapsed());
+        }
     }
     tracing::debug!("storage writer stopped");
 }

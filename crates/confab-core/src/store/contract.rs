@@ -34,6 +34,7 @@ macro_rules! store_contract_tests {
         $crate::store_contract_tests!(@each $make;
             users_are_unique_without_regard_to_case,
             tokens_resolve_until_revoked,
+            users_are_administered,
             join_creates_rooms_and_memberships,
             leave_ends_membership,
             appends_number_messages_gaplessly,
@@ -85,6 +86,53 @@ pub async fn tokens_resolve_until_revoked(s: DynStore) {
         "other tokens live on"
     );
     assert_eq!(s.token_user(&[3u8; 32]).await.unwrap(), None);
+}
+
+pub async fn users_are_administered(s: DynStore) {
+    s.create_user(&user("Bob"), "h1").await.unwrap();
+    s.create_user(&user("alice"), "h2").await.unwrap();
+    let names: Vec<_> = s
+        .list_users()
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().to_owned())
+        .collect();
+    assert_eq!(names, ["alice", "Bob"], "sorted without regard to case");
+
+    s.create_token(&user("bob"), &[9; 32]).await.unwrap();
+    s.set_password(&user("BOB"), "h3").await.unwrap();
+    assert_eq!(
+        s.user(&user("bob")).await.unwrap().unwrap().password_hash,
+        "h3"
+    );
+    assert_eq!(
+        s.token_user(&[9; 32]).await.unwrap(),
+        None,
+        "a new password revokes tokens"
+    );
+
+    s.create_token(&user("bob"), &[8; 32]).await.unwrap();
+    s.join(&room("r"), &user("bob"), false).await.unwrap();
+    s.join(&room("r"), &user("alice"), false).await.unwrap();
+    s.append(msg("r", "bob", "kept", None)).await.unwrap();
+    s.delete_user(&user("Bob")).await.unwrap();
+    assert_eq!(s.user(&user("bob")).await.unwrap(), None);
+    assert_eq!(s.token_user(&[8; 32]).await.unwrap(), None);
+    assert_eq!(s.members(&room("r")).await.unwrap().len(), 1);
+    let page = s
+        .history(&room("r"), &user("alice"), Page::Latest, 5)
+        .await
+        .unwrap();
+    assert_eq!(page.messages[0].body, "kept", "messages stay");
+    assert!(matches!(
+        s.delete_user(&user("bob")).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.set_password(&user("nobody"), "h").await,
+        Err(StoreError::Invalid(_))
+    ));
 }
 
 pub async fn join_creates_rooms_and_memberships(s: DynStore) {

@@ -64,6 +64,10 @@ impl State {
     }
 }
 
+fn no_user(name: &UserName) -> StoreError {
+    StoreError::Invalid(format!("no user named {name}"))
+}
+
 fn add_member(room: &mut Room, user: &UserName, guest: bool) -> bool {
     if room.members.contains_key(user.key()) {
         return false;
@@ -99,6 +103,34 @@ impl Store for MemoryStore {
 
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
         Ok(self.with(|s| s.users.get(name.key()).cloned()))
+    }
+
+    async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
+        self.with(|s| {
+            let user = s.users.get_mut(name.key()).ok_or_else(|| no_user(name))?;
+            user.password_hash = password_hash.to_owned();
+            s.tokens.retain(|_, u| u != name);
+            Ok(())
+        })
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<UserName>> {
+        Ok(self.with(|s| {
+            let mut names: Vec<_> = s.users.values().map(|u| u.name.clone()).collect();
+            names.sort_by(|a, b| a.key().cmp(b.key()));
+            names
+        }))
+    }
+
+    async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
+        self.with(|s| {
+            s.users.remove(name.key()).ok_or_else(|| no_user(name))?;
+            s.tokens.retain(|_, u| u != name);
+            for room in s.rooms.values_mut() {
+                room.members.remove(name.key());
+            }
+            Ok(())
+        })
     }
 
     async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()> {

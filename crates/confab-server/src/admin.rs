@@ -1,0 +1,179 @@
+//! Operations endpoints: `/readyz`, `/metrics`, and the admin API under
+//! `/admin/` (JSON; `Authorization: Bearer <token>`, with the token from
+//! the configuration; no token configured, no admin API: 404).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use confab_core::UserName;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::metrics::Transport;
+use crate::App;
+
+/// How long `/readyz` waits for storage to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest admin notice, in bytes.
+const MAX_NOTICE_BYTES: usize = 4096;
+
+/// Ready: storage answers and the server is not draining.
+pub(crate) async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.draining.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    match tokio::time::timeout(READY_TIMEOUT, app.chat.store().ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage: no answer\n").into_response(),
+    }
+}
+
+pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.metrics.render(&app.chat);
+    let kind = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (kind, body).into_response()
+}
+
+pub(crate) fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/admin/stats", get(stats))
+        .route("/admin/users", get(users))
+        .route("/admin/rooms", get(rooms))
+        .route("/admin/users/{name}/disconnect", post(disconnect))
+        .route("/admin/notice", post(notice))
+}
+
+/// Proof that the request carries the admin token.
+struct Admin;
+
+impl FromRequestParts<Arc<App>> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Admin, Response> {
+        let Some(token) = app.config().admin_token.clone() else {
+            return Err(error(StatusCode::NOT_FOUND, "the admin API is off"));
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(given) if same(given.as_bytes(), token.expose().as_bytes()) => Ok(Admin),
+            _ => {
+                let mut response =
+                    error(StatusCode::UNAUTHORIZED, "a valid bearer token is needed");
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    "Bearer".parse().expect("a header"),
+                );
+                Err(response)
+            }
+        }
+    }
+}
+
+/// Compare without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn stats(_: Admin, State(app): State<Arc<App>>) -> Json<Value> {
+    let (users, rooms) = app.chat.counts();
+    Json(json!({
+        "version": confab_proto::VERSION,
+        "uptime_seconds": app.started.elapsed().as_secs(),
+        "draining": app.draining.is_cancelled(),
+        "connections": {
+            "ws": app.metrics.open_connections(Transport::Ws),
+            "line": app.metrics.open_connections(Transport::Line),
+        },
+        "users_online": users,
+        "rooms_active": rooms,
+        "messages_stored": app.metrics.messages_stored(),
+    }))
+}
+
+async fn users(_: Admin, State(app): State<Arc<App>>) -> Json<Value> {
+    let users: Vec<Value> = app
+        .chat
+        .online()
+        .into_iter()
+        .map(|(u, connections)| {
+            json!({"user": u.name.as_str(), "guest": u.guest, "connections": connections})
+        })
+        .collect();
+    Json(json!({ "users": users }))
+}
+
+async fn rooms(_: Admin, State(app): State<Arc<App>>) -> Response {
+    // `rooms` with `all` lists every public room; whose read markers it
+    // shows does not matter here, and none are returned.
+    let anyone = UserName::parse("admin").expect("a valid name");
+    match app.chat.store().rooms(&anyone, true).await {
+        Ok(rooms) => {
+            let rooms: Vec<Value> = rooms
+                .into_iter()
+                .map(|r| {
+                    json!({"room": r.room.as_str(), "topic": r.topic,
+                           "member_count": r.member_count, "last_seq": r.last_seq})
+                })
+                .collect();
+            Json(json!({ "rooms": rooms })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn disconnect(_: Admin, State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    let Ok(user) = UserName::parse(&name) else {
+        return error(StatusCode::BAD_REQUEST, "not a valid user name");
+    };
+    let connections = app
+        .chat
+        .online()
+        .into_iter()
+        .find(|(u, _)| u.name == user)
+        .map_or(0, |(_, n)| n);
+    if let Err(e) = app.chat.disconnect(&user).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
+    tracing::info!(user = %user, connections, "an administrator disconnected a user");
+    Json(json!({ "user": user.as_str(), "connections": connections })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Notice {
+    text: String,
+}
+
+async fn notice(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    body: Result<Json<Notice>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(Notice { text })) = body else {
+        return error(StatusCode::BAD_REQUEST, "expected {\"text\": \"...\"}");
+    };
+    if text.trim().is_empty() || text.len() > MAX_NOTICE_BYTES {
+        return error(StatusCode::BAD_REQUEST, "the text has 1 to 4096 bytes");
+    }
+    let (users, _) = app.chat.counts();
+    if let Err(e) = app.chat.notice(&text).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
+    tracing::info!(users, "an administrator sent a notice");
+    Json(json!({ "users": users })).into_response()
+}

@@ -1,0 +1,242 @@
+//! Prometheus metrics, served at `GET /metrics` in the text format. Names
+//! follow Prometheus conventions (`confab_…_total` for counters, base units
+//! in the name); every label has a handful of values at most.
+
+use std::time::Duration;
+
+use confab_core::{Chat, Observer};
+use confab_proto::ErrorCode;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets, in seconds: 50 µs to 2.5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+/// Jobs per storage commit.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    connections: IntGaugeVec,
+    connections_total: IntCounterVec,
+    logins: IntCounterVec,
+    requests: IntCounterVec,
+    rate_limited: IntCounterVec,
+    messages_stored: IntCounter,
+    deliveries: IntCounterVec,
+    delivery_latency: HistogramVec,
+    commit_batch: Histogram,
+    commit_latency: Histogram,
+    evictions: IntCounterVec,
+    users_online: IntGauge,
+    rooms_active: IntGauge,
+}
+
+/// The two transports, as label values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Transport {
+    Ws,
+    Line,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Line => "line",
+        }
+    }
+}
+
+/// Counts a connection as open until dropped.
+pub(crate) struct OpenConnection<'a> {
+    metrics: &'a Metrics,
+    transport: Transport,
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .connections
+            .with_label_values(&[self.transport.label()])
+            .dec();
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let connections = IntGaugeVec::new(
+            Opts::new("confab_connections", "Open chat connections."),
+            &["transport"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections.clone()))
+            .expect("unique metric");
+        Metrics {
+            connections,
+            connections_total: counter(
+                "confab_connections_total",
+                "Chat connections accepted.",
+                &["transport"],
+            ),
+            logins: counter(
+                "confab_logins_total",
+                "Login attempts (register, login, guest, resume) by outcome.",
+                &["method", "outcome"],
+            ),
+            requests: counter(
+                "confab_requests_total",
+                "Requests answered, by type and result (ok or the error code).",
+                &["type", "result"],
+            ),
+            rate_limited: counter(
+                "confab_rate_limited_total",
+                "Requests refused by a rate limit.",
+                &["type"],
+            ),
+            messages_stored: counter(
+                "confab_messages_stored_total",
+                "Messages committed to storage.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            deliveries: counter(
+                "confab_deliveries_total",
+                "Message events written to connections.",
+                &["transport"],
+            ),
+            delivery_latency: histogram(
+                "confab_delivery_latency_seconds",
+                "From accepting a message to writing it to a recipient's socket.",
+                LATENCY_BUCKETS,
+                &["transport"],
+            ),
+            commit_batch: histogram(
+                "confab_store_commit_batch_size",
+                "Writes committed together in one storage transaction.",
+                BATCH_BUCKETS,
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            commit_latency: histogram(
+                "confab_store_commit_seconds",
+                "Time to run and commit one storage transaction.",
+                LATENCY_BUCKETS,
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            evictions: counter(
+                "confab_slow_consumer_evictions_total",
+                "Connections closed because they did not read fast enough.",
+                &["transport"],
+            ),
+            users_online: gauge("confab_users_online", "Users with a connection here."),
+            rooms_active: gauge(
+                "confab_rooms_active",
+                "Rooms with at least one connected member here.",
+            ),
+            registry,
+        }
+    }
+
+    pub(crate) fn connection(&self, transport: Transport) -> OpenConnection<'_> {
+        let label = [transport.label()];
+        self.connections.with_label_values(&label).inc();
+        self.connections_total.with_label_values(&label).inc();
+        OpenConnection {
+            metrics: self,
+            transport,
+        }
+    }
+
+    pub(crate) fn delivered(&self, transport: Transport, since_accept: Option<Duration>) {
+        let label = [transport.label()];
+        self.deliveries.with_label_values(&label).inc();
+        if let Some(latency) = since_accept {
+            self.delivery_latency
+                .with_label_values(&label)
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn evicted(&self, transport: Transport) {
+        self.evictions.with_label_values(&[transport.label()]).inc();
+    }
+
+    pub(crate) fn committed(&self, jobs: usize, took: Duration) {
+        self.commit_batch.observe(jobs as f64);
+        self.commit_latency.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn messages_stored(&self) -> u64 {
+        self.messages_stored.get()
+    }
+
+    pub(crate) fn open_connections(&self, transport: Transport) -> i64 {
+        self.connections
+            .with_label_values(&[transport.label()])
+            .get()
+    }
+
+    /// The text exposition, with the gauges read from the engine now.
+    pub(crate) fn render(&self, chat: &Chat) -> String {
+        let (users, rooms) = chat.counts();
+        self.users_online.set(users as i64);
+        self.rooms_active.set(rooms as i64);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding metrics");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Observer for Metrics {
+    fn request(&self, kind: &'static str, result: Result<(), ErrorCode>) {
+        let outcome = match result {
+            Ok(()) => "ok",
+            Err(code) => code.as_str(),
+        };
+        self.requests.with_label_values(&[kind, outcome]).inc();
+        if matches!(kind, "register" | "login" | "guest" | "resume") {
+            self.logins.with_label_values(&[kind, outcome]).inc();
+        }
+        if result == Err(ErrorCode::RateLimited) {
+            self.rate_limited.with_label_values(&[kind]).inc();
+        }
+    }
+
+    fn message_stored(&self) {
+        self.messages_stored.inc();
+    }
+}
