@@ -20,6 +20,7 @@ pub mod line;
 mod metrics;
 pub mod settings;
 mod tls;
+mod web;
 pub mod ws;
 
 use std::future::Future;
@@ -171,6 +172,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Server, Serve
         .route("/readyz", get(admin::ready))
         .route("/metrics", get(admin::metrics))
         .merge(admin::routes())
+        .merge(web::routes())
         .with_state(app.clone());
     let scheme = if app.tls.is_some() { "TLS" } else { "plain" };
     tracing::info!(addr = %http.local_addr()?, scheme, "listening for HTTP and WebSocket");

@@ -1,0 +1,448 @@
+// The Confab web app: plain DOM over the client module in confab.js.
+import { Confab } from "./confab.js";
+
+const $ = (selector) => document.querySelector(selector);
+const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+const chat = new Confab(wsUrl);
+
+/** room name -> { room, topic, unread, lastSeq, messages: Map(seq -> msg), oldest, more, loaded } */
+const rooms = new Map();
+let current = null;
+let readSent = new Map();
+let typingSent = 0;
+const typers = new Map();
+
+// --- words for errors ---
+
+function say(error) {
+  const words = {
+    rate_limited: `You are going too fast. Try again in ${Math.ceil((error.retryAfterMs ?? 1000) / 1000)} s.`,
+    too_large: `Too long: ${error.message}.`,
+    forbidden: `Not allowed: ${error.message}.`,
+    not_found: `Not found: ${error.message}.`,
+    conflict: `Taken: ${error.message}.`,
+    unauthorized: `Could not sign in: ${error.message}.`,
+    bad_request: `That did not work: ${error.message}.`,
+    unavailable: "The server cannot be reached right now.",
+  };
+  toast(words[error.code] ?? `Something went wrong: ${error.message}`);
+}
+
+let toastTimer;
+function toast(text) {
+  const el = $("#toast");
+  el.textContent = text;
+  el.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => (el.hidden = true), 6000);
+}
+
+// --- connection state ---
+
+chat.addEventListener("state", ({ detail: state }) => {
+  const banner = $("#status");
+  const texts = {
+    connecting: "Connecting…",
+    offline: "Offline. Messages you write will be sent when the connection is back.",
+    connected: "",
+    online: "",
+  };
+  banner.textContent = texts[state];
+  banner.hidden = !texts[state];
+  banner.dataset.state = state;
+  document.body.dataset.connection = state;
+  if (state === "online") showChat();
+  if (state === "connected" && !chat.token) showLogin();
+});
+
+chat.addEventListener("loggedout", () => showLogin());
+
+// --- sign in ---
+
+function showLogin() {
+  $("#chat").hidden = true;
+  $("#login").hidden = false;
+  $("#login-name").focus();
+}
+
+$("#login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const action = event.submitter?.value ?? "login";
+  const user = $("#login-name").value.trim();
+  const password = $("#login-password").value;
+  try {
+    if (action === "guest") await chat.guest(user);
+    else if (action === "register") await chat.register(user, password);
+    else await chat.login(user, password);
+    $("#login-password").value = "";
+  } catch (e) {
+    say(e);
+  }
+});
+
+$("#logout").addEventListener("click", async () => {
+  await chat.logout().catch(() => {});
+  rooms.clear();
+  current = null;
+  localStorage.removeItem("confab.room");
+});
+
+// --- the rooms list ---
+
+async function showChat() {
+  $("#login").hidden = true;
+  $("#chat").hidden = false;
+  $("#me").textContent = chat.user;
+  await refreshRooms();
+  const wanted = localStorage.getItem("confab.room");
+  const first = rooms.has(wanted) ? wanted : rooms.keys().next().value;
+  if (first && current !== first) openRoom(first);
+  else if (current) renderMessages();
+}
+
+function roomState(name) {
+  if (!rooms.has(name)) {
+    rooms.set(name, { room: name, topic: "", unread: 0, lastSeq: 0, messages: new Map(), more: true, loaded: false });
+  }
+  return rooms.get(name);
+}
+
+async function refreshRooms() {
+  try {
+    for (const r of await chat.rooms()) {
+      const state = roomState(r.room);
+      state.topic = r.topic;
+      state.unread = r.unread;
+      state.lastSeq = Math.max(state.lastSeq, r.last_seq);
+    }
+    renderRooms();
+  } catch (e) {
+    say(e);
+  }
+}
+
+function other(room) {
+  const [, a, b] = room.split(":");
+  return a === chat.user?.toLowerCase() ? b : a;
+}
+
+function label(room) {
+  return room.startsWith("dm:") ? `@${other(room)}` : `#${room}`;
+}
+
+function renderRooms() {
+  for (const [list, direct] of [[$("#rooms"), false], [$("#dms"), true]]) {
+    list.replaceChildren();
+    for (const r of rooms.values()) {
+      if (r.room.startsWith("dm:") !== direct) continue;
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "room" + (r.room === current ? " current" : "");
+      button.dataset.room = r.room;
+      button.textContent = label(r.room);
+      if (r.room === current) button.setAttribute("aria-current", "true");
+      if (r.unread > 0) {
+        const badge = document.createElement("span");
+        badge.className = "unread";
+        badge.textContent = r.unread;
+        badge.setAttribute("aria-label", `${r.unread} unread`);
+        button.append(badge);
+      }
+      button.addEventListener("click", () => openRoom(r.room));
+      li.append(button);
+      list.append(li);
+    }
+  }
+}
+
+$("#join-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = $("#join-name");
+  try {
+    const r = await chat.join(input.value.trim());
+    roomState(r.room).topic = r.topic;
+    input.value = "";
+    renderRooms();
+    openRoom(r.room);
+  } catch (e) {
+    say(e);
+  }
+});
+
+$("#dm-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const to = $("#dm-to").value.trim();
+  const body = $("#dm-body").value;
+  if (!to || !body) return;
+  try {
+    const r = await chat.dm(to, body);
+    $("#dm-to").value = "";
+    $("#dm-body").value = "";
+    await refreshRooms();
+    openRoom(r.room);
+  } catch (e) {
+    say(e);
+  }
+});
+
+// --- one room ---
+
+async function openRoom(name) {
+  current = name;
+  localStorage.setItem("confab.room", name);
+  const state = roomState(name);
+  document.body.dataset.view = "room";
+  $("#room-title").textContent = label(name);
+  $("#topic").textContent = state.topic || (name.startsWith("dm:") ? "Direct messages" : "No topic");
+  $("#topic-edit").hidden = name.startsWith("dm:");
+  renderRooms();
+  renderMessages();
+  if (!state.loaded) await loadOlder(name, true);
+  loadMembers(name);
+  $("#composer-body").focus();
+  markRead();
+}
+
+async function loadOlder(name, first = false) {
+  const state = roomState(name);
+  if (state.loading || (!first && !state.more)) return;
+  state.loading = true;
+  try {
+    const before = state.messages.size ? Math.min(...state.messages.keys()) : undefined;
+    const page = await chat.history(name, { before, limit: 50 });
+    for (const m of page.messages) state.messages.set(m.seq, m);
+    state.more = page.more;
+    state.loaded = true;
+    if (name === current) {
+      const list = $("#messages");
+      const fromBottom = list.scrollHeight - list.scrollTop;
+      renderMessages();
+      if (!first) list.scrollTop = list.scrollHeight - fromBottom;
+      else list.scrollTop = list.scrollHeight;
+    }
+  } catch (e) {
+    say(e);
+  } finally {
+    state.loading = false;
+  }
+}
+
+function renderMessages() {
+  const list = $("#messages");
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  list.replaceChildren();
+  if (!current) return;
+  const state = roomState(current);
+  if (state.loaded && !state.more) {
+    const start = document.createElement("li");
+    start.className = "start";
+    start.textContent = "This is the beginning of the conversation.";
+    list.append(start);
+  }
+  const seqs = [...state.messages.keys()].sort((a, b) => a - b);
+  for (const seq of seqs) list.append(messageItem(state.messages.get(seq)));
+  for (const pending of chat.outbox) {
+    const target = pending.room ?? (pending.to && dmRoom(pending.to));
+    if (target === current) list.append(messageItem({ user: chat.user, body: pending.body, pending: true }));
+  }
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function dmRoom(to) {
+  const pair = [chat.user.toLowerCase(), to.toLowerCase()].sort();
+  return `dm:${pair[0]}:${pair[1]}`;
+}
+
+function messageItem(m) {
+  const li = document.createElement("li");
+  li.className = "message" + (m.pending ? " pending" : "") + (m.user === chat.user ? " mine" : "");
+  if (m.seq) li.dataset.seq = m.seq;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = m.user;
+  const when = document.createElement("time");
+  if (m.ts) {
+    when.dateTime = new Date(m.ts).toISOString();
+    when.textContent = new Date(m.ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  } else {
+    when.textContent = "sending…";
+  }
+  const body = document.createElement("p");
+  body.className = "body";
+  body.textContent = m.body;
+  li.append(who, when, body);
+  return li;
+}
+
+$("#messages").addEventListener("scroll", () => {
+  const list = $("#messages");
+  if (current && list.scrollTop < 60) loadOlder(current);
+  if (list.scrollHeight - list.scrollTop - list.clientHeight < 40) markRead();
+});
+
+function markRead() {
+  if (!current || document.hidden) return;
+  const state = roomState(current);
+  const newest = state.messages.size ? Math.max(...state.messages.keys()) : 0;
+  if (newest > (readSent.get(current) ?? 0)) {
+    readSent.set(current, newest);
+    chat.read(current, newest).catch(() => {});
+  }
+  if (state.unread) {
+    state.unread = 0;
+    renderRooms();
+  }
+}
+document.addEventListener("visibilitychange", markRead);
+
+chat.addEventListener("message", ({ detail: m }) => {
+  const known = rooms.has(m.room);
+  const state = roomState(m.room);
+  if (state.messages.has(m.seq)) return;
+  state.messages.set(m.seq, m);
+  state.lastSeq = Math.max(state.lastSeq, m.seq);
+  if (m.room === current) {
+    renderMessages();
+    const list = $("#messages");
+    if (m.user === chat.user) list.scrollTop = list.scrollHeight;
+    markRead();
+  } else if (m.user !== chat.user) {
+    state.unread += 1;
+  }
+  if (!known) refreshRooms();
+  else renderRooms();
+});
+
+chat.addEventListener("outbox", () => current && renderMessages());
+chat.addEventListener("error", ({ detail }) => say(detail));
+
+// --- members and presence ---
+
+async function loadMembers(name) {
+  try {
+    const members = await chat.members(name);
+    if (name !== current) return;
+    const list = $("#members-list");
+    list.replaceChildren();
+    for (const m of members) {
+      const li = document.createElement("li");
+      li.dataset.user = m.user.toLowerCase();
+      li.className = m.online ? "online" : "offline";
+      li.textContent = m.user;
+      li.title = m.online ? "online" : "offline";
+      list.append(li);
+    }
+  } catch (e) {
+    say(e);
+  }
+}
+
+chat.addEventListener("presence", ({ detail }) => {
+  const li = document.querySelector(`#members-list li[data-user="${detail.user.toLowerCase()}"]`);
+  if (li) {
+    li.className = detail.online ? "online" : "offline";
+    li.title = detail.online ? "online" : "offline";
+  }
+});
+
+for (const kind of ["joined", "left"]) {
+  chat.addEventListener(kind, ({ detail }) => {
+    if (detail.room === current) loadMembers(current);
+    if (kind === "left" && detail.user === chat.user) {
+      rooms.delete(detail.room);
+      renderRooms();
+    }
+  });
+}
+
+$("#members-toggle").addEventListener("click", () => {
+  const open = document.body.dataset.members !== "open";
+  document.body.dataset.members = open ? "open" : "closed";
+  $("#members-toggle").setAttribute("aria-expanded", String(open));
+});
+
+// --- topic, leave ---
+
+chat.addEventListener("topic", ({ detail }) => {
+  roomState(detail.room).topic = detail.topic;
+  if (detail.room === current) $("#topic").textContent = detail.topic || "No topic";
+});
+
+$("#topic-edit").addEventListener("click", async () => {
+  const topic = prompt("Topic of " + label(current), roomState(current).topic);
+  if (topic === null) return;
+  await chat.setTopic(current, topic).catch(say);
+});
+
+$("#leave").addEventListener("click", async () => {
+  if (!current) return;
+  try {
+    await chat.leave(current);
+    rooms.delete(current);
+    current = null;
+    localStorage.removeItem("confab.room");
+    document.body.dataset.view = "rooms";
+    renderRooms();
+    renderMessages();
+    $("#room-title").textContent = "";
+    $("#topic").textContent = "";
+  } catch (e) {
+    say(e);
+  }
+});
+
+$("#back").addEventListener("click", () => (document.body.dataset.view = "rooms"));
+
+// --- writing ---
+
+$("#composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = $("#composer-body");
+  const body = input.value;
+  if (!body.trim() || !current) return;
+  input.value = "";
+  const sent = current.startsWith("dm:") ? chat.dm(other(current), body) : chat.send(current, body);
+  sent.catch(say);
+});
+
+$("#composer-body").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("#composer").requestSubmit();
+  }
+});
+
+$("#composer-body").addEventListener("input", () => {
+  if (!current || chat.state !== "online" || Date.now() - typingSent < 3000) return;
+  typingSent = Date.now();
+  chat.typing(current).catch(() => {});
+});
+
+chat.addEventListener("typing", ({ detail }) => {
+  const key = `${detail.room}/${detail.user}`;
+  clearTimeout(typers.get(key));
+  typers.set(key, setTimeout(() => {
+    typers.delete(key);
+    renderTyping();
+  }, 4000));
+  renderTyping();
+});
+
+function renderTyping() {
+  const names = [...typers.keys()]
+    .filter((k) => k.startsWith(`${current}/`))
+    .map((k) => k.slice(current.length + 1));
+  $("#typing").textContent = names.length ? `${names.join(", ")} ${names.length > 1 ? "are" : "is"} typing…` : "";
+}
+
+// --- notices from the server ---
+
+chat.addEventListener("notice", ({ detail }) => toast(`Notice: ${detail.text}`));
+chat.addEventListener("shutdown", () => toast("The server is restarting; reconnecting shortly."));
+
+chat.connect();
+if (!chat.token) showLogin();
+
+// For the console and for tests: the client this page uses.
+window.confabClient = chat;

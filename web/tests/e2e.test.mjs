@@ -1,0 +1,162 @@
+// The web client in headless Chromium, against the server at CONFAB_URL.
+// Run by crates/confab-server/tests/browser.rs; screenshots go to
+// CONFAB_SCREENSHOTS when it is set.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const url = process.env.CONFAB_URL;
+const shots = process.env.CONFAB_SCREENSHOTS;
+assert.ok(url, "CONFAB_URL names the server");
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+after(() => browser.close());
+
+async function person() {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  const page = await context.newPage();
+  page.on("pageerror", (e) => assert.fail(`page error: ${e}`));
+  await page.goto(url);
+  return { context, page };
+}
+
+async function signUp(page, name, password) {
+  await page.fill("#login-name", name);
+  await page.fill("#login-password", password);
+  await page.click("#do-register");
+  await page.waitForSelector("#chat:not([hidden])");
+  assert.equal(await page.textContent("#me"), name);
+}
+
+async function join(page, room) {
+  await page.fill("#join-name", room);
+  await page.press("#join-name", "Enter");
+  await page.waitForFunction((r) => document.querySelector("#room-title").textContent === `#${r}`, room);
+}
+
+async function say(page, text) {
+  await page.fill("#composer-body", text);
+  await page.press("#composer-body", "Enter");
+}
+
+/** Wait until the open room shows exactly these stored messages, in order. */
+async function expectMessages(page, bodies) {
+  try {
+    await page.waitForFunction(
+      (want) => {
+        const got = [...document.querySelectorAll("#messages .message:not(.pending) .body")].map((e) => e.textContent);
+        return JSON.stringify(got) === JSON.stringify(want);
+      },
+      bodies,
+      { timeout: 10000 },
+    );
+  } catch {
+    const got = await page.$$eval("#messages .message .body", (els) => els.map((e) => e.textContent));
+    assert.deepEqual(got, bodies);
+  }
+}
+
+async function shot(page, name) {
+  if (shots) await page.screenshot({ path: `${shots}/${name}.png` });
+}
+
+test("two people chat; one goes away, misses messages, comes back and sees them once, in order", async () => {
+  const alice = await person();
+  const bob = await person();
+  await shot(alice.page, "login");
+  await signUp(alice.page, "alice", "alice-password");
+  await signUp(bob.page, "bob", "bob-password");
+  await join(alice.page, "general");
+  await join(bob.page, "general");
+
+  await say(alice.page, "hello bob");
+  await expectMessages(bob.page, ["hello bob"]);
+  await say(bob.page, "hi alice");
+  await expectMessages(alice.page, ["hello bob", "hi alice"]);
+
+  await bob.page.close();
+  for (let i = 1; i <= 3; i++) await say(alice.page, `while you were away ${i}`);
+  await alice.page.fill("#dm-to", "bob");
+  await alice.page.fill("#dm-body", "a private word");
+  await alice.page.click("#dm-form button");
+  await alice.page.waitForFunction(() => document.querySelector("#room-title").textContent === "@bob");
+  await expectMessages(alice.page, ["a private word"]);
+
+  // Bob comes back: the session resumes from the saved token.
+  const page = await bob.context.newPage();
+  await page.goto(url);
+  await page.waitForSelector("#chat:not([hidden])");
+  assert.equal(await page.textContent("#me"), "bob");
+  await expectMessages(page, [
+    "hello bob", "hi alice", "while you were away 1", "while you were away 2", "while you were away 3",
+  ]);
+  const dm = page.locator("#dms button", { hasText: "@alice" });
+  await dm.waitFor();
+  await dm.click();
+  await expectMessages(page, ["a private word"]);
+
+  // A reload keeps the session.
+  await page.reload();
+  await page.waitForSelector("#chat:not([hidden])");
+  assert.equal(await page.textContent("#me"), "bob");
+  await expectMessages(page, ["a private word"]);
+
+  await page.click("#members-toggle");
+  await page.waitForSelector("#members-list li.online");
+  await alice.page.click("#rooms button");
+  await shot(alice.page, "chat");
+  await alice.context.close();
+  await bob.context.close();
+});
+
+test("messages written offline are sent once when back, even across a reload", async () => {
+  const carol = await person();
+  const dave = await person();
+  await signUp(carol.page, "carol", "carol-password");
+  await signUp(dave.page, "dave", "dave-password");
+  await join(carol.page, "offline");
+  await join(dave.page, "offline");
+
+  await carol.page.evaluate(() => window.confabClient.disconnect());
+  await carol.page.waitForSelector("#status:not([hidden])");
+  await say(carol.page, "written offline 1");
+  await say(carol.page, "written offline 2");
+  await carol.page.waitForFunction(() => document.querySelectorAll("#messages .message.pending").length === 2);
+  await shot(carol.page, "offline");
+  // The outbox survives a reload; the page connects again and sends it.
+  await carol.page.reload();
+  await expectMessages(dave.page, ["written offline 1", "written offline 2"]);
+  await expectMessages(carol.page, ["written offline 1", "written offline 2"]);
+  await carol.context.close();
+  await dave.context.close();
+});
+
+test("errors are shown in words, and the page fits a phone", async () => {
+  const erin = await person();
+  await erin.page.setViewportSize({ width: 390, height: 760 });
+  await signUp(erin.page, "erin", "erin-password");
+  await join(erin.page, "phone");
+  await say(erin.page, "x".repeat(5000));
+  await erin.page.waitForSelector("#toast:not([hidden])");
+  assert.match(await erin.page.textContent("#toast"), /Too long/);
+  await say(erin.page, "short and fine");
+  await expectMessages(erin.page, ["short and fine"]);
+  // Narrow: the room fills the screen, the rooms list is one tap away.
+  assert.equal(await erin.page.isVisible("#sidebar"), false);
+  await shot(erin.page, "phone");
+  await erin.page.click("#back");
+  assert.equal(await erin.page.isVisible("#sidebar"), true);
+  // Keyboard: the composer is reachable and Enter sends.
+  await erin.page.click("#rooms button");
+  await erin.page.focus("#composer-body");
+  await erin.page.keyboard.type("typed with the keyboard");
+  await erin.page.keyboard.press("Enter");
+  await expectMessages(erin.page, ["short and fine", "typed with the keyboard"]);
+  await erin.context.close();
+});
