@@ -1,0 +1,359 @@
+//! The `confab-bench` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use confab_bench::report::{svg, Latency};
+use confab_bench::scenarios::{connect, fanout, idle, persist};
+use confab_bench::{check_loopback, raise_fd_limit};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Parser)]
+#[command(
+    name = "confab-bench",
+    about = "Load scenarios for Confab (and NATS and Redis as peers), on loopback"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Write the result as JSON to this file.
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+    /// Draw the latency by percentile as SVG to this file.
+    #[arg(long, global = true)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Hold N logged-in connections; report the server's memory and CPU.
+    Idle {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        server: SocketAddr,
+        #[arg(long)]
+        server_pid: u32,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        hold_secs: u64,
+    },
+    /// Rooms × members, publishers at a fixed total rate; deliveries and latency.
+    Fanout {
+        #[arg(long, value_enum, default_value = "confab")]
+        system: fanout::System,
+        #[command(flatten)]
+        shape: Shape,
+    },
+    /// Senders sending as fast as acknowledgements come back.
+    Persist {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        server: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        senders: usize,
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+        #[arg(long, default_value_t = 100)]
+        body: usize,
+    },
+    /// Connections plus logins per second.
+    Connect {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        server: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, value_enum, default_value = "guest")]
+        mode: connect::Mode,
+    },
+    /// The same fan-out against Confab (fsync per commit, and at checkpoints
+    /// only), nats-server and redis-server, started here one after another.
+    Compare {
+        /// The confab binary (build it with --release).
+        #[arg(long, default_value = "target/release/confab")]
+        confab: PathBuf,
+        #[arg(long, default_value = "nats-server")]
+        nats: PathBuf,
+        #[arg(long, default_value = "redis-server")]
+        redis: PathBuf,
+        #[command(flatten)]
+        shape: Shape,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct Shape {
+    /// The server (for `fanout`; `compare` starts its own).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    server: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    #[arg(long, default_value_t = 1000)]
+    members: usize,
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Messages per second, all publishers together.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    #[arg(long, default_value_t = 100)]
+    body: usize,
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+}
+
+impl Shape {
+    fn options(&self, system: fanout::System, server: SocketAddr) -> fanout::Options {
+        fanout::Options {
+            system,
+            server,
+            rooms: self.rooms,
+            members: self.members,
+            publishers: self.publishers,
+            rate: self.rate,
+            body: self.body,
+            duration: Duration::from_secs(self.duration_secs),
+            drain: Duration::from_secs(5),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let limit = raise_fd_limit();
+    eprintln!("open files limit: {limit}");
+    let (result, plots) = match cli.scenario {
+        Scenario::Idle {
+            server,
+            server_pid,
+            connections,
+            concurrency,
+            hold_secs,
+        } => {
+            check_loopback(server)?;
+            let o = idle::run(idle::Options {
+                server,
+                server_pid,
+                connections,
+                concurrency,
+                hold: Duration::from_secs(hold_secs),
+            })
+            .await?;
+            println!(
+                "idle: {} of {} connections; server RSS +{:.0} bytes/connection, kernel {:.0} bytes/connection, \
+                 idle CPU {:.2}%; 1,000,000 connections ≈ {:.1} GiB",
+                o.connected, o.connections, o.rss_per_connection_bytes, o.kernel_per_connection_bytes,
+                o.idle_cpu_percent, o.projected_gib_per_million
+            );
+            (json!(o), vec![])
+        }
+        Scenario::Fanout { system, shape } => {
+            check_loopback(shape.server)?;
+            let o = fanout::run(shape.options(system, shape.server)).await?;
+            print_fanout(&o);
+            let plot = (
+                format!("{:?}", o.system).to_lowercase(),
+                o.histogram.clone(),
+            );
+            (json!(o), vec![plot])
+        }
+        Scenario::Persist {
+            server,
+            senders,
+            duration_secs,
+            body,
+        } => {
+            check_loopback(server)?;
+            let o = persist::run(persist::Options {
+                server,
+                senders,
+                duration: Duration::from_secs(duration_secs),
+                body,
+            })
+            .await?;
+            println!(
+                "persist: {} senders, {:.0} acknowledged messages/s ({} acked, {} refused, {} out of order); ack {}",
+                o.senders, o.acks_per_s, o.acked, o.refused, o.out_of_order, o.ack_latency
+            );
+            let plot = ("ack".to_owned(), o.latency.clone());
+            (json!(o), vec![plot])
+        }
+        Scenario::Connect {
+            server,
+            connections,
+            concurrency,
+            mode,
+        } => {
+            check_loopback(server)?;
+            let o = connect::run(connect::Options {
+                server,
+                connections,
+                concurrency,
+                mode,
+            })
+            .await?;
+            println!(
+                "connect ({:?}): {:.0} connections+logins/s ({} ok, {} failed); {}",
+                o.mode, o.per_s, o.logged_in, o.failed, o.latency
+            );
+            (json!(o), vec![])
+        }
+        Scenario::Compare {
+            confab,
+            nats,
+            redis,
+            shape,
+        } => compare(confab, nats, redis, shape).await?,
+    };
+    if let Some(path) = cli.out {
+        std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let (Some(path), false) = (cli.svg, plots.is_empty()) {
+        std::fs::write(&path, svg("delivery latency by percentile", &plots))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_fanout(o: &fanout::Outcome) {
+    println!(
+        "fanout {:?}: {} rooms × {} members, {} publishers at {}/s, {} B: {:.0} deliveries/s; \
+         {} published, {} delivered of {} expected, {} lost, {} duplicated, {} out of order, {} refused; latency {}",
+        o.system, o.rooms, o.members, o.publishers, o.rate, o.body_bytes, o.deliveries_per_s, o.published,
+        o.delivered, o.expected, o.lost, o.duplicated, o.out_of_order, o.refused, o.latency
+    );
+}
+
+/// A free loopback port (bound and released; the child binds it next).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn compare(
+    confab: PathBuf,
+    nats: PathBuf,
+    redis: PathBuf,
+    shape: Shape,
+) -> anyhow::Result<(serde_json::Value, Vec<(String, Latency)>)> {
+    let dir = std::env::temp_dir().join(format!("confab-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/confab.toml");
+    let mut rows = Vec::new();
+    let mut plots = Vec::new();
+    let runs: [(&str, fanout::System); 4] = [
+        ("confab", fanout::System::Confab),
+        ("confab-sync-normal", fanout::System::Confab),
+        ("nats", fanout::System::Nats),
+        ("redis", fanout::System::Redis),
+    ];
+    for (name, system) in runs {
+        let port = free_port()?;
+        let mut command = match name {
+            "nats" => {
+                let mut c = tokio::process::Command::new(&nats);
+                c.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+                c
+            }
+            "redis" => {
+                let mut c = tokio::process::Command::new(&redis);
+                c.args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]);
+                c
+            }
+            _ => {
+                let sync = if name == "confab" { "full" } else { "normal" };
+                let db = dir.join(format!("{name}.db"));
+                let mut c = tokio::process::Command::new(&confab);
+                c.args([
+                    "serve",
+                    "--config",
+                    config,
+                    "--http",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .args([
+                    "--database",
+                    &format!("sqlite://{}?synchronous={sync}", db.display()),
+                ]);
+                c
+            }
+        };
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let server: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        wait_for(server, &mut child)
+            .await
+            .with_context(|| format!("{name} did not start"))?;
+        eprintln!("== {name} on {server}");
+        let o = fanout::run(shape.options(system, server)).await?;
+        print_fanout(&o);
+        plots.push((name.to_owned(), o.histogram.clone()));
+        rows.push((name, o));
+        let _ = child.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\n| system | deliveries/s | p50 ms | p99 ms | p99.9 ms | lost | dup | out of order | vs confab |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let reference = rows[0].1.deliveries_per_s.max(1.0);
+    for (name, o) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.2}× |",
+            o.deliveries_per_s,
+            o.latency.p50_ms,
+            o.latency.p99_ms,
+            o.latency.p999_ms,
+            o.lost,
+            o.duplicated,
+            o.out_of_order,
+            o.deliveries_per_s / reference
+        );
+    }
+    let table: serde_json::Map<_, _> = rows
+        .iter()
+        .map(|(n, o)| (n.to_string(), json!(o)))
+        .collect();
+    Ok((serde_json::Value::Object(table), plots))
+}
+
+/// Until `addr` accepts connections (the child was just started).
+async fn wait_for(addr: SocketAddr, child: &mut tokio::process::Child) -> anyhow::Result<()> {
+    let stderr = child.stderr.take();
+    if let Some(stderr) = stderr {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(_)) = lines.next_line().await {}
+        });
+    }
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("exited with {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("not listening after 10 s")
+}

@@ -1,0 +1,361 @@
+//! `fanout`: R rooms × M members, P publishers at a fixed open-loop total
+//! rate, bodies of B bytes. Every body carries its publisher, a per
+//! (publisher, room) counter and its send time, so every subscriber counts
+//! what it lost, got twice or out of order, and the latency of each
+//! delivery. The same scenario runs against Confab, NATS and Redis.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Barrier};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::Counter;
+use crate::report::{Latency, Percentiles};
+use crate::{client, peers, source_addr, Progress};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    Confab,
+    Nats,
+    Redis,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub system: System,
+    pub server: SocketAddr,
+    pub rooms: usize,
+    pub members: usize,
+    pub publishers: usize,
+    /// Messages per second, all publishers together.
+    pub rate: u64,
+    pub body: usize,
+    pub duration: Duration,
+    /// How long to wait for the last deliveries.
+    pub drain: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub system: System,
+    pub rooms: usize,
+    pub members: usize,
+    pub publishers: usize,
+    pub rate: u64,
+    pub body_bytes: usize,
+    pub duration_s: f64,
+    pub published: u64,
+    pub refused: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub deliveries_per_s: f64,
+    pub latency: Percentiles,
+    #[serde(skip)]
+    pub histogram: Latency,
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct Seen {
+    latency: Latency,
+    unique: u64,
+    duplicated: u64,
+    out_of_order: u64,
+}
+
+/// Per publisher: the counters received (a bitset) and the last one.
+#[derive(Default)]
+struct Track {
+    bits: Vec<u64>,
+    last: u64,
+}
+
+impl Seen {
+    fn payload(&mut self, tracks: &mut Vec<Track>, base: Instant, body: &str) {
+        let mut parts = body.splitn(4, ':');
+        let (Some(p), Some(n), Some(sent)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        let (Ok(p), Ok(n), Ok(sent)) = (
+            p.trim_start_matches('p').parse::<usize>(),
+            n.parse::<u64>(),
+            sent.parse::<u64>(),
+        ) else {
+            return;
+        };
+        let now = base.elapsed().as_micros() as u64;
+        self.latency.record_us(now.saturating_sub(sent));
+        if tracks.len() <= p {
+            tracks.resize_with(p + 1, Track::default);
+        }
+        let t = &mut tracks[p];
+        let (word, bit) = ((n / 64) as usize, n % 64);
+        if t.bits.len() <= word {
+            t.bits.resize(word + 1, 0);
+        }
+        if t.bits[word] & (1 << bit) != 0 {
+            self.duplicated += 1;
+            return;
+        }
+        t.bits[word] |= 1 << bit;
+        self.unique += 1;
+        if n < t.last {
+            self.out_of_order += 1;
+        }
+        t.last = t.last.max(n);
+    }
+}
+
+fn room_name(r: usize) -> String {
+    format!("fan{r}x{}", std::process::id() % 100_000)
+}
+
+/// The rooms publisher `i` of `p` publishes to.
+fn rooms_of(i: usize, p: usize, rooms: usize) -> Vec<usize> {
+    if rooms >= p {
+        (0..rooms).filter(|r| r % p == i).collect()
+    } else {
+        vec![i % rooms]
+    }
+}
+
+pub async fn run(o: Options) -> anyhow::Result<Outcome> {
+    let base = Instant::now();
+    let delivered = Counter::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let subscribers = o.rooms * o.members;
+    let ready = Arc::new(Barrier::new(subscribers + 1));
+    let mut progress = Progress::new("fanout setup");
+    let mut subs = Vec::new();
+    let run_id = std::process::id();
+    for r in 0..o.rooms {
+        for m in 0..o.members {
+            let i = r * o.members + m;
+            let (o2, delivered, mut stop, ready) =
+                (o.clone(), delivered.clone(), stop_rx.clone(), ready.clone());
+            subs.push(tokio::spawn(async move {
+                let mut seen = Seen::default();
+                let mut tracks = Vec::new();
+                let room = room_name(r);
+                match o2.system {
+                    System::Confab => {
+                        let mut ws = client::connect(o2.server, source_addr(i)).await?;
+                        client::call(
+                            &mut ws,
+                            json!({"type":"guest","user":format!("s{run_id}x{i}")}),
+                        )
+                        .await?;
+                        client::call(&mut ws, json!({"type":"join","room":room})).await?;
+                        ready.wait().await;
+                        loop {
+                            tokio::select! {
+                                _ = stop.changed() => break,
+                                frame = ws.next() => match frame {
+                                    Some(Ok(Message::Text(t))) => {
+                                        if let Some(body) = client::message_body(&t) {
+                                            seen.payload(&mut tracks, base, body);
+                                            delivered.add(1);
+                                        }
+                                    }
+                                    Some(Ok(_)) => {}
+                                    _ => break,
+                                },
+                            }
+                        }
+                    }
+                    System::Nats | System::Redis => {
+                        let (mut reader, mut w) = if o2.system == System::Nats {
+                            peers::nats(o2.server).await?
+                        } else {
+                            peers::redis(o2.server).await?
+                        };
+                        peers::subscribe(&mut reader, &mut w, &room).await?;
+                        ready.wait().await;
+                        loop {
+                            tokio::select! {
+                                _ = stop.changed() => break,
+                                payload = reader.next() => match payload? {
+                                    Some(body) => {
+                                        seen.payload(&mut tracks, base, &body);
+                                        delivered.add(1);
+                                    }
+                                    None => break,
+                                },
+                            }
+                        }
+                    }
+                }
+                anyhow::Ok(seen)
+            }));
+            progress.show(i as u64 + 1, subscribers as u64, "subscribers");
+        }
+    }
+    progress.finish();
+    // Redis confirms SUBSCRIBE asynchronously; give it a moment after the
+    // barrier (NATS and Confab confirmed before it).
+    ready.wait().await;
+    if o.system == System::Redis {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let published = Counter::default();
+    let refused = Counter::default();
+    let expected = Counter::default();
+    let start = Instant::now();
+    let stop_at = start + o.duration;
+    let period = Duration::from_secs_f64(o.publishers as f64 / o.rate.max(1) as f64);
+    let pad = "x".repeat(o.body.saturating_sub(24));
+    let mut pubs = Vec::new();
+    for i in 0..o.publishers {
+        let o2 = o.clone();
+        let (published, refused, expected, pad) = (
+            published.clone(),
+            refused.clone(),
+            expected.clone(),
+            pad.clone(),
+        );
+        let rooms = rooms_of(i, o.publishers, o.rooms);
+        pubs.push(tokio::spawn(async move {
+            let mut counters = vec![0u64; o2.rooms];
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let mut k = 0usize;
+            match o2.system {
+                System::Confab => {
+                    let mut ws = client::connect(o2.server, source_addr(subscribers + i)).await?;
+                    client::call(
+                        &mut ws,
+                        json!({"type":"guest","user":format!("p{run_id}x{i}")}),
+                    )
+                    .await?;
+                    for r in &rooms {
+                        client::call(&mut ws, json!({"type":"join","room":room_name(*r)})).await?;
+                    }
+                    let (mut sink, mut stream) = ws.split();
+                    let members = o2.members as u64;
+                    // This publisher's answers, to know when all have come.
+                    let answered = Counter::default();
+                    let (acked, refused2, expected2, answered2) = (
+                        published.clone(),
+                        refused.clone(),
+                        expected.clone(),
+                        answered.clone(),
+                    );
+                    let drain = tokio::spawn(async move {
+                        // Acks count as published; everything else is read and dropped.
+                        while let Some(Ok(frame)) = stream.next().await {
+                            if let Message::Text(t) = frame {
+                                if t.starts_with("{\"type\":\"ok\"") {
+                                    acked.add(1);
+                                    expected2.add(members);
+                                    answered2.add(1);
+                                } else if t.starts_with("{\"type\":\"error\"") {
+                                    refused2.add(1);
+                                    answered2.add(1);
+                                }
+                            }
+                        }
+                    });
+                    while Instant::now() < stop_at {
+                        tick.tick().await;
+                        let r = rooms[k % rooms.len()];
+                        k += 1;
+                        let sent = base.elapsed().as_micros() as u64;
+                        let body = format!("p{i}:{}:{sent}:{pad}", counters[r]);
+                        counters[r] += 1;
+                        let request = json!({"type":"send","room":room_name(r),"body":body});
+                        sink.send(Message::text(request.to_string())).await?;
+                    }
+                    // Wait for the acks of what was sent, then stop draining.
+                    let sent_total: u64 = counters.iter().sum();
+                    let until = Instant::now() + o2.drain;
+                    while answered.get() < sent_total && Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    drain.abort();
+                }
+                System::Nats | System::Redis => {
+                    let nats = o2.system == System::Nats;
+                    let (mut reader, mut w) = if nats {
+                        peers::nats(o2.server).await?
+                    } else {
+                        peers::redis(o2.server).await?
+                    };
+                    // Read and drop the replies (Redis answers every PUBLISH).
+                    let drain =
+                        tokio::spawn(async move { while let Ok(Some(_)) = reader.next().await {} });
+                    while Instant::now() < stop_at {
+                        tick.tick().await;
+                        let r = rooms[k % rooms.len()];
+                        k += 1;
+                        let sent = base.elapsed().as_micros() as u64;
+                        let body = format!("p{i}:{}:{sent}:{pad}", counters[r]);
+                        counters[r] += 1;
+                        w.write_all(&peers::publish_frame(nats, &room_name(r), &body))
+                            .await?;
+                        published.add(1);
+                        expected.add(o2.members as u64);
+                    }
+                    drain.abort();
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let mut progress = Progress::new(&format!("fanout {:?}", o.system).to_lowercase());
+    let total = o.duration.as_millis() as u64;
+    while Instant::now() < stop_at {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let done = (start.elapsed().as_millis() as u64).min(total);
+        progress.show(done, total, &format!("ms, {} delivered", delivered.get()));
+    }
+    for p in pubs {
+        p.await??;
+    }
+    // Wait for the last deliveries, at most the drain time.
+    let until = Instant::now() + o.drain;
+    while delivered.get() < expected.get() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    progress.show(total, total, &format!("ms, {} delivered", delivered.get()));
+    progress.finish();
+    let _ = stop_tx.send(true);
+    let mut all = Seen::default();
+    for s in subs {
+        let seen = s.await??;
+        all.latency.add(&seen.latency);
+        all.unique += seen.unique;
+        all.duplicated += seen.duplicated;
+        all.out_of_order += seen.out_of_order;
+    }
+    let expected = expected.get();
+    Ok(Outcome {
+        system: o.system,
+        rooms: o.rooms,
+        members: o.members,
+        publishers: o.publishers,
+        rate: o.rate,
+        body_bytes: o.body,
+        duration_s: elapsed,
+        published: published.get(),
+        refused: refused.get(),
+        expected,
+        delivered: all.unique,
+        lost: expected.saturating_sub(all.unique),
+        duplicated: all.duplicated,
+        out_of_order: all.out_of_order,
+        deliveries_per_s: all.unique as f64 / elapsed,
+        latency: all.latency.percentiles(),
+        histogram: all.latency,
+    })
+}

@@ -1,0 +1,130 @@
+//! `persist`: S senders, each sending the next message as soon as the last
+//! is acknowledged (durable). Acknowledged messages per second, and the
+//! time from send to ack.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::Counter;
+use crate::report::{Latency, Percentiles};
+use crate::{client, source_addr, Progress};
+
+pub struct Options {
+    pub server: SocketAddr,
+    pub senders: usize,
+    pub duration: Duration,
+    pub body: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub senders: usize,
+    pub duration_s: f64,
+    pub acked: u64,
+    pub refused: u64,
+    /// Acks whose seq was not the one after the previous (each sender has
+    /// its own room, so its seqs are 1, 2, 3, …).
+    pub out_of_order: u64,
+    pub acks_per_s: f64,
+    pub ack_latency: Percentiles,
+    #[serde(skip)]
+    pub latency: Latency,
+}
+
+pub async fn run(o: Options) -> anyhow::Result<Outcome> {
+    let acked = Counter::default();
+    let pad = "x".repeat(o.body.saturating_sub(8));
+    let mut senders = Vec::new();
+    for i in 0..o.senders {
+        let mut ws = client::connect(o.server, source_addr(i)).await?;
+        client::call(
+            &mut ws,
+            json!({"type":"guest","user":format!("w{i}x{}", std::process::id())}),
+        )
+        .await?;
+        let room = format!("persist{i}x{}", std::process::id() % 100_000);
+        let joined = client::call(&mut ws, json!({"type":"join","room":room})).await?;
+        senders.push((ws, room, joined["last_seq"].as_u64().unwrap_or(0)));
+    }
+    let started = Instant::now();
+    let deadline = started + o.duration;
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|(mut ws, room, mut last)| {
+            let acked = acked.clone();
+            let pad = pad.clone();
+            tokio::spawn(async move {
+                let mut latency = Latency::default();
+                let (mut refused, mut out_of_order) = (0u64, 0u64);
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    n += 1;
+                    let body = format!("{n}:{pad}");
+                    let request = json!({"type":"send","id":n,"room":room,"body":body});
+                    let sent = Instant::now();
+                    if ws.send(Message::text(request.to_string())).await.is_err() {
+                        break;
+                    }
+                    // Until the reply to this request (the echo may come first).
+                    let reply = loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Text(t)))
+                                if t.starts_with("{\"type\":\"ok\"")
+                                    || t.starts_with("{\"type\":\"error\"") =>
+                            {
+                                break Some(t)
+                            }
+                            Some(Ok(_)) => continue,
+                            _ => break None,
+                        }
+                    };
+                    let Some(reply) = reply else { break };
+                    if reply.starts_with("{\"type\":\"error\"") {
+                        refused += 1;
+                        continue;
+                    }
+                    latency.record(sent.elapsed());
+                    acked.add(1);
+                    let seq = client::message_seq(&reply).unwrap_or(0);
+                    if seq != last + 1 {
+                        out_of_order += 1;
+                    }
+                    last = seq;
+                }
+                (latency, refused, out_of_order)
+            })
+        })
+        .collect();
+    let mut progress = Progress::new("persist");
+    let total = o.duration.as_millis() as u64;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let done = (started.elapsed().as_millis() as u64).min(total);
+        progress.show(done, total, &format!("ms, {} acked", acked.get()));
+    }
+    progress.finish();
+    let mut latency = Latency::default();
+    let (mut refused, mut out_of_order) = (0, 0);
+    for t in tasks {
+        let (l, r, o) = t.await?;
+        latency.add(&l);
+        refused += r;
+        out_of_order += o;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(Outcome {
+        senders: o.senders,
+        duration_s: elapsed,
+        acked: acked.get(),
+        refused,
+        out_of_order,
+        acks_per_s: acked.get() as f64 / elapsed,
+        ack_latency: latency.percentiles(),
+        latency,
+    })
+}
