@@ -37,6 +37,9 @@ pub mod close {
     pub const ABUSE: u16 = 4029;
 }
 
+/// The WebSocket read and write buffer size.
+const IO_BUFFER: usize = 4096;
+
 /// How long the socket stays open after a 1009 close. The oversized frame's
 /// bytes are still unread (tungstenite refuses a frame by its header, which
 /// is what keeps memory bounded), and closing a socket with unread input
@@ -71,7 +74,13 @@ pub(crate) async fn upgrade(
         Err(full) => return unavailable(full.message()),
     };
     let max = app.config().max_frame_bytes;
-    ws.max_frame_size(max)
+    // tungstenite's default read and write buffers are 128 KiB each, most
+    // of an idle connection's memory (145 KB measured). 4 KiB chunks cost
+    // nothing in throughput: our writer flushes per batch, and frames up
+    // to the limit still arrive whole.
+    ws.read_buffer_size(IO_BUFFER)
+        .write_buffer_size(IO_BUFFER)
+        .max_frame_size(max)
         .max_message_size(max)
         .on_upgrade(move |socket| {
             let tracker = app.tasks.clone();
