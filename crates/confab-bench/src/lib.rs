@@ -29,22 +29,7 @@ pub fn check_loopback(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raise the soft open-files limit to the hard one; returns the new limit.
-pub fn raise_fd_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        lim.rlim_cur
-    }
-}
+pub use confab_server::raise_fd_limit;
 
 /// A simple progress line on stderr, redrawn in place on a terminal.
 pub struct Progress {

@@ -91,6 +91,24 @@ pub(crate) fn encode(app: &App, transport: Transport, item: Outbound) -> bytes::
     }
 }
 
+/// Raise the soft open-files limit to the hard one: every connection is a
+/// descriptor, and the usual soft default (1024) is far too low.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur
+    }
+}
+
 /// The bound listeners the server serves.
 pub struct Listeners {
     /// HTTP, with the WebSocket endpoint at `/ws`.

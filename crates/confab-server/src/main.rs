@@ -250,7 +250,7 @@ fn init_logging(settings: &Settings) -> anyhow::Result<FilterHandle> {
 async fn serve(overrides: Overrides) -> anyhow::Result<()> {
     let mut settings = overrides.settings()?;
     let logs = init_logging(&settings)?;
-    let files = raise_fd_limit();
+    let files = confab_server::raise_fd_limit();
     tracing::info!(open_files = files, "open files limit");
     let config = settings.to_config()?;
     let http = bind(settings.http).await?;
@@ -310,24 +310,6 @@ async fn reload(
         }
     }
     Ok(fresh)
-}
-
-/// Raise the soft open-files limit to the hard one: every connection is a
-/// descriptor, and the usual soft default (1024) is far too low.
-fn raise_fd_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        lim.rlim_cur
-    }
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

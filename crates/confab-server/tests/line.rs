@@ -3,7 +3,9 @@
 use confab_testkit::confab_server::Durability;
 use confab_testkit::confab_server::RateLimits;
 use confab_testkit::serde_json::json;
-use confab_testkit::{password, LineClient, TestServer};
+use confab_testkit::{
+    count_messages_in_order, flood_until_cut_off, password, LineClient, TestServer,
+};
 
 /// A line client logged in as guest `name`, in room `room`.
 async fn guest_in(server: &TestServer, name: &str, room: &str) -> LineClient {
@@ -283,30 +285,10 @@ async fn a_slow_line_reader_is_cut_off_with_a_last_line() {
     sender.guest("sender").await;
     sender.join("firehose").await;
 
-    // The fast member reads as the messages come, up to an END marker.
-    let fast_reader = tokio::spawn(async move {
-        let mut seen = 0;
-        loop {
-            let e = fast.event().await;
-            if e["type"] == "message" {
-                seen += 1;
-                assert_eq!(e["seq"], seen, "the fast reader gets everything, in order");
-                if e["body"] == "END" {
-                    return seen;
-                }
-            }
-        }
-    });
-    // Until the server gives up on the slow reader (its presence ends), and
-    // no longer than it takes to fill any socket buffer many times over.
-    let body = "z".repeat(4000);
-    let mut sent = 0;
-    while !sender.has_event(|e| e["type"] == "presence" && e["user"] == "slow") {
-        sent += 1;
-        assert!(sent < 20_000, "the slow reader was never cut off");
-        sender.send("firehose", &body).await;
-    }
-    sender.send("firehose", "END").await;
+    // The fast member reads as the messages come, while the sender floods
+    // until the slow reader is cut off, still not reading.
+    let fast_reader = count_messages_in_order(fast);
+    let sent = flood_until_cut_off(&mut sender, "firehose", "slow").await;
     assert_eq!(fast_reader.await.unwrap(), sent + 1);
     let lines = slow.until_closed().await;
     assert_eq!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use confab_testkit::confab_server::Durability;
 use confab_testkit::confab_server::RateLimits;
 use confab_testkit::serde_json::{json, Value};
-use confab_testkit::TestServer;
+use confab_testkit::{count_messages_in_order, flood_until_cut_off, TestServer};
 
 fn seqs(messages: &Value) -> Vec<u64> {
     messages
@@ -259,29 +259,10 @@ async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
     sender.join("firehose").await;
     fast.event_of("joined").await;
 
-    let fast_reader = tokio::spawn(async move {
-        let mut seen = 0;
-        loop {
-            let e = fast.event().await;
-            if e["type"] == "message" {
-                seen += 1;
-                assert_eq!(e["seq"], seen, "in order, nothing lost");
-                if e["body"] == "END" {
-                    return seen;
-                }
-            }
-        }
-    });
-    // 4 KiB messages until the server cuts the slow client off (its
-    // presence ends) while it is still not reading.
-    let body = "x".repeat(4000);
-    let mut sent = 0;
-    while !sender.has_event(|e| e["type"] == "presence" && e["user"] == "slow") {
-        sent += 1;
-        assert!(sent < 20_000, "the slow consumer was never cut off");
-        sender.send("firehose", &body).await;
-    }
-    sender.send("firehose", "END").await;
+    // The fast member reads as the messages come, while the sender floods
+    // until the slow reader is cut off, still not reading.
+    let fast_reader = count_messages_in_order(fast);
+    let sent = flood_until_cut_off(&mut sender, "firehose", "slow").await;
     assert_eq!(fast_reader.await.unwrap(), sent + 1);
     assert_eq!(slow.closed().await, (4008, "slow consumer".to_owned()));
 }

@@ -357,6 +357,38 @@ impl WsClient {
     }
 }
 
+/// Read `reader`'s `message` events on a task until one whose body is
+/// `END`, checking they come with seqs 1, 2, 3, …; the task returns how many.
+pub fn count_messages_in_order(mut reader: WsClient) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            let e = reader.event().await;
+            if e["type"] == "message" {
+                seen += 1;
+                assert_eq!(e["seq"], seen, "in order, nothing lost");
+                if e["body"] == "END" {
+                    return seen;
+                }
+            }
+        }
+    })
+}
+
+/// Send 4 KB messages to `room` until the server cuts `victim` off (its
+/// presence ends), then `END`; returns how many were sent before `END`.
+pub async fn flood_until_cut_off(sender: &mut WsClient, room: &str, victim: &str) -> u64 {
+    let body = "z".repeat(4000);
+    let mut sent = 0;
+    while !sender.has_event(|e| e["type"] == "presence" && e["user"] == victim) {
+        sent += 1;
+        assert!(sent < 20_000, "{victim} was never cut off");
+        sender.send(room, &body).await;
+    }
+    sender.send(room, "END").await;
+    sent
+}
+
 /// The password the shorthands use for `user`.
 pub fn password(user: &str) -> String {
     format!("password-{user}")
