@@ -240,13 +240,21 @@ async fn sigkill_under_load_loses_no_ack() {
 async fn a_second_signal_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Confab::start(&dir.path().join("confab.db")).await;
-    // A client that never answers the close keeps the drain busy for its
-    // closing handshake.
+    // An HTTP request with half its headers sent keeps the drain busy until
+    // the header deadline (10 s, past the 5 s grace): a second signal must
+    // not wait for it.
+    let mut half = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let (_silent, _) = confab_testkit::tokio_tungstenite::connect_async(server.url())
         .await
         .unwrap();
     server.signal(libc::SIGTERM);
     server.log("shutting down").await;
     server.signal(libc::SIGTERM);
+    let started = std::time::Instant::now();
     assert_eq!(server.exit().await.code(), Some(130));
+    assert!(started.elapsed() < Duration::from_secs(4), "exited at once");
 }
