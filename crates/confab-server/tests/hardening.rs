@@ -56,9 +56,11 @@ async fn connection_limits_refuse_clearly() {
 
 #[tokio::test]
 async fn silent_connections_time_out_and_slow_nobody_down() {
+    // Short deadlines, but long enough for the real client to log in on a
+    // busy machine.
     let server = TestServer::with_config(|c| {
         c.handshake_timeout = Duration::from_millis(500);
-        c.login_timeout = Duration::from_millis(500);
+        c.login_timeout = Duration::from_secs(3);
     })
     .await;
     // 200 connections that open and say nothing, on each listener.
@@ -90,7 +92,6 @@ async fn silent_connections_time_out_and_slow_nobody_down() {
 async fn connections_that_never_log_in_are_closed() {
     let server = TestServer::with_config(|c| c.login_timeout = Duration::from_millis(300)).await;
     let mut ws = server.client().await;
-    assert_eq!(ws.request(json!({"type":"ping"})).await["type"], "pong");
     assert_eq!(ws.closed().await, (1008, "login timeout".to_owned()));
     let mut line = server.line_client().await;
     assert_eq!(
@@ -109,8 +110,8 @@ fn limits(tweak: impl FnOnce(&mut RateLimits)) -> impl FnOnce(&mut Config) {
 
 #[tokio::test]
 async fn message_bursts_are_allowed_floods_refused_truthfully() {
-    // A token every 500 ms: five sends take far less, so the sixth waits.
-    let server = TestServer::with_config(limits(|l| l.messages = Some(Rate::new(2.0, 5)))).await;
+    // A token every 2 s: five sends take far less, so the sixth waits.
+    let server = TestServer::with_config(limits(|l| l.messages = Some(Rate::new(0.5, 5)))).await;
     let mut c = server.client().await;
     c.guest("burst").await;
     c.join("r").await;
@@ -122,7 +123,7 @@ async fn message_bursts_are_allowed_floods_refused_truthfully() {
         .await;
     assert_eq!(refused["code"], "rate_limited", "{refused}");
     let wait = refused["retry_after_ms"].as_u64().unwrap();
-    assert!((1..=500).contains(&wait), "a token every 500 ms: {wait}");
+    assert!((1..=2000).contains(&wait), "a token every 2 s: {wait}");
     // Waiting what it said is enough.
     tokio::time::sleep(Duration::from_millis(wait)).await;
     c.send("r", "after waiting").await;
