@@ -225,6 +225,16 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
             let mut counters = vec![0u64; o2.rooms];
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             let mut k = 0usize;
+            // The next room, round robin, and a body naming this publisher,
+            // its counter for the room and the send time.
+            let next = |k: &mut usize, counters: &mut [u64]| {
+                let r = rooms[*k % rooms.len()];
+                *k += 1;
+                let sent = base.elapsed().as_micros() as u64;
+                let body = format!("p{i}:{}:{sent}:{pad}", counters[r]);
+                counters[r] += 1;
+                (r, body)
+            };
             match o2.system {
                 System::Confab => {
                     let mut ws = client::connect(o2.server, source_addr(subscribers + i)).await?;
@@ -255,11 +265,7 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                     });
                     while Instant::now() < stop_at {
                         tick.tick().await;
-                        let r = rooms[k % rooms.len()];
-                        k += 1;
-                        let sent = base.elapsed().as_micros() as u64;
-                        let body = format!("p{i}:{}:{sent}:{pad}", counters[r]);
-                        counters[r] += 1;
+                        let (r, body) = next(&mut k, &mut counters);
                         let request = json!({"type":"send","room":room_name(r),"body":body});
                         sink.send(Message::text(request.to_string())).await?;
                         published.add(1);
@@ -284,11 +290,7 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                         tokio::spawn(async move { while let Ok(Some(_)) = reader.next().await {} });
                     while Instant::now() < stop_at {
                         tick.tick().await;
-                        let r = rooms[k % rooms.len()];
-                        k += 1;
-                        let sent = base.elapsed().as_micros() as u64;
-                        let body = format!("p{i}:{}:{sent}:{pad}", counters[r]);
-                        counters[r] += 1;
+                        let (r, body) = next(&mut k, &mut counters);
                         w.write_all(&peers::publish_frame(nats, &room_name(r), &body))
                             .await?;
                         published.add(1);
