@@ -31,7 +31,6 @@ impl Confab {
             .args(["serve", "--http", "127.0.0.1:0", "--line", "127.0.0.1:0"])
             .args(["--database", &format!("sqlite://{}", db.display())])
             .args(["--shutdown-grace-ms", "5000"])
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
