@@ -144,7 +144,8 @@ pub struct Usage(pub String);
 pub const HELP: &str = "\
 * commands:
 *   /nick NAME                  chat as a guest
-*   /register NAME PASSWORD     create an account (password: 8 to 256 characters)
+*   /register NAME PASSWORD     create an account (password: 8 to 256 characters,
+*                               the rest of the line, spaces included)
 *   /login NAME PASSWORD        log in
 *   /join ROOM                  join ROOM (created if new) and talk in it
 *   /leave [ROOM]               leave ROOM (default: the current room)
@@ -178,17 +179,23 @@ pub fn parse(line: &str) -> Result<LineCommand, Usage> {
     if command.starts_with('/') {
         return Ok(LineCommand::Say(command.to_owned()));
     }
-    let (name, rest) = command.split_once(' ').unwrap_or((command, ""));
-    let rest = rest.trim();
+    let (name, raw_rest) = command.split_once(' ').unwrap_or((command, ""));
+    let rest = raw_rest.trim();
     let mut words = rest.split_whitespace();
-    let arg = |n: usize| rest.split_whitespace().nth(n).map(str::to_owned);
     let count = words.clone().count();
     match name.to_ascii_lowercase().as_str() {
         "help" => Ok(LineCommand::Help),
         "nick" if count == 1 => Ok(LineCommand::Nick(rest.to_owned())),
         "nick" => usage("/nick NAME"),
-        "register" | "login" if count == 2 => {
-            let (user, password) = (arg(0).unwrap(), arg(1).unwrap());
+        "register" | "login" if count >= 2 => {
+            // The password is the rest of the line after the one character
+            // that ends the name: spaces inside it, or at either end, are
+            // part of it (the contract allows them; the web allows them).
+            let (user, password) = raw_rest
+                .trim_start()
+                .split_once(char::is_whitespace)
+                .expect("two words");
+            let (user, password) = (user.to_owned(), password.to_owned());
             Ok(if name.eq_ignore_ascii_case("register") {
                 LineCommand::Register { user, password }
             } else {
@@ -508,6 +515,20 @@ mod tests {
                 Login {
                     user: "al".into(),
                     password: "secret12".into(),
+                },
+            ),
+            (
+                "/register al correct horse battery",
+                Register {
+                    user: "al".into(),
+                    password: "correct horse battery".into(),
+                },
+            ),
+            (
+                "/login  al  two spaces ",
+                Login {
+                    user: "al".into(),
+                    password: " two spaces ".into(),
                 },
             ),
             ("/join general", Join("general".into())),

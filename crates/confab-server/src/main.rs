@@ -60,44 +60,44 @@ enum ConfigCommand {
 #[derive(clap::Args, Clone)]
 struct Overrides {
     /// A TOML configuration file (see config/example.toml).
-    #[arg(long, env = "CONFAB_CONFIG")]
+    #[arg(long, env = "CONFAB_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Address of the HTTP and WebSocket listener (WebSocket at /ws).
-    #[arg(long)]
+    #[arg(long, global = true)]
     http: Option<SocketAddr>,
     /// Address of the line-protocol listener, or "off".
-    #[arg(long)]
+    #[arg(long, global = true)]
     line: Option<String>,
     /// Storage: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH,
     /// optionally with ?synchronous=normal.
-    #[arg(long)]
+    #[arg(long, global = true)]
     database: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or per module.
-    #[arg(long)]
+    #[arg(long, global = true)]
     log_level: Option<String>,
     /// Log format.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     log_format: Option<LogFormat>,
     /// Serve both listeners over TLS with this certificate chain (PEM).
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, requires = "tls_key", global = true)]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, requires = "tls_cert", global = true)]
     tls_key: Option<PathBuf>,
     /// WebSocket ping interval in milliseconds.
-    #[arg(long)]
+    #[arg(long, global = true)]
     heartbeat_ms: Option<u64>,
     /// Most chat connections at once.
-    #[arg(long)]
+    #[arg(long, global = true)]
     max_connections: Option<usize>,
     /// Most chat connections from one IP address.
-    #[arg(long)]
+    #[arg(long, global = true)]
     max_connections_per_ip: Option<usize>,
     /// How long a graceful shutdown may take, in milliseconds.
-    #[arg(long)]
+    #[arg(long, global = true)]
     shutdown_grace_ms: Option<u64>,
     /// Refuse `guest` logins.
-    #[arg(long)]
+    #[arg(long, global = true)]
     no_guests: bool,
 }
 

@@ -296,3 +296,37 @@ async fn a_slow_line_reader_is_cut_off_with_a_last_line() {
         Some("! slow_consumer: you are not reading fast enough; disconnecting")
     );
 }
+
+#[tokio::test]
+async fn a_password_with_spaces_works_from_a_terminal() {
+    let server = TestServer::spawn().await;
+    // Registered on the web, with spaces inside and at the end.
+    let mut web = server.client().await;
+    web.ok(json!({"type":"register","user":"spacey","password":"correct horse battery "}))
+        .await;
+    let mut term = server.line_client().await;
+    assert_eq!(
+        term.say("/login spacey correct horse battery").await,
+        ["! unauthorized: unknown user or wrong password"],
+        "the trailing space is part of the password"
+    );
+    assert_eq!(
+        term.say("/login spacey correct horse battery ").await,
+        ["* you are spacey; /join ROOM to talk, /help for more"]
+    );
+    // Registered on the line, used on the web.
+    let mut other = server.line_client().await;
+    assert_eq!(
+        other.say("/register staple two words here").await,
+        ["* you are staple; /join ROOM to talk, /help for more"]
+    );
+    server
+        .client()
+        .await
+        .ok(json!({"type":"login","user":"staple","password":"two words here"}))
+        .await;
+    assert_eq!(
+        other.say("/register").await,
+        ["! bad_request: usage: /register NAME PASSWORD"]
+    );
+}

@@ -240,10 +240,12 @@ fn confab() -> tokio::process::Command {
     c
 }
 
+/// `confab user ACTION… --database DB`: flags go after the action too.
 async fn user_command(db: &str, args: &[&str], stdin: &str) -> (bool, String) {
     let mut child = confab()
-        .args(["user", "--database", db])
+        .arg("user")
         .args(args)
+        .args(["--database", db])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
