@@ -8,7 +8,7 @@ use confab_proto::{ErrorCode, Event};
 use std::time::Duration;
 
 use crate::auth::Passwords;
-use crate::broker::{Broker, BrokerError, BrokerEvent};
+use crate::broker::{Broker, BrokerError, BrokerEvent, BrokerSink};
 use crate::conn::{self, ConnIds, ConnReceiver};
 use crate::error::StoreError;
 use crate::hub::Hub;
@@ -103,6 +103,9 @@ impl Inner {
 
 /// How often idle per-user and per-IP buckets are forgotten.
 const LIMITER_GC_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the store's log of deleted users is read: a deleted user's
+/// connections close within this long, whoever deleted them.
+const REMOVED_USERS_POLL: Duration = Duration::from_secs(1);
 
 impl Chat {
     /// Start the engine on a store and a broker. Guest memberships left
@@ -113,6 +116,7 @@ impl Chat {
         config: ChatConfig,
     ) -> Result<Chat, StoreError> {
         store.drop_all_guests().await?;
+        let removed_since = store.removed_users(None).await?.cursor;
         let hub = Hub::new(store.clone(), config.gap_fill_delay);
         broker.attach(hub.clone());
         let inner = Arc::new(Inner {
@@ -136,6 +140,7 @@ impl Chat {
                 }
             }
         });
+        tokio::spawn(close_removed_users(Arc::downgrade(&inner), removed_since));
         Ok(Chat { inner })
     }
 
@@ -196,5 +201,28 @@ impl Chat {
     /// `gap_fill_delay` and `hash_concurrency` keep their start values.
     pub fn set_config(&self, config: ChatConfig) {
         *self.inner.policy.write().expect("policy poisoned") = Policy::new(config);
+    }
+}
+
+/// Close the connections of users deleted since `cursor`, by this server
+/// or any other process on the database (`confab user delete`), until the
+/// engine is dropped. A failed read is retried at the next tick.
+async fn close_removed_users(inner: std::sync::Weak<Inner>, mut cursor: u64) {
+    let mut tick = tokio::time::interval(REMOVED_USERS_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { break };
+        match inner.store.removed_users(Some(cursor)).await {
+            Ok(removed) => {
+                cursor = removed.cursor;
+                for user in removed.users {
+                    tracing::info!(%user, "closing the connections of a deleted user");
+                    let user = user.key().to_owned();
+                    inner.hub.deliver(&BrokerEvent::Disconnect { user });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading deleted users"),
+        }
     }
 }

@@ -85,6 +85,17 @@ pub struct Appended {
     pub new_members: Vec<UserName>,
 }
 
+/// Users deleted since a cursor, and the cursor to ask from next time.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RemovedUsers {
+    pub cursor: u64,
+    pub users: Vec<UserName>,
+}
+
+/// How long a deletion stays in the log [`Store::removed_users`] reads:
+/// far longer than any server goes between two polls.
+pub const REMOVED_USERS_KEPT_MS: i64 = 24 * 3600 * 1000;
+
 /// Which page of a room's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Page {
@@ -119,8 +130,15 @@ pub trait Store: Send + Sync + 'static {
     /// Every registered user, by name.
     async fn list_users(&self) -> StoreResult<Vec<UserName>>;
     /// Remove a user with its tokens and memberships (its messages stay).
-    /// `Invalid` when there is no such user.
+    /// `Invalid` when there is no such user. The deletion is logged in the
+    /// same transaction, for [`Store::removed_users`].
     async fn delete_user(&self, name: &UserName) -> StoreResult<()>;
+    /// Users deleted after `after` (a cursor from an earlier call), oldest
+    /// first; `None` starts from now (no users, the current cursor). Every
+    /// server on the database polls this to close the connections of users
+    /// deleted by another process (`confab user delete`) or node. Entries
+    /// older than [`REMOVED_USERS_KEPT_MS`] may be forgotten.
+    async fn removed_users(&self, after: Option<u64>) -> StoreResult<RemovedUsers>;
 
     async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()>;
     /// The user a live token belongs to.

@@ -310,9 +310,25 @@ async fn user_commands_then_a_login_over_websocket() {
         .ok(json!({"type":"login","user":"carol","password":"second-password"}))
         .await;
 
+    // Erin is connected on both transports when another process deletes
+    // her: the server closes both within its poll of the deletion log.
+    let mut erin_ws = server.client().await;
+    erin_ws
+        .ok(json!({"type":"login","user":"erin","password":"erin-password"}))
+        .await;
+    let mut erin_line = server.line_client().await;
+    erin_line.say("/login erin erin-password").await;
     assert_eq!(
         user_command(&db, &["delete", "erin"], "").await,
         (true, "deleted erin\n".into())
+    );
+    assert_eq!(
+        erin_ws.closed().await,
+        (1008, "disconnected by an administrator".into())
+    );
+    assert_eq!(
+        erin_line.until_closed().await,
+        ["! disconnected by an administrator"]
     );
     let mut gone = server.client().await;
     assert_eq!(

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_core::store::{
-    Appended, DirectPeers, HistoryPage, Joined, NewMessage, Page, RoomView, StoreResult, TokenHash,
-    UserRecord,
+    Appended, DirectPeers, HistoryPage, Joined, NewMessage, Page, RemovedUsers, RoomView,
+    StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Seq};
@@ -33,7 +33,7 @@ pub use writer::{CommitObserver, WriterStats};
 
 /// The schema, one entry per version; `PRAGMA user_version` says how many
 /// have been applied.
-pub const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+pub const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("schema_2.sql")];
 
 /// Reader connections kept open at most (WAL lets them read concurrently
 /// with the writer).
@@ -411,19 +411,70 @@ impl Store for SqliteStore {
         let name = name.clone();
         self.writer
             .run(move |c| {
-                let n = c
-                    .execute("DELETE FROM users WHERE key = ?1", [name.key()])
-                    .map_err(db_error)?;
-                if n == 0 {
-                    return Err(no_user(&name));
-                }
+                let shown: String = c
+                    .query_row(
+                        "DELETE FROM users WHERE key = ?1 RETURNING name",
+                        [name.key()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db_error)?
+                    .ok_or_else(|| no_user(&name))?;
                 c.execute("DELETE FROM tokens WHERE user_key = ?1", [name.key()])
                     .map_err(db_error)?;
                 c.execute("DELETE FROM members WHERE user_key = ?1", [name.key()])
                     .map_err(db_error)?;
+                let now = now_ms();
+                c.execute(
+                    "DELETE FROM removed_users WHERE removed_at < ?1",
+                    [now - REMOVED_USERS_KEPT_MS],
+                )
+                .map_err(db_error)?;
+                c.execute(
+                    "INSERT INTO removed_users (user_name, removed_at) VALUES (?1, ?2)",
+                    params![shown, now],
+                )
+                .map_err(db_error)?;
                 Ok(())
             })
             .await
+    }
+
+    async fn removed_users(&self, after: Option<u64>) -> StoreResult<RemovedUsers> {
+        self.read(move |c| {
+            // AUTOINCREMENT never hands out an id twice, even after pruning,
+            // so the sequence's value is the cursor of the newest entry.
+            let last: u64 = c
+                .query_row(
+                    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'removed_users'), 0)",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db_error)?;
+            let Some(after) = after else {
+                return Ok(RemovedUsers {
+                    cursor: last,
+                    users: Vec::new(),
+                });
+            };
+            let rows: Vec<(u64, String)> = c
+                .prepare_cached(
+                    "SELECT id, user_name FROM removed_users WHERE id > ?1 ORDER BY id",
+                )
+                .and_then(|mut s| {
+                    s.query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect()
+                })
+                .map_err(db_error)?;
+            Ok(RemovedUsers {
+                cursor: rows.last().map_or(after.max(last), |(id, _)| *id),
+                users: rows
+                    .into_iter()
+                    .map(|(_, name)| user_name(name))
+                    .collect::<StoreResult<_>>()?,
+            })
+        })
+        .await
     }
 
     async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()> {

@@ -35,6 +35,7 @@ macro_rules! store_contract_tests {
             users_are_unique_without_regard_to_case,
             tokens_resolve_until_revoked,
             users_are_administered,
+            deletions_are_logged_for_every_server,
             join_creates_rooms_and_memberships,
             leave_ends_membership,
             appends_number_messages_gaplessly,
@@ -133,6 +134,31 @@ pub async fn users_are_administered(s: DynStore) {
         s.set_password(&user("nobody"), "h").await,
         Err(StoreError::Invalid(_))
     ));
+}
+
+pub async fn deletions_are_logged_for_every_server(s: DynStore) {
+    s.create_user(&user("early"), "h").await.unwrap();
+    s.delete_user(&user("early")).await.unwrap();
+    let start = s.removed_users(None).await.unwrap();
+    assert!(start.users.is_empty(), "None starts from now");
+    let none = s.removed_users(Some(start.cursor)).await.unwrap();
+    assert_eq!(none, start, "nothing new");
+    for name in ["Ann", "bob"] {
+        s.create_user(&user(name), "h").await.unwrap();
+    }
+    s.set_password(&user("ann"), "h2").await.unwrap();
+    s.delete_user(&user("ann")).await.unwrap();
+    s.delete_user(&user("BOB")).await.unwrap();
+    let later = s.removed_users(Some(start.cursor)).await.unwrap();
+    let names: Vec<&str> = later.users.iter().map(|u| u.as_str()).collect();
+    assert_eq!(names, ["Ann", "bob"], "in order, as registered");
+    assert!(later.cursor > start.cursor);
+    assert!(s
+        .removed_users(Some(later.cursor))
+        .await
+        .unwrap()
+        .users
+        .is_empty());
 }
 
 pub async fn join_creates_rooms_and_memberships(s: DynStore) {

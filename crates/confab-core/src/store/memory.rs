@@ -20,6 +20,8 @@ struct State {
     users: HashMap<String, UserRecord>,
     tokens: HashMap<TokenHash, UserName>,
     rooms: BTreeMap<RoomName, Room>,
+    /// (cursor, user), ascending.
+    removed: Vec<(u64, UserName)>,
 }
 
 #[derive(Default)]
@@ -124,13 +126,36 @@ impl Store for MemoryStore {
 
     async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
         self.with(|s| {
-            s.users.remove(name.key()).ok_or_else(|| no_user(name))?;
+            let record = s.users.remove(name.key()).ok_or_else(|| no_user(name))?;
             s.tokens.retain(|_, u| u != name);
             for room in s.rooms.values_mut() {
                 room.members.remove(name.key());
             }
+            let cursor = s.removed.last().map_or(0, |(c, _)| *c) + 1;
+            s.removed.push((cursor, record.name));
             Ok(())
         })
+    }
+
+    async fn removed_users(&self, after: Option<u64>) -> StoreResult<RemovedUsers> {
+        Ok(self.with(|s| {
+            let last = s.removed.last().map_or(0, |(c, _)| *c);
+            let Some(after) = after else {
+                return RemovedUsers {
+                    cursor: last,
+                    users: Vec::new(),
+                };
+            };
+            RemovedUsers {
+                cursor: last.max(after),
+                users: s
+                    .removed
+                    .iter()
+                    .filter(|(c, _)| *c > after)
+                    .map(|(_, u)| u.clone())
+                    .collect(),
+            }
+        }))
     }
 
     async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()> {
