@@ -187,8 +187,18 @@ pub trait Store: Send + Sync + 'static {
     /// `Invalid` when `seq` is past the room's last message.
     async fn mark_read(&self, room: &RoomName, user: &UserName, seq: Seq) -> StoreResult<Seq>;
 
-    /// Whether the store can serve requests (for readiness checks).
+    /// Whether the store can serve requests, writes included (for
+    /// readiness checks): a store that answers reads but cannot commit is
+    /// not ready.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Resolves, with the reason, once the store has failed for good and
+    /// cannot recover by itself (its writer died): the server should stop,
+    /// and its supervisor start it again. Never resolves by default.
+    /// Cancel-safe.
+    async fn failed(&self) -> StoreError {
+        std::future::pending().await
+    }
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -128,6 +128,8 @@ pub(crate) struct App {
     pub(crate) tls: Option<tls::Tls>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) started: std::time::Instant,
+    /// Why the server stopped by itself (its storage failed for good).
+    failure: std::sync::OnceLock<StoreError>,
 }
 
 impl App {
@@ -159,6 +161,21 @@ async fn open_observed_store(
     }
 }
 
+/// Drain by ourselves when the store fails for good: serving on would
+/// answer every write `unavailable` while load balancers keep sending
+/// traffic. [`Server::wait`] then returns the failure, and the process
+/// exits non-zero for its supervisor to restart it.
+async fn stop_on_failure(app: Arc<App>, store: DynStore) {
+    tokio::select! {
+        e = store.failed() => {
+            tracing::error!(error = %e, "storage failed and cannot recover: stopping");
+            let _ = app.failure.set(e);
+            app.draining.cancel();
+        }
+        _ = app.draining.cancelled() => {}
+    }
+}
+
 /// A running server.
 pub struct Server {
     app: Arc<App>,
@@ -167,10 +184,28 @@ pub struct Server {
 
 /// Open storage, start the engine and serve the listeners.
 pub async fn start(config: Config, listeners: Listeners) -> Result<Server, ServerError> {
-    let Listeners { http, line } = listeners;
-    let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
     let metrics = Arc::new(Metrics::new());
     let store = open_observed_store(&config, Some(metrics.clone())).await?;
+    serve(config, listeners, store, metrics).await
+}
+
+/// [`start`] on a store the caller opened (`config.database` is not used).
+pub async fn start_on(
+    config: Config,
+    listeners: Listeners,
+    store: DynStore,
+) -> Result<Server, ServerError> {
+    serve(config, listeners, store, Arc::new(Metrics::new())).await
+}
+
+async fn serve(
+    config: Config,
+    listeners: Listeners,
+    store: DynStore,
+    metrics: Arc<Metrics>,
+) -> Result<Server, ServerError> {
+    let Listeners { http, line } = listeners;
+    let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
     let broker = Arc::new(MemoryBroker::new());
     let chat = Chat::new(store.clone(), broker, config.chat.clone()).await?;
     chat.set_observer(metrics.clone());
@@ -183,7 +218,9 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Server, Serve
         tls,
         metrics: metrics.clone(),
         started: std::time::Instant::now(),
+        failure: std::sync::OnceLock::new(),
     });
+    app.tasks.spawn(stop_on_failure(app.clone(), store.clone()));
     let router = Router::new()
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -234,8 +271,15 @@ impl Server {
         self.app.draining.cancel();
     }
 
+    /// Resolves when the server starts draining: asked to by
+    /// [`Server::begin_shutdown`], or by itself when its storage failed.
+    pub async fn stopping(&self) {
+        self.app.draining.cancelled().await
+    }
+
     /// Wait for a drain to finish (at most the grace period), and return
-    /// once storage has committed everything acknowledged.
+    /// once storage has committed everything acknowledged. An error when
+    /// the server stopped because its storage failed.
     pub async fn wait(self) -> Result<(), ServerError> {
         self.app.draining.cancelled().await;
         self.app.tasks.close();
@@ -248,6 +292,9 @@ impl Server {
                 open = self.app.tasks.len(),
                 "grace period over; closing the remaining connections"
             );
+        }
+        if let Some(e) = self.app.failure.get() {
+            return Err(e.clone().into());
         }
         // Every acknowledged write was committed before its ack; this waits
         // for the storage to answer once more behind anything still queued.
@@ -264,7 +311,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let server = start(config, listeners).await?;
-    shutdown.await;
-    server.begin_shutdown();
+    tokio::select! {
+        _ = shutdown => server.begin_shutdown(),
+        _ = server.stopping() => {}
+    }
     server.wait().await
 }

@@ -273,6 +273,8 @@ async fn serve(overrides: Overrides) -> anyhow::Result<()> {
                 }
             }
             _ = stops.next() => break,
+            // Stopped by itself: its storage failed (wait() says why).
+            _ = server.stopping() => break,
         }
     }
     server.begin_shutdown();

@@ -49,6 +49,66 @@ async fn health_and_readiness() {
 }
 
 #[tokio::test]
+async fn readiness_follows_the_write_path() {
+    let server = TestServer::spawn().await;
+    // Another process takes SQLite's write lock and keeps it: reads still
+    // work, but nothing can commit, so the server is not ready.
+    let db = rusqlite::Connection::open(server.dir().join("confab.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, body) = http(server.addr, "GET", "/readyz", &[], "").await;
+    assert_eq!(status, 503, "{body}");
+    db.execute_batch("COMMIT").unwrap();
+    assert_eq!(
+        http(server.addr, "GET", "/readyz", &[], "").await,
+        (200, "ready\n".into())
+    );
+}
+
+#[tokio::test]
+async fn a_dead_storage_writer_stops_the_server() {
+    use confab_testkit::confab_server::{self, Durability};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        confab_store_sqlite::SqliteStore::open(dir.path().join("confab.db"), Durability::Full)
+            .await
+            .unwrap();
+    // A bug outside any job (here in the commit observer) kills the writer
+    // thread once armed.
+    let armed = Arc::new(AtomicBool::new(false));
+    let trigger = armed.clone();
+    store.observe_commits(Box::new(move |_, _| {
+        assert!(!trigger.load(Ordering::SeqCst), "injected writer bug");
+    }));
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let http_listener = bind().await.unwrap();
+    let addr = http_listener.local_addr().unwrap();
+    let listeners = confab_server::Listeners {
+        http: http_listener,
+        line: Some(bind().await.unwrap()),
+    };
+    let server = confab_server::start_on(Default::default(), listeners, Arc::new(store))
+        .await
+        .unwrap();
+    let mut c = WsClient::connect(&format!("ws://{addr}/ws")).await;
+    c.register("doomed").await;
+    c.join("r").await;
+    armed.store(true, Ordering::SeqCst);
+    // This commit goes through and is acknowledged; then the thread dies.
+    c.send("r", "acknowledged").await;
+    assert_eq!(c.event_of("message").await["body"], "acknowledged");
+    assert_eq!(c.event_of("shutdown").await["type"], "shutdown");
+    assert_eq!(c.closed().await.0, 1001);
+    let e = server
+        .wait()
+        .await
+        .expect_err("a failure, for a non-zero exit");
+    assert!(e.to_string().contains("writer died"), "{e}");
+}
+
+#[tokio::test]
 async fn metrics_move_when_messages_flow() {
     let server = TestServer::spawn().await;
     let before = metrics(&server).await;

@@ -714,8 +714,15 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
-            .await
+        let select = |c: &Connection| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error);
+        // Through the writer: a commit behind whatever is queued, so a
+        // writer that is dead, stuck or locked out is not ready.
+        self.writer.run(select).await?;
+        self.read(select).await
+    }
+
+    async fn failed(&self) -> StoreError {
+        self.writer.failed().await
     }
 }
 
@@ -829,6 +836,57 @@ mod tests {
             "500 concurrent appends took {commits} transactions: no group commit"
         );
         drop(dir);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path().join("p.db"), Durability::Normal)
+            .await
+            .unwrap();
+        s.create_user(&name("before"), "h").await.unwrap();
+        let boom = s
+            .writer
+            .run(|c| -> StoreResult<()> {
+                c.execute("DELETE FROM users", []).map_err(db_error)?;
+                panic!("boom")
+            })
+            .await;
+        match boom {
+            Err(StoreError::Internal(m)) => assert!(m.contains("boom"), "{m}"),
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+        assert!(
+            s.user(&name("before")).await.unwrap().is_some(),
+            "the panicking job was rolled back"
+        );
+        s.create_user(&name("after"), "h").await.unwrap();
+        s.ping().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_writer_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path().join("d.db"), Durability::Normal)
+            .await
+            .unwrap();
+        s.ping().await.unwrap();
+        // A panic outside any job (here in the commit observer) kills the thread.
+        s.observe_commits(Box::new(|_, _| panic!("observer bug")));
+        s.create_user(&name("last"), "h").await.unwrap();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), s.failed())
+            .await
+            .expect("the death is reported");
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        assert!(matches!(s.ping().await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            s.create_user(&name("next"), "h").await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(
+            s.user(&name("last")).await.unwrap().is_some(),
+            "what was acknowledged stays"
+        );
     }
 
     #[tokio::test]

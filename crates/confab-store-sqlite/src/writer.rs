@@ -5,7 +5,16 @@
 //! with a savepoint each (a job that fails rolls back alone), and only after
 //! the commit hands each job its result. So no caller ever sees a write that
 //! is not durable, and concurrent callers share one fsync.
+//!
+//! Failures are loud. A job that panics fails alone (rolled back to its
+//! savepoint, its caller told `internal`); a savepoint that cannot be taken
+//! or released aborts the whole batch, since what it holds is then unknown.
+//! If the thread itself dies (a panic outside a job), it says so with an
+//! error, every waiting and later caller gets `unavailable`, and
+//! [`Writer::failed`] resolves so that the server can stop: a thread whose
+//! state is unknown is not restarted in place.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -13,7 +22,7 @@ use std::time::{Duration, Instant};
 use confab_core::store::StoreResult;
 use confab_core::StoreError;
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db_error;
 
@@ -44,7 +53,13 @@ where
 {
     fn run(&mut self, conn: &Connection) -> bool {
         let f = self.f.take().expect("a job runs once");
-        let result = f(conn);
+        let result = catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|panic| {
+            let what = panic_text(&*panic);
+            tracing::error!(panic = %what, "a storage job panicked; it is rolled back");
+            Err(StoreError::Internal(format!(
+                "a storage job panicked: {what}"
+            )))
+        });
         let ok = result.is_ok();
         self.result = Some(result);
         ok
@@ -81,18 +96,61 @@ struct Counters {
 pub(crate) struct Writer {
     jobs: mpsc::Sender<Box<dyn Job>>,
     counters: Arc<Counters>,
+    /// Set, once, to why the thread died.
+    died: watch::Receiver<Option<StoreError>>,
+}
+
+/// Held by the writer thread: dropped when it ends, by a return or by a
+/// panic. Ending while callers can still send is a death, and says so.
+struct Lifeline {
+    died: watch::Sender<Option<StoreError>>,
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "the storage writer died; every write now fails with `unavailable` \
+                 and the server stops"
+            );
+            let e = StoreError::Unavailable("the storage writer died".into());
+            let _ = self.died.send(Some(e));
+        }
+    }
 }
 
 impl Writer {
     pub(crate) fn start(conn: Connection) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
+        let (died_tx, died) = watch::channel(None);
         let c = counters.clone();
         std::thread::Builder::new()
             .name("confab-sqlite-writer".into())
-            .spawn(move || run(conn, rx, &c))
+            .spawn(move || {
+                let _lifeline = Lifeline { died: died_tx };
+                run(conn, rx, &c)
+            })
             .expect("spawning the writer thread");
-        Writer { jobs: tx, counters }
+        Writer {
+            jobs: tx,
+            counters,
+            died,
+        }
+    }
+
+    /// Resolves with the reason once the thread has died. Cancel-safe.
+    pub(crate) async fn failed(&self) -> StoreError {
+        let mut died = self.died.clone();
+        let reason = died
+            .wait_for(Option::is_some)
+            .await
+            .map(|e| e.clone().expect("waited for it"));
+        match reason {
+            Ok(e) => e,
+            // The thread ended without dying: the store was dropped.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     pub(crate) fn observe(&self, observer: CommitObserver) {
@@ -119,7 +177,12 @@ impl Writer {
             result: None,
             reply,
         });
-        let stopped = || StoreError::Unavailable("the storage writer has stopped".into());
+        let stopped = || {
+            self.died
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| StoreError::Unavailable("the storage writer has stopped".into()))
+        };
         self.jobs.send(job).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
@@ -157,25 +220,58 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
         return;
     }
     let mut completions = Vec::with_capacity(batch.len());
+    let mut broken = None;
     for mut job in batch.drain(..) {
-        let savepoint = conn.execute_batch("SAVEPOINT job");
+        if broken.is_some() {
+            completions.push(job);
+            continue;
+        }
+        // A job's savepoint is what lets it fail alone: without one, what
+        // the transaction holds is unknown, and the batch is abandoned.
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            broken = Some(e);
+            completions.push(job);
+            continue;
+        }
         let ok = job.run(conn);
         let release = if ok {
             conn.execute_batch("RELEASE job")
         } else {
             conn.execute_batch("ROLLBACK TO job; RELEASE job")
         };
-        if let Some(e) = savepoint.err().or(release.err()) {
-            tracing::error!(error = %e, "savepoint failed");
-        }
+        broken = release.err();
         completions.push(job);
     }
-    let outcome = conn.execute_batch("COMMIT").map_err(db_error);
+    let aborted = broken.is_some();
+    let outcome = match broken {
+        Some(e) => {
+            let e = db_error(e);
+            tracing::error!(error = %e, "a savepoint failed; rolling back the batch");
+            Err(e)
+        }
+        None => conn.execute_batch("COMMIT").map_err(db_error),
+    };
     if let Err(e) = &outcome {
-        tracing::error!(error = %e, "commit failed; rolling back the batch");
-        let _ = conn.execute_batch("ROLLBACK");
+        if !aborted {
+            tracing::error!(error = %e, "commit failed; rolling back the batch");
+        }
+        if !conn.is_autocommit() {
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                // Neither committed nor rolled back: nothing more can be
+                // trusted on this connection.
+                panic!("cannot roll back a failed batch: {e}");
+            }
+        }
     }
     for job in completions {
         job.complete(outcome.clone());
     }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
