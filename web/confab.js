@@ -237,9 +237,11 @@ export class Confab extends EventTarget {
   }
 
   async rooms(all = false) {
-    const r = await this.request("rooms", { all });
-    if (!all) for (const room of r.rooms) this.#seen(room.room, room.last_seq);
-    return r.rooms;
+    // A listing says what exists, not what this page has seen: marking
+    // `last_seq` seen here made the `sync` after a reconnect drop every
+    // message it brought as a duplicate. Only delivered messages (and a
+    // join's starting point) count as seen.
+    return (await this.request("rooms", { all })).rooms;
   }
 
   async members(room) {

@@ -3,6 +3,7 @@
 // CONFAB_SCREENSHOTS when it is set.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
+import net from "node:net";
 import { chromium } from "playwright-core";
 
 const url = process.env.CONFAB_URL;
@@ -18,12 +19,50 @@ const browser = await chromium.launch({
 });
 after(() => browser.close());
 
-async function person() {
+async function person(at = url) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 720 } });
   const page = await context.newPage();
   page.on("pageerror", (e) => assert.fail(`page error: ${e}`));
-  await page.goto(url);
+  await page.goto(at);
   return { context, page };
+}
+
+/**
+ * A TCP proxy in front of the server, to cut a page's network under it:
+ * `cut()` drops every connection through it and refuses new ones until
+ * `restore()`.
+ */
+async function flakyLink() {
+  const target = new URL(url);
+  const open = new Set();
+  let down = false;
+  const server = net.createServer((client) => {
+    if (down) return client.destroy();
+    const upstream = net.connect(Number(target.port), target.hostname);
+    const pair = [client, upstream];
+    for (const s of pair) {
+      open.add(s);
+      s.on("error", () => {});
+      s.on("close", () => pair.forEach((t) => (t.destroy(), open.delete(t))));
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    url: `http://127.0.0.1:${server.address().port}/`,
+    cut() {
+      down = true;
+      for (const s of open) s.destroy();
+    },
+    restore() {
+      down = false;
+    },
+    close() {
+      this.cut();
+      server.close();
+    },
+  };
 }
 
 async function signUp(page, name, password) {
@@ -135,6 +174,40 @@ test("messages written offline are sent once when back, even across a reload", a
   await expectMessages(carol.page, ["written offline 1", "written offline 2"]);
   await carol.context.close();
   await dave.context.close();
+});
+
+test("after its connection comes back the open page shows what it missed, once, in order", async (t) => {
+  const link = await flakyLink();
+  t.after(() => link.close()); // also when the test fails: a listening proxy keeps node alive
+  const frank = await person(link.url);
+  const grace = await person();
+  await signUp(frank.page, "frank", "frank-password");
+  await signUp(grace.page, "grace", "grace-password");
+  await join(frank.page, "flaky");
+  await join(grace.page, "flaky");
+  await say(grace.page, "before the cut");
+  await expectMessages(frank.page, ["before the cut"]);
+
+  // The network drops under Frank's open page; Grace goes on writing, and
+  // so does Frank, into his outbox.
+  link.cut();
+  await frank.page.waitForSelector("#status:not([hidden])");
+  for (let i = 1; i <= 3; i++) await say(grace.page, `during the cut ${i}`);
+  await say(frank.page, "written while cut off");
+  await frank.page.waitForFunction(() => document.querySelectorAll("#messages .message.pending").length === 1);
+  const missed = ["before the cut", "during the cut 1", "during the cut 2", "during the cut 3"];
+  await expectMessages(grace.page, missed);
+
+  // It comes back by itself: no reload.
+  link.restore();
+  const all = [...missed, "written while cut off"];
+  await expectMessages(frank.page, all);
+  await expectMessages(grace.page, all);
+  await say(grace.page, "after the cut");
+  await expectMessages(frank.page, [...all, "after the cut"]);
+  assert.equal(await frank.page.evaluate(() => window.confabClient.outbox.length), 0);
+  await frank.context.close();
+  await grace.context.close();
 });
 
 test("errors are shown in words, and the page fits a phone", async () => {
