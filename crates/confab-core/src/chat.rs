@@ -144,7 +144,8 @@ impl Chat {
         Ok(Chat { inner })
     }
 
-    /// A session for a new connection from `peer`, and the transport's end
+    /// A session for a new connection from `peer` (the address per-address
+    /// limits count it against, `None` for none), and the transport's end
     /// of its queue.
     pub fn open(&self, peer: Option<IpAddr>) -> (Session, ConnReceiver) {
         let queue = self.inner.policy().config.outbound_queue;

@@ -37,6 +37,8 @@ const MAX_NONCE_CHARS: usize = 64;
 pub struct Session {
     chat: Arc<Inner>,
     conn: Conn,
+    /// The client's address as per-address limits count it; `None` when
+    /// the transport exempts it (loopback, say) or has none.
     peer: Option<IpAddr>,
     /// The policy this session's limiter was built from.
     policy: Arc<Policy>,

@@ -1,6 +1,7 @@
 //! Connection limits: at most `max_total` chat connections, and at most
-//! `max_per_ip` from one address. A connection holds an [`Admitted`] for
-//! its lifetime; dropping it gives the place back.
+//! `max_per_ip` from one address (addresses in `exempt_networks` have no
+//! per-address limit). A connection holds an [`Admitted`] for its
+//! lifetime; dropping it gives the place back.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,7 +22,8 @@ struct Counts {
 /// A place taken; given back on drop.
 pub(crate) struct Admitted {
     gate: Arc<Gate>,
-    ip: IpAddr,
+    /// The address counted against the per-address limit, if any.
+    ip: Option<IpAddr>,
 }
 
 /// Why a connection was refused.
@@ -56,17 +58,21 @@ impl Gate {
         counts.max_per_ip = max_per_ip;
     }
 
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Full> {
+    /// Take a place for a connection from `ip`; `None` for an address
+    /// exempt from the per-address limit (it still counts in the total).
+    pub(crate) fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Admitted, Full> {
         let mut counts = self.state.lock().expect("gate poisoned");
         if counts.total >= counts.max_total {
             return Err(Full::Server);
         }
-        let max_per_ip = counts.max_per_ip;
-        let from_ip = counts.per_ip.entry(ip).or_default();
-        if *from_ip >= max_per_ip {
-            return Err(Full::Address);
+        if let Some(ip) = ip {
+            let max_per_ip = counts.max_per_ip;
+            let from_ip = counts.per_ip.entry(ip).or_default();
+            if *from_ip >= max_per_ip {
+                return Err(Full::Address);
+            }
+            *from_ip += 1;
         }
-        *from_ip += 1;
         counts.total += 1;
         Ok(Admitted {
             gate: self.clone(),
@@ -79,10 +85,11 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let mut counts = self.gate.state.lock().expect("gate poisoned");
         counts.total -= 1;
-        if let Some(n) = counts.per_ip.get_mut(&self.ip) {
+        let Some(ip) = self.ip else { return };
+        if let Some(n) = counts.per_ip.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
-                counts.per_ip.remove(&self.ip);
+                counts.per_ip.remove(&ip);
             }
         }
     }
@@ -94,8 +101,12 @@ mod tests {
 
     #[test]
     fn limits_total_and_per_address() {
-        let gate = Gate::new(3, 2);
-        let (a, b): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let gate = Gate::new(4, 2);
+        let (a, b): (Option<IpAddr>, Option<IpAddr>) =
+            (Some([10, 0, 0, 1].into()), Some([10, 0, 0, 2].into()));
+        let exempt = gate.admit(None).unwrap();
+        let _exempt_too = gate.admit(None).unwrap();
+        drop(exempt);
         let a1 = gate.admit(a).unwrap();
         let _a2 = gate.admit(a).unwrap();
         assert_eq!(gate.admit(a).err(), Some(Full::Address));

@@ -6,6 +6,8 @@ use std::time::Duration;
 use confab_core::ChatConfig;
 pub use confab_store_sqlite::Durability;
 
+pub use crate::proxy::Networks;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: Database,
@@ -19,6 +21,12 @@ pub struct Config {
     pub max_connections: usize,
     /// Most chat connections from one IP address.
     pub max_connections_per_ip: usize,
+    /// Addresses with no per-address limits (connections, logins).
+    pub exempt_networks: Networks,
+    /// Proxies whose word on the client's address is believed: their
+    /// `Forwarded` / `X-Forwarded-For` headers on WebSocket, their PROXY
+    /// protocol header (required from them) on the line listener.
+    pub trusted_proxies: Networks,
     /// How long a client may take to send its HTTP request (the WebSocket
     /// upgrade), counted from connecting.
     pub handshake_timeout: Duration,
@@ -48,6 +56,9 @@ impl Default for Config {
             max_line_bytes: 8 * 1024,
             max_connections: 10_000,
             max_connections_per_ip: 256,
+            // A developer's own scripts, tests and tools run from here.
+            exempt_networks: Networks::loopback(),
+            trusted_proxies: Networks::default(),
             handshake_timeout: Duration::from_secs(10),
             login_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),

@@ -8,6 +8,9 @@
 //! - [`line`]: the line transport (plain TCP, for `nc` and `telnet`).
 //! - `http`: the HTTP accept loop; `admission`: connection limits;
 //!   `tls`: rustls with a reloadable certificate.
+//! - [`proxy`]: the client's real address behind trusted proxies
+//!   (`X-Forwarded-For`, `Forwarded`, the PROXY protocol), and the
+//!   networks exempt from per-address limits.
 //!
 //! The caller binds: [`start`] takes listeners that are already bound (tests
 //! bind port 0) and returns a [`Server`] to reload and stop.
@@ -18,6 +21,7 @@ pub mod config;
 mod http;
 pub mod line;
 mod metrics;
+pub mod proxy;
 pub mod settings;
 mod tls;
 mod web;
@@ -137,6 +141,31 @@ impl App {
     pub(crate) fn config(&self) -> Arc<Config> {
         self.config.read().expect("config poisoned").clone()
     }
+
+    /// Admit a chat connection from `client` (its real address), and open
+    /// its session: per-address limits count it unless it is exempt.
+    pub(crate) fn admit(
+        &self,
+        config: &Config,
+        client: std::net::IpAddr,
+    ) -> Result<admission::Admitted, admission::Full> {
+        self.gate.admit(limited(config, client))
+    }
+
+    /// A session for a connection from `client`.
+    pub(crate) fn open(
+        &self,
+        config: &Config,
+        client: std::net::IpAddr,
+    ) -> (confab_core::Session, confab_core::ConnReceiver) {
+        self.chat.open(limited(config, client))
+    }
+}
+
+/// The address per-address limits count `client` against: none when it
+/// is in an exempt network.
+fn limited(config: &Config, client: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    (!config.exempt_networks.contains(client)).then_some(client)
 }
 
 /// Open the store the configuration names; commits are reported to

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::admission::{Admitted, Full};
 use crate::http::ACCEPT_BACKOFF;
 use crate::metrics::Transport;
+use crate::proxy::{self, Client};
 use crate::{encode, unless_evicted, App, SLOW_CONSUMER_GRACE};
 
 /// Largest single read from a socket.
@@ -47,8 +48,7 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
             _ = app.draining.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let admitted = app.gate.admit(peer.ip());
-                    app.tasks.spawn(handshake(app.clone(), stream, peer, admitted));
+                    app.tasks.spawn(handshake(app.clone(), stream, peer));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a line connection");
@@ -59,22 +59,37 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-/// TLS first when configured, then serve the connection, or tell it why not.
-async fn handshake(
-    app: Arc<App>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    admitted: Result<Admitted, Full>,
-) {
+/// Who the client is (from a PROXY header when the peer is a trusted
+/// proxy), then TLS when configured, then serve the connection, or tell it
+/// why not. All of it within the handshake timeout.
+async fn handshake(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let config = app.config();
+    let client = if config.trusted_proxies.contains(peer.ip()) {
+        let header = proxy::read_proxy_header(&mut stream);
+        match tokio::time::timeout(config.handshake_timeout, header).await {
+            Ok(Ok(source)) => Client::proxied(peer, source),
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "refused a connection from a trusted proxy");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no PROXY header in time");
+                return;
+            }
+        }
+    } else {
+        Client::direct(peer)
+    };
+    let admitted = app.admit(&config, client.ip);
     match &app.tls {
-        None => admit(app, stream, peer, admitted).await,
+        None => admit(app, stream, client, admitted).await,
         Some(tls) => {
             let handshake = tls.acceptor.accept(stream);
-            match tokio::time::timeout(app.config().handshake_timeout, handshake).await {
-                Ok(Ok(stream)) => admit(app, stream, peer, admitted).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            match tokio::time::timeout(config.handshake_timeout, handshake).await {
+                Ok(Ok(stream)) => admit(app, stream, client, admitted).await,
+                Ok(Err(e)) => tracing::debug!(peer = %client, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(peer = %client, "TLS handshake timed out"),
             }
         }
     }
@@ -83,11 +98,11 @@ async fn handshake(
 async fn admit<S: Stream>(
     app: Arc<App>,
     mut stream: S,
-    peer: SocketAddr,
+    client: Client,
     admitted: Result<Admitted, Full>,
 ) {
     match admitted {
-        Ok(admitted) => connection(app, stream, peer, admitted).await,
+        Ok(admitted) => connection(app, stream, client, admitted).await,
         Err(full) => {
             let line = format!("! unavailable: {}\n", full.message());
             let refusal = async {
@@ -103,13 +118,14 @@ async fn admit<S: Stream>(
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for S {}
 
-async fn connection<S: Stream>(app: Arc<App>, stream: S, peer: SocketAddr, admitted: Admitted) {
-    let (session, rx) = app.chat.open(Some(peer.ip()));
+async fn connection<S: Stream>(app: Arc<App>, stream: S, client: Client, admitted: Admitted) {
+    let (session, rx) = app.open(&app.config(), client.ip);
     let span = tracing::info_span!(
         "conn",
         id = rx.id.0,
         transport = "line",
-        %peer,
+        peer = %client,
+        proxy = client.via.map(tracing::field::display),
         user = tracing::field::Empty
     );
     run_connection(app, stream, session, rx, admitted)

@@ -17,7 +17,7 @@ use std::time::Duration;
 use confab_core::{ChatConfig, ContentFilter, FilterRule, Rate, RateLimits};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Database};
+use crate::config::{Config, Database, Networks};
 use crate::TlsFiles;
 
 /// A secret: shown as `***` by `Debug` and when the configuration is printed.
@@ -95,6 +95,10 @@ pub struct TlsSettings {
 pub struct LimitSettings {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// CIDR blocks with no per-address limits.
+    pub exempt_networks: Vec<String>,
+    /// CIDR blocks of proxies whose word on the client's address is believed.
+    pub trusted_proxies: Vec<String>,
     pub handshake_timeout_ms: u64,
     pub login_timeout_ms: u64,
     pub heartbeat_ms: u64,
@@ -171,6 +175,8 @@ impl Default for Settings {
             limits: LimitSettings {
                 max_connections: config.max_connections,
                 max_connections_per_ip: config.max_connections_per_ip,
+                exempt_networks: config.exempt_networks.blocks().collect(),
+                trusted_proxies: config.trusted_proxies.blocks().collect(),
                 handshake_timeout_ms: ms(config.handshake_timeout),
                 login_timeout_ms: ms(config.login_timeout),
                 heartbeat_ms: ms(config.heartbeat),
@@ -359,6 +365,10 @@ impl Settings {
             max_line_bytes: l.max_line_bytes,
             max_connections: l.max_connections,
             max_connections_per_ip: l.max_connections_per_ip,
+            exempt_networks: Networks::parse(&l.exempt_networks)
+                .map_err(|e| ConfigError(format!("limits.exempt_networks: {e}")))?,
+            trusted_proxies: Networks::parse(&l.trusted_proxies)
+                .map_err(|e| ConfigError(format!("limits.trusted_proxies: {e}")))?,
             handshake_timeout: ms(l.handshake_timeout_ms),
             login_timeout: ms(l.login_timeout_ms),
             shutdown_grace: ms(l.shutdown_grace_ms),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use confab_core::{ChatError, CloseReason, ConnReceiver, Outbound, Session};
@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use crate::admission::Admitted;
 use crate::metrics::Transport;
+use crate::proxy::Client;
 use crate::{encode, unless_evicted, App, SLOW_CONSUMER_GRACE};
 
 /// Close codes of the contract.
@@ -60,6 +61,7 @@ enum Ending {
 pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     State(app): State<Arc<App>>,
 ) -> Response {
     let unavailable = |why: &'static str| {
@@ -69,11 +71,13 @@ pub(crate) async fn upgrade(
     if app.draining.is_cancelled() {
         return unavailable("the server is shutting down");
     }
-    let admitted = match app.gate.admit(peer.ip()) {
+    let config = app.config();
+    let client = Client::behind(peer, &headers, &config.trusted_proxies);
+    let admitted = match app.admit(&config, client.ip) {
         Ok(admitted) => admitted,
         Err(full) => return unavailable(full.message()),
     };
-    let max = app.config().max_frame_bytes;
+    let max = config.max_frame_bytes;
     // tungstenite's default read and write buffers are 128 KiB each, most
     // of an idle connection's memory (145 KB measured). 4 KiB chunks cost
     // nothing in throughput: our writer flushes per batch, and frames up
@@ -84,17 +88,18 @@ pub(crate) async fn upgrade(
         .max_message_size(max)
         .on_upgrade(move |socket| {
             let tracker = app.tasks.clone();
-            tracker.track_future(connection(app, socket, peer, admitted))
+            tracker.track_future(connection(app, socket, client, admitted))
         })
 }
 
-async fn connection(app: Arc<App>, socket: WebSocket, peer: SocketAddr, admitted: Admitted) {
-    let (session, rx) = app.chat.open(Some(peer.ip()));
+async fn connection(app: Arc<App>, socket: WebSocket, client: Client, admitted: Admitted) {
+    let (session, rx) = app.open(&app.config(), client.ip);
     let span = tracing::info_span!(
         "conn",
         id = rx.id.0,
         transport = "ws",
-        %peer,
+        peer = %client,
+        proxy = client.via.map(tracing::field::display),
         user = tracing::field::Empty
     );
     run_connection(app, socket, session, rx, admitted)

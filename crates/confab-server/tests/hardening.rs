@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use confab_testkit::confab_server::config::Networks;
 use confab_testkit::confab_server::{Config, FilterRule, Rate, RateLimits};
 use confab_testkit::serde_json::json;
 use confab_testkit::tokio_tungstenite::tungstenite;
@@ -28,6 +29,7 @@ async fn connection_limits_refuse_clearly() {
     let server = TestServer::with_config(|c| {
         c.max_connections = 4;
         c.max_connections_per_ip = 2;
+        c.exempt_networks = Networks::default(); // loopback is exempt by default
     })
     .await;
     // Two from 127.0.0.1 fill its share, over either transport.
@@ -171,10 +173,13 @@ async fn requests_in_general_are_limited() {
 
 #[tokio::test]
 async fn password_guessing_is_slowed_per_address_and_per_account() {
-    let server = TestServer::with_config(limits(|l| {
-        l.auth_per_account = Some(Rate::new(0.01, 3));
-        l.auth_per_ip = Some(Rate::new(0.01, 6));
-    }))
+    let server = TestServer::with_config(|c| {
+        limits(|l| {
+            l.auth_per_account = Some(Rate::new(0.01, 3));
+            l.auth_per_ip = Some(Rate::new(0.01, 6));
+        })(c);
+        c.exempt_networks = Networks::default();
+    })
     .await;
     let mut owner = server.client().await;
     owner.register("target").await; // 1 for target, 1 for the address
@@ -277,5 +282,158 @@ async fn the_content_filter_refuses_with_its_reason() {
     assert_eq!(
         line.say("buy now").await,
         ["! forbidden: refused by the content filter: no advertising"]
+    );
+}
+
+#[tokio::test]
+async fn a_developers_own_scripts_on_loopback_are_not_throttled_per_address() {
+    // The defaults: 20 logins at once per address, 256 connections.
+    let server = TestServer::with_config(|c| c.max_connections_per_ip = 5).await;
+    let mut clients = Vec::new();
+    for i in 0..30 {
+        let name = format!("script{i}");
+        let mut c = server.client().await;
+        c.register(&name).await;
+        let mut again = server.client().await;
+        again.login(&name).await;
+        clients.extend([c, again]);
+    }
+    // An address outside the exempt networks is still limited.
+    let server = TestServer::with_config(|c| {
+        c.max_connections_per_ip = 5;
+        c.exempt_networks = Networks::parse(&["127.0.0.1/32"]).unwrap();
+    })
+    .await;
+    let _held: Vec<_> = futures_util::future::join_all(
+        (0..5).map(|_| async { ws_from(&server, [127, 0, 0, 2]).await }),
+    )
+    .await;
+    assert_eq!(refused_upgrade(&server, [127, 0, 0, 2]).await, 503);
+    let _more: Vec<_> = futures_util::future::join_all(
+        (0..8).map(|_| async { ws_from(&server, [127, 0, 0, 1]).await }),
+    )
+    .await;
+}
+
+/// Connections through a proxy at 127.0.0.1, counted per client address.
+async fn behind_a_proxy(trusted: &[&str]) -> TestServer {
+    let trusted = Networks::parse(trusted).unwrap();
+    TestServer::with_config(move |c| {
+        c.max_connections_per_ip = 1;
+        c.exempt_networks = Networks::default();
+        c.trusted_proxies = trusted;
+    })
+    .await
+}
+
+async fn ws_forwarded(server: &TestServer, header: (&str, &str)) -> Result<WsClient, u16> {
+    use confab_testkit::tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use confab_testkit::tokio_tungstenite::tungstenite::Error;
+    let mut request = server.ws_url().into_client_request().unwrap();
+    let name = tungstenite::http::HeaderName::from_bytes(header.0.as_bytes()).unwrap();
+    request
+        .headers_mut()
+        .insert(name, header.1.parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let tcp: confab_testkit::BoxedIo = Box::new(tcp);
+    match confab_testkit::tokio_tungstenite::client_async(request, tcp).await {
+        Ok((ws, _)) => Ok(WsClient::over(ws).await),
+        Err(Error::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("upgrade failed: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn forwarded_headers_name_the_client_when_the_proxy_is_trusted() {
+    let server = behind_a_proxy(&["127.0.0.1/32"]).await;
+    let xff = ("x-forwarded-for", "203.0.113.1");
+    let _first = ws_forwarded(&server, xff).await.unwrap();
+    assert_eq!(
+        ws_forwarded(&server, ("x-forwarded-for", "198.51.100.7, 203.0.113.1"))
+            .await
+            .err(),
+        Some(503),
+        "the same client (what it wrote itself is not believed)"
+    );
+    let _other = ws_forwarded(&server, ("forwarded", "for=203.0.113.2;proto=http"))
+        .await
+        .unwrap();
+    let _v6 = ws_forwarded(&server, ("forwarded", r#"for="[2001:db8::5]:4711""#))
+        .await
+        .unwrap();
+
+    // From a peer that is not a trusted proxy, the header means nothing:
+    // every connection counts against 127.0.0.1 itself.
+    let server = behind_a_proxy(&["10.0.0.0/8"]).await;
+    let _first = ws_forwarded(&server, xff).await.unwrap();
+    assert_eq!(
+        ws_forwarded(&server, ("x-forwarded-for", "203.0.113.99"))
+            .await
+            .err(),
+        Some(503)
+    );
+}
+
+#[tokio::test]
+async fn the_line_listener_takes_the_proxy_protocol_from_trusted_proxies() {
+    use tokio::io::AsyncWriteExt;
+    let server = behind_a_proxy(&["127.0.0.1/32"]).await;
+    async fn to(addr: std::net::SocketAddr, header: Vec<u8>) -> LineClient {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(&header).await.unwrap();
+        LineClient::over(Box::new(tcp)).await
+    }
+    let through = |header: Vec<u8>| to(server.line_addr, header);
+    let v1 = |src: &str| format!("PROXY TCP4 {src} 127.0.0.1 40000 7777\r\n").into_bytes();
+    let mut first = through(v1("203.0.113.7")).await;
+    assert!(
+        first.greeting.starts_with("* welcome"),
+        "{}",
+        first.greeting
+    );
+    assert_eq!(
+        first.say("/nick proxied").await,
+        ["* you are proxied; /join ROOM to talk, /help for more"]
+    );
+    let again = through(v1("203.0.113.7")).await;
+    assert_eq!(
+        again.greeting,
+        "! unavailable: too many connections from your address"
+    );
+    // Version 2, binary, from another client.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[203, 0, 113, 8, 127, 0, 0, 1, 0x9c, 0x40, 0x1e, 0x61]);
+    let second = through(v2).await;
+    assert!(
+        second.greeting.starts_with("* welcome"),
+        "{}",
+        second.greeting
+    );
+    // A trusted proxy must send the header: a bare connection is dropped.
+    let mut bare = tokio::net::TcpStream::connect(server.line_addr)
+        .await
+        .unwrap();
+    bare.write_all(b"/nick sneaky\n/nick sneaky2\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut bare, &mut rest),
+    )
+    .await
+    .unwrap()
+    .ok();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+
+    // From an untrusted peer, a PROXY line is just a line.
+    let untrusting = behind_a_proxy(&["10.0.0.0/8"]).await;
+    let mut c = to(untrusting.line_addr, v1("203.0.113.7")).await;
+    assert!(c.greeting.starts_with("* welcome"));
+    let refusal = "! bad_request: you are not in a room: /join ROOM first";
+    assert_eq!(
+        c.say("hello").await,
+        [refusal, refusal],
+        "the header was read as a chat line, not believed"
     );
 }
