@@ -32,6 +32,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How long a connection may stay without logging in.
     pub login_timeout: Duration,
+    /// How long a line connection may send nothing before it is closed
+    /// (warned a twelfth of it before); `None`: never. Vanished peers are
+    /// found sooner by TCP keepalive.
+    pub line_idle: Option<Duration>,
     /// How long a graceful shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
     /// What the `shutdown` event advises clients to wait before reconnecting.
@@ -61,6 +65,8 @@ impl Default for Config {
             trusted_proxies: Networks::default(),
             handshake_timeout: Duration::from_secs(10),
             login_timeout: Duration::from_secs(30),
+            // People at a terminal read far more than they type: an hour.
+            line_idle: Some(Duration::from_secs(3600)),
             shutdown_grace: Duration::from_secs(10),
             reconnect_ms: 2000,
             chat: ChatConfig::default(),

@@ -35,6 +35,8 @@ enum Ending {
     Shutdown,
     /// Write this last line, then close.
     Bye(&'static str),
+    /// Silent for this long: say so, then close.
+    Idle(Duration),
     Gone,
 }
 
@@ -64,6 +66,9 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
 /// why not. All of it within the handshake timeout.
 async fn handshake(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    if let Err(e) = keep_alive(&stream) {
+        tracing::warn!(%peer, error = %e, "cannot set TCP keepalive");
+    }
     let config = app.config();
     let client = if config.trusted_proxies.contains(peer.ip()) {
         let header = proxy::read_proxy_header(&mut stream);
@@ -112,6 +117,31 @@ async fn admit<S: Stream>(
             let _ = tokio::time::timeout(Duration::from_secs(1), refusal).await;
         }
     }
+}
+
+/// Idle time before the first keepalive probe, the time between probes,
+/// and how many go unanswered before the kernel gives up: a terminal that
+/// vanished without closing (a laptop lid closed, a network gone) is found
+/// in about 90 s, and its presence goes offline, instead of after hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+/// How long written data may stay unacknowledged before the connection is
+/// dropped: keepalive probes only run on an idle connection, not one with
+/// a chat line stuck in its send queue.
+const USER_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// TCP keepalive and a send timeout on a line connection (its liveness:
+/// nobody at a terminal answers pings).
+fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    socket.set_tcp_user_timeout(Some(USER_TIMEOUT))
 }
 
 /// What a line connection runs over: TCP, or TLS over TCP.
@@ -167,9 +197,11 @@ async fn read_loop(
         current: None,
         max_line: app.config().max_line_bytes,
     };
-    let mut decoder = LineDecoder::new(app.config().max_line_bytes);
+    let config = app.config();
+    let mut decoder = LineDecoder::new(config.max_line_bytes);
     let mut buf = BytesMut::new();
-    let login_deadline = tokio::time::Instant::now() + app.config().login_timeout;
+    let login_deadline = tokio::time::Instant::now() + config.login_timeout;
+    let mut idle = config.line_idle.map(Idle::new);
     loop {
         while let Some(frame) = decoder.decode(&mut buf) {
             if let Some(ending) = terminal.frame(frame).await {
@@ -178,6 +210,7 @@ async fn read_loop(
         }
         let room = decoder.room(&buf).min(READ_CHUNK);
         let mut limited = (&mut reader).take(room as u64);
+        let idle_deadline = idle.as_ref().map(Idle::deadline);
         // Biased: input that already arrived is served before a drain.
         let read = tokio::select! {
             biased;
@@ -185,13 +218,127 @@ async fn read_loop(
                 return (terminal.session, Ending::Bye(LOGIN_TIMEOUT));
             }
             read = limited.read_buf(&mut buf) => read,
+            _ = sleep_until_some(idle_deadline) => {
+                let idle = idle.as_mut().expect("a deadline");
+                match idle.lapsed() {
+                    Some(warning) => {
+                        terminal.session.write_raw(Bytes::from(warning)).await;
+                        continue;
+                    }
+                    None => return (terminal.session, Ending::Idle(idle.limit)),
+                }
+            }
             _ = app.draining.cancelled() => return (terminal.session, Ending::Shutdown),
             _ = writer_gone.cancelled() => return (terminal.session, Ending::Gone),
         };
         match read {
             Ok(0) | Err(_) => return (terminal.session, Ending::Gone),
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some(idle) = &mut idle {
+                    idle.input();
+                }
+            }
         }
+    }
+}
+
+/// Sleep until the deadline; without one, forever.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The idle rule of a line connection: after `limit` without input it is
+/// closed, and a twelfth of `limit` before that (5 minutes of an hour) it
+/// is warned. Any input, an empty line or `PING` too, starts it over.
+struct Idle {
+    limit: Duration,
+    last_input: tokio::time::Instant,
+    warned: bool,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Idle {
+        Idle {
+            limit,
+            last_input: tokio::time::Instant::now(),
+            warned: false,
+        }
+    }
+
+    fn input(&mut self) {
+        self.last_input = tokio::time::Instant::now();
+        self.warned = false;
+    }
+
+    /// When the next warning or the close is due.
+    fn deadline(&self) -> tokio::time::Instant {
+        let grace = if self.warned {
+            Duration::ZERO
+        } else {
+            self.limit / 12
+        };
+        self.last_input + self.limit - grace
+    }
+
+    /// The deadline passed: the warning to write, or `None` to close.
+    fn lapsed(&mut self) -> Option<String> {
+        if self.warned {
+            return None;
+        }
+        self.warned = true;
+        Some(format!(
+            "* you have been idle for {}; send anything (an empty line will do) within {} to stay connected\n",
+            words(self.limit - self.limit / 12),
+            words(self.limit / 12)
+        ))
+    }
+}
+
+/// A duration as people say it: `55 minutes`, `1 hour`, `300 ms`.
+fn words(d: Duration) -> String {
+    if d.subsec_millis() != 0 {
+        return format!("{} ms", d.as_millis());
+    }
+    let s = d.as_secs();
+    let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+    if s >= 3600 && s % 3600 == 0 {
+        plural(s / 3600, "hour")
+    } else if s >= 60 && s % 60 == 0 {
+        plural(s / 60, "minute")
+    } else {
+        plural(s, "second")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn line_sockets_keep_alive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        keep_alive(&accepted).unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+    }
+
+    #[test]
+    fn idle_times_in_words() {
+        assert_eq!(words(Duration::from_secs(3300)), "55 minutes");
+        assert_eq!(words(Duration::from_secs(3600)), "1 hour");
+        assert_eq!(words(Duration::from_secs(1)), "1 second");
+        assert_eq!(words(Duration::from_millis(1100)), "1100 ms");
     }
 }
 
@@ -383,6 +530,10 @@ async fn write_loop(
                 let last: Option<Bytes> = match end.unwrap_or(Ending::Gone) {
                     Ending::Gone => None,
                     Ending::Bye(last) => Some(Bytes::from_static(last.as_bytes())),
+                    Ending::Idle(limit) => {
+                        tracing::debug!("closing an idle line connection");
+                        Some(Bytes::from(format!("* idle for {}: disconnecting\n", words(limit))))
+                    }
                     Ending::Shutdown => Some(line::format_event(&Event::Shutdown {
                         reason: "the server is shutting down".into(),
                         reconnect_ms: app.config().reconnect_ms,

@@ -101,6 +101,8 @@ pub struct LimitSettings {
     pub trusted_proxies: Vec<String>,
     pub handshake_timeout_ms: u64,
     pub login_timeout_ms: u64,
+    /// A line connection silent this long is closed; 0: never.
+    pub line_idle_ms: u64,
     pub heartbeat_ms: u64,
     pub max_frame_bytes: usize,
     pub max_line_bytes: usize,
@@ -179,6 +181,7 @@ impl Default for Settings {
                 trusted_proxies: config.trusted_proxies.blocks().collect(),
                 handshake_timeout_ms: ms(config.handshake_timeout),
                 login_timeout_ms: ms(config.login_timeout),
+                line_idle_ms: config.line_idle.map_or(0, ms),
                 heartbeat_ms: ms(config.heartbeat),
                 max_frame_bytes: config.max_frame_bytes,
                 max_line_bytes: config.max_line_bytes,
@@ -371,6 +374,7 @@ impl Settings {
                 .map_err(|e| ConfigError(format!("limits.trusted_proxies: {e}")))?,
             handshake_timeout: ms(l.handshake_timeout_ms),
             login_timeout: ms(l.login_timeout_ms),
+            line_idle: (l.line_idle_ms > 0).then(|| ms(l.line_idle_ms)),
             shutdown_grace: ms(l.shutdown_grace_ms),
             reconnect_ms: defaults.reconnect_ms,
             chat: ChatConfig {

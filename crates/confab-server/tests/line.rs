@@ -330,3 +330,33 @@ async fn a_password_with_spaces_works_from_a_terminal() {
         ["! bad_request: usage: /register NAME PASSWORD"]
     );
 }
+
+#[tokio::test]
+async fn an_idle_terminal_is_warned_then_closed_and_goes_offline() {
+    let server = TestServer::with_config(|c| {
+        c.line_idle = Some(std::time::Duration::from_millis(1200));
+    })
+    .await;
+    let mut web = server.client().await;
+    web.register("watcher").await;
+    web.join("lobby").await;
+    let mut term = guest_in(&server, "dozy", "lobby").await;
+    assert_eq!(web.event_of("joined").await["user"], "dozy");
+    let warning = "* you have been idle for 1100 ms; send anything (an empty line will do) within 100 ms to stay connected";
+    assert_eq!(term.line().await, warning);
+    // Any input, even an empty line, starts the clock over: the next thing
+    // is a fresh warning, not the close.
+    term.send("").await;
+    assert_eq!(term.line().await, warning);
+    // Silent now: closed, and the room sees the guest go offline and leave.
+    assert_eq!(
+        term.until_closed().await,
+        ["* idle for 1200 ms: disconnecting"]
+    );
+    let presence = web.event_of("presence").await;
+    assert_eq!(
+        (presence["user"].as_str(), presence["online"].as_bool()),
+        (Some("dozy"), Some(false))
+    );
+    assert_eq!(web.event_of("left").await["user"], "dozy");
+}
