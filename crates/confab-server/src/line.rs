@@ -313,35 +313,6 @@ fn words(d: Duration) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn line_sockets_keep_alive() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        keep_alive(&accepted).unwrap();
-        let socket = socket2::SockRef::from(&accepted);
-        assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
-        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
-        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
-        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
-    }
-
-    #[test]
-    fn idle_times_in_words() {
-        assert_eq!(words(Duration::from_secs(3300)), "55 minutes");
-        assert_eq!(words(Duration::from_secs(3600)), "1 hour");
-        assert_eq!(words(Duration::from_secs(1)), "1 second");
-        assert_eq!(words(Duration::from_millis(1100)), "1100 ms");
-    }
-}
-
 /// A session seen from a terminal: the current room, and commands turned
 /// into requests.
 struct Terminal {
@@ -592,4 +563,33 @@ async fn write_loop(
         None => {}
     }
     gone.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn line_sockets_keep_alive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        keep_alive(&accepted).unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+    }
+
+    #[test]
+    fn idle_times_in_words() {
+        assert_eq!(words(Duration::from_secs(3300)), "55 minutes");
+        assert_eq!(words(Duration::from_secs(3600)), "1 hour");
+        assert_eq!(words(Duration::from_secs(1)), "1 second");
+        assert_eq!(words(Duration::from_millis(1100)), "1100 ms");
+    }
 }
