@@ -241,11 +241,24 @@ export class Confab extends EventTarget {
     // `last_seq` seen here made the `sync` after a reconnect drop every
     // message it brought as a duplicate. Only delivered messages (and a
     // join's starting point) count as seen.
-    return (await this.request("rooms", { all })).rooms;
+    return this.#allPages("rooms", { all }, (r) => r.room);
   }
 
   async members(room) {
-    return (await this.request("members", { room })).members;
+    return this.#allPages("members", { room }, (m) => m.user);
+  }
+
+  /** Every page of a `rooms` or `members` listing, following `after`. */
+  async #allPages(type, fields, key) {
+    const items = [];
+    let after;
+    for (;;) {
+      const r = await this.request(type, { ...fields, after });
+      const page = r[type];
+      items.push(...page);
+      if (!r.more || page.length === 0) return items;
+      after = key(page[page.length - 1]);
+    }
   }
 
   setTopic(room, topic) {
@@ -379,7 +392,8 @@ export class Confab extends EventTarget {
       } catch {
         return;
       }
-      let more = false;
+      // `r.more`: rooms left out of this reply (its total budget).
+      let more = r.more;
       for (const room of r.rooms) {
         await this.#inOrder(room.room, async () => {
           for (const m of room.messages) await this.#deliver(m);

@@ -29,6 +29,10 @@ pub struct ChatConfig {
     /// consumer.
     pub outbound_queue: usize,
     pub allow_guests: bool,
+    /// The most public rooms one user may be a member of.
+    pub max_rooms_per_user: u32,
+    /// The most messages one `sync` reply carries, over all its rooms.
+    pub max_sync_messages: u32,
     /// How long a room waits for a missing seq before reading it from storage.
     pub gap_fill_delay: Duration,
     /// How many password hashes may run at once.
@@ -45,6 +49,9 @@ impl Default for ChatConfig {
             max_topic_chars: 256,
             outbound_queue: 1024,
             allow_guests: true,
+            max_rooms_per_user: 1000,
+            // At most ~9 MB of JSON with 4 KiB bodies.
+            max_sync_messages: 2000,
             gap_fill_delay: Duration::from_millis(100),
             hash_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             rate_limits: RateLimits::default(),

@@ -64,6 +64,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// A configured cap (rooms per user) would be passed.
+    #[error("{0}")]
+    Limit(String),
     /// The backend cannot be reached or is shutting down.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -79,6 +82,7 @@ impl From<StoreError> for ChatError {
             StoreError::NotMember => ErrorCode::Forbidden,
             StoreError::Conflict(_) => ErrorCode::Conflict,
             StoreError::Invalid(_) => ErrorCode::BadRequest,
+            StoreError::Limit(_) => ErrorCode::Forbidden,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Internal(_) => ErrorCode::Internal,
         };

@@ -34,6 +34,11 @@ impl Rate {
         Rate { per_second, burst }
     }
 
+    /// `n` at once, and `n` an hour after that.
+    pub fn per_hour(n: u32) -> Rate {
+        Rate::new(f64::from(n) / 3600.0, n)
+    }
+
     /// The bucket, or `None` for a rate that limits nothing.
     fn quota(self) -> Option<Quota> {
         let burst = NonZeroU32::new(self.burst)?;
@@ -58,6 +63,8 @@ pub struct RateLimits {
     pub auth_per_ip: Option<Rate>,
     /// `register` and `login` naming one account.
     pub auth_per_account: Option<Rate>,
+    /// Rooms one user creates (a `join` of a room that does not exist).
+    pub room_creations: Option<Rate>,
     /// Refusals within `abuse_window` that close the connection (4029).
     pub abuse_refusals: u32,
     pub abuse_window: Duration,
@@ -71,6 +78,7 @@ impl Default for RateLimits {
             user_messages: Some(Rate::new(20.0, 60)),
             auth_per_ip: Some(Rate::new(1.0, 20)),
             auth_per_account: Some(Rate::new(0.2, 5)),
+            room_creations: Some(Rate::per_hour(20)),
             abuse_refusals: 20,
             abuse_window: Duration::from_secs(10),
         }
@@ -86,6 +94,7 @@ impl RateLimits {
             user_messages: None,
             auth_per_ip: None,
             auth_per_account: None,
+            room_creations: None,
             abuse_refusals: 0,
             abuse_window: Duration::ZERO,
         }
@@ -98,6 +107,7 @@ pub(crate) struct SharedLimiters {
     user_messages: Option<DefaultKeyedRateLimiter<String>>,
     auth_per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     auth_per_account: Option<DefaultKeyedRateLimiter<String>>,
+    room_creations: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 impl SharedLimiters {
@@ -112,6 +122,7 @@ impl SharedLimiters {
             user_messages: keyed(limits.user_messages),
             auth_per_ip: keyed(limits.auth_per_ip),
             auth_per_account: keyed(limits.auth_per_account),
+            room_creations: keyed(limits.room_creations),
         }
     }
 
@@ -126,6 +137,13 @@ impl SharedLimiters {
         if let Some(l) = &self.auth_per_account {
             l.retain_recent();
         }
+        if let Some(l) = &self.room_creations {
+            l.retain_recent();
+        }
+    }
+
+    pub(crate) fn room_creation(&self, user_key: &str) -> Result<(), Duration> {
+        keyed_check(&self.clock, &self.room_creations, &user_key.to_owned())
     }
 
     pub(crate) fn user_message(&self, user_key: &str) -> Result<(), Duration> {

@@ -25,7 +25,7 @@ use crate::conn::{CloseReason, Conn, Outbound};
 use crate::error::ChatError;
 use crate::limits::{ConnLimiter, Refusal};
 use crate::names::{RoomName, UserName};
-use crate::store::{DirectPeers, NewMessage, Page, TokenHash};
+use crate::store::{DirectPeers, JoinRules, NewMessage, Page, TokenHash};
 
 /// Page size of `history` and `sync` when the client gives none.
 pub const DEFAULT_PAGE: u32 = 50;
@@ -33,6 +33,13 @@ pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_PAGE: u32 = 500;
 /// Longest nonce, in characters.
 const MAX_NONCE_CHARS: usize = 64;
+/// Page size of `rooms` and `members` (and the members in a `join` reply)
+/// when the client gives none.
+pub const DEFAULT_LIST_PAGE: u32 = 500;
+/// Largest page of `rooms` and `members`.
+pub const MAX_LIST_PAGE: u32 = 1000;
+/// Everything, for the server's own listings.
+const ALL: u32 = u32::MAX;
 
 pub struct Session {
     chat: Arc<Inner>,
@@ -206,8 +213,8 @@ impl Session {
             Request::Logout {} => self.logout().await,
             Request::Join { room } => self.join(&room).await,
             Request::Leave { room } => self.leave(&room).await,
-            Request::Rooms { all } => self.rooms(all).await,
-            Request::Members { room } => self.members(&room).await,
+            Request::Rooms { all, after, limit } => self.rooms(all, after, limit).await,
+            Request::Members { room, after, limit } => self.members(&room, after, limit).await,
             Request::Topic { room, topic } => self.topic(&room, topic).await,
             Request::Send { room, body, nonce } => {
                 let room = RoomName::parse(&room)?;
@@ -252,11 +259,17 @@ impl Session {
         };
         let verdict = self.limiter.request().and(verdict);
         let Err(wait) = verdict else { return Ok(()) };
+        Err(self.refused(wait, what))
+    }
+
+    /// A rate-limit refusal of `what`, to wait `wait`; repeated, it closes
+    /// the connection.
+    fn refused(&mut self, wait: std::time::Duration, what: &str) -> ChatError {
         match self.limiter.refuse(wait, what) {
-            Refusal::Retry(e) => Err(e),
+            Refusal::Retry(e) => e,
             Refusal::Abuse(e) => {
                 self.abusive = true;
-                Err(e)
+                e
             }
         }
     }
@@ -346,7 +359,7 @@ impl Session {
         let rooms: Vec<(RoomName, Seq)> = if guest {
             Vec::new()
         } else {
-            let views = self.chat.store.rooms(&user, false).await?;
+            let views = self.chat.store.rooms(&user, false, None, ALL).await?;
             views.into_iter().map(|v| (v.room, v.last_seq)).collect()
         };
         let first = self
@@ -417,12 +430,32 @@ impl Session {
     async fn join(&mut self, room: &str) -> Handled {
         let room = RoomName::parse_public(room)?;
         let me = self.me();
-        let joined = self.chat.store.join(&room, &me.user, me.guest).await?;
-        let members = self.member_list(&room).await?;
+        let user = me.user.clone();
+        let mut rules = JoinRules {
+            guest: me.guest,
+            create: false,
+            max_rooms: self.policy.config.max_rooms_per_user,
+        };
+        let store = self.chat.store.clone();
+        let joined = match store.join(&room, &user, rules).await {
+            // A new room: its creation counts against the user's hourly
+            // allowance first.
+            Err(crate::StoreError::NoSuchRoom) => {
+                if let Err(wait) = self.policy.limiters.room_creation(user.key()) {
+                    return Err(self.refused(wait, "new rooms"));
+                }
+                rules.create = true;
+                store.join(&room, &user, rules).await?
+            }
+            joined => joined?,
+        };
+        let (members, members_more) = self.member_page(&room, None, DEFAULT_LIST_PAGE).await?;
+        let me = self.me();
         let mut done = Done::reply(OkBody::Joined {
             room: room.as_str().to_owned(),
             topic: joined.topic,
             members,
+            members_more,
             last_seq: joined.last_seq,
         })
         .then(BrokerEvent::Membership {
@@ -459,8 +492,16 @@ impl Session {
             }))
     }
 
-    async fn rooms(&mut self, all: bool) -> Handled {
-        let views = self.chat.store.rooms(&self.me().user, all).await?;
+    async fn rooms(&mut self, all: bool, after: Option<String>, limit: Option<u32>) -> Handled {
+        let limit = list_limit(limit)?;
+        let after = after.map(|a| RoomName::parse(&a)).transpose()?;
+        let mut views = self
+            .chat
+            .store
+            .rooms(&self.me().user, all, after.as_ref(), limit + 1)
+            .await?;
+        let more = views.len() > limit as usize;
+        views.truncate(limit as usize);
         let rooms = views
             .into_iter()
             .map(|v| RoomEntry {
@@ -471,10 +512,10 @@ impl Session {
                 unread: v.read_seq.map_or(0, |r| v.last_seq.saturating_sub(r)),
             })
             .collect();
-        Ok(Done::reply(OkBody::Rooms { rooms }))
+        Ok(Done::reply(OkBody::Rooms { rooms, more }))
     }
 
-    async fn members(&mut self, room: &str) -> Handled {
+    async fn members(&mut self, room: &str, after: Option<String>, limit: Option<u32>) -> Handled {
         let room = RoomName::parse(room)?;
         if let Some((a, b)) = room.direct_users() {
             let me = self.me().user.key();
@@ -482,19 +523,31 @@ impl Session {
                 return Err(ChatError::forbidden("not your conversation"));
             }
         }
-        let members = self.member_list(&room).await?;
-        Ok(Done::reply(OkBody::Members { members }))
+        let after = after.map(|a| a.to_ascii_lowercase());
+        let (members, more) = self
+            .member_page(&room, after.as_deref(), list_limit(limit)?)
+            .await?;
+        Ok(Done::reply(OkBody::Members { members, more }))
     }
 
-    async fn member_list(&self, room: &RoomName) -> Result<Vec<Member>, ChatError> {
-        let users = self.chat.store.members(room).await?;
-        Ok(users
+    /// A page of members after the key `after`, and whether more follow.
+    async fn member_page(
+        &self,
+        room: &RoomName,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<Member>, bool), ChatError> {
+        let mut users = self.chat.store.members(room, after, limit + 1).await?;
+        let more = users.len() > limit as usize;
+        users.truncate(limit as usize);
+        let members = users
             .into_iter()
             .map(|u| Member {
                 online: self.chat.hub.is_online(u.key()),
                 user: u.as_str().to_owned(),
             })
-            .collect())
+            .collect();
+        Ok((members, more))
     }
 
     async fn topic(&mut self, room: &str, topic: String) -> Handled {
@@ -652,7 +705,11 @@ impl Session {
         }
         let user = self.me().user.clone();
         let mut rooms = Vec::new();
-        for view in self.chat.store.rooms(&user, false).await? {
+        // The reply's total budget: rooms past it are left for the next
+        // sync (`more`), and a room cut short by it says `more` itself.
+        let mut budget = self.policy.config.max_sync_messages;
+        let mut more = false;
+        for view in self.chat.store.rooms(&user, false, None, ALL).await? {
             let cursor = given
                 .get(&view.room)
                 .copied()
@@ -660,10 +717,14 @@ impl Session {
             if view.last_seq <= cursor {
                 continue;
             }
+            if budget == 0 {
+                more = true;
+                break;
+            }
             let page = match self
                 .chat
                 .store
-                .history(&view.room, &user, Page::After(cursor), limit)
+                .history(&view.room, &user, Page::After(cursor), limit.min(budget))
                 .await
             {
                 Ok(page) => page,
@@ -671,13 +732,14 @@ impl Session {
                 Err(crate::StoreError::NotMember) => continue,
                 Err(e) => return Err(e.into()),
             };
+            budget -= page.messages.len() as u32;
             rooms.push(SyncRoom {
                 room: view.room.as_str().to_owned(),
                 messages: page.messages,
                 more: page.more,
             });
         }
-        Ok(Done::reply(OkBody::Sync { rooms }))
+        Ok(Done::reply(OkBody::Sync { rooms, more }))
     }
 
     async fn read(&mut self, room: &str, seq: Seq) -> Handled {
@@ -733,6 +795,15 @@ fn check_text(field: &str, text: &str) -> Result<(), ChatError> {
             c as u32
         ))),
         None => Ok(()),
+    }
+}
+
+fn list_limit(limit: Option<u32>) -> Result<u32, ChatError> {
+    match limit.unwrap_or(DEFAULT_LIST_PAGE) {
+        n @ 1..=MAX_LIST_PAGE => Ok(n),
+        n => Err(ChatError::bad_request(format!(
+            "limit {n} is out of range: 1 to {MAX_LIST_PAGE}"
+        ))),
     }
 }
 

@@ -33,6 +33,30 @@ pub struct UserRecord {
     pub password_hash: String,
 }
 
+/// How a [`Store::join`] may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinRules {
+    /// A guest's membership, which ends with [`Store::drop_guest`]; a room
+    /// a guest creates is removed once it has no members.
+    pub guest: bool,
+    /// Create the room if it does not exist (else `NoSuchRoom`).
+    pub create: bool,
+    /// The most public rooms the user may be a member of: joining one more
+    /// is `Limit`. Direct conversations do not count.
+    pub max_rooms: u32,
+}
+
+impl JoinRules {
+    /// Create the room if needed; no cap.
+    pub fn open(guest: bool) -> JoinRules {
+        JoinRules {
+            guest,
+            create: true,
+            max_rooms: u32::MAX,
+        }
+    }
+}
+
 /// The result of `join`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
@@ -145,20 +169,39 @@ pub trait Store: Send + Sync + 'static {
     async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>>;
     async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()>;
 
-    /// Make `user` a member of `room`, creating the room if needed.
-    /// Guest memberships end with [`Store::drop_guest`].
-    async fn join(&self, room: &RoomName, user: &UserName, guest: bool) -> StoreResult<Joined>;
+    /// Make `user` a member of `room`, as `rules` allow. Joining a room one
+    /// is already in always succeeds.
+    async fn join(&self, room: &RoomName, user: &UserName, rules: JoinRules)
+        -> StoreResult<Joined>;
     /// End a membership: `NoSuchRoom` or `NotMember` when there is none.
+    /// A room a guest created goes, with its history, when its last member
+    /// leaves.
     async fn leave(&self, room: &RoomName, user: &UserName) -> StoreResult<()>;
-    /// Remove every membership of a guest; returns the rooms it was in.
+    /// Remove every membership of a guest; returns the rooms it was in
+    /// (guest-created rooms left empty are removed).
     async fn drop_guest(&self, user: &UserName) -> StoreResult<Vec<RoomName>>;
-    /// Remove every guest membership (left over from a crash).
+    /// Remove every guest membership (left over from a crash), and the
+    /// guest-created rooms that leaves empty.
     async fn drop_all_guests(&self) -> StoreResult<()>;
 
-    /// The members of a room (`NoSuchRoom` if it does not exist), by name.
-    async fn members(&self, room: &RoomName) -> StoreResult<Vec<UserName>>;
-    /// The user's rooms, or with `all` every public room.
-    async fn rooms(&self, user: &UserName, all: bool) -> StoreResult<Vec<RoomView>>;
+    /// Up to `limit` members of a room (`NoSuchRoom` if it does not exist)
+    /// in the order of their keys (names without regard to case), starting
+    /// after the key `after`.
+    async fn members(
+        &self,
+        room: &RoomName,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<UserName>>;
+    /// Up to `limit` of the user's rooms, or with `all` of every public
+    /// room, by name, starting after the name `after`.
+    async fn rooms(
+        &self,
+        user: &UserName,
+        all: bool,
+        after: Option<&RoomName>,
+        limit: u32,
+    ) -> StoreResult<Vec<RoomView>>;
     /// Set a room's topic; the user must be a member.
     async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()>;
 
@@ -202,3 +245,11 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type DynStore = Arc<dyn Store>;
+
+/// The refusal of a join past [`JoinRules::max_rooms`], the same from
+/// every backend.
+pub fn too_many_rooms(max: u32) -> StoreError {
+    StoreError::Limit(format!(
+        "you are in {max} rooms, the most this server allows; leave one first"
+    ))
+}

@@ -117,7 +117,10 @@ async fn closing_a_guest_ends_its_memberships() {
         Some(Event::Presence { online: false, .. })
     ));
     assert!(matches!(event(&mut arx), Some(Event::Left { user, .. }) if user == "gus"));
-    let members = store.members(&RoomName::parse("r").unwrap()).await.unwrap();
+    let members = store
+        .members(&RoomName::parse("r").unwrap(), None, 1000)
+        .await
+        .unwrap();
     assert_eq!(members.len(), 1);
 }
 
@@ -172,7 +175,10 @@ async fn a_gap_no_publish_fills_is_read_from_the_store() {
     let store: DynStore = Arc::new(MemoryStore::new());
     let room = RoomName::parse("r").unwrap();
     let user = UserName::parse("u").unwrap();
-    store.join(&room, &user, false).await.unwrap();
+    store
+        .join(&room, &user, confab_core::store::JoinRules::open(false))
+        .await
+        .unwrap();
     for _ in 0..3 {
         let m = NewMessage {
             room: room.clone(),

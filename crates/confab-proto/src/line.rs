@@ -247,7 +247,7 @@ pub mod context {
     pub const WHO: &str = "who";
     pub const SAY: &str = "say";
     pub const TOPIC_SET: &str = "topic";
-    /// A `rooms` listing asked for to show one room's topic: `topic?ROOM`.
+    /// A `join` of the current room, to show its topic.
     pub const TOPIC_SHOW: &str = "topic?";
     pub const HISTORY: &str = "history";
 }
@@ -330,10 +330,17 @@ fn format_ok(ctx: &str, body: &OkBody, out: &mut String) {
         OkBody::Auth { user, .. } => {
             let _ = writeln!(out, "* you are {user}; /join ROOM to talk, /help for more");
         }
+        OkBody::Joined { room, topic, .. } if ctx == context::TOPIC_SHOW => {
+            let _ = match topic.as_str() {
+                "" => writeln!(out, "* #{room} has no topic"),
+                t => writeln!(out, "* topic of #{room}: {t}"),
+            };
+        }
         OkBody::Joined {
             room,
             topic,
             members,
+            members_more,
             ..
         } => {
             let _ = writeln!(out, "* now talking in #{room}");
@@ -341,23 +348,18 @@ fn format_ok(ctx: &str, body: &OkBody, out: &mut String) {
                 let _ = writeln!(out, "* topic: {topic}");
             }
             let _ = writeln!(out, "* members: {}", member_list(members));
+            if *members_more {
+                let _ = writeln!(out, "* and more: the first {} are shown", members.len());
+            }
         }
-        OkBody::Members { members } => {
+        OkBody::Members { members, more } => {
             let room = ctx.strip_prefix(context::WHO).unwrap_or("").trim();
             let _ = writeln!(out, "* in #{room}: {}", member_list(members));
-        }
-        OkBody::Rooms { rooms } => {
-            if let Some(room) = ctx.strip_prefix(context::TOPIC_SHOW) {
-                let topic = rooms
-                    .iter()
-                    .find(|r| r.room == room)
-                    .map(|r| r.topic.as_str());
-                let _ = match topic {
-                    Some("") | None => writeln!(out, "* #{room} has no topic"),
-                    Some(t) => writeln!(out, "* topic of #{room}: {t}"),
-                };
-                return;
+            if *more {
+                let _ = writeln!(out, "* and more: the first {} are shown", members.len());
             }
+        }
+        OkBody::Rooms { rooms, more } => {
             if rooms.is_empty() {
                 let _ = writeln!(out, "* no rooms yet: /join ROOM creates one");
             }
@@ -376,6 +378,9 @@ fn format_ok(ctx: &str, body: &OkBody, out: &mut String) {
                     let _ = write!(out, " - {}", r.topic);
                 }
                 out.push('\n');
+            }
+            if *more {
+                let _ = writeln!(out, "* and more: the first {} are shown", rooms.len());
             }
         }
         OkBody::History { messages, more, .. } => {
@@ -663,9 +668,13 @@ mod tests {
                         online: false,
                     },
                 ],
+                more: true,
             }),
         };
-        assert_eq!(text(format_reply(&who)), "* in #r: a (online), b\n");
+        assert_eq!(
+            text(format_reply(&who)),
+            "* in #r: a (online), b\n* and more: the first 2 are shown\n"
+        );
         let rooms = Reply {
             id: Some(RequestId::Str(context::ROOMS.into())),
             result: Ok(OkBody::Rooms {
@@ -676,6 +685,7 @@ mod tests {
                     last_seq: 3,
                     unread: 1,
                 }],
+                more: false,
             }),
         };
         assert_eq!(

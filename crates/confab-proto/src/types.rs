@@ -58,9 +58,19 @@ pub enum Request {
     Rooms {
         #[serde(default)]
         all: bool,
+        /// The page after this room name (the last of the previous page).
+        #[serde(default)]
+        after: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
     },
     Members {
         room: String,
+        /// The page after this user name (the last of the previous page).
+        #[serde(default)]
+        after: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
     },
     Topic {
         room: String,
@@ -229,14 +239,19 @@ pub enum OkBody {
     Joined {
         room: String,
         topic: String,
+        /// The first page of members; `members_more` when there are more
+        /// (fetched with `members` and `after`).
         members: Vec<Member>,
+        members_more: bool,
         last_seq: Seq,
     },
     Rooms {
         rooms: Vec<RoomEntry>,
+        more: bool,
     },
     Members {
         members: Vec<Member>,
+        more: bool,
     },
     Sent {
         room: String,
@@ -250,6 +265,9 @@ pub enum OkBody {
     },
     Sync {
         rooms: Vec<SyncRoom>,
+        /// Rooms with messages after their cursor were left out (the reply
+        /// reached its total budget): sync again from the new cursors.
+        more: bool,
     },
 }
 

@@ -397,12 +397,22 @@ impl Terminal {
                 }
             }
             LineCommand::Rooms { all } => {
-                self.request(context::ROOMS, Request::Rooms { all }).await;
+                let rooms = Request::Rooms {
+                    all,
+                    after: None,
+                    limit: None,
+                };
+                self.request(context::ROOMS, rooms).await;
             }
             LineCommand::Who(room) => {
                 if let Some(room) = self.room_or_current(room).await {
                     let ctx = format!("{} {room}", context::WHO);
-                    self.request(&ctx, Request::Members { room }).await;
+                    let members = Request::Members {
+                        room,
+                        after: None,
+                        limit: None,
+                    };
+                    self.request(&ctx, members).await;
                 }
             }
             LineCommand::Msg { to, text } => {
@@ -420,9 +430,11 @@ impl Terminal {
                         self.request(context::TOPIC_SET, Request::Topic { room, topic })
                             .await;
                     }
+                    // Joining the current room again changes nothing and
+                    // answers with its topic.
                     None => {
-                        let ctx = format!("{}{room}", context::TOPIC_SHOW);
-                        self.request(&ctx, Request::Rooms { all: false }).await;
+                        self.request(context::TOPIC_SHOW, Request::Join { room })
+                            .await;
                     }
                 }
             }

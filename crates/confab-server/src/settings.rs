@@ -108,6 +108,12 @@ pub struct LimitSettings {
     pub max_line_bytes: usize,
     pub max_body_bytes: usize,
     pub max_topic_chars: usize,
+    /// Public rooms one user may be in at once.
+    pub max_rooms_per_user: u32,
+    /// Rooms one user may create in an hour (0: no limit).
+    pub rooms_created_per_hour: u32,
+    /// Messages in one `sync` reply, over all its rooms.
+    pub max_sync_messages: u32,
     pub outbound_queue: usize,
     pub shutdown_grace_ms: u64,
 }
@@ -187,6 +193,9 @@ impl Default for Settings {
                 max_line_bytes: config.max_line_bytes,
                 max_body_bytes: chat.max_body_bytes,
                 max_topic_chars: chat.max_topic_chars,
+                max_rooms_per_user: chat.max_rooms_per_user,
+                rooms_created_per_hour: limits.room_creations.map_or(0, |r| r.burst),
+                max_sync_messages: chat.max_sync_messages,
                 outbound_queue: chat.outbound_queue,
                 shutdown_grace_ms: ms(config.shutdown_grace),
             },
@@ -339,6 +348,8 @@ impl Settings {
             ("limits.max_line_bytes", l.max_line_bytes as u64),
             ("limits.max_body_bytes", l.max_body_bytes as u64),
             ("limits.outbound_queue", l.outbound_queue as u64),
+            ("limits.max_rooms_per_user", u64::from(l.max_rooms_per_user)),
+            ("limits.max_sync_messages", u64::from(l.max_sync_messages)),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError(format!("{name} must be more than 0")));
@@ -380,6 +391,8 @@ impl Settings {
             chat: ChatConfig {
                 max_body_bytes: l.max_body_bytes,
                 max_topic_chars: l.max_topic_chars,
+                max_rooms_per_user: l.max_rooms_per_user,
+                max_sync_messages: l.max_sync_messages,
                 outbound_queue: l.outbound_queue,
                 allow_guests: self.guests.allowed,
                 rate_limits: RateLimits {
@@ -388,6 +401,7 @@ impl Settings {
                     user_messages: rate(r.user_messages),
                     auth_per_ip: rate(r.auth_per_ip),
                     auth_per_account: rate(r.auth_per_account),
+                    room_creations: Some(Rate::per_hour(l.rooms_created_per_hour)),
                     abuse_refusals: r.abuse_refusals,
                     abuse_window: ms(r.abuse_window_ms),
                 },

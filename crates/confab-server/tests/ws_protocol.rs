@@ -1,6 +1,7 @@
 //! Every request, reply, event and provokable error code of the WebSocket
 //! protocol, against a real server over a real socket.
 
+use confab_testkit::confab_server::Rate;
 use confab_testkit::serde_json::{json, Value};
 use confab_testkit::Message;
 use confab_testkit::{TestServer, WsClient};
@@ -225,7 +226,7 @@ async fn rooms_members_topics_and_their_events() {
     let r = alice.join("General").await;
     assert_eq!(
         r,
-        json!({"type":"ok","id":2,"room":"general","topic":"","members":[{"user":"alice","online":true}],"last_seq":0})
+        json!({"type":"ok","id":2,"room":"general","topic":"","members":[{"user":"alice","online":true}],"members_more":false,"last_seq":0})
     );
     alice
         .ok(json!({"type":"topic","room":"general","topic":"All things"}))
@@ -618,4 +619,122 @@ async fn direct_messages() {
         .ok(json!({"type":"dm","to":"gus","body":"welcome"}))
         .await;
     assert_eq!(g.event_of("message").await["room"], "dm:alice:gus");
+}
+
+#[tokio::test]
+async fn replies_a_client_can_grow_are_bounded_and_paged() {
+    let server = TestServer::with_config(|c| {
+        c.chat.max_sync_messages = 5;
+        c.chat.max_rooms_per_user = 4;
+        c.chat.rate_limits.room_creations = Some(Rate::per_hour(3));
+    })
+    .await;
+    let mut alice = registered(&server, "alice").await;
+    let mut bob = registered(&server, "bob").await;
+
+    // Rooms created per user per hour: the fourth waits, truthfully.
+    for r in ["r1", "r2", "r3"] {
+        alice.join(r).await;
+    }
+    let refused = alice.request(json!({"type":"join","room":"r4"})).await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(refused["retry_after_ms"].as_u64().unwrap() > 1000 * 1000);
+    for r in ["r1", "r2", "r3"] {
+        bob.join(r).await;
+    }
+    bob.join("b1").await;
+    // Rooms per user: bob is in four, the cap.
+    let capped = bob.request(json!({"type":"join","room":"b2"})).await;
+    assert_eq!(capped["code"], "forbidden", "{capped}");
+    assert!(capped["message"].as_str().unwrap().contains("4 rooms"));
+    bob.ok(json!({"type":"leave","room":"b1"})).await;
+
+    // sync: 3 rooms × 3 messages against a budget of 5.
+    for r in ["r1", "r2", "r3"] {
+        for i in 1..=3 {
+            alice.send(r, &format!("{r}-{i}")).await;
+        }
+    }
+    let sync = bob.ok(json!({"type":"sync","limit":2})).await;
+    let rooms = sync["rooms"].as_array().unwrap();
+    let seen: Vec<(&str, usize, bool)> = rooms
+        .iter()
+        .map(|r| {
+            (
+                r["room"].as_str().unwrap(),
+                r["messages"].as_array().unwrap().len(),
+                r["more"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("r1", 2, true), ("r2", 2, true), ("r3", 1, true)],
+        "each page short only with `more`"
+    );
+    assert_eq!(sync["more"], false, "every room with news is in it");
+    let sync = bob.ok(json!({"type":"sync","limit":5})).await;
+    assert_eq!(sync["rooms"].as_array().unwrap().len(), 2);
+    assert_eq!(sync["more"], true, "r3 was left for the next sync");
+    let cursors = json!({"r1": 3, "r2": 3, "r3": 1});
+    let rest = bob.ok(json!({"type":"sync","cursors":cursors})).await;
+    assert_eq!(rest["rooms"][0]["room"], "r3");
+    assert_eq!(rest["rooms"][0]["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(rest["more"], false);
+
+    // rooms and members come in pages, with a cursor.
+    let page = bob.ok(json!({"type":"rooms","limit":2})).await;
+    let names = |v: &Value, key: &str, field: &str| -> Vec<String> {
+        v[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[field].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&page, "rooms", "room"), ["r1", "r2"]);
+    assert_eq!(page["more"], true);
+    let page = bob.ok(json!({"type":"rooms","limit":2,"after":"r2"})).await;
+    assert_eq!(names(&page, "rooms", "room"), ["r3"]);
+    assert_eq!(page["more"], false);
+    let mut carol = registered(&server, "Carol").await;
+    carol.join("r1").await;
+    let page = bob
+        .ok(json!({"type":"members","room":"r1","limit":2}))
+        .await;
+    assert_eq!(names(&page, "members", "user"), ["alice", "bob"]);
+    assert_eq!(page["more"], true);
+    let page = bob
+        .ok(json!({"type":"members","room":"r1","limit":2,"after":"bob"}))
+        .await;
+    assert_eq!(names(&page, "members", "user"), ["Carol"]);
+    assert_eq!(page["more"], false);
+    assert_eq!(
+        bob.error(json!({"type":"rooms","limit":5000})).await,
+        "bad_request"
+    );
+}
+
+#[tokio::test]
+async fn a_guests_room_goes_when_its_last_member_does() {
+    let server = TestServer::spawn().await;
+    let mut guest = server.client().await;
+    guest.guest("drifter").await;
+    guest.join("tmp").await;
+    guest.send("tmp", "ephemeral").await;
+    let mut lister = registered(&server, "lister").await;
+    let listed = |v: Value| v["rooms"].as_array().unwrap().len();
+    assert_eq!(
+        listed(lister.ok(json!({"type":"rooms","all":true})).await),
+        1
+    );
+    // A guest's login ends like its last connection does (the same code),
+    // and the reply comes after it: no waiting on a disconnect.
+    guest.ok(json!({"type":"logout"})).await;
+    assert_eq!(
+        listed(lister.ok(json!({"type":"rooms","all":true})).await),
+        0
+    );
+    let again = lister.join("tmp").await;
+    assert_eq!(again["last_seq"], 0, "its history went with it");
 }

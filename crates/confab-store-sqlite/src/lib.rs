@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_core::store::{
-    Appended, DirectPeers, HistoryPage, Joined, NewMessage, Page, RemovedUsers, RoomView,
-    StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
+    too_many_rooms, Appended, DirectPeers, HistoryPage, JoinRules, Joined, NewMessage, Page,
+    RemovedUsers, RoomView, StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Seq};
@@ -227,10 +227,27 @@ fn add_member(conn: &Connection, room_id: i64, user: &UserName, guest: bool) -> 
     .map_err(db_error)
 }
 
-fn create_room(conn: &Connection, room: &RoomName) -> StoreResult<i64> {
-    conn.prepare_cached("INSERT INTO rooms (name, direct, created_at) VALUES (?1, ?2, ?3)")
-        .and_then(|mut s| s.insert(params![room.as_str(), room.is_direct(), now_ms()]))
-        .map_err(db_error)
+fn create_room(conn: &Connection, room: &RoomName, by_guest: bool) -> StoreResult<i64> {
+    conn.prepare_cached(
+        "INSERT INTO rooms (name, direct, guest_created, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .and_then(|mut s| s.insert(params![room.as_str(), room.is_direct(), by_guest, now_ms()]))
+    .map_err(db_error)
+}
+
+/// Remove guest-created rooms that nobody is in any more, with their
+/// history: the one room `id`, or every such room.
+fn sweep_guest_rooms(conn: &Connection, id: Option<i64>) -> StoreResult<()> {
+    let empty = "SELECT id FROM rooms r WHERE r.guest_created = 1
+                 AND (?1 IS NULL OR r.id = ?1)
+                 AND NOT EXISTS (SELECT 1 FROM members m WHERE m.room_id = r.id)";
+    conn.prepare_cached(&format!("DELETE FROM messages WHERE room_id IN ({empty})"))
+        .and_then(|mut s| s.execute([id]))
+        .map_err(db_error)?;
+    conn.prepare_cached(&format!("DELETE FROM rooms WHERE id IN ({empty})"))
+        .and_then(|mut s| s.execute([id]))
+        .map_err(db_error)?;
+    Ok(())
 }
 
 const MESSAGE_COLUMNS: &str = "seq, sender, body, ts, nonce";
@@ -269,7 +286,7 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
         }) => {
             let (id, last) = match room_row(conn, m.room.as_str())? {
                 Some(row) => row,
-                None => (create_room(conn, &m.room)?, 0),
+                None => (create_room(conn, &m.room, *sender_guest)?, 0),
             };
             if add_member(conn, id, &m.sender, *sender_guest)? {
                 new_members.push(m.sender.clone());
@@ -518,15 +535,46 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn join(&self, room: &RoomName, user: &UserName, guest: bool) -> StoreResult<Joined> {
+    async fn join(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        rules: JoinRules,
+    ) -> StoreResult<Joined> {
         let (room, user) = (room.clone(), user.clone());
         self.writer
             .run(move |c| {
                 let id = match room_row(c, room.as_str())? {
-                    Some((id, _)) => id,
-                    None => create_room(c, &room)?,
+                    Some((id, _)) => Some(id),
+                    None if rules.create => None,
+                    None => return Err(StoreError::NoSuchRoom),
                 };
-                let newly_joined = add_member(c, id, &user, guest)?;
+                let member = match id {
+                    Some(id) => c
+                        .prepare_cached(
+                            "SELECT 1 FROM members WHERE room_id = ?1 AND user_key = ?2",
+                        )
+                        .and_then(|mut s| s.exists(params![id, user.key()]))
+                        .map_err(db_error)?,
+                    None => false,
+                };
+                if !member && rules.max_rooms != u32::MAX {
+                    let public: u32 = c
+                        .prepare_cached(
+                            "SELECT COUNT(*) FROM members m JOIN rooms r ON r.id = m.room_id
+                             WHERE m.user_key = ?1 AND r.direct = 0",
+                        )
+                        .and_then(|mut s| s.query_row([user.key()], |r| r.get(0)))
+                        .map_err(db_error)?;
+                    if public >= rules.max_rooms {
+                        return Err(too_many_rooms(rules.max_rooms));
+                    }
+                }
+                let id = match id {
+                    Some(id) => id,
+                    None => create_room(c, &room, rules.guest)?,
+                };
+                let newly_joined = add_member(c, id, &user, rules.guest)?;
                 let (topic, last_seq) = c
                     .prepare_cached("SELECT topic, last_seq FROM rooms WHERE id = ?1")
                     .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))))
@@ -548,7 +596,7 @@ impl Store for SqliteStore {
                 c.prepare_cached("DELETE FROM members WHERE room_id = ?1 AND user_key = ?2")
                     .and_then(|mut s| s.execute(params![id, user.key()]))
                     .map_err(db_error)?;
-                Ok(())
+                sweep_guest_rooms(c, Some(id))
             })
             .await
     }
@@ -557,14 +605,23 @@ impl Store for SqliteStore {
         let key = user.key().to_owned();
         self.writer
             .run(move |c| {
-                let rooms: Vec<String> = c
+                let rooms: Vec<(i64, String)> = c
                     .prepare_cached(
                         "DELETE FROM members WHERE user_key = ?1 AND guest = 1
-                         RETURNING (SELECT name FROM rooms WHERE id = room_id)",
+                         RETURNING room_id, (SELECT name FROM rooms WHERE id = room_id)",
                     )
-                    .and_then(|mut s| s.query_map([key], |r| r.get(0))?.collect::<Result<_, _>>())
+                    .and_then(|mut s| {
+                        s.query_map([key], |r| Ok((r.get(0)?, r.get(1)?)))?
+                            .collect::<Result<_, _>>()
+                    })
                     .map_err(db_error)?;
-                Ok(rooms.into_iter().map(RoomName::from_trusted).collect())
+                for (id, _) in &rooms {
+                    sweep_guest_rooms(c, Some(*id))?;
+                }
+                Ok(rooms
+                    .into_iter()
+                    .map(|(_, name)| RoomName::from_trusted(name))
+                    .collect())
             })
             .await
     }
@@ -574,43 +631,59 @@ impl Store for SqliteStore {
             .run(|c| {
                 c.execute("DELETE FROM members WHERE guest = 1", [])
                     .map_err(db_error)?;
-                Ok(())
+                sweep_guest_rooms(c, None)
             })
             .await
     }
 
-    async fn members(&self, room: &RoomName) -> StoreResult<Vec<UserName>> {
-        let room = room.clone();
+    async fn members(
+        &self,
+        room: &RoomName,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<UserName>> {
+        let (room, after) = (room.clone(), after.unwrap_or("").to_owned());
         self.read(move |c| {
             let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
             let names: Vec<String> = c
                 .prepare_cached(
-                    "SELECT user_name FROM members WHERE room_id = ?1 ORDER BY user_key",
+                    "SELECT user_name FROM members WHERE room_id = ?1 AND user_key > ?2
+                     ORDER BY user_key LIMIT ?3",
                 )
-                .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
+                .and_then(|mut s| {
+                    s.query_map(params![id, after, limit], |r| r.get(0))?
+                        .collect()
+                })
                 .map_err(db_error)?;
             names.into_iter().map(user_name).collect()
         })
         .await
     }
 
-    async fn rooms(&self, user: &UserName, all: bool) -> StoreResult<Vec<RoomView>> {
+    async fn rooms(
+        &self,
+        user: &UserName,
+        all: bool,
+        after: Option<&RoomName>,
+        limit: u32,
+    ) -> StoreResult<Vec<RoomView>> {
         let key = user.key().to_owned();
+        let after = after.map_or(String::new(), |a| a.as_str().to_owned());
         self.read(move |c| {
             let sql = if all {
                 "SELECT r.name, r.topic, r.last_seq, m.read_seq,
                         (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
                  FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = ?1
-                 WHERE r.direct = 0 ORDER BY r.name"
+                 WHERE r.direct = 0 AND r.name > ?2 ORDER BY r.name LIMIT ?3"
             } else {
                 "SELECT r.name, r.topic, r.last_seq, m.read_seq,
                         (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
                  FROM members m JOIN rooms r ON r.id = m.room_id
-                 WHERE m.user_key = ?1 ORDER BY r.name"
+                 WHERE m.user_key = ?1 AND r.name > ?2 ORDER BY r.name LIMIT ?3"
             };
             let mut stmt = c.prepare_cached(sql).map_err(db_error)?;
             let rows = stmt
-                .query_map([key], |r| {
+                .query_map(params![key, after, limit], |r| {
                     Ok(RoomView {
                         room: RoomName::from_trusted(r.get(0)?),
                         topic: r.get(1)?,
@@ -754,7 +827,9 @@ mod tests {
             let s = SqliteStore::open(&path, Durability::Full).await.unwrap();
             s.create_user(&name("Alice"), "h").await.unwrap();
             s.create_token(&name("alice"), &[7; 32]).await.unwrap();
-            s.join(&room, &name("alice"), false).await.unwrap();
+            s.join(&room, &name("alice"), JoinRules::open(false))
+                .await
+                .unwrap();
             s.set_topic(&room, &name("alice"), "t").await.unwrap();
             for _ in 0..3 {
                 let m = NewMessage {
@@ -775,7 +850,7 @@ mod tests {
             "Alice"
         );
         assert!(s.token_user(&[7; 32]).await.unwrap().is_some());
-        let views = s.rooms(&name("alice"), false).await.unwrap();
+        let views = s.rooms(&name("alice"), false, None, 1000).await.unwrap();
         assert_eq!(views.len(), 1);
         assert_eq!(
             (
@@ -800,7 +875,7 @@ mod tests {
         let room = RoomName::parse("r").unwrap();
         for i in 0..50 {
             store
-                .join(&room, &name(&format!("u{i}")), false)
+                .join(&room, &name(&format!("u{i}")), JoinRules::open(false))
                 .await
                 .unwrap();
         }

@@ -47,6 +47,9 @@ macro_rules! store_contract_tests {
             rooms_lists_memberships_and_public_rooms,
             topics_are_set_by_members,
             guest_memberships_are_dropped,
+            rooms_created_by_guests_go_when_empty,
+            joins_follow_their_rules,
+            rooms_and_members_come_in_pages,
             concurrent_appends_stay_gapless);
     };
     (@each $make:expr; $($name:ident),*) => {
@@ -114,13 +117,17 @@ pub async fn users_are_administered(s: DynStore) {
     );
 
     s.create_token(&user("bob"), &[8; 32]).await.unwrap();
-    s.join(&room("r"), &user("bob"), false).await.unwrap();
-    s.join(&room("r"), &user("alice"), false).await.unwrap();
+    s.join(&room("r"), &user("bob"), JoinRules::open(false))
+        .await
+        .unwrap();
+    s.join(&room("r"), &user("alice"), JoinRules::open(false))
+        .await
+        .unwrap();
     s.append(msg("r", "bob", "kept", None)).await.unwrap();
     s.delete_user(&user("Bob")).await.unwrap();
     assert_eq!(s.user(&user("bob")).await.unwrap(), None);
     assert_eq!(s.token_user(&[8; 32]).await.unwrap(), None);
-    assert_eq!(s.members(&room("r")).await.unwrap().len(), 1);
+    assert_eq!(s.members(&room("r"), None, 1000).await.unwrap().len(), 1);
     let page = s
         .history(&room("r"), &user("alice"), Page::Latest, 5)
         .await
@@ -163,7 +170,7 @@ pub async fn deletions_are_logged_for_every_server(s: DynStore) {
 
 pub async fn join_creates_rooms_and_memberships(s: DynStore) {
     let j = s
-        .join(&room("general"), &user("alice"), false)
+        .join(&room("general"), &user("alice"), JoinRules::open(false))
         .await
         .unwrap();
     assert_eq!(
@@ -175,13 +182,15 @@ pub async fn join_creates_rooms_and_memberships(s: DynStore) {
         }
     );
     let again = s
-        .join(&room("general"), &user("Alice"), false)
+        .join(&room("general"), &user("Alice"), JoinRules::open(false))
         .await
         .unwrap();
     assert!(!again.newly_joined);
-    s.join(&room("general"), &user("Bob"), false).await.unwrap();
+    s.join(&room("general"), &user("Bob"), JoinRules::open(false))
+        .await
+        .unwrap();
     let mut names: Vec<_> = s
-        .members(&room("general"))
+        .members(&room("general"), None, 1000)
         .await
         .unwrap()
         .iter()
@@ -190,15 +199,17 @@ pub async fn join_creates_rooms_and_memberships(s: DynStore) {
     names.sort();
     assert_eq!(names, ["Bob", "alice"]);
     assert_eq!(
-        s.members(&room("nowhere")).await.unwrap_err(),
+        s.members(&room("nowhere"), None, 1000).await.unwrap_err(),
         StoreError::NoSuchRoom
     );
 }
 
 pub async fn leave_ends_membership(s: DynStore) {
-    s.join(&room("r"), &user("alice"), false).await.unwrap();
+    s.join(&room("r"), &user("alice"), JoinRules::open(false))
+        .await
+        .unwrap();
     s.leave(&room("r"), &user("ALICE")).await.unwrap();
-    assert!(s.members(&room("r")).await.unwrap().is_empty());
+    assert!(s.members(&room("r"), None, 1000).await.unwrap().is_empty());
     assert_eq!(
         s.leave(&room("r"), &user("alice")).await.unwrap_err(),
         StoreError::NotMember
@@ -210,8 +221,12 @@ pub async fn leave_ends_membership(s: DynStore) {
 }
 
 pub async fn appends_number_messages_gaplessly(s: DynStore) {
-    s.join(&room("r"), &user("alice"), false).await.unwrap();
-    s.join(&room("q"), &user("alice"), false).await.unwrap();
+    s.join(&room("r"), &user("alice"), JoinRules::open(false))
+        .await
+        .unwrap();
+    s.join(&room("q"), &user("alice"), JoinRules::open(false))
+        .await
+        .unwrap();
     for expected in 1..=3 {
         let a = s.append(msg("r", "Alice", "hi", None)).await.unwrap();
         assert_eq!(a.message.seq, expected);
@@ -222,12 +237,17 @@ pub async fn appends_number_messages_gaplessly(s: DynStore) {
     }
     let other = s.append(msg("q", "alice", "x", None)).await.unwrap();
     assert_eq!(other.message.seq, 1, "each room numbers its own messages");
-    let j = s.join(&room("r"), &user("bob"), false).await.unwrap();
+    let j = s
+        .join(&room("r"), &user("bob"), JoinRules::open(false))
+        .await
+        .unwrap();
     assert_eq!(j.last_seq, 3);
 }
 
 pub async fn only_members_append(s: DynStore) {
-    s.join(&room("r"), &user("alice"), false).await.unwrap();
+    s.join(&room("r"), &user("alice"), JoinRules::open(false))
+        .await
+        .unwrap();
     assert_eq!(
         s.append(msg("r", "bob", "hi", None)).await.unwrap_err(),
         StoreError::NotMember
@@ -247,8 +267,12 @@ pub async fn only_members_append(s: DynStore) {
 
 pub async fn nonces_deduplicate_per_sender_and_room(s: DynStore) {
     for u in ["alice", "bob"] {
-        s.join(&room("r"), &user(u), false).await.unwrap();
-        s.join(&room("q"), &user(u), false).await.unwrap();
+        s.join(&room("r"), &user(u), JoinRules::open(false))
+            .await
+            .unwrap();
+        s.join(&room("q"), &user(u), JoinRules::open(false))
+            .await
+            .unwrap();
     }
     let first = s
         .append(msg("r", "alice", "one", Some("n1")))
@@ -288,18 +312,21 @@ pub async fn direct_messages_open_the_conversation(s: DynStore) {
     let b = s.append(m).await.unwrap();
     assert_eq!(b.message.seq, 2);
     assert!(b.new_members.is_empty());
-    let rooms = s.rooms(&user("alice"), false).await.unwrap();
+    let rooms = s.rooms(&user("alice"), false, None, 1000).await.unwrap();
     assert_eq!(rooms.len(), 1);
     assert_eq!(rooms[0].room, dm);
     assert!(
-        s.rooms(&user("alice"), true).await.unwrap().is_empty(),
+        s.rooms(&user("alice"), true, None, 1000)
+            .await
+            .unwrap()
+            .is_empty(),
         "direct conversations are not public"
     );
 }
 
 pub async fn history_pages_in_both_directions(s: DynStore) {
     let (r, a) = (room("r"), user("alice"));
-    s.join(&r, &a, false).await.unwrap();
+    s.join(&r, &a, JoinRules::open(false)).await.unwrap();
     let empty = s.history(&r, &a, Page::Latest, 10).await.unwrap();
     assert_eq!(empty, HistoryPage::default());
     for i in 1..=10 {
@@ -351,7 +378,7 @@ pub async fn history_pages_in_both_directions(s: DynStore) {
 
 pub async fn read_markers_only_move_forward(s: DynStore) {
     let (r, a) = (room("r"), user("alice"));
-    s.join(&r, &a, false).await.unwrap();
+    s.join(&r, &a, JoinRules::open(false)).await.unwrap();
     for _ in 0..5 {
         s.append(msg("r", "alice", "x", None)).await.unwrap();
     }
@@ -366,18 +393,24 @@ pub async fn read_markers_only_move_forward(s: DynStore) {
         s.mark_read(&r, &user("bob"), 1).await.unwrap_err(),
         StoreError::NotMember
     );
-    let view = s.rooms(&a, false).await.unwrap();
+    let view = s.rooms(&a, false, None, 1000).await.unwrap();
     assert_eq!(view[0].read_seq, Some(5));
 }
 
 pub async fn rooms_lists_memberships_and_public_rooms(s: DynStore) {
     let (a, b) = (user("alice"), user("bob"));
-    s.join(&room("one"), &a, false).await.unwrap();
-    s.join(&room("one"), &b, false).await.unwrap();
-    s.join(&room("two"), &b, false).await.unwrap();
+    s.join(&room("one"), &a, JoinRules::open(false))
+        .await
+        .unwrap();
+    s.join(&room("one"), &b, JoinRules::open(false))
+        .await
+        .unwrap();
+    s.join(&room("two"), &b, JoinRules::open(false))
+        .await
+        .unwrap();
     s.append(msg("one", "bob", "x", None)).await.unwrap();
     s.append(msg("one", "bob", "y", None)).await.unwrap();
-    let mine = s.rooms(&a, false).await.unwrap();
+    let mine = s.rooms(&a, false, None, 1000).await.unwrap();
     assert_eq!(
         mine,
         vec![RoomView {
@@ -388,7 +421,7 @@ pub async fn rooms_lists_memberships_and_public_rooms(s: DynStore) {
             read_seq: Some(0),
         }]
     );
-    let mut all = s.rooms(&a, true).await.unwrap();
+    let mut all = s.rooms(&a, true, None, 1000).await.unwrap();
     all.sort_by(|x, y| x.room.cmp(&y.room));
     assert_eq!(all.len(), 2);
     assert_eq!(all[1].room, room("two"));
@@ -398,9 +431,12 @@ pub async fn rooms_lists_memberships_and_public_rooms(s: DynStore) {
 
 pub async fn topics_are_set_by_members(s: DynStore) {
     let (r, a) = (room("r"), user("alice"));
-    s.join(&r, &a, false).await.unwrap();
+    s.join(&r, &a, JoinRules::open(false)).await.unwrap();
     s.set_topic(&r, &a, "Rust and tea").await.unwrap();
-    let j = s.join(&r, &user("bob"), false).await.unwrap();
+    let j = s
+        .join(&r, &user("bob"), JoinRules::open(false))
+        .await
+        .unwrap();
     assert_eq!(j.topic, "Rust and tea");
     assert_eq!(
         s.set_topic(&r, &user("carol"), "x").await.unwrap_err(),
@@ -410,26 +446,176 @@ pub async fn topics_are_set_by_members(s: DynStore) {
 
 pub async fn guest_memberships_are_dropped(s: DynStore) {
     let g = user("Guesty");
-    s.join(&room("a"), &g, true).await.unwrap();
-    s.join(&room("b"), &g, true).await.unwrap();
-    s.join(&room("a"), &user("reg"), false).await.unwrap();
+    s.join(&room("a"), &g, JoinRules::open(true)).await.unwrap();
+    s.join(&room("b"), &g, JoinRules::open(true)).await.unwrap();
+    s.join(&room("a"), &user("reg"), JoinRules::open(false))
+        .await
+        .unwrap();
     let mut left = s.drop_guest(&g).await.unwrap();
     left.sort();
     assert_eq!(left, vec![room("a"), room("b")]);
-    assert_eq!(s.members(&room("a")).await.unwrap().len(), 1);
-    s.join(&room("c"), &user("other"), true).await.unwrap();
+    assert_eq!(s.members(&room("a"), None, 1000).await.unwrap().len(), 1);
+    assert_eq!(
+        s.members(&room("b"), None, 1000).await.unwrap_err(),
+        StoreError::NoSuchRoom,
+        "a guest's room goes when the guest does"
+    );
+    s.join(&room("c"), &user("other"), JoinRules::open(true))
+        .await
+        .unwrap();
+    s.join(&room("d"), &user("reg"), JoinRules::open(false))
+        .await
+        .unwrap();
+    s.join(&room("d"), &user("visitor"), JoinRules::open(true))
+        .await
+        .unwrap();
     s.drop_all_guests().await.unwrap();
-    assert!(s.members(&room("c")).await.unwrap().is_empty());
-    assert_eq!(s.members(&room("a")).await.unwrap().len(), 1);
+    assert_eq!(
+        s.members(&room("c"), None, 1000).await.unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+    assert_eq!(s.members(&room("a"), None, 1000).await.unwrap().len(), 1);
+    assert_eq!(
+        s.members(&room("d"), None, 1000).await.unwrap().len(),
+        1,
+        "a registered user's room stays"
+    );
+}
+
+pub async fn rooms_created_by_guests_go_when_empty(s: DynStore) {
+    let (g, reg) = (user("guesty"), user("reg"));
+    s.join(&room("g"), &g, JoinRules::open(true)).await.unwrap();
+    s.join(&room("g"), &reg, JoinRules::open(false))
+        .await
+        .unwrap();
+    s.append(msg("g", "guesty", "old", None)).await.unwrap();
+    s.leave(&room("g"), &g).await.unwrap();
+    assert_eq!(s.members(&room("g"), None, 10).await.unwrap().len(), 1);
+    s.leave(&room("g"), &reg).await.unwrap();
+    assert_eq!(
+        s.members(&room("g"), None, 10).await.unwrap_err(),
+        StoreError::NoSuchRoom,
+        "the last member left"
+    );
+    let again = s
+        .join(&room("g"), &reg, JoinRules::open(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.last_seq, 0,
+        "a new room: the old history went with it"
+    );
+    s.leave(&room("g"), &reg).await.unwrap();
+    assert!(
+        s.members(&room("g"), None, 10).await.is_ok(),
+        "a registered user's room stays, empty"
+    );
+}
+
+pub async fn joins_follow_their_rules(s: DynStore) {
+    let a = user("alice");
+    let strict = JoinRules {
+        guest: false,
+        create: false,
+        max_rooms: 2,
+    };
+    assert_eq!(
+        s.join(&room("new"), &a, strict).await.unwrap_err(),
+        StoreError::NoSuchRoom,
+        "no creating"
+    );
+    for r in ["one", "two", "three"] {
+        s.join(&room(r), &user("owner"), JoinRules::open(false))
+            .await
+            .unwrap();
+    }
+    s.join(&room("one"), &a, strict).await.unwrap();
+    s.join(&room("two"), &a, strict).await.unwrap();
+    assert!(matches!(
+        s.join(&room("three"), &a, strict).await.unwrap_err(),
+        StoreError::Limit(_)
+    ));
+    assert!(
+        !s.join(&room("two"), &a, strict).await.unwrap().newly_joined,
+        "joining a room one is in passes the cap"
+    );
+    let mut dm = msg("dm:alice:owner", "owner", "hi", None);
+    dm.room = RoomName::direct(&user("owner"), &a);
+    dm.direct = Some(DirectPeers {
+        sender_guest: false,
+        peer: a.clone(),
+        peer_guest: false,
+    });
+    s.append(dm).await.unwrap();
+    s.leave(&room("one"), &a).await.unwrap();
+    s.join(&room("three"), &a, strict)
+        .await
+        .expect("direct conversations do not count");
+}
+
+pub async fn rooms_and_members_come_in_pages(s: DynStore) {
+    let names = ["b", "a", "d", "c", "e"];
+    for n in names {
+        s.join(
+            &room(&format!("r{n}")),
+            &user("pager"),
+            JoinRules::open(false),
+        )
+        .await
+        .unwrap();
+        s.join(
+            &room("big"),
+            &user(&format!("User{n}")),
+            JoinRules::open(false),
+        )
+        .await
+        .unwrap();
+    }
+    let page = |views: Vec<RoomView>| -> Vec<String> {
+        views
+            .into_iter()
+            .map(|v| v.room.as_str().to_owned())
+            .collect()
+    };
+    let me = user("pager");
+    let first = s.rooms(&me, false, None, 2).await.unwrap();
+    assert_eq!(page(first), ["ra", "rb"]);
+    let next = s.rooms(&me, false, Some(&room("rb")), 2).await.unwrap();
+    assert_eq!(page(next), ["rc", "rd"]);
+    let last = s.rooms(&me, false, Some(&room("rd")), 2).await.unwrap();
+    assert_eq!(page(last), ["re"]);
+    let all = s.rooms(&me, true, None, 3).await.unwrap();
+    assert_eq!(page(all), ["big", "ra", "rb"]);
+    let all = s.rooms(&me, true, Some(&room("rc")), 100).await.unwrap();
+    assert_eq!(page(all), ["rd", "re"]);
+
+    let members = |after: Option<&'static str>| {
+        let s = s.clone();
+        async move {
+            s.members(&room("big"), after, 2)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|u| u.as_str().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(members(None).await, ["Usera", "Userb"]);
+    assert_eq!(members(Some("userb")).await, ["Userc", "Userd"]);
+    assert_eq!(members(Some("userd")).await, ["Usere"]);
 }
 
 pub async fn concurrent_appends_stay_gapless(s: DynStore) {
     const SENDERS: usize = 20;
     const EACH: usize = 25;
     for i in 0..SENDERS {
-        s.join(&room("busy"), &user(&format!("u{i}")), false)
-            .await
-            .unwrap();
+        s.join(
+            &room("busy"),
+            &user(&format!("u{i}")),
+            JoinRules::open(false),
+        )
+        .await
+        .unwrap();
     }
     let tasks: Vec<_> = (0..SENDERS)
         .map(|i| {

@@ -26,6 +26,8 @@ struct State {
 
 #[derive(Default)]
 struct Room {
+    /// Created by a guest: removed once it has no members.
+    guest_created: bool,
     topic: String,
     messages: Vec<Message>,
     /// user key -> membership
@@ -57,6 +59,25 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Remove `room` if a guest created it and nobody is left in it.
+    fn sweep(&mut self, room: &RoomName) {
+        if self
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.guest_created && r.members.is_empty())
+        {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// Public rooms the user is a member of.
+    fn public_rooms_of(&self, user: &UserName) -> usize {
+        self.rooms
+            .iter()
+            .filter(|(name, r)| !name.is_direct() && r.members.contains_key(user.key()))
+            .count()
+    }
+
     fn member_room(&mut self, room: &RoomName, user: &UserName) -> StoreResult<&mut Room> {
         let r = self.rooms.get_mut(room).ok_or(StoreError::NoSuchRoom)?;
         if !r.members.contains_key(user.key()) {
@@ -172,10 +193,31 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn join(&self, room: &RoomName, user: &UserName, guest: bool) -> StoreResult<Joined> {
+    async fn join(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        rules: JoinRules,
+    ) -> StoreResult<Joined> {
         self.with(|s| {
-            let r = s.rooms.entry(room.clone()).or_default();
-            let newly_joined = add_member(r, user, guest);
+            let member = s
+                .rooms
+                .get(room)
+                .map(|r| r.members.contains_key(user.key()));
+            match member {
+                None if !rules.create => return Err(StoreError::NoSuchRoom),
+                Some(true) => {}
+                _ => {
+                    if s.public_rooms_of(user) >= rules.max_rooms as usize {
+                        return Err(too_many_rooms(rules.max_rooms));
+                    }
+                }
+            }
+            let r = s.rooms.entry(room.clone()).or_insert_with(|| Room {
+                guest_created: rules.guest,
+                ..Room::default()
+            });
+            let newly_joined = add_member(r, user, rules.guest);
             Ok(Joined {
                 topic: r.topic.clone(),
                 last_seq: r.last_seq(),
@@ -187,6 +229,7 @@ impl Store for MemoryStore {
     async fn leave(&self, room: &RoomName, user: &UserName) -> StoreResult<()> {
         self.with(|s| {
             s.member_room(room, user)?.members.remove(user.key());
+            s.sweep(room);
             Ok(())
         })
     }
@@ -200,6 +243,9 @@ impl Store for MemoryStore {
                     left.push(name.clone());
                 }
             }
+            for room in &left {
+                s.sweep(room);
+            }
             Ok(left)
         })
     }
@@ -209,21 +255,40 @@ impl Store for MemoryStore {
             for room in s.rooms.values_mut() {
                 room.members.retain(|_, m| !m.guest);
             }
+            s.rooms
+                .retain(|_, r| !(r.guest_created && r.members.is_empty()));
         });
         Ok(())
     }
 
-    async fn members(&self, room: &RoomName) -> StoreResult<Vec<UserName>> {
+    async fn members(
+        &self,
+        room: &RoomName,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<UserName>> {
         self.with(|s| {
             let r = s.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
-            Ok(r.members.values().map(|m| m.name.clone()).collect())
+            Ok(r.members
+                .iter()
+                .filter(|(key, _)| after.is_none_or(|a| key.as_str() > a))
+                .take(limit as usize)
+                .map(|(_, m)| m.name.clone())
+                .collect())
         })
     }
 
-    async fn rooms(&self, user: &UserName, all: bool) -> StoreResult<Vec<RoomView>> {
+    async fn rooms(
+        &self,
+        user: &UserName,
+        all: bool,
+        after: Option<&RoomName>,
+        limit: u32,
+    ) -> StoreResult<Vec<RoomView>> {
         Ok(self.with(|s| {
             s.rooms
                 .iter()
+                .filter(|(name, _)| after.is_none_or(|a| *name > a))
                 .filter_map(|(name, r)| {
                     let read_seq = r.members.get(user.key()).map(|m| m.read_seq);
                     let listed = if all {
@@ -239,6 +304,7 @@ impl Store for MemoryStore {
                         read_seq,
                     })
                 })
+                .take(limit as usize)
                 .collect()
         }))
     }
@@ -255,7 +321,10 @@ impl Store for MemoryStore {
             let mut new_members = Vec::new();
             let room = match &m.direct {
                 Some(d) => {
-                    let r = s.rooms.entry(m.room.clone()).or_default();
+                    let r = s.rooms.entry(m.room.clone()).or_insert_with(|| Room {
+                        guest_created: d.sender_guest,
+                        ..Room::default()
+                    });
                     if add_member(r, &m.sender, d.sender_guest) {
                         new_members.push(m.sender.clone());
                     }
