@@ -11,12 +11,21 @@ use crate::auth::Passwords;
 use crate::broker::{Broker, BrokerError, BrokerEvent, BrokerSink};
 use crate::conn::{self, ConnIds, ConnReceiver};
 use crate::error::StoreError;
+use crate::hub::Connected;
 use crate::hub::Hub;
-use crate::hub::OnlineUser;
 use crate::limits::{ContentFilter, RateLimits, SharedLimiters};
 use crate::names::UserName;
 use crate::session::Session;
 use crate::store::DynStore;
+
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's address (behind a trusted proxy, the one it reports).
+    pub addr: Option<IpAddr>,
+    /// Whether per-address limits count it (not in an exempt network).
+    pub limited: bool,
+}
 
 /// The engine's settings. Transports have their own (frame sizes, heartbeats).
 #[derive(Debug, Clone)]
@@ -151,13 +160,13 @@ impl Chat {
         Ok(Chat { inner })
     }
 
-    /// A session for a new connection from `peer` (the address per-address
-    /// limits count it against, `None` for none), and the transport's end
+    /// A session for a new connection from `peer`, and the transport's end
     /// of its queue.
-    pub fn open(&self, peer: Option<IpAddr>) -> (Session, ConnReceiver) {
+    pub fn open(&self, peer: Peer) -> (Session, ConnReceiver) {
         let queue = self.inner.policy().config.outbound_queue;
-        let (conn, rx) = conn::channel(self.inner.ids.next(), queue);
-        (Session::new(self.inner.clone(), conn, peer), rx)
+        let (conn, rx) = conn::channel(self.inner.ids.next(), queue, peer.addr);
+        let limited = peer.addr.filter(|_| peer.limited);
+        (Session::new(self.inner.clone(), conn, limited), rx)
     }
 
     /// Report to `observer` from now on (once; later calls are ignored).
@@ -165,8 +174,8 @@ impl Chat {
         let _ = self.inner.observer.set(observer);
     }
 
-    /// The users connected to this node, with their number of connections.
-    pub fn online(&self) -> Vec<(OnlineUser, usize)> {
+    /// The users connected to this node, with their connections.
+    pub fn online(&self) -> Vec<Connected> {
         self.inner.hub.online()
     }
 

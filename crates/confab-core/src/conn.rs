@@ -6,6 +6,7 @@
 //! full queue closes the connection as a slow consumer instead of dropping
 //! the event or slowing the publisher down.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -45,6 +46,8 @@ pub enum CloseReason {
 struct Control {
     closed: CancellationToken,
     reason: OnceLock<CloseReason>,
+    /// The client's address, when the transport has one (for operators).
+    addr: Option<IpAddr>,
 }
 
 /// The core's handle on a connection; cheap to clone.
@@ -73,10 +76,13 @@ impl ConnIds {
     }
 }
 
-/// A connection with an outbound queue of `capacity` items.
-pub fn channel(id: ConnId, capacity: usize) -> (Conn, ConnReceiver) {
+/// A connection from `addr` with an outbound queue of `capacity` items.
+pub fn channel(id: ConnId, capacity: usize, addr: Option<IpAddr>) -> (Conn, ConnReceiver) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let control = Arc::new(Control::default());
+    let control = Arc::new(Control {
+        addr,
+        ..Control::default()
+    });
     (
         Conn {
             id,
@@ -124,6 +130,11 @@ impl Conn {
     pub fn is_closed(&self) -> bool {
         self.control.closed.is_cancelled()
     }
+
+    /// The client's address, when the transport gave one.
+    pub fn addr(&self) -> Option<IpAddr> {
+        self.control.addr
+    }
 }
 
 impl ConnReceiver {
@@ -163,7 +174,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_closes_as_slow_consumer() {
-        let (conn, mut rx) = channel(ConnId(1), 2);
+        let (conn, mut rx) = channel(ConnId(1), 2, None);
         assert!(conn.push(event()));
         assert!(conn.push(event()));
         assert!(!conn.is_closed());
@@ -176,7 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_gives_up_when_closed() {
-        let (conn, _rx) = channel(ConnId(1), 1);
+        let (conn, _rx) = channel(ConnId(1), 1, None);
         conn.push(event());
         conn.close(CloseReason::SlowConsumer);
         let reply = Outbound::Reply(confab_proto::Reply {

@@ -69,6 +69,15 @@ pub struct OnlineUser {
     pub guest: bool,
 }
 
+/// A user connected here, as operators see it.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub user: OnlineUser,
+    pub connections: usize,
+    /// The client addresses of those connections that have one.
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
 impl Hub {
     pub fn new(store: DynStore, gap_fill_delay: Duration) -> Arc<Hub> {
         Arc::new_cyclic(|me| Hub {
@@ -145,21 +154,22 @@ impl Hub {
         })
     }
 
-    /// The users connected here, with their number of connections, by name.
-    pub fn online(&self) -> Vec<(OnlineUser, usize)> {
+    /// The users connected here, with their connections, by name.
+    pub fn online(&self) -> Vec<Connected> {
         let st = self.lock();
         let mut users: Vec<_> = st
             .users
             .values()
-            .map(|u| {
-                let user = OnlineUser {
+            .map(|u| Connected {
+                user: OnlineUser {
                     name: u.name.clone(),
                     guest: u.guest,
-                };
-                (user, u.conns.len())
+                },
+                connections: u.conns.len(),
+                addresses: u.conns.iter().filter_map(Conn::addr).collect(),
             })
             .collect();
-        users.sort_by(|a, b| a.0.name.key().cmp(b.0.name.key()));
+        users.sort_by(|a, b| a.user.name.key().cmp(b.user.name.key()));
         users
     }
 

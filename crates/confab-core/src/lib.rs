@@ -25,7 +25,7 @@ pub mod session;
 pub mod store;
 
 pub use broker::{Broker, BrokerEvent, MemoryBroker};
-pub use chat::{Chat, ChatConfig, Observer};
+pub use chat::{Chat, ChatConfig, Observer, Peer};
 pub use conn::{CloseReason, ConnReceiver, Outbound};
 pub use error::{ChatError, StoreError};
 pub use limits::{ContentFilter, FilterRule, Rate, RateLimits};

@@ -62,8 +62,8 @@ fn send(room: &str, body: &str) -> Request {
 #[tokio::test]
 async fn a_message_is_replied_then_fanned_out() {
     let (chat, _) = engine().await;
-    let (mut a, mut arx) = chat.open(None);
-    let (mut b, mut brx) = chat.open(None);
+    let (mut a, mut arx) = chat.open(Default::default());
+    let (mut b, mut brx) = chat.open(Default::default());
     call(&mut a, &mut arx, guest("ann")).await.unwrap();
     call(&mut b, &mut brx, guest("ben")).await.unwrap();
     call(&mut a, &mut arx, join("r")).await.unwrap();
@@ -81,7 +81,7 @@ async fn a_message_is_replied_then_fanned_out() {
 #[tokio::test]
 async fn the_command_table_checks_login_first() {
     let (chat, _) = engine().await;
-    let (mut s, mut rx) = chat.open(None);
+    let (mut s, mut rx) = chat.open(Default::default());
     assert_eq!(
         call(&mut s, &mut rx, join("r")).await,
         Err(ErrorCode::Unauthorized)
@@ -104,8 +104,8 @@ async fn the_command_table_checks_login_first() {
 #[tokio::test]
 async fn closing_a_guest_ends_its_memberships() {
     let (chat, store) = engine().await;
-    let (mut a, mut arx) = chat.open(None);
-    let (mut g, mut grx) = chat.open(None);
+    let (mut a, mut arx) = chat.open(Default::default());
+    let (mut g, mut grx) = chat.open(Default::default());
     call(&mut a, &mut arx, guest("ann")).await.unwrap();
     call(&mut g, &mut grx, guest("gus")).await.unwrap();
     call(&mut a, &mut arx, join("r")).await.unwrap();
@@ -138,7 +138,7 @@ fn message(room: &str, seq: u64) -> Message {
 /// A hub with one connected user in room `r` (whose last seq is 0).
 fn hub_with_listener(store: DynStore) -> (Arc<Hub>, ConnReceiver) {
     let hub = Hub::new(store, Duration::from_millis(50));
-    let (conn, rx) = confab_core::conn::channel(confab_core::conn::ConnId(1), 64);
+    let (conn, rx) = confab_core::conn::channel(confab_core::conn::ConnId(1), 64, None);
     let user = UserName::parse("u").unwrap();
     hub.attach(&user, false, conn, &[(RoomName::parse("r").unwrap(), 0)])
         .unwrap();

@@ -110,8 +110,10 @@ async fn users(_: Admin, State(app): State<Arc<App>>) -> Json<Value> {
         .chat
         .online()
         .into_iter()
-        .map(|(u, connections)| {
-            json!({"user": u.name.as_str(), "guest": u.guest, "connections": connections})
+        .map(|c| {
+            let addresses: Vec<String> = c.addresses.iter().map(|a| a.to_string()).collect();
+            json!({"user": c.user.name.as_str(), "guest": c.user.guest,
+                   "connections": c.connections, "addresses": addresses})
         })
         .collect();
     Json(json!({ "users": users }))
@@ -144,8 +146,8 @@ async fn disconnect(_: Admin, State(app): State<Arc<App>>, Path(name): Path<Stri
         .chat
         .online()
         .into_iter()
-        .find(|(u, _)| u.name == user)
-        .map_or(0, |(_, n)| n);
+        .find(|c| c.user.name == user)
+        .map_or(0, |c| c.connections);
     if let Err(e) = app.chat.disconnect(&user).await {
         return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
     }

@@ -158,7 +158,10 @@ impl App {
         config: &Config,
         client: std::net::IpAddr,
     ) -> (confab_core::Session, confab_core::ConnReceiver) {
-        self.chat.open(limited(config, client))
+        self.chat.open(confab_core::Peer {
+            addr: Some(client),
+            limited: limited(config, client).is_some(),
+        })
     }
 }
 

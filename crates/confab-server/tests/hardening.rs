@@ -322,6 +322,7 @@ async fn behind_a_proxy(trusted: &[&str]) -> TestServer {
         c.max_connections_per_ip = 1;
         c.exempt_networks = Networks::default();
         c.trusted_proxies = trusted;
+        c.admin_token = Some(confab_testkit::confab_server::settings::Secret::new("t"));
     })
     .await
 }
@@ -358,9 +359,20 @@ async fn forwarded_headers_name_the_client_when_the_proxy_is_trusted() {
     let _other = ws_forwarded(&server, ("forwarded", "for=203.0.113.2;proto=http"))
         .await
         .unwrap();
-    let _v6 = ws_forwarded(&server, ("forwarded", r#"for="[2001:db8::5]:4711""#))
+    let mut v6 = ws_forwarded(&server, ("forwarded", r#"for="[2001:db8::5]:4711""#))
         .await
         .unwrap();
+    v6.guest("sixer").await;
+    // Operators see the client's address, not the proxy's.
+    let (_, users) = confab_testkit::http(
+        server.addr,
+        "GET",
+        "/admin/users",
+        &[("Authorization", "Bearer t")],
+        "",
+    )
+    .await;
+    assert!(users.contains(r#""addresses":["2001:db8::5"]"#), "{users}");
 
     // From a peer that is not a trusted proxy, the header means nothing:
     // every connection counts against 127.0.0.1 itself.

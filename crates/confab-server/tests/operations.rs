@@ -220,7 +220,10 @@ async fn admins_see_users_and_rooms_disconnect_users_and_send_notices() {
     let users: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         users["users"],
-        json!([{"user":"liner","guest":true,"connections":1},{"user":"webber","guest":false,"connections":2}])
+        json!([
+            {"user":"liner","guest":true,"connections":1,"addresses":["127.0.0.1"]},
+            {"user":"webber","guest":false,"connections":2,"addresses":["127.0.0.1","127.0.0.1"]}
+        ])
     );
     let (_, body) = http(server.addr, "GET", "/admin/rooms", &auth, "").await;
     let rooms: Value = serde_json::from_str(&body).unwrap();
