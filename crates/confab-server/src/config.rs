@@ -77,28 +77,74 @@ impl Default for Config {
 }
 
 /// Where the data lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     Sqlite {
         path: PathBuf,
         durability: Durability,
     },
+    Postgres {
+        /// The URL as tokio-postgres reads it (our own `pool_size` taken
+        /// out); it may hold a password.
+        url: String,
+        pool_size: usize,
+    },
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite { path, durability } => f
+                .debug_struct("Sqlite")
+                .field("path", path)
+                .field("durability", durability)
+                .finish(),
+            Database::Postgres { url, pool_size } => f
+                .debug_struct("Postgres")
+                .field("url", &mask_password(url))
+                .field("pool_size", pool_size)
+                .finish(),
+        }
+    }
+}
+
+/// A database URL fit to print: its password, if any, as `***`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_owned(),
+    }
 }
 
 impl Database {
-    /// Set how durable commits are.
+    /// Set how durable commits are (SQLite; PostgreSQL's is the server's
+    /// `synchronous_commit`).
     pub fn set_durability(&mut self, to: Durability) {
         match self {
             Database::Sqlite { durability, .. } => *durability = to,
+            Database::Postgres { .. } => {}
         }
     }
 
     /// Parse a database URL: `sqlite://PATH` (relative) or
-    /// `sqlite:///ABSOLUTE/PATH`, optionally `?synchronous=normal`.
+    /// `sqlite:///ABSOLUTE/PATH`, optionally `?synchronous=normal`; or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (`postgresql://` too),
+    /// optionally with `pool_size=N` among its parameters.
     pub fn parse(url: &str) -> Result<Database, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Database::parse_postgres(url);
+        }
         let Some(rest) = url.strip_prefix("sqlite://") else {
             return Err(format!(
-                "unsupported database URL {url:?}: expected sqlite://PATH"
+                "unsupported database URL {:?}: expected sqlite://PATH or postgres://USER@HOST/DB",
+                mask_password(url)
             ));
         };
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -118,6 +164,32 @@ impl Database {
             path: PathBuf::from(path),
             durability,
         })
+    }
+}
+
+impl Database {
+    fn parse_postgres(url: &str) -> Result<Database, String> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut pool_size = confab_store_postgres::DEFAULT_POOL_SIZE;
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.strip_prefix("pool_size=") {
+                Some(n) => {
+                    pool_size = n
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("pool_size={n}: expected a positive number"))?;
+                }
+                None => kept.push(pair),
+            }
+        }
+        let url = match kept.is_empty() {
+            true => base.to_owned(),
+            false => format!("{base}?{}", kept.join("&")),
+        };
+        confab_store_postgres::describe(&url).map_err(|e| e.to_string())?;
+        Ok(Database::Postgres { url, pool_size })
     }
 }
 
@@ -141,7 +213,25 @@ mod tests {
                 durability: Durability::Normal
             }
         );
-        assert!(Database::parse("postgres://x").is_err());
+        assert_eq!(
+            Database::parse("postgresql://app:s3cret@db:5433/chat?pool_size=32&sslmode=disable")
+                .unwrap(),
+            Database::Postgres {
+                url: "postgresql://app:s3cret@db:5433/chat?sslmode=disable".into(),
+                pool_size: 32
+            }
+        );
+        let pg = Database::parse("postgres://app:s3cret@db/chat").unwrap();
+        assert!(!format!("{pg:?}").contains("s3cret"), "{pg:?}");
+        assert!(Database::parse("postgres://db/chat")
+            .unwrap_err()
+            .contains("no user"));
+        assert!(Database::parse("postgres://a@db/c?pool_size=0").is_err());
+        assert_eq!(
+            mask_password("postgres://app:s3cret@db:5432/chat?x=1"),
+            "postgres://app:***@db:5432/chat?x=1"
+        );
+        assert!(Database::parse("mysql://x").is_err());
         assert!(Database::parse("sqlite://").is_err());
         assert!(Database::parse("sqlite://x.db?fast=yes").is_err());
     }

@@ -190,6 +190,12 @@ async fn open_observed_store(
             tracing::info!(path = %path.display(), "storage: SQLite");
             Ok(Arc::new(store))
         }
+        Database::Postgres { url, pool_size } => {
+            let store = confab_store_postgres::PgStore::open(url, *pool_size).await?;
+            let at = confab_store_postgres::describe(url)?;
+            tracing::info!(database = %at, pool_size, "storage: PostgreSQL");
+            Ok(Arc::new(store))
+        }
     }
 }
 
@@ -205,6 +211,24 @@ async fn stop_on_failure(app: Arc<App>, store: DynStore) {
             app.draining.cancel();
         }
         _ = app.draining.cancelled() => {}
+    }
+}
+
+/// The schema version of the configured database and this binary's, or
+/// `None` when it has no Confab schema yet. Changes nothing.
+pub async fn schema_version(config: &Config) -> Result<Option<(u32, u32)>, StoreError> {
+    match &config.database {
+        Database::Sqlite { path, .. } => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || confab_store_sqlite::schema_version(&path))
+                .await
+                .map_err(|e| StoreError::Internal(e.to_string()))?
+        }
+        Database::Postgres { url, .. } => {
+            let store = confab_store_postgres::PgStore::connect(url, 1)?;
+            let (current, ours) = store.schema_version().await?;
+            Ok((current > 0).then_some((current, ours)))
+        }
     }
 }
 

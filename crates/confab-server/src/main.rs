@@ -26,6 +26,13 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The database's schema: apply it without serving, or say its version.
+    Db {
+        #[command(subcommand)]
+        action: DbCommand,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
     /// Manage accounts in the configured database (passwords are read from
     /// a prompt or standard input, never from the command line).
     User {
@@ -49,6 +56,15 @@ enum UserCommand {
 }
 
 #[derive(Subcommand)]
+enum DbCommand {
+    /// Create or upgrade the schema of the configured database (safe while
+    /// other nodes start: they wait for one another).
+    Migrate,
+    /// Say which schema version the database is at, and this binary's.
+    Status,
+}
+
+#[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate the configuration (file, environment, flags) and print the
     /// effective result, secrets masked.
@@ -69,7 +85,8 @@ struct Overrides {
     #[arg(long, global = true)]
     line: Option<String>,
     /// Storage: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH,
-    /// optionally with ?synchronous=normal.
+    /// optionally with ?synchronous=normal; or postgres://USER@HOST:PORT/DB
+    /// (the password in the URL or PGPASSWORD; ?pool_size=N).
     #[arg(long, global = true)]
     database: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or per module.
@@ -151,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(overrides) => serve(overrides).await,
         Command::User { action, overrides } => user(action, &overrides).await,
+        Command::Db { action, overrides } => db(action, &overrides).await,
         Command::Config(ConfigCommand::Check(overrides)) => {
             let settings = overrides.settings()?;
             println!("# the configuration is valid; in effect:\n");
@@ -158,6 +176,35 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn db(action: DbCommand, overrides: &Overrides) -> anyhow::Result<()> {
+    let settings = overrides.settings()?;
+    let config = settings.to_config()?;
+    let at = confab_server::config::mask_password(&settings.database);
+    match action {
+        DbCommand::Migrate => {
+            confab_server::open_store(&config).await?;
+            let (version, _) = confab_server::schema_version(&config)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{at}: no schema after migrating"))?;
+            println!("{at}: schema version {version}, up to date");
+        }
+        DbCommand::Status => match confab_server::schema_version(&config).await? {
+            None => println!("{at}: no Confab schema yet (confab db migrate creates it)"),
+            Some((current, ours)) if current == ours => {
+                println!("{at}: schema version {current}, up to date")
+            }
+            Some((current, ours)) if current < ours => println!(
+                "{at}: schema version {current}; this binary's is {ours}: \
+                 confab db migrate (or serve) upgrades it"
+            ),
+            Some((current, ours)) => println!(
+                "{at}: schema version {current}, newer than this binary's {ours}: upgrade Confab"
+            ),
+        },
+    }
+    Ok(())
 }
 
 async fn user(action: UserCommand, overrides: &Overrides) -> anyhow::Result<()> {

@@ -418,7 +418,11 @@ impl Settings {
 
     /// The effective configuration as TOML, secrets masked.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("settings serialise")
+        let shown = Settings {
+            database: crate::config::mask_password(&self.database),
+            ..self.clone()
+        };
+        toml::to_string_pretty(&shown).expect("settings serialise")
     }
 
     /// `key: old -> new` for every setting that differs, secrets masked.
@@ -440,9 +444,13 @@ impl Settings {
         }
         let flat = |s: &Settings| {
             let mut out = Vec::new();
+            let shown = Settings {
+                database: crate::config::mask_password(&s.database),
+                ..s.clone()
+            };
             flatten(
                 "",
-                &toml::Value::try_from(s).expect("settings serialise"),
+                &toml::Value::try_from(&shown).expect("settings serialise"),
                 &mut out,
             );
             out.into_iter()
@@ -598,6 +606,8 @@ mod tests {
         assert!(!s.to_toml().contains("hunter2"));
         assert!(s.to_toml().contains("***"));
         assert!(!format!("{s:?}").contains("hunter2"));
+        s.database = "postgres://app:pg-secret@db/chat".into();
+        assert!(!s.to_toml().contains("pg-secret"), "{}", s.to_toml());
         let mut t = s.clone();
         t.admin.token = Some(Secret::new("other"));
         t.limits.max_connections = 5;

@@ -130,6 +130,20 @@ impl Readers {
     }
 }
 
+/// The schema version of the database file at `path` (without changing
+/// it), and this binary's; `None` when there is no file yet.
+pub fn schema_version(path: &Path) -> StoreResult<Option<(u32, u32)>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db_error)?;
+    let version: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db_error)?;
+    Ok(Some((version, MIGRATIONS.len() as u32)))
+}
+
 fn open_writer(path: &Path, durability: Durability) -> StoreResult<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)

@@ -1,0 +1,1121 @@
+//! PostgreSQL storage for Confab: the backend for a team that runs
+//! PostgreSQL already, and for several Confab nodes on one database.
+//!
+//! - [`PgStore`]: the [`Store`] implementation, on a pool of connections.
+//! - `schema_1.sql` and [`MIGRATIONS`]: the schema, embedded in the binary,
+//!   applied on open under an advisory lock (several nodes may start at
+//!   once), its version kept in `confab_schema`.
+//!
+//! Why tokio-postgres with deadpool, not sqlx: tokio-postgres pipelines the
+//! statements of concurrent callers on one connection and gives direct
+//! control over transactions and prepared statements, with no macro-time
+//! database; deadpool is a small, well-kept pool for it with timeouts, so
+//! that a database that went away answers `unavailable` instead of making
+//! clients wait.
+//!
+//! Every operation that must be atomic (allocating a `seq`, deduplicating a
+//! nonce, checking membership before a write) runs in one transaction here,
+//! never with a counter in a process: several nodes can write to one room.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use confab_core::store::{
+    too_many_rooms, Appended, DirectPeers, HistoryPage, JoinRules, Joined, NewMessage, Page,
+    RemovedUsers, RoomView, StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
+};
+use confab_core::{RoomName, Store, StoreError, UserName};
+use confab_proto::{Message, Seq};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+/// The schema, one entry per version; `confab_schema.version` says how many
+/// have been applied.
+pub const MIGRATIONS: &[&str] = &[include_str!("schema_1.sql")];
+
+/// The advisory lock migrations hold, so that nodes starting together
+/// apply them once ("confab" in ASCII).
+const MIGRATION_LOCK: i64 = 0x636f_6e66_6162;
+
+/// How long a request waits for a pooled connection, or for a new one to be
+/// made, before it is answered `unavailable`: a database that went away
+/// must not leave clients hanging.
+const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections kept at most, by default.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+/// Where a database URL points, as parsed: for error messages and tools.
+pub fn describe(url: &str) -> Result<String, StoreError> {
+    let config = parse(url)?;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    Ok(format!(
+        "{}@{}:{port}/{}",
+        config.get_user().unwrap_or("?"),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("?")
+    ))
+}
+
+/// Parse a `postgres://` or `postgresql://` URL; the password may come
+/// from `PGPASSWORD`.
+fn parse(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(StoreError::Invalid(format!(
+            "{url:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DB)"
+        )));
+    }
+    let mut config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| StoreError::Invalid(format!("malformed PostgreSQL URL: {e}")))?;
+    if config.get_user().is_none() {
+        return Err(StoreError::Invalid(
+            "the PostgreSQL URL names no user (postgres://USER@HOST/DB)".into(),
+        ));
+    }
+    if config.get_dbname().is_none() {
+        return Err(StoreError::Invalid(
+            "the PostgreSQL URL names no database (postgres://USER@HOST/DB)".into(),
+        ));
+    }
+    if config.get_password().is_none() {
+        if let Ok(password) = std::env::var("PGPASSWORD") {
+            config.password(password);
+        }
+    }
+    if config.get_ssl_mode() == SslMode::Require {
+        return Err(StoreError::Invalid(
+            "sslmode=require: TLS to PostgreSQL is not built yet; use sslmode=disable or prefer"
+                .into(),
+        ));
+    }
+    // `prefer` falls back to a plain connection, as without TLS support.
+    config.ssl_mode(SslMode::Disable);
+    config.connect_timeout(POOL_TIMEOUT);
+    if config.get_application_name().is_none() {
+        config.application_name("confab");
+    }
+    Ok(config)
+}
+
+impl PgStore {
+    /// Connect to the database at `url`, check what is there and apply
+    /// pending migrations. A clear error, before anything is served, for a
+    /// malformed URL, an unreachable host, wrong credentials, a database of
+    /// another application or one newer than this binary.
+    pub async fn open(url: &str, pool_size: usize) -> StoreResult<PgStore> {
+        let store = PgStore::connect(url, pool_size)?;
+        let mut client = store.client().await?;
+        migrate(&mut client).await?;
+        drop(client);
+        Ok(store)
+    }
+
+    /// A store on `url` without touching the schema (for `db status`).
+    pub fn connect(url: &str, pool_size: usize) -> StoreResult<PgStore> {
+        let config = parse(url)?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("PostgreSQL pool: {e}")))?;
+        Ok(PgStore { pool })
+    }
+
+    /// The schema version of the database, and this binary's.
+    pub async fn schema_version(&self) -> StoreResult<(u32, u32)> {
+        let client = self.client().await?;
+        let version = current_version(&client).await?.unwrap_or(0);
+        Ok((version, MIGRATIONS.len() as u32))
+    }
+
+    /// Connections in use and the pool's size.
+    pub fn pool_status(&self) -> (usize, usize) {
+        let status = self.pool.status();
+        (status.size - status.available, status.max_size)
+    }
+
+    async fn client(&self) -> StoreResult<Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(e) => pg_error(e),
+        PoolError::Timeout(_) => StoreError::Unavailable("PostgreSQL does not answer".into()),
+        other => StoreError::Unavailable(format!("PostgreSQL: {other}")),
+    }
+}
+
+/// Connection trouble and a server that is going away are `Unavailable`
+/// (the client may retry); everything else is a bug or a corrupt database.
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    let Some(db) = e.as_db_error() else {
+        return StoreError::Unavailable(format!("PostgreSQL: {e}"));
+    };
+    let code = db.code().code();
+    let text = format!("PostgreSQL: {}", db.message());
+    match &code[..2] {
+        // connection exception, insufficient resources, operator
+        // intervention (shutdown), system error
+        "08" | "53" | "57" | "58" => StoreError::Unavailable(text),
+        // invalid authorization, invalid catalog name (no such database)
+        "28" | "3D" => StoreError::Unavailable(text),
+        _ => StoreError::Internal(text),
+    }
+}
+
+async fn current_version(client: &impl GenericClient) -> StoreResult<Option<u32>> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('confab_schema') IS NOT NULL", &[])
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let version: i32 = client
+        .query_one("SELECT version FROM confab_schema", &[])
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    Ok(Some(version as u32))
+}
+
+/// Apply pending migrations, under the advisory lock. Refuses a database
+/// that holds other tables and no Confab schema, and one newer than us.
+async fn migrate(client: &mut Object) -> StoreResult<()> {
+    client
+        .query_one("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg_error)?;
+    let outcome = migrate_locked(client).await;
+    let unlocked = client
+        .query_one("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    outcome?;
+    unlocked.map_err(pg_error)?;
+    Ok(())
+}
+
+async fn migrate_locked(client: &mut Object) -> StoreResult<()> {
+    let applied = match current_version(&*client).await? {
+        Some(v) => v as usize,
+        None => {
+            let tables: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM information_schema.tables
+                     WHERE table_schema = current_schema()",
+                    &[],
+                )
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            if tables > 0 {
+                return Err(StoreError::Unavailable(format!(
+                    "the database holds {tables} tables and no Confab schema: it belongs to \
+                     something else; give Confab a database (or schema) of its own"
+                )));
+            }
+            0
+        }
+    };
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Unavailable(format!(
+            "the database has schema version {applied}, newer than this server's {}: \
+             upgrade Confab",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = client.transaction().await.map_err(pg_error)?;
+        if i == 0 {
+            tx.batch_execute(
+                "CREATE TABLE confab_schema (version INTEGER NOT NULL);
+                 INSERT INTO confab_schema VALUES (0);",
+            )
+            .await
+            .map_err(pg_error)?;
+        }
+        tx.batch_execute(sql).await.map_err(pg_error)?;
+        tx.execute(
+            "UPDATE confab_schema SET version = $1",
+            &[&((i + 1) as i32)],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        tracing::info!(version = i + 1, "applied migration");
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn no_user(name: &UserName) -> StoreError {
+    StoreError::Invalid(format!("no user named {name}"))
+}
+
+fn user_name(name: String) -> StoreResult<UserName> {
+    UserName::parse(&name).map_err(|_| StoreError::Internal(format!("stored user name {name:?}")))
+}
+
+fn seq(v: i64) -> Seq {
+    v as Seq
+}
+
+/// A LIMIT: `u32::MAX` means everything.
+fn limit(n: u32) -> i64 {
+    i64::from(n)
+}
+
+/// The room's id and last seq.
+async fn room_row(c: &impl GenericClient, room: &str) -> StoreResult<Option<(i64, i64)>> {
+    let stmt = c
+        .prepare_cached("SELECT id, last_seq FROM rooms WHERE name = $1")
+        .await
+        .map_err(pg_error)?;
+    Ok(c.query_opt(&stmt, &[&room])
+        .await
+        .map_err(pg_error)?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// The room's id and last seq, if `user` is a member.
+async fn member_room(
+    c: &impl GenericClient,
+    room: &RoomName,
+    user: &UserName,
+) -> StoreResult<(i64, i64)> {
+    let (id, last) = room_row(c, room.as_str())
+        .await?
+        .ok_or(StoreError::NoSuchRoom)?;
+    if !is_member(c, id, user).await? {
+        return Err(StoreError::NotMember);
+    }
+    Ok((id, last))
+}
+
+async fn is_member(c: &impl GenericClient, room_id: i64, user: &UserName) -> StoreResult<bool> {
+    let stmt = c
+        .prepare_cached("SELECT 1 FROM members WHERE room_id = $1 AND user_key = $2")
+        .await
+        .map_err(pg_error)?;
+    Ok(c.query_opt(&stmt, &[&room_id, &user.key()])
+        .await
+        .map_err(pg_error)?
+        .is_some())
+}
+
+/// Insert a membership if absent; returns whether it is new.
+async fn add_member(
+    c: &impl GenericClient,
+    room_id: i64,
+    user: &UserName,
+    guest: bool,
+) -> StoreResult<bool> {
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO members (room_id, user_key, user_name, guest, joined_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .await
+        .map_err(pg_error)?;
+    let n = c
+        .execute(
+            &stmt,
+            &[&room_id, &user.key(), &user.as_str(), &guest, &now_ms()],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(n == 1)
+}
+
+/// The room's id, creating it if needed (another node may create it at the
+/// same moment: then theirs is used).
+async fn create_room(c: &impl GenericClient, room: &RoomName, by_guest: bool) -> StoreResult<i64> {
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO rooms (name, direct, guest_created, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO NOTHING RETURNING id",
+        )
+        .await
+        .map_err(pg_error)?;
+    let created = c
+        .query_opt(
+            &stmt,
+            &[&room.as_str(), &room.is_direct(), &by_guest, &now_ms()],
+        )
+        .await
+        .map_err(pg_error)?;
+    match created {
+        Some(row) => Ok(row.get(0)),
+        None => room_row(c, room.as_str())
+            .await?
+            .map(|(id, _)| id)
+            .ok_or_else(|| StoreError::Internal("a room vanished as it was created".into())),
+    }
+}
+
+/// Remove guest-created rooms that nobody is in any more (their messages
+/// go with them, by the foreign key): the one room `id`, or every such room.
+async fn sweep_guest_rooms(c: &impl GenericClient, id: Option<i64>) -> StoreResult<()> {
+    c.execute(
+        "DELETE FROM rooms r WHERE r.guest_created AND ($1::BIGINT IS NULL OR r.id = $1)
+         AND NOT EXISTS (SELECT 1 FROM members m WHERE m.room_id = r.id)",
+        &[&id],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+const MESSAGE_COLUMNS: &str = "seq, sender, body, ts, nonce";
+
+fn message_row(room: &str, r: &Row) -> Message {
+    Message {
+        room: room.to_owned(),
+        seq: seq(r.get(0)),
+        user: r.get(1),
+        body: r.get(2),
+        ts: r.get(3),
+        nonce: r.get(4),
+    }
+}
+
+async fn query_messages(
+    c: &impl GenericClient,
+    room: &str,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> StoreResult<Vec<Message>> {
+    let stmt = c.prepare_cached(sql).await.map_err(pg_error)?;
+    let rows = c.query(&stmt, params).await.map_err(pg_error)?;
+    Ok(rows.iter().map(|r| message_row(room, r)).collect())
+}
+
+async fn append(c: &impl GenericClient, m: NewMessage) -> StoreResult<Appended> {
+    let mut new_members = Vec::new();
+    let room_id = match &m.direct {
+        Some(DirectPeers {
+            sender_guest,
+            peer,
+            peer_guest,
+        }) => {
+            let id = create_room(c, &m.room, *sender_guest).await?;
+            if add_member(c, id, &m.sender, *sender_guest).await? {
+                new_members.push(m.sender.clone());
+            }
+            if add_member(c, id, peer, *peer_guest).await? {
+                new_members.push(peer.clone());
+            }
+            id
+        }
+        None => member_room(c, &m.room, &m.sender).await?.0,
+    };
+    // The room's row lock orders its appends, on every node: the nonce
+    // check and the next seq are then decided by one transaction at a time.
+    let last_seq: i64 = c
+        .query_one(
+            "SELECT last_seq FROM rooms WHERE id = $1 FOR UPDATE",
+            &[&room_id],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    if let Some(nonce) = &m.nonce {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE room_id = $1 AND sender_key = $2 AND nonce = $3"
+        );
+        let original = query_messages(
+            c,
+            m.room.as_str(),
+            &sql,
+            &[&room_id, &m.sender.key(), nonce],
+        )
+        .await?;
+        if let Some(message) = original.into_iter().next() {
+            return Ok(Appended {
+                message,
+                duplicate: true,
+                new_members,
+            });
+        }
+    }
+    let next = last_seq + 1;
+    c.execute(
+        "UPDATE rooms SET last_seq = $1 WHERE id = $2",
+        &[&next, &room_id],
+    )
+    .await
+    .map_err(pg_error)?;
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO messages (room_id, seq, sender_key, sender, body, ts, nonce)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await
+        .map_err(pg_error)?;
+    c.execute(
+        &stmt,
+        &[
+            &room_id,
+            &next,
+            &m.sender.key(),
+            &m.sender.as_str(),
+            &m.body,
+            &m.ts,
+            &m.nonce,
+        ],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(Appended {
+        message: Message {
+            room: m.room.as_str().to_owned(),
+            seq: seq(next),
+            user: m.sender.as_str().to_owned(),
+            body: m.body,
+            ts: m.ts,
+            nonce: m.nonce,
+        },
+        duplicate: false,
+        new_members,
+    })
+}
+
+/// Run `$body` (an async block using `$tx`) in a transaction, committed
+/// when it returns `Ok`.
+macro_rules! in_transaction {
+    ($store:expr, |$tx:ident| $body:expr) => {{
+        let mut client = $store.client().await?;
+        let $tx = client.transaction().await.map_err(pg_error)?;
+        let value = $body.await?;
+        $tx.commit().await.map_err(pg_error)?;
+        Ok(value)
+    }};
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_user(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "INSERT INTO users (key, name, password_hash, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                &[&name.key(), &name.as_str(), &password_hash, &now_ms()],
+            )
+            .await
+            .map_err(pg_error)?;
+        if n == 0 {
+            return Err(StoreError::Conflict(format!("user name {name}")));
+        }
+        Ok(())
+    }
+
+    async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached("SELECT name, password_hash FROM users WHERE key = $1")
+            .await
+            .map_err(pg_error)?;
+        let row = c.query_opt(&stmt, &[&name.key()]).await.map_err(pg_error)?;
+        row.map(|r| {
+            Ok(UserRecord {
+                name: user_name(r.get(0))?,
+                password_hash: r.get(1),
+            })
+        })
+        .transpose()
+    }
+
+    async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
+        in_transaction!(self, |tx| async {
+            let n = tx
+                .execute(
+                    "UPDATE users SET password_hash = $1 WHERE key = $2",
+                    &[&password_hash, &name.key()],
+                )
+                .await
+                .map_err(pg_error)?;
+            if n == 0 {
+                return Err(no_user(name));
+            }
+            tx.execute("DELETE FROM tokens WHERE user_key = $1", &[&name.key()])
+                .await
+                .map_err(pg_error)?;
+            Ok(())
+        })
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<UserName>> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT name FROM users ORDER BY key", &[])
+            .await
+            .map_err(pg_error)?;
+        rows.into_iter().map(|r| user_name(r.get(0))).collect()
+    }
+
+    async fn delete_user(&self, name: &UserName) -> StoreResult<()> {
+        in_transaction!(self, |tx| async {
+            // Deletions commit one at a time, so the log's ids appear in
+            // order and no poller's cursor passes an id still uncommitted.
+            tx.batch_execute("LOCK TABLE removed_users IN EXCLUSIVE MODE")
+                .await
+                .map_err(pg_error)?;
+            let shown: String = tx
+                .query_opt(
+                    "DELETE FROM users WHERE key = $1 RETURNING name",
+                    &[&name.key()],
+                )
+                .await
+                .map_err(pg_error)?
+                .ok_or_else(|| no_user(name))?
+                .get(0);
+            for sql in [
+                "DELETE FROM tokens WHERE user_key = $1",
+                "DELETE FROM members WHERE user_key = $1",
+            ] {
+                tx.execute(sql, &[&name.key()]).await.map_err(pg_error)?;
+            }
+            let now = now_ms();
+            tx.execute(
+                "DELETE FROM removed_users WHERE removed_at < $1",
+                &[&(now - REMOVED_USERS_KEPT_MS)],
+            )
+            .await
+            .map_err(pg_error)?;
+            tx.execute(
+                "INSERT INTO removed_users (user_name, removed_at) VALUES ($1, $2)",
+                &[&shown, &now],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok(())
+        })
+    }
+
+    async fn removed_users(&self, after: Option<u64>) -> StoreResult<RemovedUsers> {
+        let c = self.client().await?;
+        let last: i64 = c
+            .query_one("SELECT COALESCE(MAX(id), 0) FROM removed_users", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        let Some(after) = after else {
+            return Ok(RemovedUsers {
+                cursor: last as u64,
+                users: Vec::new(),
+            });
+        };
+        let rows = c
+            .query(
+                "SELECT id, user_name FROM removed_users WHERE id > $1 ORDER BY id",
+                &[&(after as i64)],
+            )
+            .await
+            .map_err(pg_error)?;
+        let cursor = rows
+            .last()
+            .map_or(after.max(last as u64), |r| r.get::<_, i64>(0) as u64);
+        Ok(RemovedUsers {
+            cursor,
+            users: rows
+                .into_iter()
+                .map(|r| user_name(r.get(1)))
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached("INSERT INTO tokens (hash, user_key, created_at) VALUES ($1, $2, $3)")
+            .await
+            .map_err(pg_error)?;
+        c.execute(&stmt, &[&&token[..], &user.key(), &now_ms()])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached(
+                "SELECT u.name FROM tokens t JOIN users u ON u.key = t.user_key WHERE t.hash = $1",
+            )
+            .await
+            .map_err(pg_error)?;
+        c.query_opt(&stmt, &[&&token[..]])
+            .await
+            .map_err(pg_error)?
+            .map(|r| user_name(r.get(0)))
+            .transpose()
+    }
+
+    async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()> {
+        let c = self.client().await?;
+        c.execute("DELETE FROM tokens WHERE hash = $1", &[&&token[..]])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn join(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        rules: JoinRules,
+    ) -> StoreResult<Joined> {
+        in_transaction!(self, |tx| async {
+            let id = match room_row(&tx, room.as_str()).await? {
+                Some((id, _)) => Some(id),
+                None if rules.create => None,
+                None => return Err(StoreError::NoSuchRoom),
+            };
+            let member = match id {
+                Some(id) => is_member(&tx, id, user).await?,
+                None => false,
+            };
+            if !member && rules.max_rooms != u32::MAX {
+                let public: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM members m JOIN rooms r ON r.id = m.room_id
+                         WHERE m.user_key = $1 AND NOT r.direct",
+                        &[&user.key()],
+                    )
+                    .await
+                    .map_err(pg_error)?
+                    .get(0);
+                if public >= i64::from(rules.max_rooms) {
+                    return Err(too_many_rooms(rules.max_rooms));
+                }
+            }
+            let id = match id {
+                Some(id) => id,
+                None => create_room(&tx, room, rules.guest).await?,
+            };
+            let newly_joined = add_member(&tx, id, user, rules.guest).await?;
+            let row = tx
+                .query_one("SELECT topic, last_seq FROM rooms WHERE id = $1", &[&id])
+                .await
+                .map_err(pg_error)?;
+            Ok(Joined {
+                topic: row.get(0),
+                last_seq: seq(row.get(1)),
+                newly_joined,
+            })
+        })
+    }
+
+    async fn leave(&self, room: &RoomName, user: &UserName) -> StoreResult<()> {
+        in_transaction!(self, |tx| async {
+            let (id, _) = member_room(&tx, room, user).await?;
+            tx.execute(
+                "DELETE FROM members WHERE room_id = $1 AND user_key = $2",
+                &[&id, &user.key()],
+            )
+            .await
+            .map_err(pg_error)?;
+            sweep_guest_rooms(&tx, Some(id)).await
+        })
+    }
+
+    async fn drop_guest(&self, user: &UserName) -> StoreResult<Vec<RoomName>> {
+        in_transaction!(self, |tx| async {
+            let rows = tx
+                .query(
+                    "DELETE FROM members m USING rooms r
+                     WHERE m.user_key = $1 AND m.guest AND r.id = m.room_id
+                     RETURNING r.id, r.name",
+                    &[&user.key()],
+                )
+                .await
+                .map_err(pg_error)?;
+            for row in &rows {
+                sweep_guest_rooms(&tx, Some(row.get(0))).await?;
+            }
+            Ok::<_, StoreError>(
+                rows.into_iter()
+                    .map(|r| RoomName::from_trusted(r.get(1)))
+                    .collect(),
+            )
+        })
+    }
+
+    async fn drop_all_guests(&self) -> StoreResult<()> {
+        in_transaction!(self, |tx| async {
+            tx.execute("DELETE FROM members WHERE guest", &[])
+                .await
+                .map_err(pg_error)?;
+            sweep_guest_rooms(&tx, None).await
+        })
+    }
+
+    async fn members(
+        &self,
+        room: &RoomName,
+        after: Option<&str>,
+        limit_to: u32,
+    ) -> StoreResult<Vec<UserName>> {
+        let c = self.client().await?;
+        let (id, _) = room_row(&c, room.as_str())
+            .await?
+            .ok_or(StoreError::NoSuchRoom)?;
+        let stmt = c
+            .prepare_cached(
+                "SELECT user_name FROM members WHERE room_id = $1 AND user_key > $2
+                 ORDER BY user_key LIMIT $3",
+            )
+            .await
+            .map_err(pg_error)?;
+        let rows = c
+            .query(&stmt, &[&id, &after.unwrap_or(""), &limit(limit_to)])
+            .await
+            .map_err(pg_error)?;
+        rows.into_iter().map(|r| user_name(r.get(0))).collect()
+    }
+
+    async fn rooms(
+        &self,
+        user: &UserName,
+        all: bool,
+        after: Option<&RoomName>,
+        limit_to: u32,
+    ) -> StoreResult<Vec<RoomView>> {
+        let c = self.client().await?;
+        let sql = if all {
+            "SELECT r.name, r.topic, r.last_seq, m.read_seq,
+                    (SELECT count(*) FROM members x WHERE x.room_id = r.id)
+             FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = $1
+             WHERE NOT r.direct AND r.name > $2 ORDER BY r.name LIMIT $3"
+        } else {
+            "SELECT r.name, r.topic, r.last_seq, m.read_seq,
+                    (SELECT count(*) FROM members x WHERE x.room_id = r.id)
+             FROM members m JOIN rooms r ON r.id = m.room_id
+             WHERE m.user_key = $1 AND r.name > $2 ORDER BY r.name LIMIT $3"
+        };
+        let stmt = c.prepare_cached(sql).await.map_err(pg_error)?;
+        let after = after.map_or("", |a| a.as_str());
+        let rows = c
+            .query(&stmt, &[&user.key(), &after, &limit(limit_to)])
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| RoomView {
+                room: RoomName::from_trusted(r.get(0)),
+                topic: r.get(1),
+                last_seq: seq(r.get(2)),
+                read_seq: r.get::<_, Option<i64>>(3).map(seq),
+                member_count: r.get::<_, i64>(4) as u64,
+            })
+            .collect())
+    }
+
+    async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()> {
+        in_transaction!(self, |tx| async {
+            let (id, _) = member_room(&tx, room, user).await?;
+            tx.execute("UPDATE rooms SET topic = $1 WHERE id = $2", &[&topic, &id])
+                .await
+                .map_err(pg_error)?;
+            Ok(())
+        })
+    }
+
+    async fn append(&self, message: NewMessage) -> StoreResult<Appended> {
+        in_transaction!(self, |tx| append(&tx, message))
+    }
+
+    async fn history(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        page: Page,
+        limit_to: u32,
+    ) -> StoreResult<HistoryPage> {
+        let c = self.client().await?;
+        let (id, _) = member_room(&c, room, user).await?;
+        // One row more than asked tells whether there are more.
+        let probe = limit(limit_to) + 1;
+        let (sql, bound, descending) = match page {
+            Page::Latest => ("seq <= $2 ORDER BY seq DESC", i64::MAX, true),
+            Page::Before(b) => ("seq < $2 ORDER BY seq DESC", b as i64, true),
+            Page::After(a) => ("seq > $2 ORDER BY seq ASC", a as i64, false),
+        };
+        let sql =
+            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND {sql} LIMIT $3");
+        let mut messages = query_messages(&c, room.as_str(), &sql, &[&id, &bound, &probe]).await?;
+        let more = messages.len() > limit_to as usize;
+        messages.truncate(limit_to as usize);
+        if descending {
+            messages.reverse();
+        }
+        Ok(HistoryPage { messages, more })
+    }
+
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: Seq,
+        limit_to: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let c = self.client().await?;
+        let Some((id, _)) = room_row(&c, room.as_str()).await? else {
+            return Ok(Vec::new());
+        };
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        );
+        query_messages(
+            &c,
+            room.as_str(),
+            &sql,
+            &[&id, &(after as i64), &limit(limit_to)],
+        )
+        .await
+    }
+
+    async fn mark_read(&self, room: &RoomName, user: &UserName, seq_to: Seq) -> StoreResult<Seq> {
+        in_transaction!(self, |tx| async {
+            let (id, last_seq) = member_room(&tx, room, user).await?;
+            if seq_to as i64 > last_seq {
+                return Err(StoreError::Invalid(format!(
+                    "seq {seq_to} is past the room's last message ({last_seq})"
+                )));
+            }
+            let marker: i64 = tx
+                .query_one(
+                    "UPDATE members SET read_seq = GREATEST(read_seq, $1)
+                     WHERE room_id = $2 AND user_key = $3 RETURNING read_seq",
+                    &[&(seq_to as i64), &id, &user.key()],
+                )
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            Ok(seq(marker))
+        })
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let c = self.client().await?;
+        // A server in recovery (a standby, or a primary demoted by a
+        // failover) answers reads and refuses every write.
+        let writable: bool = c
+            .query_one("SELECT NOT pg_is_in_recovery()", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if !writable {
+            return Err(StoreError::Unavailable(
+                "PostgreSQL is read-only (in recovery)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    //! A schema of its own for each test, on the server that
+    //! `CONFAB_TEST_POSTGRES` names, so tests run in parallel and leave
+    //! nothing behind.
+
+    use tokio_postgres::NoTls;
+
+    /// The variable that names the test server.
+    pub const VAR: &str = "CONFAB_TEST_POSTGRES";
+
+    /// A fresh, empty schema; dropped (with everything in it) with this.
+    pub struct TestSchema {
+        /// A URL whose connections use only this schema.
+        pub url: String,
+        base: String,
+        name: String,
+    }
+
+    impl TestSchema {
+        /// `None`, having said why, when `CONFAB_TEST_POSTGRES` is unset.
+        pub async fn create() -> Option<TestSchema> {
+            let Ok(base) = std::env::var(VAR) else {
+                eprintln!(
+                    "skipped: set {VAR}=postgres://postgres@127.0.0.1:5432/postgres \
+                     to run the PostgreSQL tests"
+                );
+                return None;
+            };
+            let name = format!(
+                "confab_test_{:016x}",
+                getrandom::u64().expect("random bytes")
+            );
+            let (client, conn) = tokio_postgres::connect(&base, NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("{VAR}={base}: {e}"));
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE SCHEMA {name}"))
+                .await
+                .expect("creating a test schema");
+            let sep = if base.contains('?') { '&' } else { '?' };
+            // The application name marks this test's connections, so that
+            // dropping the schema can end them first.
+            let url =
+                format!("{base}{sep}options=-c%20search_path%3D{name}&application_name={name}");
+            Some(TestSchema { url, base, name })
+        }
+    }
+
+    impl Drop for TestSchema {
+        fn drop(&mut self) {
+            let (base, name) = (self.base.clone(), self.name.clone());
+            // Drop runs outside async code: a thread with a runtime of its own.
+            let dropped = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(async {
+                    let (client, conn) = tokio_postgres::connect(&base, NoTls).await?;
+                    tokio::spawn(conn);
+                    // The test's own connections may still hold locks (a
+                    // transaction its panic abandoned, on a runtime this
+                    // drop now blocks): end them, then drop.
+                    client
+                        .execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                            &[&name],
+                        )
+                        .await?;
+                    client
+                        .batch_execute(&format!("DROP SCHEMA {name} CASCADE"))
+                        .await
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("could not drop the test schema {}", self.name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::TestSchema;
+    use super::*;
+    use confab_core::DynStore;
+    use std::sync::Arc;
+
+    async fn fresh() -> Option<(DynStore, TestSchema)> {
+        let schema = TestSchema::create().await?;
+        let store = PgStore::open(&schema.url, 8)
+            .await
+            .expect("opening the store");
+        Some((Arc::new(store) as DynStore, schema))
+    }
+
+    confab_core::store_contract_tests!(optional fresh());
+
+    #[tokio::test]
+    async fn migrations_run_once_and_a_newer_schema_is_refused() {
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        // Several nodes starting at once: the advisory lock lets one apply.
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = schema.url.clone();
+                tokio::spawn(async move { PgStore::open(&url, 2).await.map(|_| ()) })
+            })
+            .collect();
+        for open in opens {
+            open.await.unwrap().expect("every node opens");
+        }
+        let store = PgStore::open(&schema.url, 2).await.unwrap();
+        assert_eq!(
+            store.schema_version().await.unwrap(),
+            (MIGRATIONS.len() as u32, MIGRATIONS.len() as u32)
+        );
+        let c = store.client().await.unwrap();
+        c.execute("UPDATE confab_schema SET version = 99", &[])
+            .await
+            .unwrap();
+        match PgStore::open(&schema.url, 2).await {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("newer"), "{m}"),
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_databases_are_named_before_anything_is_served() {
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        // A database of another application.
+        let c = PgStore::connect(&schema.url, 1).unwrap();
+        c.client()
+            .await
+            .unwrap()
+            .batch_execute("CREATE TABLE invoices (id INT)")
+            .await
+            .unwrap();
+        let refusal = |r: StoreResult<PgStore>| match r {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("expected a refusal"),
+        };
+        let e = refusal(PgStore::open(&schema.url, 1).await);
+        assert!(e.contains("something else"), "{e}");
+        // Malformed, incomplete, or unreachable.
+        for (url, says) in [
+            ("mysql://x", "not a PostgreSQL URL"),
+            ("postgres://", "no user"),
+            ("postgres://u@h:notaport/db", "malformed"),
+            ("postgres://u@127.0.0.1/db?sslmode=require", "TLS"),
+        ] {
+            let e = refusal(PgStore::open(url, 1).await);
+            assert!(e.contains(says), "{url}: {e}");
+        }
+        let e = refusal(PgStore::open("postgres://u@127.0.0.1:1/db", 1).await);
+        assert!(e.contains("unavailable"), "{e}");
+        let base = std::env::var(super::testing::VAR).unwrap();
+        let wrong_db = format!("{}/no_such_database_here", base.rsplit_once('/').unwrap().0);
+        let e = refusal(PgStore::open(&wrong_db, 1).await);
+        assert!(e.contains("no_such_database_here"), "{e}");
+    }
+}
