@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use confab_store_postgres::testing::TestSchema;
 use confab_testkit::serde_json::{json, Value};
 use confab_testkit::tokio_tungstenite::tungstenite::Message;
-use confab_testkit::WsClient;
+use confab_testkit::{Store, WsClient};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -24,12 +24,12 @@ struct Confab {
 }
 
 impl Confab {
-    /// Start the binary on `db`, on ports of its choosing; returns once it
-    /// listens.
-    async fn start(db: &Path) -> Confab {
+    /// Start the binary on the database at `url`, on ports of its
+    /// choosing; returns once it listens.
+    async fn start(url: &str) -> Confab {
         let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
             .args(["serve", "--http", "127.0.0.1:0", "--line", "127.0.0.1:0"])
-            .args(["--database", &format!("sqlite://{}", db.display())])
+            .args(["--database", url])
             .args(["--shutdown-grace-ms", "5000"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -144,11 +144,18 @@ async fn sender(url: String, name: String, acks: Acks, started: watch::Sender<us
     }
 }
 
-/// Start load, let `signal` hit the server once `threshold` messages were
-/// acknowledged, restart, and audit.
-async fn load_then(signal: i32, expect_clean_exit: bool) {
+/// Start load on `store`, let `signal` hit the server once 300 messages
+/// were acknowledged, restart, and audit.
+async fn load_then(store: Store, signal: i32, expect_clean_exit: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("confab.db");
+    let schema = match store {
+        Store::Sqlite => None,
+        Store::Postgres => TestSchema::create().await,
+    };
+    let db = match &schema {
+        None => format!("sqlite://{}", dir.path().join("confab.db").display()),
+        Some(schema) => schema.url.clone(),
+    };
     let server = Confab::start(&db).await;
     let mut auditor = WsClient::connect(&server.url()).await;
     auditor.register("auditor").await;
@@ -225,20 +232,24 @@ async fn load_then(signal: i32, expect_clean_exit: bool) {
     drop(server);
 }
 
-#[tokio::test]
-async fn sigterm_under_load_loses_no_ack() {
-    load_then(libc::SIGTERM, true).await;
+async fn sigterm_under_load_loses_no_ack(store: Store) {
+    load_then(store, libc::SIGTERM, true).await;
 }
 
-#[tokio::test]
-async fn sigkill_under_load_loses_no_ack() {
-    load_then(libc::SIGKILL, false).await;
+async fn sigkill_under_load_loses_no_ack(store: Store) {
+    load_then(store, libc::SIGKILL, false).await;
 }
+
+confab_testkit::on_each_store!(
+    sigterm_under_load_loses_no_ack,
+    sigkill_under_load_loses_no_ack,
+);
 
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Confab::start(&dir.path().join("confab.db")).await;
+    let db = format!("sqlite://{}", dir.path().join("confab.db").display());
+    let mut server = Confab::start(&db).await;
     // An HTTP request with half its headers sent keeps the drain busy until
     // the header deadline (10 s, past the 5 s grace): a second signal must
     // not wait for it.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use confab_testkit::confab_server::Durability;
 use confab_testkit::confab_server::RateLimits;
 use confab_testkit::serde_json::{json, Value};
-use confab_testkit::{count_messages_in_order, flood_until_cut_off, TestServer};
+use confab_testkit::{count_messages_in_order, flood_until_cut_off, Store};
 
 fn seqs(messages: &Value) -> Vec<u64> {
     messages
@@ -20,9 +20,8 @@ fn seqs(messages: &Value) -> Vec<u64> {
 
 /// The newcomer's walk-through: two users, a room and a direct message,
 /// one goes away, messages pile up, it comes back and syncs them.
-#[tokio::test]
-async fn offline_messages_are_delivered_by_sync() {
-    let server = TestServer::spawn().await;
+async fn offline_messages_are_delivered_by_sync(store: Store) {
+    let server = store.spawn().await;
     let mut alice = server.client().await;
     alice.register("alice").await;
     let mut bob = server.client().await;
@@ -81,9 +80,8 @@ async fn offline_messages_are_delivered_by_sync() {
     assert_eq!(bob.event_of("message").await["seq"], 5);
 }
 
-#[tokio::test]
-async fn a_restart_keeps_history_memberships_markers_and_nonces() {
-    let server = TestServer::spawn().await;
+async fn a_restart_keeps_history_memberships_markers_and_nonces(store: Store) {
+    let server = store.spawn().await;
     let mut alice = server.client().await;
     let token = alice.register("alice").await;
     alice.join("keep").await;
@@ -115,9 +113,8 @@ async fn a_restart_keeps_history_memberships_markers_and_nonces() {
     assert_eq!(alice.send("keep", "three").await, 3);
 }
 
-#[tokio::test]
-async fn a_retry_after_reconnecting_creates_no_duplicate() {
-    let server = TestServer::spawn().await;
+async fn a_retry_after_reconnecting_creates_no_duplicate(store: Store) {
+    let server = store.spawn().await;
     let mut bob = server.client().await;
     bob.register("bob").await;
     bob.join("r").await;
@@ -148,11 +145,10 @@ async fn a_retry_after_reconnecting_creates_no_duplicate() {
     assert_eq!(h["messages"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn concurrent_senders_get_gapless_seqs_seen_in_one_order() {
+async fn concurrent_senders_get_gapless_seqs_seen_in_one_order(store: Store) {
     const SENDERS: usize = 20;
     const EACH: usize = 10;
-    let server = TestServer::spawn().await;
+    let server = store.spawn().await;
     let mut watchers = Vec::new();
     for name in ["watcher1", "watcher2"] {
         let mut w = server.client().await;
@@ -218,9 +214,10 @@ async fn concurrent_senders_get_gapless_seqs_seen_in_one_order() {
     assert!(orders.windows(2).all(|w| w[0] == w[1]), "one order for all");
 }
 
-#[tokio::test]
-async fn silent_connections_are_closed_and_their_presence_ends() {
-    let server = TestServer::with_config(|c| c.heartbeat = Duration::from_millis(100)).await;
+async fn silent_connections_are_closed_and_their_presence_ends(store: Store) {
+    let server = store
+        .with_config(|c| c.heartbeat = Duration::from_millis(100))
+        .await;
     let mut alice = server.client().await;
     alice.register("alice").await;
     alice.join("r").await;
@@ -238,16 +235,16 @@ async fn silent_connections_are_closed_and_their_presence_ends() {
     assert_eq!(bob.closed().await, (1008, "idle timeout".to_owned()));
 }
 
-#[tokio::test]
-async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
-    let server = TestServer::with_config(|c| {
-        c.chat.outbound_queue = 8;
-        // A flood on purpose: no rate limits, and commits that survive a
-        // process crash are enough.
-        c.chat.rate_limits = RateLimits::off();
-        c.database.set_durability(Durability::Normal);
-    })
-    .await;
+async fn a_slow_consumer_is_cut_off_and_nobody_else_waits(store: Store) {
+    let server = store
+        .with_config(|c| {
+            c.chat.outbound_queue = 8;
+            // A flood on purpose: no rate limits, and commits that survive a
+            // process crash are enough.
+            c.chat.rate_limits = RateLimits::off();
+            c.database.set_durability(Durability::Normal);
+        })
+        .await;
     let mut slow = server.client().await;
     slow.guest("slow").await;
     slow.join("firehose").await;
@@ -267,10 +264,11 @@ async fn a_slow_consumer_is_cut_off_and_nobody_else_waits() {
     assert_eq!(slow.closed().await, (4008, "slow consumer".to_owned()));
 }
 
-#[tokio::test]
-async fn a_graceful_shutdown_says_goodbye_and_loses_no_ack() {
+async fn a_graceful_shutdown_says_goodbye_and_loses_no_ack(store: Store) {
     // 50 pipelined sends: past the default message burst on purpose.
-    let server = TestServer::with_config(|c| c.chat.rate_limits = RateLimits::off()).await;
+    let server = store
+        .with_config(|c| c.chat.rate_limits = RateLimits::off())
+        .await;
     let mut alice = server.client().await;
     alice.register("alice").await;
     alice.join("r").await;
@@ -343,3 +341,13 @@ async fn a_graceful_shutdown_says_goodbye_and_loses_no_ack() {
         .await;
     assert_eq!(seqs(&h["messages"]), (1..=SENT as u64).collect::<Vec<_>>());
 }
+
+confab_testkit::on_each_store!(
+    offline_messages_are_delivered_by_sync,
+    a_restart_keeps_history_memberships_markers_and_nonces,
+    a_retry_after_reconnecting_creates_no_duplicate,
+    concurrent_senders_get_gapless_seqs_seen_in_one_order,
+    silent_connections_are_closed_and_their_presence_ends,
+    a_slow_consumer_is_cut_off_and_nobody_else_waits,
+    a_graceful_shutdown_says_goodbye_and_loses_no_ack,
+);

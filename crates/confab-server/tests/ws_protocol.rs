@@ -4,7 +4,7 @@
 use confab_testkit::confab_server::Rate;
 use confab_testkit::serde_json::{json, Value};
 use confab_testkit::Message;
-use confab_testkit::{TestServer, WsClient};
+use confab_testkit::{Store, TestServer, WsClient};
 
 async fn registered(server: &TestServer, user: &str) -> WsClient {
     let mut c = server.client().await;
@@ -12,9 +12,8 @@ async fn registered(server: &TestServer, user: &str) -> WsClient {
     c
 }
 
-#[tokio::test]
-async fn hello_ping_and_ids() {
-    let server = TestServer::spawn().await;
+async fn hello_ping_and_ids(store: Store) {
+    let server = store.spawn().await;
     let mut c = server.client().await;
     assert_eq!(
         c.hello,
@@ -35,9 +34,8 @@ async fn hello_ping_and_ids() {
     );
 }
 
-#[tokio::test]
-async fn malformed_frames_get_errors_and_keep_the_session() {
-    let server = TestServer::spawn().await;
+async fn malformed_frames_get_errors_and_keep_the_session(store: Store) {
+    let server = store.spawn().await;
     let mut c = registered(&server, "alice").await;
     for bad in ["not json", "[1,2]", "{}", "{\"type\":17}", "\"str\""] {
         c.send_raw(Message::text(bad)).await;
@@ -64,9 +62,8 @@ async fn malformed_frames_get_errors_and_keep_the_session() {
     assert_eq!(r["members"], json!([{"user":"alice","online":true}]));
 }
 
-#[tokio::test]
-async fn frames_over_the_limit_close_with_1009() {
-    let server = TestServer::spawn().await;
+async fn frames_over_the_limit_close_with_1009(store: Store) {
+    let server = store.spawn().await;
     let mut c = server.client().await;
     let big = format!(
         "{{\"type\":\"ping\",\"pad\":\"{}\"}}",
@@ -76,9 +73,8 @@ async fn frames_over_the_limit_close_with_1009() {
     assert_eq!(c.closed().await.0, 1009);
 }
 
-#[tokio::test]
-async fn only_login_requests_before_login() {
-    let server = TestServer::spawn().await;
+async fn only_login_requests_before_login(store: Store) {
+    let server = store.spawn().await;
     let mut c = server.client().await;
     for req in [
         json!({"type":"join","room":"r"}),
@@ -91,9 +87,8 @@ async fn only_login_requests_before_login() {
     }
 }
 
-#[tokio::test]
-async fn register_login_resume_logout() {
-    let server = TestServer::spawn().await;
+async fn register_login_resume_logout(store: Store) {
+    let server = store.spawn().await;
     let mut c = server.client().await;
     let r = c
         .ok(json!({"type":"register","user":"Alice","password":"password-Alice"}))
@@ -159,9 +154,8 @@ async fn register_login_resume_logout() {
     );
 }
 
-#[tokio::test]
-async fn guests_come_and_go() {
-    let server = TestServer::spawn().await;
+async fn guests_come_and_go(store: Store) {
+    let server = store.spawn().await;
     let mut alice = registered(&server, "alice").await;
     alice.join("lobby").await;
 
@@ -207,9 +201,8 @@ async fn guests_come_and_go() {
     g2.guest("visitor").await; // the name is free again
 }
 
-#[tokio::test]
-async fn guests_can_be_turned_off() {
-    let server = TestServer::with_config(|c| c.chat.allow_guests = false).await;
+async fn guests_can_be_turned_off(store: Store) {
+    let server = store.with_config(|c| c.chat.allow_guests = false).await;
     let mut c = server.client().await;
     assert_eq!(
         c.error(json!({"type":"guest","user":"g"})).await,
@@ -217,9 +210,8 @@ async fn guests_can_be_turned_off() {
     );
 }
 
-#[tokio::test]
-async fn rooms_members_topics_and_their_events() {
-    let server = TestServer::spawn().await;
+async fn rooms_members_topics_and_their_events(store: Store) {
+    let server = store.spawn().await;
     let mut alice = registered(&server, "alice").await;
     let mut bob = registered(&server, "bob").await;
 
@@ -317,9 +309,8 @@ async fn rooms_members_topics_and_their_events() {
     bob.assert_no_event().await;
 }
 
-#[tokio::test]
-async fn send_rules_and_echo() {
-    let server = TestServer::spawn().await;
+async fn send_rules_and_echo(store: Store) {
+    let server = store.spawn().await;
     let mut alice = registered(&server, "alice").await;
     let mut bob = registered(&server, "bob").await;
     alice.join("r").await;
@@ -387,9 +378,8 @@ async fn send_rules_and_echo() {
     bob.assert_no_event().await;
 }
 
-#[tokio::test]
-async fn history_pages() {
-    let server = TestServer::spawn().await;
+async fn history_pages(store: Store) {
+    let server = store.spawn().await;
     let mut alice = registered(&server, "alice").await;
     alice.join("r").await;
     for i in 1..=12 {
@@ -448,9 +438,8 @@ async fn history_pages() {
     assert_eq!(bob.error(h(json!({}))).await, "forbidden");
 }
 
-#[tokio::test]
-async fn read_markers_typing_and_several_connections() {
-    let server = TestServer::spawn().await;
+async fn read_markers_typing_and_several_connections(store: Store) {
+    let server = store.spawn().await;
     let mut alice = registered(&server, "alice").await;
     let mut alice2 = server.client().await;
     alice2.login("alice").await;
@@ -513,9 +502,8 @@ async fn read_markers_typing_and_several_connections() {
     );
 }
 
-#[tokio::test]
-async fn presence_follows_first_and_last_connection() {
-    let server = TestServer::spawn().await;
+async fn presence_follows_first_and_last_connection(store: Store) {
+    let server = store.spawn().await;
     let mut alice = registered(&server, "alice").await;
     alice.join("r").await;
     let mut bob = registered(&server, "bob").await;
@@ -553,9 +541,8 @@ async fn presence_follows_first_and_last_connection() {
     assert_eq!(alice.event_of("presence").await["online"], false);
 }
 
-#[tokio::test]
-async fn direct_messages() {
-    let server = TestServer::spawn().await;
+async fn direct_messages(store: Store) {
+    let server = store.spawn().await;
     let mut alice = registered(&server, "alice").await;
     let mut bob = registered(&server, "Bob").await;
     assert_eq!(
@@ -621,14 +608,14 @@ async fn direct_messages() {
     assert_eq!(g.event_of("message").await["room"], "dm:alice:gus");
 }
 
-#[tokio::test]
-async fn replies_a_client_can_grow_are_bounded_and_paged() {
-    let server = TestServer::with_config(|c| {
-        c.chat.max_sync_messages = 5;
-        c.chat.max_rooms_per_user = 4;
-        c.chat.rate_limits.room_creations = Some(Rate::per_hour(3));
-    })
-    .await;
+async fn replies_a_client_can_grow_are_bounded_and_paged(store: Store) {
+    let server = store
+        .with_config(|c| {
+            c.chat.max_sync_messages = 5;
+            c.chat.max_rooms_per_user = 4;
+            c.chat.rate_limits.room_creations = Some(Rate::per_hour(3));
+        })
+        .await;
     let mut alice = registered(&server, "alice").await;
     let mut bob = registered(&server, "bob").await;
 
@@ -715,9 +702,8 @@ async fn replies_a_client_can_grow_are_bounded_and_paged() {
     );
 }
 
-#[tokio::test]
-async fn a_guests_room_goes_when_its_last_member_does() {
-    let server = TestServer::spawn().await;
+async fn a_guests_room_goes_when_its_last_member_does(store: Store) {
+    let server = store.spawn().await;
     let mut guest = server.client().await;
     guest.guest("drifter").await;
     guest.join("tmp").await;
@@ -738,3 +724,21 @@ async fn a_guests_room_goes_when_its_last_member_does() {
     let again = lister.join("tmp").await;
     assert_eq!(again["last_seq"], 0, "its history went with it");
 }
+
+confab_testkit::on_each_store!(
+    hello_ping_and_ids,
+    malformed_frames_get_errors_and_keep_the_session,
+    frames_over_the_limit_close_with_1009,
+    only_login_requests_before_login,
+    register_login_resume_logout,
+    guests_come_and_go,
+    guests_can_be_turned_off,
+    rooms_members_topics_and_their_events,
+    send_rules_and_echo,
+    history_pages,
+    read_markers_typing_and_several_connections,
+    presence_follows_first_and_last_connection,
+    direct_messages,
+    replies_a_client_can_grow_are_bounded_and_paged,
+    a_guests_room_goes_when_its_last_member_does,
+);

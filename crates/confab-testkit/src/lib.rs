@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_server::{Config, Database, Server};
+use confab_store_postgres::testing::TestSchema;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,6 +29,100 @@ pub use tokio_tungstenite::tungstenite::Message;
 /// How long any single read may take before the test fails.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Which storage a test server runs on. Suites that must hold on every
+/// backend take one and run once per backend ([`on_each_store!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// A file in a temporary directory.
+    Sqlite,
+    /// A schema of its own on the server `CONFAB_TEST_POSTGRES` names.
+    Postgres,
+}
+
+impl Store {
+    pub async fn spawn(self) -> TestServer {
+        self.with_config(|_| {}).await
+    }
+
+    /// A server on this store whose configuration `tweak` adjusts.
+    pub async fn with_config(self, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (database, schema) = match self {
+            Store::Sqlite => (
+                format!("sqlite://{}", dir.path().join("confab.db").display()),
+                None,
+            ),
+            Store::Postgres => {
+                let schema = TestSchema::create()
+                    .await
+                    .expect("CONFAB_TEST_POSTGRES names the test server");
+                (schema.url.clone(), Some(schema))
+            }
+        };
+        let mut config = Config {
+            database: Database::parse(&database).expect("valid URL"),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        TestServer::start(
+            config,
+            Arc::new(Data {
+                dir,
+                _schema: schema,
+            }),
+        )
+        .await
+    }
+
+    /// Whether the PostgreSQL runs are skipped (no `CONFAB_TEST_POSTGRES`);
+    /// says so when they are.
+    pub fn postgres_skipped() -> bool {
+        let skipped = std::env::var_os(confab_store_postgres::testing::VAR).is_none();
+        if skipped {
+            eprintln!(
+                "skipped: set {}=postgres://postgres@127.0.0.1:5432/postgres to run this on PostgreSQL",
+                confab_store_postgres::testing::VAR
+            );
+        }
+        skipped
+    }
+}
+
+/// Turn `async fn NAME(store: Store)` test bodies into one `#[tokio::test]`
+/// per store: `sqlite::NAME`, and `postgres::NAME` (skipped without
+/// `CONFAB_TEST_POSTGRES`).
+#[macro_export]
+macro_rules! on_each_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::Store::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if $crate::Store::postgres_skipped() {
+                        return;
+                    }
+                    super::$name($crate::Store::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// What a test server's data lives in, kept across restarts.
+struct Data {
+    dir: tempfile::TempDir,
+    /// Held for its drop, which drops the PostgreSQL schema.
+    _schema: Option<TestSchema>,
+}
+
 /// A running server and the directory holding its database.
 pub struct TestServer {
     /// The HTTP and WebSocket listener.
@@ -35,7 +130,7 @@ pub struct TestServer {
     /// The line-protocol listener.
     pub line_addr: SocketAddr,
     pub config: Config,
-    dir: Arc<tempfile::TempDir>,
+    data: Arc<Data>,
     server: Server,
 }
 
@@ -44,22 +139,12 @@ impl TestServer {
         Self::with_config(|_| {}).await
     }
 
-    /// A server whose configuration `tweak` adjusts.
+    /// A server on SQLite whose configuration `tweak` adjusts.
     pub async fn with_config(tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = Arc::new(tempfile::tempdir().expect("temporary directory"));
-        let mut config = Config {
-            database: Database::parse(&format!(
-                "sqlite://{}",
-                dir.path().join("confab.db").display()
-            ))
-            .expect("valid URL"),
-            ..Config::default()
-        };
-        tweak(&mut config);
-        Self::start(config, dir).await
+        Store::Sqlite.with_config(tweak).await
     }
 
-    async fn start(config: Config, dir: Arc<tempfile::TempDir>) -> TestServer {
+    async fn start(config: Config, data: Arc<Data>) -> TestServer {
         let bind = || async {
             tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -79,14 +164,14 @@ impl TestServer {
             addr,
             line_addr,
             config,
-            dir,
+            data,
             server,
         }
     }
 
     /// The directory of the database (and of any files a test puts there).
     pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
+        self.data.dir.path()
     }
 
     pub fn ws_url(&self) -> String {
@@ -129,7 +214,7 @@ impl TestServer {
         self.server.wait().await.expect("a clean stop");
         StoppedServer {
             config: self.config,
-            dir: self.dir,
+            data: self.data,
         }
     }
 
@@ -142,12 +227,12 @@ impl TestServer {
 /// A server that stopped; its database is still there.
 pub struct StoppedServer {
     config: Config,
-    dir: Arc<tempfile::TempDir>,
+    data: Arc<Data>,
 }
 
 impl StoppedServer {
     pub async fn start(self) -> TestServer {
-        TestServer::start(self.config, self.dir).await
+        TestServer::start(self.config, self.data).await
     }
 }
 
