@@ -192,6 +192,9 @@ async fn open_observed_store(
         }
         Database::Postgres { url, pool_size } => {
             let store = confab_store_postgres::PgStore::open(url, *pool_size).await?;
+            if let Some(metrics) = metrics {
+                store.observe_commits(Box::new(move |jobs, took| metrics.committed(jobs, took)));
+            }
             let at = confab_store_postgres::describe(url)?;
             tracing::info!(database = %at, pool_size, "storage: PostgreSQL");
             Ok(Arc::new(store))

@@ -2,7 +2,9 @@
 //! PostgreSQL already, and for several Confab nodes on one database.
 //!
 //! - [`PgStore`]: the [`Store`] implementation, on a pool of connections.
-//! - `schema_1.sql` and [`MIGRATIONS`]: the schema, embedded in the binary,
+//! - `batch`: group commit of room messages, one transaction (and one
+//!   round trip) per batch.
+//! - `schema_*.sql` and [`MIGRATIONS`]: the schema, embedded in the binary,
 //!   applied on open under an advisory lock (several nodes may start at
 //!   once), its version kept in `confab_schema`.
 //!
@@ -16,6 +18,8 @@
 //! Every operation that must be atomic (allocating a `seq`, deduplicating a
 //! nonce, checking membership before a write) runs in one transaction here,
 //! never with a counter in a process: several nodes can write to one room.
+
+mod batch;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -34,7 +38,7 @@ use tokio_postgres::{NoTls, Row};
 
 /// The schema, one entry per version; `confab_schema.version` says how many
 /// have been applied.
-pub const MIGRATIONS: &[&str] = &[include_str!("schema_1.sql")];
+pub const MIGRATIONS: &[&str] = &[include_str!("schema_1.sql"), include_str!("schema_2.sql")];
 
 /// The advisory lock migrations hold, so that nodes starting together
 /// apply them once ("confab" in ASCII).
@@ -48,8 +52,11 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections kept at most, by default.
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
+pub use batch::CommitObserver;
+
 pub struct PgStore {
     pool: Pool,
+    batcher: batch::Batcher,
 }
 
 /// Where a database URL points, as parsed: for error messages and tools.
@@ -143,7 +150,24 @@ impl PgStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Invalid(format!("PostgreSQL pool: {e}")))?;
-        Ok(PgStore { pool })
+        let batcher = batch::Batcher::start(pool.clone());
+        Ok(PgStore { pool, batcher })
+    }
+
+    /// Be told of every batch of messages committed (once; later calls
+    /// are ignored).
+    pub fn observe_commits(&self, observer: CommitObserver) {
+        self.batcher.observe(observer);
+    }
+
+    /// (batches committed, messages in them) so far.
+    pub fn batch_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        let c = &self.batcher.counters;
+        (
+            c.batches.load(Ordering::Relaxed),
+            c.messages.load(Ordering::Relaxed),
+        )
     }
 
     /// The schema version of the database, and this binary's.
@@ -424,25 +448,25 @@ async fn query_messages(
     Ok(rows.iter().map(|r| message_row(room, r)).collect())
 }
 
-async fn append(c: &impl GenericClient, m: NewMessage) -> StoreResult<Appended> {
-    let mut new_members = Vec::new();
-    let room_id = match &m.direct {
-        Some(DirectPeers {
-            sender_guest,
-            peer,
-            peer_guest,
-        }) => {
-            let id = create_room(c, &m.room, *sender_guest).await?;
-            if add_member(c, id, &m.sender, *sender_guest).await? {
-                new_members.push(m.sender.clone());
-            }
-            if add_member(c, id, peer, *peer_guest).await? {
-                new_members.push(peer.clone());
-            }
-            id
-        }
-        None => member_room(c, &m.room, &m.sender).await?.0,
+/// A direct message, opening the conversation if needed. (Room messages
+/// go through `batch`.)
+async fn append_direct(c: &impl GenericClient, m: NewMessage) -> StoreResult<Appended> {
+    let Some(DirectPeers {
+        sender_guest,
+        peer,
+        peer_guest,
+    }) = &m.direct
+    else {
+        return Err(StoreError::Internal("not a direct message".into()));
     };
+    let mut new_members = Vec::new();
+    let room_id = create_room(c, &m.room, *sender_guest).await?;
+    if add_member(c, room_id, &m.sender, *sender_guest).await? {
+        new_members.push(m.sender.clone());
+    }
+    if add_member(c, room_id, peer, *peer_guest).await? {
+        new_members.push(peer.clone());
+    }
     // The room's row lock orders its appends, on every node: the nonce
     // check and the next seq are then decided by one transaction at a time.
     let last_seq: i64 = c
@@ -858,7 +882,12 @@ impl Store for PgStore {
     }
 
     async fn append(&self, message: NewMessage) -> StoreResult<Appended> {
-        in_transaction!(self, |tx| append(&tx, message))
+        match message.direct {
+            // A direct message may open its conversation: rare, and done in
+            // a transaction of its own.
+            Some(_) => in_transaction!(self, |tx| append_direct(&tx, message)),
+            None => self.batcher.append(message).await,
+        }
     }
 
     async fn history(
@@ -1080,6 +1109,57 @@ mod tests {
             Err(StoreError::Unavailable(m)) => assert!(m.contains("newer"), "{m}"),
             other => panic!("expected a refusal, got {:?}", other.err()),
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_to_one_room_share_commits() {
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        let store = Arc::new(PgStore::open(&schema.url, 8).await.unwrap());
+        let room = RoomName::parse("busy").unwrap();
+        let name = |i: usize| UserName::parse(&format!("u{i}")).unwrap();
+        for i in 0..50 {
+            store
+                .join(&room, &name(i), JoinRules::open(false))
+                .await
+                .unwrap();
+        }
+        let before = store.batch_stats();
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let (store, room) = (store.clone(), room.clone());
+                tokio::spawn(async move {
+                    for j in 0..10 {
+                        let m = NewMessage {
+                            room: room.clone(),
+                            sender: name(i),
+                            body: format!("{i}-{j}"),
+                            nonce: Some(format!("{i}-{j}")),
+                            ts: 0,
+                            direct: None,
+                        };
+                        store.append(m).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let after = store.batch_stats();
+        let (batches, messages) = (after.0 - before.0, after.1 - before.1);
+        assert_eq!(messages, 500);
+        assert!(
+            batches < messages,
+            "500 concurrent appends to one room took {batches} commits: no group commit"
+        );
+        let page = store
+            .history(&room, &name(0), Page::After(0), 500)
+            .await
+            .unwrap();
+        let seqs: Vec<Seq> = page.messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=500).collect::<Vec<Seq>>(), "gapless");
     }
 
     #[tokio::test]
