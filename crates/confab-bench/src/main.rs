@@ -61,6 +61,9 @@ enum Scenario {
         duration_secs: u64,
         #[arg(long, default_value_t = 100)]
         body: usize,
+        /// All senders into one room, instead of a room each.
+        #[arg(long)]
+        one_room: bool,
     },
     /// Connections plus logins per second.
     Connect {
@@ -169,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
             senders,
             duration_secs,
             body,
+            one_room,
         } => {
             check_loopback(server)?;
             let o = persist::run(persist::Options {
@@ -176,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
                 senders,
                 duration: Duration::from_secs(duration_secs),
                 body,
+                one_room,
             })
             .await?;
             println!(

@@ -88,17 +88,20 @@ async fn fanout_against_redis() {
 #[tokio::test]
 async fn persist_acknowledges_in_order() {
     let server = server().await;
-    let o = persist::run(persist::Options {
-        server: server.addr,
-        senders: 3,
-        duration: Duration::from_millis(600),
-        body: 40,
-    })
-    .await
-    .unwrap();
-    assert!(o.acked > 10, "{o:?}");
-    assert_eq!((o.refused, o.out_of_order), (0, 0), "{o:?}");
-    assert_eq!(o.ack_latency.count, o.acked);
+    for one_room in [false, true] {
+        let o = persist::run(persist::Options {
+            server: server.addr,
+            senders: 3,
+            duration: Duration::from_millis(600),
+            body: 40,
+            one_room,
+        })
+        .await
+        .unwrap();
+        assert!(o.acked > 10, "{o:?}");
+        assert_eq!((o.refused, o.out_of_order), (0, 0), "{o:?}");
+        assert_eq!(o.ack_latency.count, o.acked);
+    }
 }
 
 #[tokio::test]

@@ -4,6 +4,8 @@
 //! skips (saying so) without it.
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use confab_store_postgres::testing::TestSchema;
 use confab_testkit::confab_server::Database;
@@ -95,4 +97,160 @@ async fn chat_survives_a_restart_on_postgres() {
         2,
         "offline delivery from the read marker"
     );
+}
+
+/// A TCP proxy in front of PostgreSQL, to cut Confab off from it: `cut`
+/// drops every connection through it and refuses new ones until `restore`.
+struct Link {
+    addr: std::net::SocketAddr,
+    down: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Link {
+    async fn to(target: String) -> Link {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (d, o) = (down.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let target = target.clone();
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                o.lock().unwrap().push(pipe.abort_handle());
+            }
+        });
+        Link { addr, down, open }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for pipe in self.open.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Send `n` numbered messages with nonces, retrying a refused one with the
+/// same nonce as a client does; returns (acks as (seq, body), refusals).
+async fn send_through(url: String, name: String, n: usize) -> (Vec<(u64, String)>, Vec<String>) {
+    let mut c = confab_testkit::WsClient::connect(&url).await;
+    c.guest(&name).await;
+    c.join("cut").await;
+    let (mut acks, mut refusals) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let body = format!("{name}-{i}");
+        loop {
+            let started = std::time::Instant::now();
+            let r = c
+                .request(json!({"type":"send","room":"cut","body":body,"nonce":body}))
+                .await;
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(8),
+                "a request hung while PostgreSQL was away"
+            );
+            if r["type"] == "ok" {
+                acks.push((r["seq"].as_u64().unwrap(), body.clone()));
+                break;
+            }
+            refusals.push(r["code"].as_str().unwrap_or("?").to_owned());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    (acks, refusals)
+}
+
+#[tokio::test]
+async fn cut_off_from_postgres_the_server_refuses_then_recovers_and_loses_nothing() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let base = std::env::var(confab_store_postgres::testing::VAR).unwrap();
+    let target = base
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let link = Link::to(target.clone()).await;
+    let through = schema.url.replacen(&target, &link.addr.to_string(), 1);
+    let server = TestServer::with_config(move |c| {
+        c.database = Database::parse(&through).unwrap();
+        c.chat.rate_limits = confab_testkit::confab_server::RateLimits::off();
+    })
+    .await;
+    let ready = |addr| async move {
+        confab_testkit::http(addr, "GET", "/readyz", &[], "")
+            .await
+            .0
+    };
+    assert_eq!(ready(server.addr).await, 200);
+
+    let senders: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(send_through(server.ws_url(), format!("s{i}"), 150)))
+        .collect();
+    // Let some messages through, then cut PostgreSQL off mid-stream.
+    let mut watcher = server.client().await;
+    watcher.register("watcher").await;
+    watcher.join("cut").await;
+    let mut heard = std::collections::HashSet::new();
+    let mut seen = 0;
+    while heard.len() < 4 || seen < 40 {
+        let m = watcher.event_of("message").await;
+        heard.insert(m["user"].as_str().unwrap().to_owned());
+        seen += 1;
+    }
+    link.cut();
+    assert_eq!(ready(server.addr).await, 503, "/readyz turns red");
+    link.restore();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ready(server.addr).await != 200 {
+        assert!(std::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let (mut acks, mut refusals) = (Vec::new(), Vec::new());
+    for s in senders {
+        let (a, r) = s.await.unwrap();
+        acks.extend(a);
+        refusals.extend(r);
+    }
+    assert_eq!(acks.len(), 600, "every message acknowledged in the end");
+    assert!(
+        !refusals.is_empty() && refusals.iter().all(|code| code == "unavailable"),
+        "refused while cut off, with `unavailable` only: {refusals:?}"
+    );
+    // Every acknowledged message is there, once, with no gap.
+    let mut stored = std::collections::BTreeMap::new();
+    let mut after = 0;
+    loop {
+        let page = watcher
+            .ok(json!({"type":"history","room":"cut","after":after,"limit":500}))
+            .await;
+        for m in page["messages"].as_array().unwrap() {
+            let seq = m["seq"].as_u64().unwrap();
+            stored.insert(seq, m["body"].as_str().unwrap().to_owned());
+            after = seq;
+        }
+        if page["more"] == false {
+            break;
+        }
+    }
+    assert_eq!(stored.len(), 600, "nothing stored twice or lost");
+    assert_eq!(*stored.keys().last().unwrap(), 600, "gapless");
+    for (seq, body) in &acks {
+        assert_eq!(stored.get(seq), Some(body), "ack {seq} is in history");
+    }
 }

@@ -1,6 +1,6 @@
 //! `persist`: S senders, each sending the next message as soon as the last
-//! is acknowledged (durable). Acknowledged messages per second, and the
-//! time from send to ack.
+//! is acknowledged (durable), each into a room of its own or all into one.
+//! Acknowledged messages per second, and the time from send to ack.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,16 +19,20 @@ pub struct Options {
     pub senders: usize,
     pub duration: Duration,
     pub body: usize,
+    /// All senders into one room, instead of a room each.
+    pub one_room: bool,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Outcome {
     pub senders: usize,
+    pub one_room: bool,
     pub duration_s: f64,
     pub acked: u64,
     pub refused: u64,
-    /// Acks whose seq was not the one after the previous (each sender has
-    /// its own room, so its seqs are 1, 2, 3, …).
+    /// Acks whose seq was not the one after the previous (in a room of its
+    /// own a sender's seqs are 1, 2, 3, …), or, in one shared room, not
+    /// above it.
     pub out_of_order: u64,
     pub acks_per_s: f64,
     pub ack_latency: Percentiles,
@@ -47,7 +51,10 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
             json!({"type":"guest","user":format!("w{i}x{}", std::process::id())}),
         )
         .await?;
-        let room = format!("persist{i}x{}", std::process::id() % 100_000);
+        let room = match o.one_room {
+            true => format!("persistx{}", std::process::id() % 100_000),
+            false => format!("persist{i}x{}", std::process::id() % 100_000),
+        };
         let joined = client::call(&mut ws, json!({"type":"join","room":room})).await?;
         senders.push((ws, room, joined["last_seq"].as_u64().unwrap_or(0)));
     }
@@ -58,6 +65,7 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
         .map(|(mut ws, room, mut last)| {
             let acked = acked.clone();
             let pad = pad.clone();
+            let one_room = o.one_room;
             tokio::spawn(async move {
                 let mut latency = Latency::default();
                 let (mut refused, mut out_of_order) = (0u64, 0u64);
@@ -91,7 +99,11 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                     latency.record(sent.elapsed());
                     acked.add(1);
                     let seq = client::message_seq(&reply).unwrap_or(0);
-                    if seq != last + 1 {
+                    let in_order = match one_room {
+                        true => seq > last,
+                        false => seq == last + 1,
+                    };
+                    if !in_order {
                         out_of_order += 1;
                     }
                     last = seq;
@@ -119,6 +131,7 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
     let elapsed = started.elapsed().as_secs_f64();
     Ok(Outcome {
         senders: o.senders,
+        one_room: o.one_room,
         duration_s: elapsed,
         acked: acked.get(),
         refused,
