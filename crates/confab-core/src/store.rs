@@ -5,6 +5,7 @@
 //! of its own, so several servers can share one database.
 //!
 //! - [`memory`]: an in-memory backend for tests of the core.
+//! - [`transfer`]: rows as `confab db copy` moves them between backends.
 //! - [`contract`] (feature `testing`): the suite every backend must pass.
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::error::StoreError;
 use crate::names::{RoomName, UserName};
 
 pub mod memory;
+pub mod transfer;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod contract;

@@ -3,6 +3,7 @@
 //! is here so tests can run a real server in-process.
 //!
 //! - [`config`]: the server's settings and their defaults.
+//! - [`copy`]: `confab db copy`, a SQLite deployment moved to PostgreSQL.
 //! - [`settings`]: the configuration file, environment and flags.
 //! - [`ws`]: the WebSocket transport (`GET /ws`).
 //! - [`line`]: the line transport (plain TCP, for `nc` and `telnet`).
@@ -18,6 +19,7 @@
 mod admin;
 mod admission;
 pub mod config;
+pub mod copy;
 mod http;
 pub mod line;
 mod metrics;

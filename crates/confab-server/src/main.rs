@@ -62,6 +62,21 @@ enum DbCommand {
     Migrate,
     /// Say which schema version the database is at, and this binary's.
     Status,
+    /// Copy a SQLite deployment into PostgreSQL: users (passwords and tokens
+    /// stay valid), rooms, memberships and read markers, every message with
+    /// its seq, time and nonce; checked before it says done. Stop the
+    /// server first.
+    Copy {
+        /// The SQLite database: sqlite://PATH.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database: postgres://USER@HOST:PORT/DB.
+        #[arg(long)]
+        to: String,
+        /// Wipe the target first when it is not empty.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,6 +194,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn db(action: DbCommand, overrides: &Overrides) -> anyhow::Result<()> {
+    if let DbCommand::Copy { from, to, replace } = &action {
+        return copy(from, to, *replace).await;
+    }
     let settings = overrides.settings()?;
     let config = settings.to_config()?;
     let at = confab_server::config::mask_password(&settings.database);
@@ -190,6 +208,7 @@ async fn db(action: DbCommand, overrides: &Overrides) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("{at}: no schema after migrating"))?;
             println!("{at}: schema version {version}, up to date");
         }
+        DbCommand::Copy { .. } => unreachable!("handled above"),
         DbCommand::Status => match confab_server::schema_version(&config).await? {
             None => println!("{at}: no Confab schema yet (confab db migrate creates it)"),
             Some((current, ours)) if current == ours => {
@@ -204,6 +223,38 @@ async fn db(action: DbCommand, overrides: &Overrides) -> anyhow::Result<()> {
             ),
         },
     }
+    Ok(())
+}
+
+async fn copy(from: &str, to: &str, replace: bool) -> anyhow::Result<()> {
+    use confab_server::config::{mask_password, Database};
+    let source = Database::parse(from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+    let target = Database::parse(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let mut shown = std::time::Instant::now();
+    let census = confab_server::copy::copy(&source, &target, replace, |p| {
+        if shown.elapsed().as_secs() >= 1 || p.messages == p.of {
+            shown = std::time::Instant::now();
+            let rate = p.messages as f64 / p.started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "copied {} of {} messages ({:.0}%), {rate:.0}/s",
+                p.messages,
+                p.of,
+                100.0 * p.messages as f64 / p.of.max(1) as f64
+            );
+        }
+    })
+    .await?;
+    println!(
+        "copied {} users, {} tokens, {} rooms, {} memberships and {} messages from {} to {}; \
+         counts and every room's last seq checked",
+        census.users,
+        census.tokens,
+        census.rooms,
+        census.members,
+        census.messages,
+        mask_password(from),
+        mask_password(to)
+    );
     Ok(())
 }
 

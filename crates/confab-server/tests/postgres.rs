@@ -254,3 +254,110 @@ async fn cut_off_from_postgres_the_server_refuses_then_recovers_and_loses_nothin
         assert_eq!(stored.get(seq), Some(body), "ack {seq} is in history");
     }
 }
+
+#[tokio::test]
+async fn a_sqlite_deployment_moves_to_postgres_and_its_clients_do_not_notice() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    // Life on SQLite: accounts, a room with a topic, a direct conversation,
+    // messages with nonces, read markers.
+    let server = TestServer::spawn().await;
+    let mut alice = server.client().await;
+    let alice_token = alice.register("Alice").await;
+    alice.join("plaza").await;
+    alice
+        .ok(json!({"type":"topic","room":"plaza","topic":"moving day"}))
+        .await;
+    let mut bob = server.client().await;
+    let bob_token = bob.register("bob").await;
+    bob.join("plaza").await;
+    for i in 1..=5 {
+        alice
+            .ok(json!({"type":"send","room":"plaza","body":format!("m{i}"),"nonce":format!("n{i}")}))
+            .await;
+    }
+    alice
+        .ok(json!({"type":"dm","to":"bob","body":"psst"}))
+        .await;
+    bob.ok(json!({"type":"read","room":"plaza","seq":3})).await;
+    let sqlite = format!("sqlite://{}", server.dir().join("confab.db").display());
+    let dir = server.dir().to_path_buf();
+    let stopped = server.stop().await;
+
+    // A target with data is refused unless told to replace it.
+    seed(&schema.url).await;
+    let (ok, text) = confab(&["db", "copy", "--from", &sqlite, "--to", &schema.url]).await;
+    assert!(!ok && text.contains("--replace"), "{text}");
+    let (ok, text) = confab(&[
+        "db",
+        "copy",
+        "--from",
+        &sqlite,
+        "--to",
+        &schema.url,
+        "--replace",
+    ])
+    .await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("copied 2 users, 2 tokens, 2 rooms, 4 memberships and 6 messages"),
+        "{text}"
+    );
+    assert!(text.contains("checked"), "{text}");
+    assert!(dir.exists());
+    drop(stopped);
+
+    // On PostgreSQL: old tokens resume, old cursors sync, nonces still hold.
+    let url = schema.url.clone();
+    let server =
+        TestServer::with_config(move |c| c.database = Database::parse(&url).unwrap()).await;
+    let mut bob = server.client().await;
+    assert_eq!(
+        bob.ok(json!({"type":"resume","token":bob_token})).await["user"],
+        "bob"
+    );
+    let sync = bob.ok(json!({"type":"sync"})).await;
+    let rooms: Vec<(String, Vec<u64>)> = sync["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let seqs = r["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["seq"].as_u64().unwrap())
+                .collect();
+            (r["room"].as_str().unwrap().to_owned(), seqs)
+        })
+        .collect();
+    assert_eq!(
+        rooms,
+        [
+            ("dm:alice:bob".to_owned(), vec![1]),
+            ("plaza".to_owned(), vec![4, 5])
+        ],
+        "from the read markers, as before"
+    );
+    let mut alice = server.client().await;
+    alice.ok(json!({"type":"resume","token":alice_token})).await;
+    let again = alice
+        .ok(json!({"type":"send","room":"plaza","body":"m3","nonce":"n3"}))
+        .await;
+    assert_eq!(again["seq"], 3, "the nonce finds the original");
+    let next = alice.send("plaza", "first on postgres").await;
+    assert_eq!(next, 6);
+    let joined = alice.join("plaza").await;
+    assert_eq!(joined["topic"], "moving day");
+    // Passwords too: the hashes came along.
+    server.client().await.login("bob").await;
+}
+
+/// Put a user into the database at `url`, so that it is not empty.
+async fn seed(url: &str) {
+    use confab_core::Store;
+    let store = confab_store_postgres::PgStore::open(url, 1).await.unwrap();
+    let squatter = confab_core::UserName::parse("squatter").unwrap();
+    store.create_user(&squatter, "h").await.unwrap();
+}

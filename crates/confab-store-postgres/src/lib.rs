@@ -4,6 +4,7 @@
 //! - [`PgStore`]: the [`Store`] implementation, on a pool of connections.
 //! - `batch`: group commit of room messages, one transaction (and one
 //!   round trip) per batch.
+//! - `import`: bulk writes, a census and a wipe, for `confab db copy`.
 //! - `schema_*.sql` and [`MIGRATIONS`]: the schema, embedded in the binary,
 //!   applied on open under an advisory lock (several nodes may start at
 //!   once), its version kept in `confab_schema`.
@@ -20,6 +21,7 @@
 //! never with a counter in a process: several nodes can write to one room.
 
 mod batch;
+mod import;
 
 use std::str::FromStr;
 use std::time::Duration;

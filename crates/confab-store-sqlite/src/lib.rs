@@ -4,6 +4,7 @@
 //! - [`SqliteStore`]: the [`Store`] implementation.
 //! - `writer`: the one thread that writes, committing many jobs per
 //!   transaction (group commit).
+//! - [`SqliteExport`]: every row read out, for `confab db copy`.
 //! - `schema.sql` and [`MIGRATIONS`]: the schema, embedded in the binary and
 //!   applied on open by `PRAGMA user_version`.
 //!
@@ -14,6 +15,7 @@
 //! Reads run on tokio's blocking pool over a small pool of connections; the
 //! async threads never touch SQLite.
 
+mod export;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +31,7 @@ use confab_proto::{Message, Seq};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::Semaphore;
 
+pub use export::SqliteExport;
 pub use writer::{CommitObserver, WriterStats};
 
 /// The schema, one entry per version; `PRAGMA user_version` says how many
