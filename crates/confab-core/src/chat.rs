@@ -88,8 +88,9 @@ pub(crate) struct Inner {
 /// Told of what the engine does, for metrics. Called on the session's task:
 /// must not block.
 pub trait Observer: Send + Sync + 'static {
-    /// A request was answered: `Ok`, or the error code.
-    fn request(&self, kind: &'static str, result: Result<(), ErrorCode>);
+    /// A request was answered: `Ok`, or the error code, `took` after it
+    /// arrived (its storage operations included).
+    fn request(&self, kind: &'static str, result: Result<(), ErrorCode>, took: Duration);
     /// A new message was stored (a duplicate nonce is not one).
     fn message_stored(&self);
 }

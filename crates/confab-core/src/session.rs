@@ -133,7 +133,8 @@ impl Session {
         };
         let succeeded = result.is_ok();
         if let Some(observer) = self.chat.observer.get() {
-            observer.request(kind, result.as_ref().map(|_| ()).map_err(|e| e.code));
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| e.code);
+            observer.request(kind, outcome, self.accepted.elapsed());
         }
         self.reply(id, result).await;
         self.publish(then).await;

@@ -193,13 +193,15 @@ async fn open_observed_store(
             Ok(Arc::new(store))
         }
         Database::Postgres { url, pool_size } => {
-            let store = confab_store_postgres::PgStore::open(url, *pool_size).await?;
+            let store = Arc::new(confab_store_postgres::PgStore::open(url, *pool_size).await?);
             if let Some(metrics) = metrics {
+                let weak = Arc::downgrade(&store);
+                metrics.watch_pool(Box::new(move || weak.upgrade().map(|s| s.pool_status())));
                 store.observe_commits(Box::new(move |jobs, took| metrics.committed(jobs, took)));
             }
             let at = confab_store_postgres::describe(url)?;
             tracing::info!(database = %at, pool_size, "storage: PostgreSQL");
-            Ok(Arc::new(store))
+            Ok(store)
         }
     }
 }

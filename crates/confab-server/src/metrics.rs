@@ -36,7 +36,14 @@ pub(crate) struct Metrics {
     evictions: IntCounterVec,
     users_online: IntGauge,
     rooms_active: IntGauge,
+    request_latency: HistogramVec,
+    pool: IntGaugeVec,
+    /// Reads the storage pool: (connections in use, most).
+    pool_status: std::sync::OnceLock<PoolStatus>,
 }
+
+/// (connections in use, the pool's size), read at each scrape.
+pub(crate) type PoolStatus = Box<dyn Fn() -> Option<(usize, usize)> + Send + Sync>;
 
 /// The two transports, as label values.
 #[derive(Debug, Clone, Copy)]
@@ -160,6 +167,28 @@ impl Metrics {
                 "Connections closed because they did not read fast enough.",
                 &["transport"],
             ),
+            request_latency: histogram(
+                "confab_request_seconds",
+                "Time to answer a request, from reading it to its reply (its storage \
+                 operations included), by type.",
+                LATENCY_BUCKETS,
+                &["type"],
+            ),
+            pool: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "confab_store_pool_connections",
+                        "Storage connections: in use, and the most the pool keeps (PostgreSQL).",
+                    ),
+                    &["state"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            pool_status: std::sync::OnceLock::new(),
             users_online: gauge("confab_users_online", "Users with a connection here."),
             rooms_active: gauge(
                 "confab_rooms_active",
@@ -198,6 +227,11 @@ impl Metrics {
         self.commit_latency.observe(took.as_secs_f64());
     }
 
+    /// Read the storage pool at each scrape (once; later calls are ignored).
+    pub(crate) fn watch_pool(&self, status: PoolStatus) {
+        let _ = self.pool_status.set(status);
+    }
+
     pub(crate) fn messages_stored(&self) -> u64 {
         self.messages_stored.get()
     }
@@ -213,6 +247,10 @@ impl Metrics {
         let (users, rooms) = chat.counts();
         self.users_online.set(users as i64);
         self.rooms_active.set(rooms as i64);
+        if let Some((in_use, max)) = self.pool_status.get().and_then(|status| status()) {
+            self.pool.with_label_values(&["in_use"]).set(in_use as i64);
+            self.pool.with_label_values(&["max"]).set(max as i64);
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -222,12 +260,15 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
-    fn request(&self, kind: &'static str, result: Result<(), ErrorCode>) {
+    fn request(&self, kind: &'static str, result: Result<(), ErrorCode>, took: Duration) {
         let outcome = match result {
             Ok(()) => "ok",
             Err(code) => code.as_str(),
         };
         self.requests.with_label_values(&[kind, outcome]).inc();
+        self.request_latency
+            .with_label_values(&[kind])
+            .observe(took.as_secs_f64());
         if matches!(kind, "register" | "login" | "guest" | "resume") {
             self.logins.with_label_values(&[kind, outcome]).inc();
         }

@@ -97,6 +97,19 @@ async fn chat_survives_a_restart_on_postgres() {
         2,
         "offline delivery from the read marker"
     );
+
+    // The operator's view of the store: pool, batches, request latency.
+    again.send("pg", "third").await;
+    let (status, metrics) = confab_testkit::http(server.addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    for line in [
+        "confab_store_pool_connections{state=\"max\"} 16",
+        "confab_store_commit_batch_size_count 1",
+        "confab_request_seconds_count{type=\"send\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    assert!(metrics.contains("confab_store_pool_connections{state=\"in_use\"}"));
 }
 
 /// A TCP proxy in front of PostgreSQL, to cut Confab off from it: `cut`
