@@ -6,8 +6,8 @@
 //! after the commit. So concurrent senders share one commit (and one fsync
 //! with `synchronous_commit = on`), also when they all write to one room,
 //! where one transaction per message would serialise on the room's row
-//! lock at one commit per message. While a batch commits, the next one
-//! gathers.
+//! lock at one commit per message. A few workers do this at once: while
+//! one batch commits, the next gathers and runs.
 //!
 //! Cancel-safe like the SQLite writer: a caller that stops waiting after
 //! its message was queued does not stop it from being stored.
@@ -29,6 +29,11 @@ use crate::{pg_error, pool_error, seq};
 const MAX_BATCH: usize = 1024;
 /// Messages waiting before senders wait to enqueue.
 const QUEUE: usize = 16 * 1024;
+/// Batches in flight at once. One alone leaves the CPUs idle while its
+/// commit waits for the disk; batches that share a room still take turns
+/// on its row lock, and lock their rooms in one order, so they cannot
+/// deadlock.
+const WORKERS: usize = 4;
 
 /// Told of every batch: how many messages it held and how long it took.
 pub type CommitObserver = Box<dyn Fn(usize, Duration) + Send + Sync>;
@@ -54,7 +59,10 @@ impl Batcher {
     pub(crate) fn start(pool: Pool) -> Batcher {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
-        tokio::spawn(run(pool, rx, counters.clone()));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..WORKERS {
+            tokio::spawn(run(pool.clone(), rx.clone(), counters.clone()));
+        }
         Batcher { jobs, counters }
     }
 
@@ -74,10 +82,16 @@ impl Batcher {
     }
 }
 
-/// Until every sender is gone (the store was dropped).
-async fn run(pool: Pool, mut rx: mpsc::Receiver<Job>, counters: Arc<Counters>) {
+/// One worker: takes what is waiting (the others wait their turn at the
+/// queue meanwhile), stores it, repeats; until every sender is gone (the
+/// store was dropped).
+async fn run(
+    pool: Pool,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    counters: Arc<Counters>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
         let jobs = batch.len();
         let results = match store(&pool, &batch).await {
