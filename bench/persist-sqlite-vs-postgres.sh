@@ -15,7 +15,7 @@ for backend in sqlite postgres; do
     for mode in own one; do
       rm -rf /tmp/benchdb; mkdir -p /tmp/benchdb
       psql -q -h 127.0.0.1 -U postgres -c "drop database if exists confab_bench" -c "create database confab_bench" 2>/dev/null
-      if [ $backend = sqlite ]; then db="sqlite:///tmp/benchdb/confab.db"; else db="postgres://postgres@127.0.0.1:5432/confab_bench?pool_size=16"; fi
+      if [ $backend = sqlite ]; then db="sqlite:///tmp/benchdb/confab.db"; else db="postgres://postgres@127.0.0.1:5432/confab_bench?pool_size=16&sslmode=disable"; fi
       run_server "$db" "$backend-$senders-$mode"
       flag=""; [ $mode = one ] && flag="--one-room"
       ./target/release/confab-bench --out $OUT/persist-$backend-$senders-$mode.json persist --server 127.0.0.1:18080 --senders $senders --duration-secs 10 $flag 2>/dev/null | tail -3

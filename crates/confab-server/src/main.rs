@@ -101,7 +101,8 @@ struct Overrides {
     line: Option<String>,
     /// Storage: sqlite://PATH (relative) or sqlite:///ABSOLUTE/PATH,
     /// optionally with ?synchronous=normal; or postgres://USER@HOST:PORT/DB
-    /// (the password in the URL or PGPASSWORD; ?pool_size=N).
+    /// (the password in the URL or PGPASSWORD; ?pool_size=N, sslmode,
+    /// sslrootcert).
     #[arg(long, global = true)]
     database: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or per module.

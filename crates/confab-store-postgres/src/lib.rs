@@ -23,7 +23,9 @@
 mod batch;
 mod import;
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,7 +38,8 @@ use confab_proto::{Message, Seq};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The schema, one entry per version; `confab_schema.version` says how many
 /// have been applied.
@@ -63,7 +66,7 @@ pub struct PgStore {
 
 /// Where a database URL points, as parsed: for error messages and tools.
 pub fn describe(url: &str) -> Result<String, StoreError> {
-    let config = parse(url)?;
+    let (config, _) = parse(url)?;
     let hosts: Vec<String> = config
         .get_hosts()
         .iter()
@@ -82,14 +85,28 @@ pub fn describe(url: &str) -> Result<String, StoreError> {
 }
 
 /// Parse a `postgres://` or `postgresql://` URL; the password may come
-/// from `PGPASSWORD`.
-fn parse(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+/// from `PGPASSWORD`. Our own parameter `sslrootcert` is taken out (the
+/// driver does not know it) and returned beside the configuration.
+fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), StoreError> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(StoreError::Invalid(format!(
             "{url:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DB)"
         )));
     }
-    let mut config = tokio_postgres::Config::from_str(url)
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut root_cert = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("sslrootcert=") {
+            Some(path) => root_cert = Some(PathBuf::from(path)),
+            None => kept.push(pair),
+        }
+    }
+    let url = match kept.is_empty() {
+        true => base.to_owned(),
+        false => format!("{base}?{}", kept.join("&")),
+    };
+    let mut config = tokio_postgres::Config::from_str(&url)
         .map_err(|e| StoreError::Invalid(format!("malformed PostgreSQL URL: {e}")))?;
     if config.get_user().is_none() {
         return Err(StoreError::Invalid(
@@ -106,19 +123,103 @@ fn parse(url: &str) -> Result<tokio_postgres::Config, StoreError> {
             config.password(password);
         }
     }
-    if config.get_ssl_mode() == SslMode::Require {
+    if root_cert.is_some() && config.get_ssl_mode() == SslMode::Disable {
         return Err(StoreError::Invalid(
-            "sslmode=require: TLS to PostgreSQL is not built yet; use sslmode=disable or prefer"
-                .into(),
+            "sslrootcert with sslmode=disable: a certificate to check, and no TLS".into(),
         ));
     }
-    // `prefer` falls back to a plain connection, as without TLS support.
-    config.ssl_mode(SslMode::Disable);
     config.connect_timeout(POOL_TIMEOUT);
     if config.get_application_name().is_none() {
         config.application_name("confab");
     }
-    Ok(config)
+    Ok((config, root_cert))
+}
+
+/// TLS as `sslmode` asks, with libpq's meanings: `disable`, none; `prefer`
+/// (the default), when the server offers it; `require`, or no connection.
+/// Without `sslrootcert` the server's certificate is not checked
+/// (encryption against eavesdropping, as libpq does); with
+/// `sslrootcert=PATH`, a PEM file of CA certificates, the chain and the
+/// host name are verified.
+fn tls(root_cert: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Internal(format!("TLS: {e}")))?;
+    let config = match root_cert {
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let bad = |e: &dyn std::fmt::Display| {
+                StoreError::Invalid(format!("sslrootcert={}: {e}", path.display()))
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            let certs =
+                rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))?;
+            for cert in certs {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(&"no certificate in the file"));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Accepts the server's certificate unchecked (but not a forged handshake
+/// signature): what libpq does for `prefer` and `require` without a root
+/// certificate.
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 impl PgStore {
@@ -136,10 +237,10 @@ impl PgStore {
 
     /// A store on `url` without touching the schema (for `db status`).
     pub fn connect(url: &str, pool_size: usize) -> StoreResult<PgStore> {
-        let config = parse(url)?;
+        let (config, root_cert) = parse(url)?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls(root_cert.as_deref())?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -203,7 +304,15 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
 /// (the client may retry); everything else is a bug or a corrupt database.
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
     let Some(db) = e.as_db_error() else {
-        return StoreError::Unavailable(format!("PostgreSQL: {e}"));
+        // The driver's words, then their causes: "error performing TLS
+        // handshake: invalid peer certificate: UnknownIssuer".
+        let mut text = format!("PostgreSQL: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        return StoreError::Unavailable(text);
     };
     let code = db.code().code();
     let text = format!("PostgreSQL: {}", db.message());
@@ -1164,6 +1273,61 @@ mod tests {
         assert_eq!(seqs, (1..=500).collect::<Vec<Seq>>(), "gapless");
     }
 
+    /// Whether the store's connections are encrypted.
+    async fn encrypted(store: &PgStore) -> bool {
+        store
+            .client()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    #[tokio::test]
+    async fn tls_as_sslmode_asks() {
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        let server_has_tls: bool = {
+            let store = PgStore::connect(&format!("{}&sslmode=disable", schema.url), 1).unwrap();
+            assert!(!encrypted(&store).await, "sslmode=disable: plain");
+            let c = store.client().await.unwrap();
+            let on: String = c.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+            on == "on"
+        };
+        if !server_has_tls {
+            eprintln!("skipped the TLS half: the test server has ssl = off");
+            return;
+        }
+        for mode in ["require", "prefer"] {
+            let url = format!("{}&sslmode={mode}", schema.url);
+            let store = PgStore::open(&url, 1).await.expect(mode);
+            assert!(encrypted(&store).await, "sslmode={mode}: encrypted");
+        }
+        // With a root certificate that did not sign the server's: refused.
+        let dir = std::env::temp_dir().join(format!("confab-ca-{:x}", getrandom::u64().unwrap()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["elsewhere".into()]).unwrap();
+        let pem = dir.join("ca.pem");
+        std::fs::write(&pem, ca.cert.pem()).unwrap();
+        let url = format!(
+            "{}&sslmode=require&sslrootcert={}",
+            schema.url,
+            pem.display()
+        );
+        let refused = PgStore::open(&url, 1)
+            .await
+            .err()
+            .expect("an unknown issuer");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(refused.to_string().contains("certificate"), "{refused}");
+    }
+
     #[tokio::test]
     async fn bad_databases_are_named_before_anything_is_served() {
         let Some(schema) = TestSchema::create().await else {
@@ -1188,7 +1352,14 @@ mod tests {
             ("mysql://x", "not a PostgreSQL URL"),
             ("postgres://", "no user"),
             ("postgres://u@h:notaport/db", "malformed"),
-            ("postgres://u@127.0.0.1/db?sslmode=require", "TLS"),
+            (
+                "postgres://u@127.0.0.1/db?sslmode=disable&sslrootcert=/x.pem",
+                "no TLS",
+            ),
+            (
+                "postgres://u@127.0.0.1/db?sslrootcert=/no/such/ca.pem",
+                "sslrootcert=/no/such/ca.pem",
+            ),
         ] {
             let e = refusal(PgStore::open(url, 1).await);
             assert!(e.contains(says), "{url}: {e}");
