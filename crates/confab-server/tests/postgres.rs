@@ -374,3 +374,52 @@ async fn seed(url: &str) {
     let squatter = confab_core::UserName::parse("squatter").unwrap();
     store.create_user(&squatter, "h").await.unwrap();
 }
+
+#[tokio::test]
+async fn user_administration_on_postgres_reaches_a_running_server() {
+    let Some(schema) = TestSchema::create().await else {
+        return;
+    };
+    let url = schema.url.as_str();
+    let user = |args: &'static [&'static str], stdin: &'static str| {
+        let url = url.to_owned();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+                .arg("user")
+                .args(args)
+                .args(["--database", &url])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut input = child.stdin.take().unwrap();
+            input.write_all(stdin.as_bytes()).await.unwrap();
+            drop(input);
+            let out = child.wait_with_output().await.unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            (out.status.success(), text)
+        }
+    };
+    assert_eq!(
+        user(&["add", "Dana"], "dana-password\n").await,
+        (true, "added Dana\n".into())
+    );
+    let server = on_postgres(&schema).await;
+    let mut dana = server.client().await;
+    dana.ok(json!({"type":"login","user":"dana","password":"dana-password"}))
+        .await;
+    assert_eq!(user(&["list"], "").await, (true, "Dana\n".into()));
+    // Deleted by another process: the server closes her connection, through
+    // the log in the database.
+    assert_eq!(
+        user(&["delete", "dana"], "").await,
+        (true, "deleted dana\n".into())
+    );
+    assert_eq!(
+        dana.closed().await,
+        (1008, "disconnected by an administrator".into())
+    );
+}

@@ -1366,6 +1366,11 @@ mod tests {
         }
         let e = refusal(PgStore::open("postgres://u@127.0.0.1:1/db", 1).await);
         assert!(e.contains("unavailable"), "{e}");
+        // Wrong credentials: a role the server does not know.
+        let (_, rest) = schema.url.split_once('@').unwrap();
+        let stranger = format!("postgres://no_such_role_here@{rest}");
+        let e = refusal(PgStore::open(&stranger, 1).await);
+        assert!(e.contains("no_such_role_here"), "{e}");
         let base = std::env::var(super::testing::VAR).unwrap();
         let wrong_db = format!("{}/no_such_database_here", base.rsplit_once('/').unwrap().0);
         let e = refusal(PgStore::open(&wrong_db, 1).await);
