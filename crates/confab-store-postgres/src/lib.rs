@@ -43,7 +43,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The schema, one entry per version; `confab_schema.version` says how many
 /// have been applied.
-pub const MIGRATIONS: &[&str] = &[include_str!("schema_1.sql"), include_str!("schema_2.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("schema_1.sql"),
+    include_str!("schema_2.sql"),
+    include_str!("schema_3.sql"),
+];
 
 /// The advisory lock migrations hold, so that nodes starting together
 /// apply them once ("confab" in ASCII).
@@ -1271,6 +1275,82 @@ mod tests {
             .unwrap();
         let seqs: Vec<Seq> = page.messages.iter().map(|m| m.seq).collect();
         assert_eq!(seqs, (1..=500).collect::<Vec<Seq>>(), "gapless");
+    }
+
+    #[tokio::test]
+    async fn one_batch_answers_each_message_in_order() {
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        let store = PgStore::open(&schema.url, 2).await.unwrap();
+        let user = |n: &str| UserName::parse(n).unwrap();
+        let room = RoomName::parse("r").unwrap();
+        store
+            .join(&room, &user("ann"), JoinRules::open(false))
+            .await
+            .unwrap();
+        store
+            .join(&room, &user("bo"), JoinRules::open(false))
+            .await
+            .unwrap();
+        let old = NewMessage {
+            room: room.clone(),
+            sender: user("ann"),
+            body: "stored before".into(),
+            nonce: Some("old".into()),
+            ts: 1,
+            direct: None,
+        };
+        store.append(old).await.unwrap();
+        // Straight to the function, so that these are one batch for sure.
+        let c = store.client().await.unwrap();
+        let rows = c
+            .query(
+                "SELECT * FROM confab_append_batch($1, $2, $3, $4, $5, $6)",
+                &[
+                    &vec!["r", "r", "nowhere", "r", "r", "r", "r"],
+                    &vec!["ann", "ann", "ann", "eve", "bo", "ann", "ann"],
+                    &vec!["ann", "ann", "ann", "eve", "bo", "ann", "ann"],
+                    &vec!["a", "b", "c", "d", "e", "again", "old again"],
+                    &vec![2i64, 3, 4, 5, 6, 7, 8],
+                    &vec![
+                        Some("x"),
+                        None,
+                        None,
+                        None,
+                        Some("x"),
+                        Some("x"),
+                        Some("old"),
+                    ],
+                ],
+            )
+            .await
+            .unwrap();
+        let got: Vec<(i16, Option<i64>, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(3)))
+            .collect();
+        let s = |t: &str| Some(t.to_owned());
+        assert_eq!(
+            got,
+            [
+                (0, Some(2), s("a")),
+                (0, Some(3), s("b")),
+                (2, None, None),
+                (3, None, None),
+                (0, Some(4), s("e")),
+                (1, Some(2), s("a")),
+                (1, Some(1), s("stored before")),
+            ],
+            "stored in order; no room; not a member; a nonce of another sender is \
+             its own; a repeat within the batch and of an earlier message"
+        );
+        let last: i64 = c
+            .query_one("SELECT last_seq FROM rooms WHERE name = 'r'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(last, 4);
     }
 
     /// Whether the store's connections are encrypted.
