@@ -10,7 +10,7 @@ run_server() {
   for i in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18080/healthz && break; sleep 0.1; done
 }
 stop_server() { kill $(cat /tmp/bench-server.pid); wait $(cat /tmp/bench-server.pid) 2>/dev/null; }
-for backend in sqlite postgres; do
+for backend in ${BACKENDS:-sqlite postgres}; do
   for senders in 50 200; do
     for mode in own one; do
       rm -rf /tmp/benchdb; mkdir -p /tmp/benchdb
