@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use confab_proto::json::DecodeError;
 use confab_proto::{
@@ -25,7 +24,7 @@ use crate::conn::{CloseReason, Conn, Outbound};
 use crate::error::ChatError;
 use crate::limits::{ConnLimiter, Refusal};
 use crate::names::{RoomName, UserName};
-use crate::store::{DirectPeers, JoinRules, NewMessage, Page, TokenHash};
+use crate::store::{now_ms, DirectPeers, JoinRules, NewMessage, Page, TokenHash};
 
 /// Page size of `history` and `sync` when the client gives none.
 pub const DEFAULT_PAGE: u32 = 50;
@@ -815,10 +814,4 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ChatError> {
             "limit {n} is out of range: 1 to {MAX_PAGE}"
         ))),
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -248,6 +248,24 @@ pub trait Store: Send + Sync + 'static {
 
 pub type DynStore = Arc<dyn Store>;
 
+/// The refusal of an operation on a user that does not exist, the same
+/// from every backend.
+pub fn no_user(name: &UserName) -> StoreError {
+    StoreError::Invalid(format!("no user named {name}"))
+}
+
+/// A user name read back from storage (it was valid when written).
+pub fn stored_user_name(name: String) -> StoreResult<UserName> {
+    UserName::parse(&name).map_err(|_| StoreError::Internal(format!("stored user name {name:?}")))
+}
+
+/// Now, in Unix milliseconds: the time backends stamp rows with.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// The refusal of a join past [`JoinRules::max_rooms`], the same from
 /// every backend.
 pub fn too_many_rooms(max: u32) -> StoreError {

@@ -1,7 +1,6 @@
 //! The real `confab` binary under load: SIGTERM and SIGKILL in the middle of
 //! a stream of sends, a restart, and an audit of every acknowledgement.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -195,21 +194,7 @@ async fn load_then(store: Store, signal: i32, expect_clean_exit: bool) {
     let server = Confab::start(&db).await;
     let mut auditor = WsClient::connect(&server.url()).await;
     auditor.login("auditor").await;
-    let mut stored = BTreeMap::new();
-    let mut after = 0;
-    loop {
-        let page = auditor
-            .ok(json!({"type":"history","room":"load","after":after,"limit":500}))
-            .await;
-        for m in page["messages"].as_array().unwrap() {
-            let seq = m["seq"].as_u64().unwrap();
-            stored.insert(seq, m["body"].as_str().unwrap().to_owned());
-            after = seq;
-        }
-        if page["more"] == false {
-            break;
-        }
-    }
+    let stored = auditor.whole_history("load").await;
     let acks = acks.lock().unwrap().clone();
     assert!(acks.len() >= 300);
     let last = *stored.keys().last().unwrap();

@@ -30,8 +30,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_core::store::{
-    too_many_rooms, Appended, DirectPeers, HistoryPage, JoinRules, Joined, NewMessage, Page,
-    RemovedUsers, RoomView, StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
+    no_user, now_ms, stored_user_name as user_name, too_many_rooms, Appended, DirectPeers,
+    HistoryPage, JoinRules, Joined, NewMessage, Page, RemovedUsers, RoomView, StoreResult,
+    TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Seq};
@@ -413,20 +414,6 @@ async fn migrate_locked(client: &mut Object) -> StoreResult<()> {
         tracing::info!(version = i + 1, "applied migration");
     }
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn no_user(name: &UserName) -> StoreError {
-    StoreError::Invalid(format!("no user named {name}"))
-}
-
-fn user_name(name: String) -> StoreResult<UserName> {
-    UserName::parse(&name).map_err(|_| StoreError::Internal(format!("stored user name {name:?}")))
 }
 
 fn seq(v: i64) -> Seq {

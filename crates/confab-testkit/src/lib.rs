@@ -425,6 +425,25 @@ impl WsClient {
         r["token"].as_str().expect("token").to_owned()
     }
 
+    /// Every message of `room`, page by page: seq to body.
+    pub async fn whole_history(&mut self, room: &str) -> std::collections::BTreeMap<u64, String> {
+        let mut stored = std::collections::BTreeMap::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .ok(json!({"type":"history","room":room,"after":after,"limit":500}))
+                .await;
+            for m in page["messages"].as_array().expect("messages") {
+                let seq = m["seq"].as_u64().expect("a seq");
+                stored.insert(seq, m["body"].as_str().expect("a body").to_owned());
+                after = seq;
+            }
+            if page["more"] == false {
+                return stored;
+            }
+        }
+    }
+
     pub async fn guest(&mut self, user: &str) {
         self.ok(json!({"type":"guest","user":user})).await;
     }

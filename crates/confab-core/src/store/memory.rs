@@ -87,10 +87,6 @@ impl State {
     }
 }
 
-fn no_user(name: &UserName) -> StoreError {
-    StoreError::Invalid(format!("no user named {name}"))
-}
-
 fn add_member(room: &mut Room, user: &UserName, guest: bool) -> bool {
     if room.members.contains_key(user.key()) {
         return false;
