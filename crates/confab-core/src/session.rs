@@ -495,13 +495,13 @@ impl Session {
     async fn rooms(&mut self, all: bool, after: Option<String>, limit: Option<u32>) -> Handled {
         let limit = list_limit(limit)?;
         let after = after.map(|a| RoomName::parse(&a)).transpose()?;
-        let mut views = self
-            .chat
-            .store
-            .rooms(&self.me().user, all, after.as_ref(), limit + 1)
-            .await?;
-        let more = views.len() > limit as usize;
-        views.truncate(limit as usize);
+        let (views, more) = one_page(
+            self.chat
+                .store
+                .rooms(&self.me().user, all, after.as_ref(), limit + 1)
+                .await?,
+            limit,
+        );
         let rooms = views
             .into_iter()
             .map(|v| RoomEntry {
@@ -537,9 +537,10 @@ impl Session {
         after: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<Member>, bool), ChatError> {
-        let mut users = self.chat.store.members(room, after, limit + 1).await?;
-        let more = users.len() > limit as usize;
-        users.truncate(limit as usize);
+        let (users, more) = one_page(
+            self.chat.store.members(room, after, limit + 1).await?,
+            limit,
+        );
         let members = users
             .into_iter()
             .map(|u| Member {
@@ -796,6 +797,14 @@ fn check_text(field: &str, text: &str) -> Result<(), ChatError> {
         ))),
         None => Ok(()),
     }
+}
+
+/// A page of `limit` from `limit + 1` items asked for, and whether more
+/// exist (the extra item says so).
+fn one_page<T>(mut items: Vec<T>, limit: u32) -> (Vec<T>, bool) {
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    (items, more)
 }
 
 fn list_limit(limit: Option<u32>) -> Result<u32, ChatError> {

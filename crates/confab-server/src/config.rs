@@ -169,24 +169,14 @@ impl Database {
 
 impl Database {
     fn parse_postgres(url: &str) -> Result<Database, String> {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut pool_size = confab_store_postgres::DEFAULT_POOL_SIZE;
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.strip_prefix("pool_size=") {
-                Some(n) => {
-                    pool_size = n
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| format!("pool_size={n}: expected a positive number"))?;
-                }
-                None => kept.push(pair),
-            }
-        }
-        let url = match kept.is_empty() {
-            true => base.to_owned(),
-            false => format!("{base}?{}", kept.join("&")),
+        let (url, pool_size) = confab_store_postgres::take_param(url, "pool_size");
+        let pool_size = match pool_size {
+            None => confab_store_postgres::DEFAULT_POOL_SIZE,
+            Some(n) => n
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("pool_size={n}: expected a positive number"))?,
         };
         confab_store_postgres::describe(&url).map_err(|e| e.to_string())?;
         Ok(Database::Postgres { url, pool_size })

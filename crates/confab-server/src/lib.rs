@@ -151,7 +151,7 @@ impl App {
         config: &Config,
         client: std::net::IpAddr,
     ) -> Result<admission::Admitted, admission::Full> {
-        self.gate.admit(limited(config, client))
+        self.gate.admit(limited(config, client).then_some(client))
     }
 
     /// A session for a connection from `client`.
@@ -162,15 +162,15 @@ impl App {
     ) -> (confab_core::Session, confab_core::ConnReceiver) {
         self.chat.open(confab_core::Peer {
             addr: Some(client),
-            limited: limited(config, client).is_some(),
+            limited: limited(config, client),
         })
     }
 }
 
-/// The address per-address limits count `client` against: none when it
-/// is in an exempt network.
-fn limited(config: &Config, client: std::net::IpAddr) -> Option<std::net::IpAddr> {
-    (!config.exempt_networks.contains(client)).then_some(client)
+/// Whether per-address limits count `client`: not when it is in an
+/// exempt network.
+fn limited(config: &Config, client: std::net::IpAddr) -> bool {
+    !config.exempt_networks.contains(client)
 }
 
 /// Open the store the configuration names; commits are reported to

@@ -195,34 +195,38 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn db(action: DbCommand, overrides: &Overrides) -> anyhow::Result<()> {
-    if let DbCommand::Copy { from, to, replace } = &action {
-        return copy(from, to, *replace).await;
-    }
-    let settings = overrides.settings()?;
-    let config = settings.to_config()?;
-    let at = confab_server::config::mask_password(&settings.database);
+    // Migrate and status work on the configured database; copy names both.
+    let configured = || -> anyhow::Result<_> {
+        let settings = overrides.settings()?;
+        let at = confab_server::config::mask_password(&settings.database);
+        Ok((settings.to_config()?, at))
+    };
     match action {
+        DbCommand::Copy { from, to, replace } => copy(&from, &to, replace).await?,
         DbCommand::Migrate => {
+            let (config, at) = configured()?;
             confab_server::open_store(&config).await?;
             let (version, _) = confab_server::schema_version(&config)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("{at}: no schema after migrating"))?;
             println!("{at}: schema version {version}, up to date");
         }
-        DbCommand::Copy { .. } => unreachable!("handled above"),
-        DbCommand::Status => match confab_server::schema_version(&config).await? {
-            None => println!("{at}: no Confab schema yet (confab db migrate creates it)"),
-            Some((current, ours)) if current == ours => {
-                println!("{at}: schema version {current}, up to date")
-            }
-            Some((current, ours)) if current < ours => println!(
-                "{at}: schema version {current}; this binary's is {ours}: \
+        DbCommand::Status => {
+            let (config, at) = configured()?;
+            match confab_server::schema_version(&config).await? {
+                None => println!("{at}: no Confab schema yet (confab db migrate creates it)"),
+                Some((current, ours)) if current == ours => {
+                    println!("{at}: schema version {current}, up to date")
+                }
+                Some((current, ours)) if current < ours => println!(
+                    "{at}: schema version {current}; this binary's is {ours}: \
                  confab db migrate (or serve) upgrades it"
-            ),
-            Some((current, ours)) => println!(
+                ),
+                Some((current, ours)) => println!(
                 "{at}: schema version {current}, newer than this binary's {ours}: upgrade Confab"
             ),
-        },
+            }
+        }
     }
     Ok(())
 }

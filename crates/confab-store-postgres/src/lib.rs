@@ -89,6 +89,27 @@ pub fn describe(url: &str) -> Result<String, StoreError> {
     ))
 }
 
+/// Take a parameter of Confab's own (one the driver does not know) out of
+/// a URL: the URL without it, and its value (the last one, if repeated).
+pub fn take_param(url: &str, name: &str) -> (String, Option<String>) {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut value = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
+        {
+            Some(v) => value = Some(v.to_owned()),
+            None => kept.push(pair),
+        }
+    }
+    match kept.is_empty() {
+        true => (base.to_owned(), value),
+        false => (format!("{base}?{}", kept.join("&")), value),
+    }
+}
+
 /// Parse a `postgres://` or `postgresql://` URL; the password may come
 /// from `PGPASSWORD`. Our own parameter `sslrootcert` is taken out (the
 /// driver does not know it) and returned beside the configuration.
@@ -98,19 +119,8 @@ fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), StoreEr
             "{url:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DB)"
         )));
     }
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut root_cert = None;
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.strip_prefix("sslrootcert=") {
-            Some(path) => root_cert = Some(PathBuf::from(path)),
-            None => kept.push(pair),
-        }
-    }
-    let url = match kept.is_empty() {
-        true => base.to_owned(),
-        false => format!("{base}?{}", kept.join("&")),
-    };
+    let (url, root_cert) = take_param(url, "sslrootcert");
+    let root_cert = root_cert.map(PathBuf::from);
     let mut config = tokio_postgres::Config::from_str(&url)
         .map_err(|e| StoreError::Invalid(format!("malformed PostgreSQL URL: {e}")))?;
     if config.get_user().is_none() {
