@@ -126,16 +126,24 @@ const REMOVED_USERS_POLL: Duration = Duration::from_secs(1);
 
 impl Chat {
     /// Start the engine on a store and a broker. Guest memberships left
-    /// over from a crash are removed: no guest is connected yet.
+    /// over from a crash are removed when this node is alone: no guest is
+    /// connected yet.
     pub async fn new(
         store: DynStore,
         broker: Arc<dyn Broker>,
         config: ChatConfig,
     ) -> Result<Chat, StoreError> {
-        store.drop_all_guests().await?;
+        // Guest memberships left over from a crash: only a node alone in
+        // its cluster may know that no guest is connected.
+        match broker.alone().await {
+            Ok(true) => store.drop_all_guests().await?,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping guest memberships: the broker is unavailable")
+            }
+        }
         let removed_since = store.removed_users(None).await?.cursor;
-        let hub = Hub::new(store.clone(), config.gap_fill_delay);
-        broker.attach(hub.clone());
+        let hub = Hub::new(store.clone(), broker.clone(), config.gap_fill_delay);
         let inner = Arc::new(Inner {
             store,
             broker,
@@ -173,6 +181,22 @@ impl Chat {
     /// Report to `observer` from now on (once; later calls are ignored).
     pub fn set_observer(&self, observer: Arc<dyn Observer>) {
         let _ = self.inner.observer.set(observer);
+    }
+
+    /// This node's name in its cluster.
+    pub fn node(&self) -> &str {
+        self.inner.broker.node()
+    }
+
+    /// Whether the broker is connected (always, on a single node), and
+    /// what it carried.
+    pub fn broker_status(&self) -> (bool, crate::broker::BrokerStats) {
+        (self.inner.broker.connected(), self.inner.broker.stats())
+    }
+
+    /// Leave the cluster (a graceful stop, after the connections closed).
+    pub async fn leave_cluster(&self) {
+        self.inner.broker.leave().await
     }
 
     /// The users connected to this node, with their connections.

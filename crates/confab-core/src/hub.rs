@@ -2,26 +2,38 @@
 //!
 //! The hub knows the users connected here, their connections and the rooms
 //! they are members of. It receives [`BrokerEvent`]s and queues each event
-//! once per recipient connection, encoded once for all of them.
+//! once per recipient connection, encoded once for all of them. It tells
+//! the broker which topics this node needs: a room while a member is
+//! connected here, a user while they are.
 //!
 //! Messages of a room go out strictly in seq order. Publishers may deliver
 //! out of order (two senders whose messages were committed in one batch
-//! race to publish; later, several nodes publish to one room), so each room
-//! keeps the next seq it expects and holds back anything after a gap. A gap
-//! that is not filled by a late publish within `gap_fill_delay` is filled
-//! from the store, where every seq below a published one is already
-//! committed.
+//! race to publish; several nodes publish to one room), so each room keeps
+//! the next seq it expects and holds back anything after a gap. A gap that
+//! is not filled by a late publish within `gap_fill_delay` is filled from
+//! the store, where every seq below a published one is already committed.
+//! When the broker says events may have been lost (it reconnected, a
+//! subscription took effect, a node announces a room's head), the hub
+//! reads the room's messages after the last one it delivered from the
+//! store at once: a lost message arrives even when no later one follows.
+//!
+//! Which users are connected here is recorded in the broker's cluster-wide
+//! registry by one task that, for each change, records the hub's state at
+//! that moment: the registry converges on the truth whatever order changes
+//! race in.
 //!
 //! Locking: one mutex over all state, never held across an `.await`; the
-//! work under it is map look-ups and `try_send`s, never I/O.
+//! work under it is map look-ups, `try_send`s and the broker's
+//! non-blocking subscription calls, never I/O.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use confab_proto::{Event, Message, Seq, SharedEvent};
+use tokio::sync::mpsc;
 
-use crate::broker::{BrokerEvent, BrokerSink, Skip};
+use crate::broker::{Broker, BrokerEvent, BrokerSink, Orphan, Skip, Topic};
 use crate::conn::{CloseReason, Conn, ConnId, Outbound};
 use crate::error::ChatError;
 use crate::names::{RoomName, UserName};
@@ -29,11 +41,19 @@ use crate::store::DynStore;
 
 /// How many messages one gap-filling read fetches at most.
 const GAP_FILL_BATCH: u32 = 500;
+/// A presence change reaches a node once per room it shares with the
+/// user; copies arriving within this window tell each observer once.
+const PRESENCE_COPIES: Duration = Duration::from_secs(2);
+/// How long a catch-up read that failed waits before trying again.
+const CATCH_UP_RETRY: Duration = Duration::from_secs(1);
 
 pub struct Hub {
     state: Mutex<State>,
     store: DynStore,
+    broker: Arc<dyn Broker>,
     gap_fill_delay: Duration,
+    /// Users whose registration in the broker may be stale.
+    registry: mpsc::UnboundedSender<(UserName, bool)>,
     me: Weak<Hub>,
 }
 
@@ -43,6 +63,14 @@ struct State {
     users: HashMap<String, UserEntry>,
     /// Rooms with at least one connected member here.
     rooms: HashMap<RoomName, RoomEntry>,
+    /// Recent presence changes by user key, and whom they were told to.
+    presence: HashMap<String, PresenceTold>,
+}
+
+struct PresenceTold {
+    online: bool,
+    at: Instant,
+    told: HashSet<String>,
 }
 
 struct UserEntry {
@@ -59,7 +87,10 @@ struct RoomEntry {
     next_seq: Seq,
     /// Messages that arrived after a gap, waiting for it to close.
     pending: BTreeMap<Seq, Arc<SharedEvent>>,
+    /// A task is filling the room from the store.
     filling: bool,
+    /// Read the store up to its end: events may have been lost.
+    catch_up: bool,
 }
 
 /// A connected user, as `dm` needs to find guests.
@@ -79,13 +110,27 @@ pub struct Connected {
 }
 
 impl Hub {
-    pub fn new(store: DynStore, gap_fill_delay: Duration) -> Arc<Hub> {
-        Arc::new_cyclic(|me| Hub {
+    /// A hub for this node, attached to `broker`. Must be called within a
+    /// Tokio runtime: it starts the task that keeps the registry.
+    pub fn new(store: DynStore, broker: Arc<dyn Broker>, gap_fill_delay: Duration) -> Arc<Hub> {
+        let (registry, changes) = mpsc::unbounded_channel();
+        let hub = Arc::new_cyclic(|me| Hub {
             state: Mutex::default(),
             store,
+            broker: broker.clone(),
             gap_fill_delay,
+            registry,
             me: me.clone(),
-        })
+        });
+        let sink: Weak<dyn BrokerSink> = Arc::downgrade(&hub) as Weak<dyn BrokerSink>;
+        broker.attach(sink);
+        broker.subscribe(Topic::Everyone);
+        tokio::spawn(keep_registry(Arc::downgrade(&hub), changes));
+        hub
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -121,9 +166,11 @@ impl Hub {
                 rooms: HashSet::new(),
             },
         );
+        self.broker.subscribe(Topic::User(user.key().to_owned()));
         for (room, last_seq) in rooms {
-            st.subscribe(room, user.key(), *last_seq);
+            st.subscribe(&*self.broker, room, user.key(), *last_seq);
         }
+        let _ = self.registry.send((user.clone(), guest));
         Ok(true)
     }
 
@@ -137,9 +184,11 @@ impl Hub {
             return None;
         }
         let entry = st.users.remove(user.key()).expect("present");
+        self.broker.unsubscribe(Topic::User(user.key().to_owned()));
         for room in &entry.rooms {
-            st.unsubscribe_room(room, user.key());
+            st.unsubscribe_room(&*self.broker, room, user.key());
         }
+        let _ = self.registry.send((entry.name, entry.guest));
         Some(entry.rooms.into_iter().collect())
     }
 
@@ -187,50 +236,195 @@ impl Hub {
             .is_some_and(|u| u.rooms.contains(room))
     }
 
-    fn schedule_gap_fill(&self, room: RoomName) {
+    /// Fill `room` from the store after `delay`, unless a fill is running.
+    fn schedule_fill(&self, room: RoomName, delay: Duration) {
         let Some(hub) = self.me.upgrade() else { return };
         tokio::spawn(async move {
-            tokio::time::sleep(hub.gap_fill_delay).await;
-            hub.fill_gap(room).await;
+            tokio::time::sleep(delay).await;
+            hub.fill(room).await;
         });
     }
 
-    async fn fill_gap(&self, room: RoomName) {
+    /// Read the room's missing messages from the store until no gap is
+    /// left and, when asked to catch up, until the store has no more.
+    async fn fill(&self, room: RoomName) {
         loop {
-            let (after, until) = {
+            let (after, want, to_end) = {
                 let mut st = self.lock();
                 let Some(entry) = st.rooms.get_mut(&room) else {
                     return;
                 };
+                let after = entry.next_seq - 1;
                 match entry.pending.keys().next() {
-                    Some(&first) => (entry.next_seq - 1, first),
+                    Some(&first) => (after, (first - after - 1).min(GAP_FILL_BATCH as Seq), false),
+                    None if entry.catch_up => {
+                        entry.catch_up = false;
+                        (after, GAP_FILL_BATCH as Seq, true)
+                    }
                     None => {
                         entry.filling = false;
                         return;
                     }
                 }
             };
-            let want = (until - after - 1).min(GAP_FILL_BATCH as Seq) as u32;
-            let fetched = self.store.messages_after(&room, after, want).await;
-            let mut st = self.lock();
+            let fetched = self.store.messages_after(&room, after, want as u32).await;
+            if self.take_fill(&room, fetched, after, want, to_end) {
+                tokio::time::sleep(CATCH_UP_RETRY).await;
+            }
+        }
+    }
+
+    /// Deliver what a fill read. Returns whether to wait before the next
+    /// read (the store failed).
+    fn take_fill(
+        &self,
+        room: &RoomName,
+        fetched: Result<Vec<Message>, crate::StoreError>,
+        after: Seq,
+        want: Seq,
+        to_end: bool,
+    ) -> bool {
+        let mut st = self.lock();
+        if !st.rooms.contains_key(room) {
+            return false;
+        }
+        {
             match fetched {
                 Ok(messages) if !messages.is_empty() => {
+                    let full = messages.len() as Seq == want;
                     for m in &messages {
                         st.message(m, None);
                     }
+                    if to_end && full {
+                        if let Some(entry) = st.rooms.get_mut(room) {
+                            entry.catch_up = true;
+                        }
+                    }
+                }
+                Ok(_) if to_end => {} // caught up
+                Err(e) if to_end => {
+                    tracing::warn!(%room, error = %e, "catching up from storage; retrying");
+                    st.rooms.get_mut(room).expect("checked").catch_up = true;
+                    return true;
                 }
                 outcome => {
                     // The store does not have what a later seq proves was
                     // committed, or cannot be read: deliver what we hold
                     // rather than stall the room. Clients see the gap in
                     // the seqs and fetch it with `history`.
+                    let entry = st.rooms.get_mut(room).expect("checked");
+                    let until = *entry.pending.keys().next().expect("a gap");
                     tracing::warn!(%room, after, until, ?outcome, "skipping an unfillable gap");
-                    if let Some(entry) = st.rooms.get_mut(&room) {
-                        entry.next_seq = until;
-                    }
-                    st.drain(&room);
+                    entry.next_seq = until;
+                    st.drain(room);
                 }
             }
+        }
+        false
+    }
+
+    /// Read these rooms (every room with a member here, for `None`) to
+    /// the store's end, now.
+    fn catch_up(&self, rooms: Option<Vec<RoomName>>) {
+        let mut st = self.lock();
+        let rooms = rooms.unwrap_or_else(|| st.rooms.keys().cloned().collect());
+        let mut start = Vec::new();
+        for room in rooms {
+            if let Some(entry) = st.rooms.get_mut(&room) {
+                entry.catch_up = true;
+                if !entry.filling {
+                    entry.filling = true;
+                    start.push(room);
+                }
+            }
+        }
+        drop(st);
+        for room in start {
+            self.schedule_fill(room, Duration::ZERO);
+        }
+    }
+
+    /// Tell the registry again about every user connected here (the
+    /// broker lost or could not take what it was told).
+    fn reassert(&self) {
+        for u in self.lock().users.values() {
+            let _ = self.registry.send((u.name.clone(), u.guest));
+        }
+    }
+
+    /// Clean up after users whose only node died: their presence, a
+    /// guest's memberships; then free the node's guest names.
+    async fn bury(&self, node: String, orphans: Vec<Orphan>) {
+        tracing::info!(%node, users = orphans.len(), "a node died; cleaning up after its users");
+        let keys: Vec<&str> = orphans.iter().map(|o| o.user.key()).collect();
+        let back = match self.broker.elsewhere(&keys).await {
+            Ok(back) => back,
+            Err(_) => vec![false; keys.len()],
+        };
+        let mut events = Vec::new();
+        for (orphan, back) in orphans.iter().zip(back) {
+            if back || self.is_online(orphan.user.key()) {
+                continue; // reconnected already
+            }
+            let user = &orphan.user;
+            let rooms = if orphan.guest {
+                match self.store.drop_guest(user).await {
+                    Ok(rooms) => rooms,
+                    Err(e) => {
+                        tracing::warn!(%user, error = %e, "dropping a dead node's guest");
+                        Vec::new()
+                    }
+                }
+            } else {
+                match self.store.rooms(user, false, None, u32::MAX).await {
+                    Ok(views) => views.into_iter().map(|v| v.room).collect(),
+                    Err(_) => Vec::new(),
+                }
+            };
+            if orphan.guest {
+                for room in &rooms {
+                    events.push(BrokerEvent::Room {
+                        room: room.clone(),
+                        event: Event::Left {
+                            room: room.as_str().to_owned(),
+                            user: user.as_str().to_owned(),
+                        },
+                        skip: Skip::Nobody,
+                    });
+                }
+            }
+            events.push(BrokerEvent::Presence {
+                user: user.clone(),
+                online: false,
+                rooms,
+            });
+        }
+        for event in events {
+            let _ = self.broker.publish(event).await;
+        }
+        if let Err(e) = self.broker.forget_node(&node).await {
+            tracing::warn!(%node, error = %e, "forgetting a dead node");
+        }
+    }
+}
+
+/// Record in the broker whether each changed user is connected here, as
+/// the hub has it when the change is taken up.
+async fn keep_registry(hub: Weak<Hub>, mut changes: mpsc::UnboundedReceiver<(UserName, bool)>) {
+    while let Some((user, guest)) = changes.recv().await {
+        let Some(hub) = hub.upgrade() else { break };
+        let here = hub.is_online(user.key());
+        match hub.broker.present(&user, guest, here).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Two nodes let one guest name in while they could not
+                // see each other; the other node's guest keeps it.
+                tracing::warn!(%user, "a guest name taken on another node; closing ours");
+                hub.deliver(&BrokerEvent::Disconnect {
+                    user: user.key().to_owned(),
+                });
+            }
+            Err(e) => tracing::debug!(%user, error = %e, "recording presence"),
         }
     }
 }
@@ -242,7 +436,14 @@ impl BrokerSink for Hub {
             BrokerEvent::Message { message, accepted } => {
                 if let Some(room) = st.message(message, *accepted) {
                     drop(st);
-                    self.schedule_gap_fill(room);
+                    self.schedule_fill(room, self.gap_fill_delay);
+                }
+            }
+            BrokerEvent::Head { room, seq } => {
+                let behind = st.rooms.get(room).is_some_and(|e| *seq >= e.next_seq);
+                drop(st);
+                if behind {
+                    self.catch_up(Some(vec![room.clone()]));
                 }
             }
             BrokerEvent::Room { room, event, skip } => {
@@ -267,9 +468,9 @@ impl BrokerSink for Hub {
                     return;
                 }
                 if *joined {
-                    st.subscribe(room, user.key(), *last_seq);
+                    st.subscribe(&*self.broker, room, user.key(), *last_seq);
                 } else {
-                    st.unsubscribe(room, user.key());
+                    st.unsubscribe(&*self.broker, room, user.key());
                 }
             }
             BrokerEvent::Everyone { event } => {
@@ -289,60 +490,100 @@ impl BrokerSink for Hub {
                 user,
                 online,
                 rooms,
-            } => {
-                let observers: HashSet<&String> = rooms
-                    .iter()
-                    .filter_map(|r| st.rooms.get(r))
-                    .flat_map(|e| e.members.iter())
-                    .filter(|k| *k != user.key())
-                    .collect();
-                if observers.is_empty() {
-                    return;
-                }
-                let shared = Arc::new(SharedEvent::new(Event::Presence {
-                    user: user.as_str().to_owned(),
-                    online: *online,
-                }));
-                for key in observers {
-                    if let Some(u) = st.users.get(key) {
-                        push_all(u, &shared, &Skip::Nobody);
-                    }
-                }
-            }
+            } => st.presence(user, *online, rooms),
         }
+    }
+
+    fn missed(&self, rooms: Option<Vec<RoomName>>) {
+        if rooms.is_none() {
+            self.reassert();
+        }
+        self.catch_up(rooms);
+    }
+
+    fn orphaned(&self, node: String, users: Vec<Orphan>) {
+        let Some(hub) = self.me.upgrade() else { return };
+        tokio::spawn(async move { hub.bury(node, users).await });
     }
 }
 
 impl State {
-    fn subscribe(&mut self, room: &RoomName, user_key: &str, last_seq: Seq) {
+    fn subscribe(&mut self, broker: &dyn Broker, room: &RoomName, user_key: &str, last_seq: Seq) {
         let Some(user) = self.users.get_mut(user_key) else {
             return;
         };
         user.rooms.insert(room.clone());
         self.rooms
             .entry(room.clone())
-            .or_insert_with(|| RoomEntry {
-                members: HashSet::new(),
-                next_seq: last_seq + 1,
-                pending: BTreeMap::new(),
-                filling: false,
+            .or_insert_with(|| {
+                broker.subscribe(Topic::Room(room.clone()));
+                RoomEntry {
+                    members: HashSet::new(),
+                    next_seq: last_seq + 1,
+                    pending: BTreeMap::new(),
+                    filling: false,
+                    catch_up: false,
+                }
             })
             .members
             .insert(user_key.to_owned());
     }
 
-    fn unsubscribe(&mut self, room: &RoomName, user_key: &str) {
+    fn unsubscribe(&mut self, broker: &dyn Broker, room: &RoomName, user_key: &str) {
         if let Some(user) = self.users.get_mut(user_key) {
             user.rooms.remove(room);
         }
-        self.unsubscribe_room(room, user_key);
+        self.unsubscribe_room(broker, room, user_key);
     }
 
-    fn unsubscribe_room(&mut self, room: &RoomName, user_key: &str) {
+    fn unsubscribe_room(&mut self, broker: &dyn Broker, room: &RoomName, user_key: &str) {
         if let Some(entry) = self.rooms.get_mut(room) {
             entry.members.remove(user_key);
             if entry.members.is_empty() {
                 self.rooms.remove(room);
+                broker.unsubscribe(Topic::Room(room.clone()));
+            }
+        }
+    }
+
+    /// Tell the connected members of `rooms` (but the user) that `user`
+    /// came or went, each once however many copies arrive.
+    fn presence(&mut self, user: &UserName, online: bool, rooms: &[RoomName]) {
+        let now = Instant::now();
+        if self.presence.len() > 1024 {
+            self.presence.retain(|_, p| now - p.at < PRESENCE_COPIES);
+        }
+        let told = self
+            .presence
+            .entry(user.key().to_owned())
+            .or_insert_with(|| PresenceTold {
+                online,
+                at: now,
+                told: HashSet::new(),
+            });
+        if told.online != online || now - told.at >= PRESENCE_COPIES {
+            *told = PresenceTold {
+                online,
+                at: now,
+                told: HashSet::new(),
+            };
+        }
+        let observers: Vec<&String> = rooms
+            .iter()
+            .filter_map(|r| self.rooms.get(r))
+            .flat_map(|e| e.members.iter())
+            .filter(|k| *k != user.key() && told.told.insert((*k).clone()))
+            .collect();
+        if observers.is_empty() {
+            return;
+        }
+        let shared = Arc::new(SharedEvent::new(Event::Presence {
+            user: user.as_str().to_owned(),
+            online,
+        }));
+        for key in observers {
+            if let Some(u) = self.users.get(key) {
+                push_all(u, &shared, &Skip::Nobody);
             }
         }
     }

@@ -39,6 +39,13 @@ impl Rate {
         Rate::new(f64::from(n) / 3600.0, n)
     }
 
+    /// (the period of one token, the burst), or `None` for a rate that
+    /// limits nothing: for buckets kept elsewhere (a broker's).
+    pub fn gcra(self) -> Option<(Duration, u32)> {
+        let quota = self.quota()?;
+        Some((quota.replenish_interval(), quota.burst_size().get()))
+    }
+
     /// The bucket, or `None` for a rate that limits nothing.
     fn quota(self) -> Option<Quota> {
         let burst = NonZeroU32::new(self.burst)?;

@@ -7,7 +7,8 @@ use std::fmt;
 use crate::error::ChatError;
 
 /// A user name: `^[A-Za-z][A-Za-z0-9_-]{0,31}$`, unique without regard to case.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct UserName {
     display: String,
     key: String,
@@ -67,7 +68,10 @@ impl fmt::Display for UserName {
 
 /// A room name, always lowercase: a public room (`^[a-z0-9][a-z0-9_-]{0,63}$`
 /// after lowercasing) or a direct conversation `dm:a:b` with `a < b`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct RoomName(String);
 
 impl RoomName {
@@ -144,6 +148,34 @@ impl RoomName {
 impl fmt::Display for RoomName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+// Names travel between nodes (see `broker::wire`); what arrives is parsed
+// again, like any input.
+impl TryFrom<String> for UserName {
+    type Error = ChatError;
+    fn try_from(raw: String) -> Result<Self, ChatError> {
+        UserName::parse(&raw)
+    }
+}
+
+impl From<UserName> for String {
+    fn from(name: UserName) -> String {
+        name.as_str().to_owned()
+    }
+}
+
+impl TryFrom<String> for RoomName {
+    type Error = ChatError;
+    fn try_from(raw: String) -> Result<Self, ChatError> {
+        RoomName::parse(&raw)
+    }
+}
+
+impl From<RoomName> for String {
+    fn from(name: RoomName) -> String {
+        name.0
     }
 }
 

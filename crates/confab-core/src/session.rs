@@ -285,12 +285,8 @@ impl Session {
     async fn register(&mut self, user: &str, password: String) -> Handled {
         let name = UserName::parse(user)?;
         auth::check_password(&password)?;
-        if self
-            .chat
-            .hub
-            .online_user(name.key())
-            .is_some_and(|u| u.guest)
-        {
+        self.throttle_account(&name).await?;
+        if self.connected_guest(name.key()).await.is_some() {
             return Err(ChatError::conflict(format!(
                 "the name {name} is in use by a connected guest"
             )));
@@ -311,12 +307,41 @@ impl Session {
 
     async fn login(&mut self, user: &str, password: String) -> Handled {
         let name = UserName::parse(user)?;
+        self.throttle_account(&name).await?;
         let record = self.chat.store.user(&name).await?;
         let hash = record.as_ref().map(|r| r.password_hash.clone());
         if !self.chat.passwords.verify(password, hash).await? {
             return Err(ChatError::unauthorized("unknown user or wrong password"));
         }
         self.start_with_token(record.expect("verified").name).await
+    }
+
+    /// The cluster-wide bucket of password attempts on one account (each
+    /// node also keeps its own, checked before): a guesser gains nothing
+    /// from spreading attempts over the nodes. When the broker cannot
+    /// answer, the node's own bucket is what holds.
+    async fn throttle_account(&mut self, name: &UserName) -> Result<(), ChatError> {
+        let Some(rate) = self.policy.config.rate_limits.auth_per_account else {
+            return Ok(());
+        };
+        let key = format!("auth:{}", name.key());
+        match self.chat.broker.throttle(&key, rate).await {
+            Ok(Err(wait)) => Err(self.refused(wait, "login attempts")),
+            Ok(Ok(())) => Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster login throttle unavailable");
+                Ok(())
+            }
+        }
+    }
+
+    /// The connected guest with this key, here or on another node.
+    async fn connected_guest(&self, key: &str) -> Option<UserName> {
+        match self.chat.hub.online_user(key) {
+            Some(u) if u.guest => Some(u.name),
+            Some(_) => None,
+            None => self.chat.broker.guest(key).await.ok().flatten(),
+        }
     }
 
     async fn start_with_token(&mut self, name: UserName) -> Handled {
@@ -341,6 +366,16 @@ impl Session {
             return Err(ChatError::conflict(format!(
                 "{name} is a registered user; log in instead"
             )));
+        }
+        match self.chat.broker.claim_guest(&name).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ChatError::conflict(format!(
+                    "the name {name} is in use on another node"
+                )))
+            }
+            // Alone, this node can only vouch for its own connections.
+            Err(e) => tracing::debug!(error = %e, "claiming a guest name"),
         }
         self.start(name, true, None).await
     }
@@ -370,7 +405,7 @@ impl Session {
             user: user.as_str().to_owned(),
             token: None,
         });
-        if first {
+        if first && !self.elsewhere(&user).await {
             done = done.then(BrokerEvent::Presence {
                 user: user.clone(),
                 online: true,
@@ -401,11 +436,14 @@ impl Session {
         let Some(rooms) = self.chat.hub.detach(&login.user, self.conn.id()) else {
             return Vec::new();
         };
-        let mut events = vec![BrokerEvent::Presence {
-            user: login.user.clone(),
-            online: false,
-            rooms,
-        }];
+        let mut events = Vec::new();
+        if !self.elsewhere(&login.user).await {
+            events.push(BrokerEvent::Presence {
+                user: login.user.clone(),
+                online: false,
+                rooms,
+            });
+        }
         if login.guest {
             match self.chat.store.drop_guest(&login.user).await {
                 Ok(left) => {
@@ -423,6 +461,13 @@ impl Session {
             }
         }
         events
+    }
+
+    /// Whether `user` is connected to another node (as far as the broker
+    /// can tell).
+    async fn elsewhere(&self, user: &UserName) -> bool {
+        let answer = self.chat.broker.elsewhere(&[user.key()]).await;
+        answer.is_ok_and(|v| v.first() == Some(&true))
     }
 
     // --- rooms ----------------------------------------------------------
@@ -541,10 +586,16 @@ impl Session {
             self.chat.store.members(room, after, limit + 1).await?,
             limit,
         );
+        let keys: Vec<&str> = users.iter().map(|u| u.key()).collect();
+        let elsewhere = match self.chat.broker.elsewhere(&keys).await {
+            Ok(flags) => flags,
+            Err(_) => vec![false; keys.len()],
+        };
         let members = users
-            .into_iter()
-            .map(|u| Member {
-                online: self.chat.hub.is_online(u.key()),
+            .iter()
+            .zip(elsewhere)
+            .map(|(u, elsewhere)| Member {
+                online: elsewhere || self.chat.hub.is_online(u.key()),
                 user: u.as_str().to_owned(),
             })
             .collect();
@@ -586,9 +637,9 @@ impl Session {
         }
         let (peer, peer_guest) = match self.chat.store.user(&peer).await? {
             Some(record) => (record.name, false),
-            None => match self.chat.hub.online_user(peer.key()) {
-                Some(u) if u.guest => (u.name, true),
-                _ => return Err(ChatError::not_found(format!("no user named {peer}"))),
+            None => match self.connected_guest(peer.key()).await {
+                Some(name) => (name, true),
+                None => return Err(ChatError::not_found(format!("no user named {peer}"))),
             },
         };
         let room = RoomName::direct(&me.user, &peer);

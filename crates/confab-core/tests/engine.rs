@@ -137,7 +137,11 @@ fn message(room: &str, seq: u64) -> Message {
 
 /// A hub with one connected user in room `r` (whose last seq is 0).
 fn hub_with_listener(store: DynStore) -> (Arc<Hub>, ConnReceiver) {
-    let hub = Hub::new(store, Duration::from_millis(50));
+    let hub = Hub::new(
+        store,
+        Arc::new(MemoryBroker::new()),
+        Duration::from_millis(50),
+    );
     let (conn, rx) = confab_core::conn::channel(confab_core::conn::ConnId(1), 64, None);
     let user = UserName::parse("u").unwrap();
     hub.attach(&user, false, conn, &[(RoomName::parse("r").unwrap(), 0)])

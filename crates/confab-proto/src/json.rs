@@ -285,8 +285,9 @@ mod tests {
             json!({"type":"message","room":"general","seq":42,"user":"alice","body":"hi","ts":1,"nonce":"c-17"})
         );
         let hello = Event::Hello {
-            server: crate::SERVER_NAME,
-            version: "0.1.0",
+            server: crate::SERVER_NAME.into(),
+            version: "0.1.0".into(),
+            node: "n1".into(),
             heartbeat_ms: 30000,
             limits: Limits {
                 max_body_bytes: 4096,
@@ -295,7 +296,7 @@ mod tests {
         };
         assert_eq!(
             encoded(encode_event(&hello)),
-            json!({"type":"hello","server":"confab","version":"0.1.0","heartbeat_ms":30000,"limits":{"max_body_bytes":4096,"max_frame_bytes":65536}})
+            json!({"type":"hello","server":"confab","version":"0.1.0","node":"n1","heartbeat_ms":30000,"limits":{"max_body_bytes":4096,"max_frame_bytes":65536}})
         );
         let presence = Event::Presence {
             user: "bob".into(),

@@ -278,19 +278,22 @@ pub struct Reply {
     pub result: Result<OkBody, ErrorBody>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_frame_bytes: usize,
 }
 
-/// Everything the server sends that is not a reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Everything the server sends that is not a reply. It also travels
+/// between the nodes of a cluster, inside their own versioned envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     Hello {
-        server: &'static str,
-        version: &'static str,
+        server: String,
+        version: String,
+        /// The node of a cluster that answered.
+        node: String,
         heartbeat_ms: u64,
         limits: Limits,
     },

@@ -28,8 +28,16 @@ pub(crate) async fn ready(State(app): State<Arc<App>>) -> Response {
     if app.draining.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
+    // Without its broker a node still serves its own clients (and fills
+    // what it missed once back): still ready, or a Redis outage would take
+    // every node out of the balancer. It says so.
+    let broker = if app.chat.broker_status().0 {
+        ""
+    } else {
+        "broker: not connected (serving this node's clients only)\n"
+    };
     match tokio::time::timeout(READY_TIMEOUT, app.chat.store().ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Ok(())) => (StatusCode::OK, format!("ready\n{broker}")).into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("storage: {e}\n")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage: no answer\n").into_response(),
     }

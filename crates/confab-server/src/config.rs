@@ -11,6 +11,11 @@ pub use crate::proxy::Networks;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: Database,
+    /// This node's name in its cluster (also on a single node: `hello`
+    /// names it).
+    pub node: String,
+    /// The broker that joins this node to a cluster; `None`: one node.
+    pub broker: Option<confab_broker_redis::BrokerUrl>,
     /// WebSocket ping interval; a connection silent for two is closed.
     pub heartbeat: Duration,
     /// Largest WebSocket frame (and message) a client may send.
@@ -50,6 +55,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            node: default_node_name(),
+            broker: None,
             database: Database::Sqlite {
                 path: PathBuf::from("data/confab.db"),
                 durability: Durability::Full,
@@ -164,6 +171,40 @@ impl Database {
             path: PathBuf::from(path),
             durability,
         })
+    }
+}
+
+/// The host name and a short random suffix: unique without configuration,
+/// recognisable in logs.
+pub fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                .take(48)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "confab".into());
+    let mut suffix = [0u8; 2];
+    getrandom::fill(&mut suffix).expect("the OS has randomness");
+    format!("{host}-{:02x}{:02x}", suffix[0], suffix[1])
+}
+
+/// Check a node name: 1 to 64 letters, digits, '-', '_' or '.'.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid node name {name:?}: 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
     }
 }
 

@@ -34,6 +34,8 @@ use std::sync::Arc;
 
 use axum::routing::get;
 use axum::Router;
+use confab_broker_redis::RedisBroker;
+use confab_core::broker::{Broker, MemoryBus};
 use confab_core::{Chat, DynStore, MemoryBroker, Outbound, StoreError};
 use confab_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
@@ -54,6 +56,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("broker: {0}")]
+    Broker(#[from] confab_broker_redis::ConnectError),
 }
 
 /// How long the last words to a slow consumer (a close frame, a last line)
@@ -269,7 +273,10 @@ async fn serve(
 ) -> Result<Server, ServerError> {
     let Listeners { http, line } = listeners;
     let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
-    let broker = Arc::new(MemoryBroker::new());
+    let broker: Arc<dyn Broker> = match &config.broker {
+        None => Arc::new(MemoryBroker::on(MemoryBus::new(), &config.node)),
+        Some(url) => Arc::new(RedisBroker::connect(url, &config.node).await?),
+    };
     let chat = Chat::new(store.clone(), broker, config.chat.clone()).await?;
     chat.set_observer(metrics.clone());
     let app = Arc::new(App {
@@ -356,6 +363,7 @@ impl Server {
                 "grace period over; closing the remaining connections"
             );
         }
+        self.app.chat.leave_cluster().await;
         if let Some(e) = self.app.failure.get() {
             return Err(e.clone().into());
         }

@@ -105,6 +105,14 @@ struct Overrides {
     /// sslrootcert).
     #[arg(long, global = true)]
     database: Option<String>,
+    /// Join a cluster through this Redis: redis://HOST:PORT[/DB], with
+    /// ?prefix=P to share one Redis between clusters. Needs PostgreSQL.
+    #[arg(long, global = true)]
+    broker: Option<String>,
+    /// This node's name in the cluster (default: the host name and a
+    /// short random suffix).
+    #[arg(long, global = true)]
+    node: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or per module.
     #[arg(long, global = true)]
     log_level: Option<String>,
@@ -146,6 +154,12 @@ impl Overrides {
         }
         if let Some(v) = &self.database {
             s.database = v.clone();
+        }
+        if let Some(v) = &self.broker {
+            s.broker = v.clone();
+        }
+        if let Some(v) = &self.node {
+            s.node = v.clone();
         }
         if let Some(v) = &self.log_level {
             s.log.level = v.clone();

@@ -38,6 +38,8 @@ pub(crate) struct Metrics {
     rooms_active: IntGauge,
     request_latency: HistogramVec,
     pool: IntGaugeVec,
+    broker_connected: IntGauge,
+    broker_events: IntCounterVec,
     /// Reads the storage pool: (connections in use, most).
     pool_status: std::sync::OnceLock<PoolStatus>,
 }
@@ -189,6 +191,16 @@ impl Metrics {
                 g
             },
             pool_status: std::sync::OnceLock::new(),
+            broker_connected: gauge(
+                "confab_broker_connected",
+                "1 while the broker (Redis) is connected, or on a single node.",
+            ),
+            broker_events: counter(
+                "confab_broker_events_total",
+                "Events between nodes: published, received, dropped (not published), \
+                 malformed (not readable), and resubscriptions after a lost connection.",
+                &["kind"],
+            ),
             users_online: gauge("confab_users_online", "Users with a connection here."),
             rooms_active: gauge(
                 "confab_rooms_active",
@@ -247,6 +259,18 @@ impl Metrics {
         let (users, rooms) = chat.counts();
         self.users_online.set(users as i64);
         self.rooms_active.set(rooms as i64);
+        let (connected, stats) = chat.broker_status();
+        self.broker_connected.set(i64::from(connected));
+        for (kind, value) in [
+            ("published", stats.published),
+            ("received", stats.received),
+            ("dropped", stats.dropped),
+            ("malformed", stats.malformed),
+            ("reconnect", stats.reconnects),
+        ] {
+            let c = self.broker_events.with_label_values(&[kind]);
+            c.inc_by(value.saturating_sub(c.get()));
+        }
         if let Some((in_use, max)) = self.pool_status.get().and_then(|status| status()) {
             self.pool.with_label_values(&["in_use"]).set(in_use as i64);
             self.pool.with_label_values(&["max"]).set(max as i64);

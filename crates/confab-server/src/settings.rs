@@ -55,6 +55,11 @@ pub struct Settings {
     pub line: String,
     /// `sqlite://PATH`, optionally `?synchronous=normal`.
     pub database: String,
+    /// `redis://HOST:PORT[/DB][?prefix=P]`: join a cluster; empty for a
+    /// single node.
+    pub broker: String,
+    /// This node's name; empty for the host name and a random suffix.
+    pub node: String,
     pub log: LogSettings,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
@@ -175,6 +180,8 @@ impl Default for Settings {
             http: "127.0.0.1:8080".parse().expect("an address"),
             line: "127.0.0.1:7777".into(),
             database: "sqlite://data/confab.db".into(),
+            broker: String::new(),
+            node: String::new(),
             log: LogSettings {
                 level: "info".into(),
                 format: LogFormat::Text,
@@ -239,7 +246,7 @@ defaults_from_settings!(
 pub struct ConfigError(String);
 
 /// Top-level keys the environment can set.
-const TOP_LEVEL: &[&str] = &["http", "line", "database", "filter"];
+const TOP_LEVEL: &[&str] = &["http", "line", "database", "broker", "node", "filter"];
 /// Sections whose keys the environment can set.
 const SECTIONS: &[&str] = &["log", "tls", "limits", "rate_limits", "guests", "admin"];
 /// Keys whose environment value is always text.
@@ -247,6 +254,8 @@ const TEXT_KEYS: &[&str] = &[
     "http",
     "line",
     "database",
+    "broker",
+    "node",
     "log.level",
     "log.format",
     "tls.cert",
@@ -372,8 +381,32 @@ impl Settings {
         let rate = |s: RateSetting| Some(Rate::new(s.per_second, s.burst));
         let ms = Duration::from_millis;
         let defaults = Config::default();
+        let database = Database::parse(&self.database).map_err(ConfigError)?;
+        let broker = match self.broker.as_str() {
+            "" => None,
+            url => Some(
+                confab_broker_redis::BrokerUrl::parse(url)
+                    .map_err(|e| ConfigError(format!("broker: {e}")))?,
+            ),
+        };
+        if broker.is_some() && matches!(database, Database::Sqlite { .. }) {
+            return Err(ConfigError(
+                "a cluster (broker) needs a database every node shares: database = \
+                 postgres://…; two nodes cannot share one SQLite file"
+                    .into(),
+            ));
+        }
+        let node = match self.node.as_str() {
+            "" => crate::config::default_node_name(),
+            name => {
+                crate::config::check_node_name(name).map_err(ConfigError)?;
+                name.to_owned()
+            }
+        };
         Ok(Config {
-            database: Database::parse(&self.database).map_err(ConfigError)?,
+            database,
+            node,
+            broker,
             heartbeat: ms(l.heartbeat_ms),
             max_frame_bytes: l.max_frame_bytes,
             max_line_bytes: l.max_line_bytes,
@@ -420,6 +453,7 @@ impl Settings {
     pub fn to_toml(&self) -> String {
         let shown = Settings {
             database: crate::config::mask_password(&self.database),
+            broker: confab_broker_redis::mask(&self.broker),
             ..self.clone()
         };
         toml::to_string_pretty(&shown).expect("settings serialise")

@@ -227,8 +227,9 @@ async fn write_loop(
     gone: CancellationToken,
 ) {
     let hello = Event::Hello {
-        server: confab_proto::SERVER_NAME,
-        version: confab_proto::VERSION,
+        server: confab_proto::SERVER_NAME.into(),
+        version: confab_proto::VERSION.into(),
+        node: app.chat.node().to_owned(),
         heartbeat_ms: app.config().heartbeat.as_millis() as u64,
         limits: Limits {
             max_body_bytes: app.chat.config().max_body_bytes,

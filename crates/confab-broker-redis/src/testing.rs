@@ -1,0 +1,118 @@
+//! For tests: a key prefix of one's own on a shared Redis, and a
+//! `redis-server` of one's own to stop and start.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::BrokerUrl;
+
+/// The shared test Redis (`CONFAB_TEST_REDIS`), or `None` after saying
+/// the test is skipped.
+pub fn shared_redis() -> Option<String> {
+    match std::env::var("CONFAB_TEST_REDIS") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            eprintln!("skipped: set CONFAB_TEST_REDIS=redis://127.0.0.1:6379 to run this on Redis");
+            None
+        }
+    }
+}
+
+/// A key prefix of its own, deleted with everything under it on drop.
+pub struct Prefix {
+    url: String,
+    pub prefix: String,
+}
+
+impl Prefix {
+    pub fn new(url: &str) -> Prefix {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let mut r = [0u8; 4];
+        getrandom::fill(&mut r).unwrap();
+        let prefix = format!(
+            "test-{}-{}-{:02x}{:02x}{:02x}{:02x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            r[0],
+            r[1],
+            r[2],
+            r[3]
+        );
+        Prefix {
+            url: url.to_owned(),
+            prefix,
+        }
+    }
+
+    /// The broker URL of this prefix.
+    pub fn broker_url(&self) -> BrokerUrl {
+        BrokerUrl::parse(&format!("{}?prefix={}", self.url, self.prefix)).unwrap()
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection() else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut conn)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        }
+    }
+}
+
+/// A `redis-server` of the test's own, on a free port.
+pub struct OwnRedis {
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    pub async fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut own = OwnRedis { port, child: None };
+        own.restart().await;
+        own
+    }
+
+    /// Start it again on the same port (empty: it keeps nothing).
+    pub async fn restart(&mut self) {
+        let mut child = tokio::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed (apt install redis-server)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("Ready to accept connections") {
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}

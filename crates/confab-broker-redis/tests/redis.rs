@@ -1,0 +1,147 @@
+//! The Redis broker against a real Redis: the contract on the shared one
+//! (`CONFAB_TEST_REDIS`, a key prefix per test), outages and dead nodes on
+//! a `redis-server` each test starts itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use confab_broker_redis::testing::{shared_redis, OwnRedis, Prefix};
+use confab_broker_redis::{BrokerUrl, ConnectError, Liveness, RedisBroker};
+use confab_core::broker::contract::{Cluster, Recorder};
+use confab_core::broker::{Broker, BrokerEvent, Topic};
+use confab_core::{RoomName, UserName};
+use confab_proto::Message;
+
+async fn nodes(url: &BrokerUrl, names: &[&str], liveness: Liveness) -> Vec<Arc<dyn Broker>> {
+    let mut out: Vec<Arc<dyn Broker>> = Vec::new();
+    for name in names {
+        let b = RedisBroker::connect_with(url, name, liveness)
+            .await
+            .unwrap();
+        out.push(Arc::new(b));
+    }
+    out
+}
+
+confab_core::broker_contract_tests!(later: true, async {
+    let url = shared_redis()?;
+    let prefix = Prefix::new(&url);
+    let nodes = nodes(&prefix.broker_url(), &["a", "b", "c"], Liveness::default()).await;
+    Some(Cluster::new(nodes, prefix))
+});
+
+fn message(room: &str, seq: u64) -> BrokerEvent {
+    BrokerEvent::Message {
+        message: Message {
+            room: room.into(),
+            seq,
+            user: "alice".into(),
+            body: "hi".into(),
+            ts: 1,
+            nonce: None,
+        },
+        accepted: None,
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_redis_is_caught_up_on() {
+    let mut redis = OwnRedis::start().await;
+    let url = BrokerUrl::parse(&redis.url()).unwrap();
+    let nodes = nodes(&url, &["a", "b"], Liveness::default()).await;
+    let (a, b) = (Recorder::attach(&nodes[0]), Recorder::attach(&nodes[1]));
+    a.until_missed(1).await;
+    b.until_missed(1).await;
+    nodes[1].subscribe(Topic::Room(RoomName::parse("r").unwrap()));
+    b.until_missed(2).await;
+    nodes[0].publish(message("r", 1)).await.unwrap();
+    b.until("r:1", |e| e.len() == 1).await;
+
+    redis.stop().await;
+    // Published while Redis is down: delivered on its own node, and its
+    // room's head kept for later.
+    nodes[0].publish(message("r", 2)).await.unwrap();
+    assert_eq!(a.take().len(), 2);
+    let before = b.missed_count();
+    redis.restart().await;
+    // The subscriber reconnects and says what it may have missed; the
+    // publisher announces the head it could not send.
+    b.until_missed(before + 1).await;
+    let got = b
+        .until("the head of r", |e| {
+            e.iter()
+                .any(|e| matches!(e, BrokerEvent::Head { seq: 2, .. }))
+        })
+        .await;
+    assert!(got
+        .iter()
+        .all(|e| !matches!(e, BrokerEvent::Message { message, .. } if message.seq == 2)));
+}
+
+#[tokio::test]
+async fn a_dead_node_is_buried_by_a_living_one() {
+    let redis = OwnRedis::start().await;
+    let url = BrokerUrl::parse(&redis.url()).unwrap();
+    let quick = Liveness {
+        heartbeat: Duration::from_millis(100),
+        ttl: Duration::from_millis(600),
+    };
+    let mut cluster = nodes(&url, &["a", "b"], quick).await;
+    let b = Recorder::attach(&cluster[1]);
+    let a = cluster.remove(0);
+    let gus = UserName::parse("Gus").unwrap();
+    let ann = UserName::parse("ann").unwrap();
+    assert!(a.claim_guest(&gus).await.unwrap());
+    assert!(a.present(&gus, true, true).await.unwrap());
+    assert!(a.present(&ann, false, true).await.unwrap());
+    assert!(cluster[0].present(&ann, false, true).await.unwrap());
+    assert!(!cluster[0].claim_guest(&gus).await.unwrap());
+    drop(a); // no more heartbeats: killed
+
+    let (node, orphans) = b.until_orphaned().await;
+    assert_eq!(node, "a");
+    assert_eq!(orphans.len(), 1, "ann is still on b: {orphans:?}");
+    assert_eq!(orphans[0].user.as_str(), "Gus");
+    assert!(orphans[0].guest);
+    assert!(
+        !cluster[0].claim_guest(&gus).await.unwrap(),
+        "held until buried"
+    );
+    cluster[0].forget_node("a").await.unwrap();
+    assert!(
+        cluster[0].claim_guest(&gus).await.unwrap(),
+        "free once buried"
+    );
+    assert!(cluster[0].alone().await.unwrap());
+}
+
+#[tokio::test]
+async fn bad_brokers_are_refused_clearly() {
+    let err = |url: &str| BrokerUrl::parse(url).err().unwrap().to_string();
+    assert!(err("nats://127.0.0.1:4222").contains("the broker is Redis"));
+    assert!(err("rediss://h:1").contains("not supported"));
+    assert!(err("redis://h:1?prefix=a*b").contains("prefix"));
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = BrokerUrl::parse(&format!("redis://127.0.0.1:{port}")).unwrap();
+    match RedisBroker::connect(&url, "n").await {
+        Err(ConnectError::Unreachable(..)) => {}
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn two_nodes_cannot_share_a_name() {
+    let Some(shared) = shared_redis() else { return };
+    let prefix = Prefix::new(&shared);
+    let url = prefix.broker_url();
+    let _first = RedisBroker::connect(&url, "n1").await.unwrap();
+    match RedisBroker::connect(&url, "n1").await {
+        Err(e @ ConnectError::NameTaken(..)) => assert!(e.to_string().contains("--node")),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
