@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use confab_broker_redis::testing::Prefix;
 use confab_server::{Config, Database, Server};
 use confab_store_postgres::testing::TestSchema;
 use futures_util::{SinkExt, StreamExt};
@@ -69,6 +70,7 @@ impl Store {
             Arc::new(Data {
                 dir,
                 _schema: schema,
+                _prefix: None,
             }),
         )
         .await
@@ -121,6 +123,71 @@ struct Data {
     dir: tempfile::TempDir,
     /// Held for its drop, which drops the PostgreSQL schema.
     _schema: Option<TestSchema>,
+    /// Held for its drop, which deletes the cluster's Redis keys.
+    _prefix: Option<Prefix>,
+}
+
+/// Nodes of one cluster in this process: one fresh PostgreSQL schema, one
+/// Redis key prefix, nodes named n0, n1, …
+pub struct TestCluster {
+    pub nodes: Vec<TestServer>,
+    data: Arc<Data>,
+    base: Config,
+}
+
+impl TestCluster {
+    /// `n` nodes on the shared test Redis; `None` (having said so) when
+    /// `CONFAB_TEST_POSTGRES` or `CONFAB_TEST_REDIS` is not set.
+    pub async fn spawn(n: usize) -> Option<TestCluster> {
+        let redis = confab_broker_redis::testing::shared_redis()?;
+        Self::on(n, &redis, |_| {}).await
+    }
+
+    /// `n` nodes on the Redis at `redis`, each configured by `tweak`.
+    pub async fn on(n: usize, redis: &str, tweak: impl Fn(&mut Config)) -> Option<TestCluster> {
+        if Store::postgres_skipped() {
+            return None;
+        }
+        let schema = TestSchema::create()
+            .await
+            .expect("CONFAB_TEST_POSTGRES names the test server");
+        let prefix = Prefix::new(redis);
+        let base = Config {
+            database: Database::parse(&schema.url).expect("valid URL"),
+            broker: Some(prefix.broker_url()),
+            ..Config::default()
+        };
+        let data = Arc::new(Data {
+            dir: tempfile::tempdir().expect("temporary directory"),
+            _schema: Some(schema),
+            _prefix: Some(prefix),
+        });
+        let mut cluster = TestCluster {
+            nodes: Vec::new(),
+            data,
+            base,
+        };
+        for i in 0..n {
+            let mut config = cluster.base.clone();
+            config.node = format!("n{i}");
+            tweak(&mut config);
+            let node = TestServer::start(config, cluster.data.clone()).await;
+            cluster.nodes.push(node);
+        }
+        Some(cluster)
+    }
+
+    /// A connected client of node `i`.
+    pub async fn client(&self, i: usize) -> WsClient {
+        self.nodes[i].client().await
+    }
+
+    /// Start one more node, named `name`, in this cluster.
+    pub async fn start_node(&self, name: &str) -> TestServer {
+        let mut config = self.base.clone();
+        config.node = name.to_owned();
+        TestServer::start(config, self.data.clone()).await
+    }
 }
 
 /// A running server and the directory holding its database.

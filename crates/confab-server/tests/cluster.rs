@@ -1,0 +1,245 @@
+//! Several nodes, one chat (protocol section 4): three nodes in this
+//! process sharing a fresh PostgreSQL schema and a Redis key prefix of
+//! their own. Skipped (saying so) without `CONFAB_TEST_POSTGRES` and
+//! `CONFAB_TEST_REDIS`; a Redis outage runs on a `redis-server` the test
+//! starts and stops itself.
+
+use confab_testkit::confab_server::RateLimits;
+use confab_testkit::serde_json::{json, Value};
+use confab_testkit::{TestCluster, WsClient};
+
+/// Read events until `n` messages of `room` arrived; returns their
+/// (seq, body) in arrival order.
+async fn messages(client: &mut WsClient, room: &str, n: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let e = client.event().await;
+        if e["type"] == "message" && e["room"] == room {
+            got.push((
+                e["seq"].as_u64().unwrap(),
+                e["body"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    got
+}
+
+/// The next event of type `kind`, skipping others.
+async fn next_of(client: &mut WsClient, kind: &str) -> Value {
+    loop {
+        let e = client.event().await;
+        if e["type"] == kind {
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_room_one_gapless_order_on_every_node() {
+    let Some(cluster) = TestCluster::spawn(3).await else {
+        return;
+    };
+    let mut clients = Vec::new();
+    for (i, name) in ["alice", "bob", "carol"].iter().enumerate() {
+        let mut c = cluster.client(i).await;
+        assert_eq!(c.hello["node"], format!("n{i}"), "hello names the node");
+        c.register(name).await;
+        c.join("lobby").await;
+        clients.push(c);
+    }
+    // Everyone sends at once, from three nodes, with nonces.
+    const EACH: usize = 25; // within the per-connection message burst
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                for k in 0..EACH {
+                    c.ok(json!({"type":"send","room":"lobby","body":format!("{i}-{k}"),"nonce":format!("{i}-{k}")}))
+                        .await;
+                }
+                let seen = messages(&mut c, "lobby", 3 * EACH).await;
+                (c, seen)
+            })
+        })
+        .collect();
+    let mut seen_by = Vec::new();
+    for t in tasks {
+        seen_by.push(t.await.unwrap());
+    }
+    let first = seen_by[0].1.clone();
+    let seqs: Vec<u64> = first.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (1..=(3 * EACH) as u64).collect::<Vec<_>>(),
+        "gapless, in order"
+    );
+    for (_, seen) in &seen_by {
+        assert_eq!(seen, &first, "one order, seen identically on every node");
+    }
+    let (mut c, _) = seen_by.pop().unwrap();
+    let stored = c.whole_history("lobby").await;
+    assert_eq!(
+        stored.len(),
+        3 * EACH,
+        "durable: every acknowledged message stored"
+    );
+    for (seq, body) in &first {
+        assert_eq!(&stored[seq], body);
+    }
+}
+
+#[tokio::test]
+async fn a_retry_on_another_node_is_exactly_once() {
+    let Some(cluster) = TestCluster::spawn(2).await else {
+        return;
+    };
+    let mut a = cluster.client(0).await;
+    let token = a.register("alice").await;
+    a.join("lobby").await;
+    let first = a
+        .ok(json!({"type":"send","room":"lobby","body":"once","nonce":"n-1"}))
+        .await;
+    // The connection dropped before the ack was seen: retry on node 1.
+    drop(a);
+    let mut b = cluster.client(1).await;
+    b.ok(json!({"type":"resume","token":token})).await;
+    let retry = b
+        .ok(json!({"type":"send","room":"lobby","body":"once","nonce":"n-1"}))
+        .await;
+    assert_eq!(retry["seq"], first["seq"]);
+    assert_eq!(b.whole_history("lobby").await.len(), 1);
+}
+
+#[tokio::test]
+async fn everything_reaches_users_on_other_nodes() {
+    let Some(cluster) = TestCluster::spawn(3).await else {
+        return;
+    };
+    let mut bob = cluster.client(1).await;
+    bob.register("bob").await;
+    bob.join("lobby").await;
+    let mut alice = cluster.client(0).await;
+    let token = alice.register("alice").await;
+    let joined = alice.join("lobby").await;
+    let members = joined["members"].as_array().unwrap();
+    let bob_entry = members.iter().find(|m| m["user"] == "bob").unwrap();
+    assert_eq!(bob_entry["online"], true, "presence across nodes");
+    let e = next_of(&mut bob, "joined").await;
+    assert_eq!(e["user"], "alice");
+
+    // Typing and topics.
+    alice.ok(json!({"type":"typing","room":"lobby"})).await;
+    assert_eq!(next_of(&mut bob, "typing").await["user"], "alice");
+    bob.ok(json!({"type":"topic","room":"lobby","topic":"cluster talk"}))
+        .await;
+    assert_eq!(next_of(&mut alice, "topic").await["topic"], "cluster talk");
+
+    // Read markers reach alice's other device on a third node.
+    let mut alice2 = cluster.client(2).await;
+    alice2.ok(json!({"type":"resume","token":token})).await;
+    let seq = bob.send("lobby", "hello").await;
+    assert_eq!(messages(&mut alice2, "lobby", 1).await[0].0, seq);
+    alice
+        .ok(json!({"type":"read","room":"lobby","seq":seq}))
+        .await;
+    let read = next_of(&mut alice2, "read").await;
+    assert_eq!(read["seq"], seq);
+
+    // A guest on node 2 holds its name in the whole cluster, and gets
+    // direct messages from node 0.
+    let mut gus = cluster.client(2).await;
+    gus.guest("Gus").await;
+    let mut other = cluster.client(1).await;
+    let err = other.error(json!({"type":"guest","user":"gus"})).await;
+    assert_eq!(err, "conflict");
+    let err = other
+        .error(json!({"type":"register","user":"GUS","password":"password-gus"}))
+        .await;
+    assert_eq!(err, "conflict");
+    alice
+        .ok(json!({"type":"dm","to":"gus","body":"psst"}))
+        .await;
+    let dm = next_of(&mut gus, "message").await;
+    assert_eq!(dm["body"], "psst");
+    // Gone, the name is free on every node.
+    drop(gus);
+    let mut free = false;
+    for _ in 0..200 {
+        let mut c = cluster.client(1).await;
+        let r = c.request(json!({"type":"guest","user":"gus"})).await;
+        if r["type"] == "ok" {
+            free = true;
+            break;
+        }
+        // The first node records the departure asynchronously: a round
+        // trip to node 0 lets it.
+        alice.ok(json!({"type":"ping"})).await;
+        tokio::task::yield_now().await;
+    }
+    assert!(free, "the guest name was released");
+
+    // Alice's last connection goes: bob sees her offline.
+    drop(alice);
+    drop(alice2);
+    loop {
+        let e = next_of(&mut bob, "presence").await;
+        if e["user"] == "alice" && e["online"] == false {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn login_attempts_are_throttled_across_the_cluster() {
+    let Some(cluster) = TestCluster::spawn(3).await else {
+        return;
+    };
+    let mut owner = cluster.client(0).await;
+    owner.register("victim").await;
+    let burst = RateLimits::default().auth_per_account.unwrap().burst as usize;
+    let mut codes = Vec::new();
+    for i in 0..burst + 3 {
+        let mut c = cluster.client(i % 3).await;
+        codes.push(
+            c.error(json!({"type":"login","user":"victim","password":"guess-guess"}))
+                .await,
+        );
+    }
+    // The register itself took one token of the account's bucket.
+    let refused = codes.iter().filter(|c| *c == "rate_limited").count();
+    assert!(
+        refused >= 3,
+        "guesses spread over 3 nodes share one bucket: {codes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_message_missed_on_the_bus_arrives_from_storage() {
+    if confab_testkit::Store::postgres_skipped() {
+        return;
+    }
+    let mut redis = confab_broker_redis::testing::OwnRedis::start().await;
+    let Some(cluster) = TestCluster::on(2, &redis.url(), |_| {}).await else {
+        return;
+    };
+    let mut alice = cluster.client(0).await;
+    alice.register("alice").await;
+    alice.join("lobby").await;
+    let mut bob = cluster.client(1).await;
+    bob.register("bob").await;
+    bob.join("lobby").await;
+    alice.send("lobby", "before").await;
+    assert_eq!(messages(&mut bob, "lobby", 1).await[0].1, "before");
+
+    redis.stop().await;
+    // Each node keeps serving its own clients.
+    let seq = alice.send("lobby", "during").await;
+    assert_eq!(messages(&mut alice, "lobby", 2).await[1].1, "during");
+    redis.restart().await;
+    // No later message follows: it comes from storage once the bus is back.
+    let got = messages(&mut bob, "lobby", 1).await;
+    assert_eq!(got, vec![(seq, "during".to_owned())]);
+    bob.send("lobby", "after").await;
+    assert_eq!(messages(&mut alice, "lobby", 1).await[0].1, "after");
+}
