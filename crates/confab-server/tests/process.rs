@@ -1,96 +1,18 @@
 //! The real `confab` binary under load: SIGTERM and SIGKILL in the middle of
 //! a stream of sends, a restart, and an audit of every acknowledgement.
 
-use std::net::SocketAddr;
-use std::process::Stdio;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::Confab;
 use confab_store_postgres::testing::TestSchema;
 use confab_testkit::serde_json::{json, Value};
 use confab_testkit::tokio_tungstenite::tungstenite::Message;
 use confab_testkit::{Store, WsClient};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, watch};
-
-struct Confab {
-    child: Child,
-    http: SocketAddr,
-    /// Log lines, as they come.
-    logs: mpsc::UnboundedReceiver<String>,
-}
-
-impl Confab {
-    /// Start the binary on the database at `url`, on ports of its
-    /// choosing; returns once it listens.
-    async fn start(url: &str) -> Confab {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
-            .args(["serve", "--http", "127.0.0.1:0", "--line", "127.0.0.1:0"])
-            .args(["--database", url])
-            .args(["--shutdown-grace-ms", "5000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting confab");
-        let (tx, mut logs) = mpsc::unbounded_channel();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let http = loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), logs.recv())
-                .await
-                .expect("confab did not start")
-                .expect("confab exited at start");
-            if line.contains("listening for HTTP and WebSocket") {
-                let addr = line
-                    .split("addr=")
-                    .nth(1)
-                    .unwrap()
-                    .split(' ')
-                    .next()
-                    .unwrap();
-                break addr.parse().unwrap();
-            }
-        };
-        Confab { child, http, logs }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/ws", self.http)
-    }
-
-    fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("running") as i32;
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    }
-
-    /// Wait for a log line containing `text`.
-    async fn log(&mut self, text: &str) {
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), self.logs.recv())
-                .await
-                .expect("waiting for a log line")
-                .expect("confab exited");
-            if line.contains(text) {
-                return;
-            }
-        }
-    }
-
-    async fn exit(mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("confab did not exit")
-            .expect("waiting for confab")
-    }
-}
+use tokio::sync::watch;
 
 type Acks = Arc<Mutex<Vec<(u64, String)>>>;
 

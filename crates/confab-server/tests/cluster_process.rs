@@ -1,0 +1,313 @@
+//! Three real `confab` nodes on one PostgreSQL schema and one Redis key
+//! prefix: SIGKILL one while clients on all three send with nonces; its
+//! clients reconnect to the others, `resume`, retry, `sync`; then every
+//! acknowledged message is audited (none lost, none twice, one gapless
+//! order seen by every member). Skipped without `CONFAB_TEST_POSTGRES` and
+//! `CONFAB_TEST_REDIS`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Confab;
+use confab_broker_redis::testing::{shared_redis, Prefix};
+use confab_store_postgres::testing::TestSchema;
+use confab_testkit::serde_json::{json, Value};
+use confab_testkit::tokio_tungstenite::tungstenite::Message;
+use confab_testkit::tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+use confab_testkit::{Store, WsClient};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// One client's connection, with what it saw of the room.
+struct Client {
+    ws: Ws,
+    id: u64,
+    /// Messages of the room by seq, live or synced.
+    seen: BTreeMap<u64, String>,
+    /// The last live message on this connection: each next one follows it
+    /// without a gap (what went by before it came is fetched by `sync`).
+    last_live: u64,
+}
+
+impl Client {
+    async fn connect(url: &str) -> Option<Client> {
+        let (ws, _) = connect_async(url).await.ok()?;
+        Some(Client {
+            ws,
+            id: 0,
+            seen: BTreeMap::new(),
+            last_live: 0,
+        })
+    }
+
+    /// A request's reply; events read meanwhile are recorded. `None` when
+    /// the connection died.
+    async fn call(&mut self, mut request: Value) -> Option<Value> {
+        self.id += 1;
+        request["id"] = json!(self.id);
+        self.ws
+            .send(Message::text(request.to_string()))
+            .await
+            .ok()?;
+        loop {
+            let frame = self.frame().await?;
+            if frame["id"] == json!(self.id) {
+                return Some(frame);
+            }
+        }
+    }
+
+    async fn frame(&mut self) -> Option<Value> {
+        loop {
+            let Ok(Some(Ok(msg))) =
+                tokio::time::timeout(Duration::from_secs(20), self.ws.next()).await
+            else {
+                return None;
+            };
+            let Message::Text(text) = msg else { continue };
+            let frame: Value = confab_testkit::serde_json::from_str(&text).ok()?;
+            if frame["type"] == "message" && frame["room"] == "load" {
+                let seq = frame["seq"].as_u64().unwrap();
+                assert!(
+                    self.last_live == 0 || seq == self.last_live + 1,
+                    "live messages gapless and in order: {seq} after {}",
+                    self.last_live
+                );
+                self.last_live = seq;
+                self.seen
+                    .insert(seq, frame["body"].as_str().unwrap().to_owned());
+            }
+            if frame.get("id").is_some() || frame["type"] != "message" {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// Fetch what went by while away.
+    async fn sync(&mut self) -> Option<()> {
+        loop {
+            let after = self.seen.keys().last().copied().unwrap_or(0);
+            let r = self
+                .call(json!({"type":"sync","cursors":{"load":after},"limit":500}))
+                .await?;
+            let mut more = r["more"] == true;
+            for room in r["rooms"].as_array()? {
+                more |= room["more"] == true;
+                for m in room["messages"].as_array()? {
+                    let seq = m["seq"].as_u64()?;
+                    self.seen.insert(seq, m["body"].as_str()?.to_owned());
+                }
+            }
+            if !more {
+                return Some(());
+            }
+        }
+    }
+}
+
+type Acks = Arc<Mutex<Vec<(u64, String)>>>;
+
+/// A member that sends `total` messages with nonces, moving to the next
+/// node whenever its node dies, then reads until `done` says everyone
+/// finished; returns what it saw.
+/// What the members share.
+#[derive(Clone)]
+struct Run {
+    urls: Vec<String>,
+    acks: Acks,
+    /// How many acks so far.
+    progress: watch::Sender<usize>,
+    /// Everyone finished sending.
+    done: watch::Receiver<bool>,
+    /// Everyone joined.
+    joined: Arc<tokio::sync::Barrier>,
+}
+
+async fn member(run: Run, mut node: usize, name: String, total: usize) -> BTreeMap<u64, String> {
+    let Run {
+        urls,
+        acks,
+        progress,
+        mut done,
+        joined,
+    } = run;
+    let mut c = Client::connect(&urls[node]).await.unwrap();
+    let r = c
+        .call(json!({"type":"register","user":name,"password":"password-123"}))
+        .await
+        .unwrap();
+    let token = r["token"].as_str().unwrap().to_owned();
+    c.call(json!({"type":"join","room":"load"})).await.unwrap();
+    // Every member is in before anyone sends: all must see everything.
+    joined.wait().await;
+    let mut n = 0;
+    while n < total {
+        let body = format!("{name}-{n}");
+        let sent = c
+            .call(json!({"type":"send","room":"load","body":body,"nonce":body}))
+            .await;
+        match sent {
+            Some(r) if r["type"] == "ok" => {
+                let mut acks = acks.lock().unwrap();
+                acks.push((r["seq"].as_u64().unwrap(), body));
+                progress.send_replace(acks.len());
+                n += 1;
+            }
+            Some(r) if r["code"] == "rate_limited" => {
+                let wait = r["retry_after_ms"].as_u64().unwrap_or(10);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            Some(r) => panic!("{name}: {r}"),
+            None => {
+                // The node died (or is going): the next one, `resume`,
+                // `sync`, then the same nonce again.
+                node = (node + 1) % urls.len();
+                let seen = std::mem::take(&mut c.seen);
+                c = reconnect(&urls, &mut node, &token).await;
+                c.seen = seen;
+                c.sync().await.expect("sync after moving");
+            }
+        }
+    }
+    // Keep reading until everyone finished, then catch up once more.
+    loop {
+        let finished = *done.borrow();
+        if finished {
+            break;
+        }
+        tokio::select! {
+            _ = done.changed() => {}
+            frame = c.frame() => if frame.is_none() {
+                node = (node + 1) % urls.len();
+                let seen = std::mem::take(&mut c.seen);
+                c = reconnect(&urls, &mut node, &token).await;
+                c.seen = seen;
+            },
+        }
+    }
+    c.sync().await.expect("a last sync");
+    c.seen
+}
+
+async fn reconnect(urls: &[String], node: &mut usize, token: &str) -> Client {
+    for _ in 0..urls.len() * 2 {
+        if let Some(mut c) = Client::connect(&urls[*node]).await {
+            let resumed = c.call(json!({"type":"resume","token":token})).await;
+            if resumed.is_some_and(|r| r["type"] == "ok") {
+                return c;
+            }
+        }
+        *node = (*node + 1) % urls.len();
+    }
+    panic!("no node took the client back");
+}
+
+#[tokio::test]
+async fn a_killed_node_loses_nothing_acknowledged() {
+    if Store::postgres_skipped() {
+        return;
+    }
+    let Some(redis) = shared_redis() else { return };
+    let schema = TestSchema::create().await.unwrap();
+    let prefix = Prefix::new(&redis);
+    let broker = format!("{redis}?prefix={}", prefix.prefix);
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let name = format!("n{i}");
+        nodes.push(Confab::start_with(&schema.url, &["--broker", &broker, "--node", &name]).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(Confab::url).collect();
+
+    // A user on the node that will die, who does not come back.
+    let mut ghost = WsClient::connect(&urls[2]).await;
+    ghost.register("ghost").await;
+    ghost.join("load").await;
+    let mut watcher = WsClient::connect(&urls[0]).await;
+    watcher.register("watcher").await;
+    watcher.join("load").await;
+
+    let acks: Acks = Arc::default();
+    let (progress, mut progressed) = watch::channel(0);
+    let (finish, done) = watch::channel(false);
+    const EACH: usize = 40;
+    let run = Run {
+        urls: urls.clone(),
+        acks: acks.clone(),
+        progress,
+        done,
+        joined: Arc::new(tokio::sync::Barrier::new(6)),
+    };
+    let members: Vec<_> = (0..6)
+        .map(|i| tokio::spawn(member(run.clone(), i % 3, format!("m{i}"), EACH)))
+        .collect();
+    progressed.wait_for(|n| *n >= 60).await.unwrap();
+    let killed_at = std::time::Instant::now();
+    nodes[2].signal(libc::SIGKILL);
+    let all = tokio::time::timeout(
+        Duration::from_secs(60),
+        progressed.wait_for(|n| *n >= 6 * EACH),
+    );
+    assert!(all.await.is_ok(), "every member finished sending");
+    finish.send_replace(true);
+    let mut views = Vec::new();
+    for m in members {
+        let view = tokio::time::timeout(Duration::from_secs(60), m).await;
+        views.push(view.expect("a member finished").unwrap());
+    }
+
+    // Audit: history is gapless, holds every ack once, and every member
+    // saw exactly it.
+    let mut auditor = WsClient::connect(&urls[1]).await;
+    auditor.register("auditor").await;
+    auditor.join("load").await;
+    let stored = auditor.whole_history("load").await;
+    let acks = acks.lock().unwrap().clone();
+    assert_eq!(acks.len(), 6 * EACH);
+    let last = *stored.keys().last().unwrap();
+    assert_eq!(
+        stored.keys().copied().collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>(),
+        "no gaps"
+    );
+    for (seq, body) in &acks {
+        assert_eq!(stored.get(seq), Some(body), "acknowledged seq {seq}");
+    }
+    assert_eq!(stored.len(), 6 * EACH, "nothing stored twice");
+    for view in &views {
+        assert_eq!(view, &stored, "every member saw the one order");
+    }
+
+    // The dead node's user is shown offline by the living nodes, once its
+    // liveness key expires (10 s): poll the member list meanwhile.
+    loop {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "offline within 30 s"
+        );
+        let r = watcher.ok(json!({"type":"members","room":"load"})).await;
+        let members = r["members"].as_array().unwrap();
+        let ghost = members.iter().find(|m| m["user"] == "ghost").unwrap();
+        if ghost["online"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    loop {
+        let e = watcher.event().await;
+        if e["type"] == "presence" && e["user"] == "ghost" && e["online"] == false {
+            break;
+        }
+    }
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(30),
+        "offline within 30 s"
+    );
+    drop(ghost);
+    drop(prefix);
+}
