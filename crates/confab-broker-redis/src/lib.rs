@@ -169,6 +169,9 @@ pub struct RedisBroker {
     /// The subscriber starts when a hub attaches: until then nobody could
     /// be told what was missed.
     subs_rx: Mutex<Option<mpsc::UnboundedReceiver<Sub>>>,
+    /// Users a previous run of this node (killed, restarted under its
+    /// name) left behind, for the hub to clean up after.
+    predecessor: Mutex<Vec<Orphan>>,
 }
 
 struct Shared {
@@ -236,14 +239,16 @@ impl RedisBroker {
             scripts: Scripts::new(),
             liveness,
         });
-        match shared.heartbeat().await {
-            Ok(true) => {}
-            Ok(false) => {
-                let ttl = liveness.ttl.as_secs();
-                return Err(ConnectError::NameTaken(node.to_owned(), ttl));
-            }
-            Err(e) => return Err(ConnectError::Unreachable(mask(&url.redis), e.to_string())),
+        let redis_down =
+            |e: redis::RedisError| ConnectError::Unreachable(mask(&url.redis), e.to_string());
+        if !shared.heartbeat().await.map_err(redis_down)? {
+            let ttl = liveness.ttl.as_secs();
+            return Err(ConnectError::NameTaken(node.to_owned(), ttl));
         }
+        // A previous run under this name that was killed: take over its
+        // burial before anyone connects here.
+        let predecessor = shared.orphans(node).await.map_err(redis_down)?;
+        shared.forget(node, true).await.map_err(redis_down)?;
         let (out, out_rx) = mpsc::channel(PUBLISH_QUEUE);
         let (subs, subs_rx) = mpsc::unbounded_channel();
         let weak = Arc::downgrade(&shared);
@@ -255,6 +260,7 @@ impl RedisBroker {
             out,
             subs,
             subs_rx: Mutex::new(Some(subs_rx)),
+            predecessor: Mutex::new(predecessor),
         })
     }
 }
@@ -323,22 +329,7 @@ impl Shared {
             if lock.is_none() {
                 continue; // another node is burying it
             }
-            let found: Vec<String> = self
-                .scripts
-                .orphans
-                .arg(&node)
-                .arg(&self.prefix)
-                .invoke_async(&mut conn)
-                .await?;
-            let orphans = found
-                .chunks(2)
-                .filter_map(|pair| {
-                    let guest = !pair[1].is_empty();
-                    let name = if guest { &pair[1] } else { &pair[0] };
-                    let user = UserName::parse(name).ok()?;
-                    Some(Orphan { user, guest })
-                })
-                .collect();
+            let orphans = self.orphans(&node).await?;
             tracing::warn!(%node, "a node stopped heartbeating; burying it");
             match self.sink() {
                 Some(sink) => sink.orphaned(node, orphans),
@@ -346,6 +337,39 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    async fn forget(&self, node: &str, alive: bool) -> redis::RedisResult<()> {
+        let _: i64 = self
+            .scripts
+            .forget
+            .arg(node)
+            .arg(&self.prefix)
+            .arg(if alive { "alive" } else { "gone" })
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Take `node` out of its users' entries; the users it left connected
+    /// nowhere.
+    async fn orphans(&self, node: &str) -> redis::RedisResult<Vec<Orphan>> {
+        let found: Vec<String> = self
+            .scripts
+            .orphans
+            .arg(node)
+            .arg(&self.prefix)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(found
+            .chunks(2)
+            .filter_map(|pair| {
+                let guest = !pair[1].is_empty();
+                let name = if guest { &pair[1] } else { &pair[0] };
+                let user = UserName::parse(name).ok()?;
+                Some(Orphan { user, guest })
+            })
+            .collect())
     }
 
     fn keep_unsent(&self, events: &[BrokerEvent]) {
@@ -641,6 +665,14 @@ impl Broker for RedisBroker {
         if let Some(rx) = self.subs_rx.lock().expect("poisoned").take() {
             tokio::spawn(subscriber(Arc::downgrade(&self.shared), rx));
         }
+        let orphans = std::mem::take(&mut *self.predecessor.lock().expect("poisoned"));
+        if let (false, Some(hub)) = (orphans.is_empty(), self.shared.sink()) {
+            tracing::info!(
+                users = orphans.len(),
+                "cleaning up after this node's previous run"
+            );
+            hub.orphaned(self.shared.node.clone(), orphans);
+        }
     }
 
     async fn publish(&self, event: BrokerEvent) -> Result<(), BrokerError> {
@@ -774,15 +806,10 @@ impl Broker for RedisBroker {
 
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
         let sh = &self.shared;
-        let _: i64 = sh
-            .scripts
-            .forget
-            .arg(node)
-            .arg(&sh.prefix)
-            .invoke_async(&mut sh.conn())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        if node == sh.node {
+            return Ok(()); // our previous run: cleared when we connected
+        }
+        sh.forget(node, false).await.map_err(unavailable)
     }
 
     fn connected(&self) -> bool {
@@ -843,9 +870,12 @@ const HOLDER: &str =
     "local function holder(g) if g then return string.match(g, '^([^\\n]*)') end return nil end\n";
 
 /// Removes what a node held: its guest names, its users' entries, its
-/// record. ARGV: node, prefix.
+/// record. ARGV: node, prefix, and "alive" when the node itself clears
+/// what its previous run left; otherwise a node that came back (its key
+/// lives again) is left alone.
 const FORGET: &str = "
 local node, p = ARGV[1], ARGV[2]
+if ARGV[3] ~= 'alive' and redis.call('EXISTS', p .. ':node:' .. node) == 1 then return 0 end
 local conns = p .. ':conns:' .. node
 for _, u in ipairs(redis.call('SMEMBERS', conns)) do
   local gk = p .. ':guest:' .. u
@@ -853,7 +883,7 @@ for _, u in ipairs(redis.call('SMEMBERS', conns)) do
   redis.call('SREM', p .. ':on:' .. u, node)
 end
 redis.call('DEL', conns)
-redis.call('SREM', p .. ':nodes', node)
+if ARGV[3] ~= 'alive' then redis.call('SREM', p .. ':nodes', node) end
 redis.call('DEL', p .. ':reap:' .. node)
 return 1
 ";
@@ -943,6 +973,7 @@ impl Scripts {
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
                  ARGV[1] = ARGV[2]
                  ARGV[2] = ARGV[3]
+                 ARGV[3] = 'gone'
                  {FORGET}"
             )),
         }

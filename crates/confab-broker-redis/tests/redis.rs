@@ -145,3 +145,46 @@ async fn two_nodes_cannot_share_a_name() {
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test]
+async fn a_node_restarted_under_its_name_buries_its_previous_run() {
+    let redis = OwnRedis::start().await;
+    let url = BrokerUrl::parse(&redis.url()).unwrap();
+    let quick = Liveness {
+        heartbeat: Duration::from_millis(100),
+        ttl: Duration::from_millis(500),
+    };
+    let first = RedisBroker::connect_with(&url, "a", quick).await.unwrap();
+    let gus = UserName::parse("Gus").unwrap();
+    assert!(first.claim_guest(&gus).await.unwrap());
+    assert!(first.present(&gus, true, true).await.unwrap());
+    assert!(first
+        .present(&UserName::parse("ann").unwrap(), false, true)
+        .await
+        .unwrap());
+    drop(first); // killed
+                 // Its name is taken until its key expires.
+    let second = loop {
+        match RedisBroker::connect_with(&url, "a", quick).await {
+            Ok(b) => break b,
+            Err(ConnectError::NameTaken(..)) => tokio::time::sleep(quick.heartbeat).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let second: Arc<dyn Broker> = Arc::new(second);
+    let rec = Recorder::attach(&second);
+    let (node, mut orphans) = rec.until_orphaned().await;
+    assert_eq!(node, "a");
+    orphans.sort_by(|x, y| x.user.key().cmp(y.user.key()));
+    let names: Vec<_> = orphans.iter().map(|o| (o.user.as_str(), o.guest)).collect();
+    assert_eq!(names, [("ann", false), ("Gus", true)]);
+    let other = RedisBroker::connect_with(&url, "b", quick).await.unwrap();
+    assert_eq!(
+        other.elsewhere(&["ann", "gus"]).await.unwrap(),
+        [false, false]
+    );
+    assert!(
+        other.claim_guest(&gus).await.unwrap(),
+        "the old run's guest name is free"
+    );
+}

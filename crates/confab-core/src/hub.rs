@@ -344,6 +344,11 @@ impl Hub {
         }
     }
 
+    /// Have the registry record whether `user` is connected here now.
+    pub fn recheck(&self, user: &UserName, guest: bool) {
+        let _ = self.registry.send((user.clone(), guest));
+    }
+
     /// Tell the registry again about every user connected here (the
     /// broker lost or could not take what it was told).
     fn reassert(&self) {

@@ -377,7 +377,13 @@ impl Session {
             // Alone, this node can only vouch for its own connections.
             Err(e) => tracing::debug!(error = %e, "claiming a guest name"),
         }
-        self.start(name, true, None).await
+        let started = self.start(name.clone(), true, None).await;
+        if started.is_err() {
+            // Not connected after all: the claim goes with the registry's
+            // next look at this name.
+            self.chat.hub.recheck(&name, true);
+        }
+        started
     }
 
     async fn resume(&mut self, token: &str) -> Handled {

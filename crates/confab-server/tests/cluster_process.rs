@@ -1,5 +1,6 @@
 //! Three real `confab` nodes on one PostgreSQL schema and one Redis key
-//! prefix: SIGKILL one while clients on all three send with nonces; its
+//! prefix: SIGKILL (or SIGTERM) one while clients on all three send with
+//! nonces; its
 //! clients reconnect to the others, `resume`, retry, `sync`; then every
 //! acknowledged message is audited (none lost, none twice, one gapless
 //! order seen by every member). Skipped without `CONFAB_TEST_POSTGRES` and
@@ -63,6 +64,8 @@ impl Client {
         }
     }
 
+    /// The next frame; a message of the room is also recorded. `None`
+    /// when the connection died.
     async fn frame(&mut self) -> Option<Value> {
         loop {
             let Ok(Some(Ok(msg))) =
@@ -83,9 +86,7 @@ impl Client {
                 self.seen
                     .insert(seq, frame["body"].as_str().unwrap().to_owned());
             }
-            if frame.get("id").is_some() || frame["type"] != "message" {
-                return Some(frame);
-            }
+            return Some(frame);
         }
     }
 
@@ -210,6 +211,17 @@ async fn reconnect(urls: &[String], node: &mut usize, token: &str) -> Client {
 
 #[tokio::test]
 async fn a_killed_node_loses_nothing_acknowledged() {
+    a_node_stops_under_load(libc::SIGKILL).await;
+}
+
+/// A graceful stop (a rolling restart's step): `shutdown` moves the
+/// node's clients.
+#[tokio::test]
+async fn a_stopped_node_moves_its_clients_without_loss() {
+    a_node_stops_under_load(libc::SIGTERM).await;
+}
+
+async fn a_node_stops_under_load(signal: i32) {
     if Store::postgres_skipped() {
         return;
     }
@@ -248,7 +260,7 @@ async fn a_killed_node_loses_nothing_acknowledged() {
         .collect();
     progressed.wait_for(|n| *n >= 60).await.unwrap();
     let killed_at = std::time::Instant::now();
-    nodes[2].signal(libc::SIGKILL);
+    nodes[2].signal(signal);
     let all = tokio::time::timeout(
         Duration::from_secs(60),
         progressed.wait_for(|n| *n >= 6 * EACH),
@@ -309,5 +321,134 @@ async fn a_killed_node_loses_nothing_acknowledged() {
         "offline within 30 s"
     );
     drop(ghost);
+    drop(prefix);
+}
+
+/// A free port on loopback (bound and let go).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// A connection through a proxy that may not accept yet, or whose backend
+/// just died: tried again until it opens (at most 10 s).
+async fn connect_retrying(url: &str) -> Client {
+    let attempt = async {
+        loop {
+            if let Some(c) = Client::connect(url).await {
+                return c;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("a connection through HAProxy")
+}
+
+/// The example's HAProxy (`examples/cluster/haproxy.cfg`) in front of three
+/// nodes: kill the node some clients are on; they reconnect through the
+/// same address, land on the others, `resume` and `sync`, and deliver
+/// again. Prints the failover time (BENCHMARKS.md).
+#[tokio::test]
+async fn behind_the_example_haproxy_clients_move_off_a_killed_node() {
+    if Store::postgres_skipped() {
+        return;
+    }
+    let Some(redis) = shared_redis() else { return };
+    if std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: haproxy is not installed (apt install haproxy; .ci/run does)");
+        return;
+    }
+    let schema = TestSchema::create().await.unwrap();
+    let prefix = Prefix::new(&redis);
+    let broker = format!("{redis}?prefix={}", prefix.prefix);
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let name = format!("n{i}");
+        nodes.push(Confab::start_with(&schema.url, &["--broker", &broker, "--node", &name]).await);
+    }
+    let front = free_addr();
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/cluster/haproxy.cfg"
+    );
+    let _haproxy = tokio::process::Command::new("haproxy")
+        .args(["-f", cfg, "-db"])
+        .env("CONFAB_FRONT", &front)
+        .env("CONFAB_STATS", free_addr())
+        .envs((1..=3).map(|i| (format!("CONFAB_N{i}"), nodes[i - 1].http.to_string())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting haproxy");
+    let url = format!("ws://{front}/ws");
+    let connect = || connect_retrying(&url);
+
+    // Twelve members through the one address, spread over the nodes.
+    let mut members = Vec::new();
+    for i in 0..12 {
+        let mut c = connect().await;
+        let hello = c.frame().await.unwrap();
+        let node = hello["node"].as_str().unwrap().to_owned();
+        let r = c
+            .call(json!({"type":"register","user":format!("u{i}"),"password":"password-123"}))
+            .await
+            .unwrap();
+        let token = r["token"].as_str().unwrap().to_owned();
+        c.call(json!({"type":"join","room":"load"})).await.unwrap();
+        members.push((c, node, token));
+    }
+    let victim = members[0].1.clone();
+    let index = victim[1..].parse::<usize>().unwrap() - 1;
+    let (moving, staying): (Vec<_>, Vec<_>) = members
+        .into_iter()
+        .partition(|(_, node, _)| *node == victim);
+    let (mut speaker, _, _) = staying
+        .into_iter()
+        .next()
+        .expect("a member on another node");
+
+    let killed = std::time::Instant::now();
+    nodes[index].signal(libc::SIGKILL);
+    let mut moved = Vec::new();
+    for (mut c, _, token) in moving {
+        while c.frame().await.is_some() {} // the connection dies
+        let back = loop {
+            let mut c = connect().await;
+            let Some(hello) = c.frame().await else {
+                continue;
+            };
+            if hello["node"] == victim.as_str() {
+                continue; // not marked down yet
+            }
+            let resumed = c.call(json!({"type":"resume","token":token})).await;
+            if resumed.is_some_and(|r| r["type"] == "ok") {
+                break c;
+            }
+        };
+        moved.push(back);
+    }
+    let seq = speaker
+        .call(json!({"type":"send","room":"load","body":"after","nonce":"after"}))
+        .await
+        .unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    for c in &mut moved {
+        while !c.seen.contains_key(&seq) {
+            c.frame().await.expect("delivering on the new node");
+        }
+    }
+    eprintln!(
+        "failover: {} clients of a killed node delivering again on the others after {} ms",
+        moved.len(),
+        killed.elapsed().as_millis()
+    );
     drop(prefix);
 }

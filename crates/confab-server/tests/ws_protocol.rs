@@ -17,8 +17,8 @@ async fn hello_ping_and_ids(store: Store) {
     let mut c = server.client().await;
     assert_eq!(
         c.hello,
-        json!({"type":"hello","server":"confab","version":"0.1.0","heartbeat_ms":30000,
-               "limits":{"max_body_bytes":4096,"max_frame_bytes":65536}})
+        json!({"type":"hello","server":"confab","version":"0.1.0","node":server.config.node,
+               "heartbeat_ms":30000,"limits":{"max_body_bytes":4096,"max_frame_bytes":65536}})
     );
     assert_eq!(
         c.request(json!({"type":"ping"})).await,
