@@ -93,9 +93,10 @@ enum Scenario {
 
 #[derive(clap::Args, Clone)]
 struct Shape {
-    /// The server (for `fanout`; `compare` starts its own).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    server: SocketAddr,
+    /// The server (for `fanout`; `compare` starts its own); several,
+    /// comma-separated, spread the clients over a cluster's nodes.
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
+    server: Vec<SocketAddr>,
     #[arg(long, default_value_t = 1)]
     rooms: usize,
     #[arg(long, default_value_t = 1000)]
@@ -112,10 +113,10 @@ struct Shape {
 }
 
 impl Shape {
-    fn options(&self, system: fanout::System, server: SocketAddr) -> fanout::Options {
+    fn options(&self, system: fanout::System, servers: Vec<SocketAddr>) -> fanout::Options {
         fanout::Options {
             system,
-            server,
+            servers,
             rooms: self.rooms,
             members: self.members,
             publishers: self.publishers,
@@ -158,8 +159,10 @@ async fn main() -> anyhow::Result<()> {
             (json!(o), vec![])
         }
         Scenario::Fanout { system, shape } => {
-            check_loopback(shape.server)?;
-            let o = fanout::run(shape.options(system, shape.server)).await?;
+            for server in &shape.server {
+                check_loopback(*server)?;
+            }
+            let o = fanout::run(shape.options(system, shape.server.clone())).await?;
             print_fanout(&o);
             let plot = (
                 format!("{:?}", o.system).to_lowercase(),
@@ -312,7 +315,7 @@ async fn compare(
             .await
             .with_context(|| format!("{name} did not start"))?;
         eprintln!("== {name} on {server}");
-        let o = fanout::run(shape.options(system, server)).await?;
+        let o = fanout::run(shape.options(system, vec![server])).await?;
         print_fanout(&o);
         plots.push((name.to_owned(), o.histogram.clone()));
         rows.push((name, o));

@@ -17,7 +17,7 @@ async fn server() -> TestServer {
 fn tiny_fanout(system: fanout::System, server: SocketAddr) -> fanout::Options {
     fanout::Options {
         system,
-        server,
+        servers: vec![server],
         rooms: 2,
         members: 3,
         publishers: 3,

@@ -392,6 +392,9 @@ impl Shared {
                     .ignore();
             }
         }
+        if pipe.is_empty() {
+            return Ok(()); // a presence change of a user in no room
+        }
         pipe.query_async::<()>(&mut self.conn()).await
     }
 
@@ -540,8 +543,10 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
             hub.missed(None);
         }
         let node = sh.node.clone();
+        let every = sh.liveness.heartbeat;
         drop(sh);
-        let mut ping = tokio::time::interval(Duration::from_secs(2));
+        // A connection Redis stopped answering on is found by a ping.
+        let mut ping = tokio::time::interval(every);
         ping.tick().await;
         loop {
             tokio::select! {
@@ -588,7 +593,8 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
                     }
                 }
                 _ = ping.tick() => {
-                    let alive = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<String>()).await;
+                    // Subscribed, Redis answers PING with ["pong", ""].
+                    let alive = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await;
                     if !matches!(alive, Ok(Ok(_))) {
                         break;
                     }

@@ -100,6 +100,11 @@ async fn a_dead_node_is_buried_by_a_living_one() {
 
     let (node, orphans) = b.until_orphaned().await;
     assert_eq!(node, "a");
+    assert_eq!(
+        cluster[0].stats().reconnects,
+        0,
+        "the subscription's pings (every heartbeat) keep it, not break it"
+    );
     assert_eq!(orphans.len(), 1, "ann is still on b: {orphans:?}");
     assert_eq!(orphans[0].user.as_str(), "Gus");
     assert!(orphans[0].guest);

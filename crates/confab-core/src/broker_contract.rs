@@ -221,6 +221,14 @@ fn seqs(events: &[BrokerEvent]) -> Vec<u64> {
 pub async fn events_reach_the_subscribed_nodes_in_order(c: &Cluster) {
     let (nodes, recs) = (&c.nodes, c.recorders().await);
     c.subscribe(&recs, 1, "lobby").await;
+    // A user in no room came online: nothing to carry, nothing failed.
+    let nowhere = BrokerEvent::Presence {
+        user: user("loner"),
+        online: true,
+        rooms: Vec::new(),
+    };
+    nodes[0].publish(nowhere).await.unwrap();
+    recs[0].take();
     for seq in 1..=50 {
         nodes[0].publish(message("lobby", seq)).await.unwrap();
     }
@@ -236,6 +244,7 @@ pub async fn events_reach_the_subscribed_nodes_in_order(c: &Cluster) {
         (1..=50).collect::<Vec<_>>(),
         "in publish order"
     );
+    assert_eq!(nodes[0].stats().dropped, 0, "nothing failed to publish");
     // A node that did not subscribe gets nothing: probe with a later
     // event it does subscribe to.
     c.subscribe(&recs, 2, "probe").await;

@@ -631,6 +631,33 @@ mod tests {
         assert!(bad("[[filter]]\npattern = \"(\"\nreason = \"x\"\n").contains("filter"));
         assert!(bad("[log]\nlevel = \"=bogus=\"\n").contains("log.level"));
         assert!(bad("[limits]\nmax_connections = \"many\"\n").contains("max_connections"));
+        assert!(bad("broker = \"redis://127.0.0.1:6379\"\n").contains("SQLite"));
+        let pg = "database = \"postgres://u@h/db\"\n";
+        assert!(bad(&format!("{pg}broker = \"nats://h:4222\"\n")).contains("Redis"));
+        assert!(bad(&format!("{pg}node = \"a b\"\n")).contains("node name"));
+    }
+
+    #[test]
+    fn a_cluster_node_is_configured_from_the_environment() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("CONFAB_DATABASE", "postgres://u@h/db"),
+                ("CONFAB_BROKER", "redis://:secret@h:6379/2?prefix=chat"),
+                ("CONFAB_NODE", "web-1"),
+            ]),
+        )
+        .unwrap();
+        let config = s.to_config().unwrap();
+        assert_eq!(config.node, "web-1");
+        assert_eq!(config.broker.unwrap().prefix, "chat");
+        assert!(
+            !s.to_toml().contains("secret"),
+            "the Redis password is masked"
+        );
+        let single = Settings::default().to_config().unwrap();
+        assert!(single.broker.is_none());
+        assert!(!single.node.is_empty(), "a default name");
     }
 
     #[test]

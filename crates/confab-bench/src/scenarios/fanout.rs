@@ -30,7 +30,9 @@ pub enum System {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub system: System,
-    pub server: SocketAddr,
+    /// Where clients connect, round robin: one server, or the nodes of a
+    /// Confab cluster (members of one room land on different nodes).
+    pub servers: Vec<SocketAddr>,
     pub rooms: usize,
     pub members: usize,
     pub publishers: usize,
@@ -150,7 +152,8 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                 let room = room_name(r);
                 match o2.system {
                     System::Confab => {
-                        let mut ws = client::connect(o2.server, source_addr(i)).await?;
+                        let server = o2.servers[i % o2.servers.len()];
+                        let mut ws = client::connect(server, source_addr(i)).await?;
                         client::call(
                             &mut ws,
                             json!({"type":"guest","user":format!("s{run_id}x{i}")}),
@@ -176,9 +179,9 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                     }
                     System::Nats | System::Redis => {
                         let (mut reader, mut w) = if o2.system == System::Nats {
-                            peers::nats(o2.server).await?
+                            peers::nats(o2.servers[0]).await?
                         } else {
-                            peers::redis(o2.server).await?
+                            peers::redis(o2.servers[0]).await?
                         };
                         peers::subscribe(&mut reader, &mut w, &room).await?;
                         ready.wait().await;
@@ -237,7 +240,8 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
             };
             match o2.system {
                 System::Confab => {
-                    let mut ws = client::connect(o2.server, source_addr(subscribers + i)).await?;
+                    let server = o2.servers[i % o2.servers.len()];
+                    let mut ws = client::connect(server, source_addr(subscribers + i)).await?;
                     client::call(
                         &mut ws,
                         json!({"type":"guest","user":format!("p{run_id}x{i}")}),
@@ -281,9 +285,9 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                 System::Nats | System::Redis => {
                     let nats = o2.system == System::Nats;
                     let (mut reader, mut w) = if nats {
-                        peers::nats(o2.server).await?
+                        peers::nats(o2.servers[0]).await?
                     } else {
-                        peers::redis(o2.server).await?
+                        peers::redis(o2.servers[0]).await?
                     };
                     // Read and drop the replies (Redis answers every PUBLISH).
                     let drain =
