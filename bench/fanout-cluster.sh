@@ -13,6 +13,8 @@ REDIS_PID=$(pgrep -x redis-server | head -1)
 TICK=$(getconf CLK_TCK)
 
 cpu() { awk '{print $14 + $15}' /proc/$1/stat; }   # user + system ticks
+busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }   # machine, ticks
+pg_cpu() { local t=0; for p in $(pgrep -x postgres); do t=$((t + $(cpu $p))); done; echo $t; }
 fresh_db() {
   psql -q -h 127.0.0.1 -U postgres -c "drop database if exists confab_bench_cluster" \
     -c "create database confab_bench_cluster" 2>/dev/null
@@ -34,7 +36,8 @@ stop_nodes() { kill "${PIDS[@]}"; wait "${PIDS[@]}" 2>/dev/null; }
 
 run() {   # nodes rooms members publishers rate
   local name="fanout-$1node-$2x$3-$5"
-  local before=() r0; for p in "${PIDS[@]}"; do before+=($(cpu $p)); done; r0=$(cpu $REDIS_PID)
+  local before=() r0 m0 g0; for p in "${PIDS[@]}"; do before+=($(cpu $p)); done
+  r0=$(cpu $REDIS_PID); m0=$(busy); g0=$(pg_cpu)
   local t0=$(date +%s.%N)
   ./target/release/confab-bench --out "$OUT/$name.json" fanout --server "$SERVERS" \
     --rooms $2 --members $3 --publishers $4 --rate $5 --body 100 --duration-secs 10 2>/dev/null | tail -1
@@ -43,7 +46,9 @@ run() {   # nodes rooms members publishers rate
     cpus="$cpus $(echo "scale=2; ($(cpu $p) - ${before[$i]}) / $TICK / ($t1 - $t0)" | bc)"; i=$((i + 1))
   done
   local rcpu=$(echo "scale=2; ($(cpu $REDIS_PID) - $r0) / $TICK / ($t1 - $t0)" | bc)
-  echo "$name node-cpu:$cpus redis-cpu: $rcpu" | tee -a "$OUT/cpu.txt"
+  local mcpu=$(echo "scale=2; ($(busy) - $m0) / $TICK / ($t1 - $t0)" | bc)
+  local gcpu=$(echo "scale=2; ($(pg_cpu) - $g0) / $TICK / ($t1 - $t0)" | bc)
+  echo "$name node-cpu:$cpus redis-cpu: $rcpu postgres-cpu: $gcpu machine-busy: $mcpu of 2" | tee -a "$OUT/cpu.txt"
 }
 
 : > "$OUT/cpu.txt"

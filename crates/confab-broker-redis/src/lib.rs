@@ -67,7 +67,7 @@ const PUBLISH_BATCH: usize = 256;
 const SUBSCRIBE_CHUNK: usize = 1000;
 /// The subscriber's reconnect backoff.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

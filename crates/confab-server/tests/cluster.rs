@@ -4,9 +4,10 @@
 //! `CONFAB_TEST_REDIS`; a Redis outage runs on a `redis-server` the test
 //! starts and stops itself.
 
+use confab_testkit::confab_server::settings::Secret;
 use confab_testkit::confab_server::RateLimits;
 use confab_testkit::serde_json::{json, Value};
-use confab_testkit::{TestCluster, WsClient};
+use confab_testkit::{http, TestCluster, WsClient};
 
 /// Read events until `n` messages of `room` arrived; returns their
 /// (seq, body) in arrival order.
@@ -233,7 +234,18 @@ async fn a_message_missed_on_the_bus_arrives_from_storage() {
     assert_eq!(messages(&mut bob, "lobby", 1).await[0].1, "before");
 
     redis.stop().await;
-    // Each node keeps serving its own clients.
+    // Each node keeps serving its own clients, and says the broker is gone.
+    let node = &cluster.nodes[0];
+    loop {
+        let (status, body) = http(node.addr, "GET", "/readyz", &[], "").await;
+        assert_eq!(status, 200, "still ready: {body}");
+        if body.contains("broker: not connected") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let (_, metrics) = http(node.addr, "GET", "/metrics", &[], "").await;
+    assert!(metrics.contains("confab_broker_connected 0"), "{metrics}");
     let seq = alice.send("lobby", "during").await;
     assert_eq!(messages(&mut alice, "lobby", 2).await[1].1, "during");
     redis.restart().await;
@@ -242,4 +254,60 @@ async fn a_message_missed_on_the_bus_arrives_from_storage() {
     assert_eq!(got, vec![(seq, "during".to_owned())]);
     bob.send("lobby", "after").await;
     assert_eq!(messages(&mut alice, "lobby", 1).await[0].1, "after");
+}
+
+#[tokio::test]
+async fn operators_reach_users_on_every_node() {
+    let Some(redis) = confab_broker_redis::testing::shared_redis() else {
+        return;
+    };
+    let tweak = |c: &mut confab_testkit::confab_server::Config| {
+        c.admin_token = Some(Secret::new("t"));
+    };
+    let Some(cluster) = TestCluster::on(2, &redis, tweak).await else {
+        return;
+    };
+    let mut far = cluster.client(1).await;
+    far.register("far").await;
+    let auth = [("Authorization", "Bearer t")];
+    let admin = cluster.nodes[0].addr;
+    let (status, _) = http(
+        admin,
+        "POST",
+        "/admin/notice",
+        &auth,
+        r#"{"text":"hi all"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(next_of(&mut far, "notice").await["text"], "hi all");
+    let (status, _) = http(admin, "POST", "/admin/users/far/disconnect", &auth, "").await;
+    assert_eq!(status, 200);
+    let (code, reason) = far.closed().await;
+    assert_eq!(reason, "disconnected by an administrator");
+    assert_eq!(code, 1008, "kicked on the other node");
+}
+
+#[tokio::test]
+async fn a_node_that_starts_keeps_the_guests_of_the_others() {
+    let Some(cluster) = TestCluster::spawn(1).await else {
+        return;
+    };
+    let mut gus = cluster.client(0).await;
+    gus.guest("gus").await;
+    gus.join("lobby").await;
+    let late = cluster.start_node("late").await;
+    let mut c = late.client().await;
+    c.register("carol").await;
+    let joined = c.join("lobby").await;
+    let members: Vec<_> = joined["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["user"].as_str().unwrap().to_owned(), m["online"].clone()))
+        .collect();
+    assert!(
+        members.contains(&("gus".to_owned(), json!(true))),
+        "the guest is still a member, online: {members:?}"
+    );
 }
