@@ -25,10 +25,17 @@ impl Confab {
         Self::start_with(url, &[]).await
     }
 
-    /// [`Confab::start`] with more arguments.
+    /// [`Confab::start`] with more arguments (`--http ADDR` among them
+    /// replaces port 0).
     pub async fn start_with(url: &str, args: &[&str]) -> Confab {
+        let http: &[&str] = if args.contains(&"--http") {
+            &[]
+        } else {
+            &["--http", "127.0.0.1:0"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
-            .args(["serve", "--http", "127.0.0.1:0", "--line", "127.0.0.1:0"])
+            .args(["serve", "--line", "127.0.0.1:0"])
+            .args(http)
             .args(["--database", url])
             .args(args)
             .args(["--shutdown-grace-ms", "5000"])
