@@ -536,13 +536,13 @@ async fn a_rolling_restart_loses_nothing() {
     let members: Vec<_> = (0..6)
         .map(|i| tokio::spawn(member(run.clone(), 0, format!("m{i}"), usize::MAX)))
         .collect();
-    for i in 0..3 {
+    for (i, slot) in nodes.iter_mut().enumerate() {
         let before = *progressed.borrow();
         progressed.wait_for(|n| *n >= before + 30).await.unwrap();
-        let node = nodes[i].take().unwrap();
+        let node = slot.take().unwrap();
         node.signal(libc::SIGTERM);
         assert_eq!(node.exit().await.code(), Some(0), "a graceful stop");
-        nodes[i] = Some(start(i).await);
+        *slot = Some(start(i).await);
     }
     let before = *progressed.borrow();
     progressed.wait_for(|n| *n >= before + 30).await.unwrap();
