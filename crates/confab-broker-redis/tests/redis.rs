@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use confab_broker_redis::testing::{shared_redis, OwnRedis, Prefix};
 use confab_broker_redis::{BrokerUrl, ConnectError, Liveness, RedisBroker};
-use confab_core::broker::contract::{Cluster, Recorder};
+use confab_core::broker::contract::{message, Cluster, Recorder};
 use confab_core::broker::{Broker, BrokerEvent, Topic};
 use confab_core::{RoomName, UserName};
-use confab_proto::Message;
 
 async fn nodes(url: &BrokerUrl, names: &[&str], liveness: Liveness) -> Vec<Arc<dyn Broker>> {
     let mut out: Vec<Arc<dyn Broker>> = Vec::new();
@@ -29,20 +28,6 @@ confab_core::broker_contract_tests!(later: true, async {
     let nodes = nodes(&prefix.broker_url(), &["a", "b", "c"], Liveness::default()).await;
     Some(Cluster::new(nodes, prefix))
 });
-
-fn message(room: &str, seq: u64) -> BrokerEvent {
-    BrokerEvent::Message {
-        message: Message {
-            room: room.into(),
-            seq,
-            user: "alice".into(),
-            body: "hi".into(),
-            ts: 1,
-            nonce: None,
-        },
-        accepted: None,
-    }
-}
 
 #[tokio::test]
 async fn a_restarted_redis_is_caught_up_on() {

@@ -194,7 +194,8 @@ fn user(name: &str) -> UserName {
     UserName::parse(name).unwrap()
 }
 
-fn message(room: &str, seq: u64) -> BrokerEvent {
+/// A committed message of `room` with `seq`, as a publisher hands it over.
+pub fn message(room: &str, seq: u64) -> BrokerEvent {
     BrokerEvent::Message {
         message: Message {
             room: room.into(),

@@ -203,8 +203,6 @@ async fn member(run: Run, mut node: usize, name: String, total: usize) -> BTreeM
     c.seen
 }
 
-/// Connect to the next node that takes the client back (through a
-/// balancer: the one address, until a live node answers), within 15 s.
 /// History is gapless, holds every ack once, and every member saw exactly
 /// it.
 async fn audit(url: &str, acks: &Acks, views: &[BTreeMap<u64, String>]) {
@@ -228,10 +226,19 @@ async fn audit(url: &str, acks: &Acks, views: &[BTreeMap<u64, String>]) {
     }
 }
 
+/// Connect to the next node that takes the client back (through a
+/// balancer: the one address, until a live node answers), within 15 s.
 async fn reconnect(urls: &[String], node: &mut usize, token: &str) -> Client {
+    connect_to_any(urls, node, Some(token)).await
+}
+
+/// Connect to `urls[node]`, or the next one, until one opens (and resumes
+/// `token`, if any), within 15 s.
+async fn connect_to_any(urls: &[String], node: &mut usize, token: Option<&str>) -> Client {
     let attempt = async {
         loop {
             if let Some(mut c) = Client::connect(&urls[*node]).await {
+                let Some(token) = token else { return c };
                 let resumed = c.call(json!({"type":"resume","token":token})).await;
                 if resumed.is_some_and(|r| r["type"] == "ok") {
                     return c;
@@ -243,7 +250,7 @@ async fn reconnect(urls: &[String], node: &mut usize, token: &str) -> Client {
     };
     tokio::time::timeout(Duration::from_secs(15), attempt)
         .await
-        .expect("a node took the client back")
+        .expect("a node took the client")
 }
 
 #[tokio::test]
@@ -386,17 +393,7 @@ fn haproxy(backends: &[String]) -> (String, tokio::process::Child) {
 /// A connection through a proxy that may not accept yet, or whose backend
 /// just died: tried again until it opens (at most 10 s).
 async fn connect_retrying(url: &str) -> Client {
-    let attempt = async {
-        loop {
-            if let Some(c) = Client::connect(url).await {
-                return c;
-            }
-            tokio::task::yield_now().await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), attempt)
-        .await
-        .expect("a connection through HAProxy")
+    connect_to_any(&[url.to_owned()], &mut 0, None).await
 }
 
 /// The example's HAProxy (`examples/cluster/haproxy.cfg`) in front of three
