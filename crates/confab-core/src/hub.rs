@@ -288,36 +288,34 @@ impl Hub {
         if !st.rooms.contains_key(room) {
             return false;
         }
-        {
-            match fetched {
-                Ok(messages) if !messages.is_empty() => {
-                    let full = messages.len() as Seq == want;
-                    for m in &messages {
-                        st.message(m, None);
-                    }
-                    if to_end && full {
-                        if let Some(entry) = st.rooms.get_mut(room) {
-                            entry.catch_up = true;
-                        }
+        match fetched {
+            Ok(messages) if !messages.is_empty() => {
+                let full = messages.len() as Seq == want;
+                for m in &messages {
+                    st.message(m, None);
+                }
+                if to_end && full {
+                    if let Some(entry) = st.rooms.get_mut(room) {
+                        entry.catch_up = true;
                     }
                 }
-                Ok(_) if to_end => {} // caught up
-                Err(e) if to_end => {
-                    tracing::warn!(%room, error = %e, "catching up from storage; retrying");
-                    st.rooms.get_mut(room).expect("checked").catch_up = true;
-                    return true;
-                }
-                outcome => {
-                    // The store does not have what a later seq proves was
-                    // committed, or cannot be read: deliver what we hold
-                    // rather than stall the room. Clients see the gap in
-                    // the seqs and fetch it with `history`.
-                    let entry = st.rooms.get_mut(room).expect("checked");
-                    let until = *entry.pending.keys().next().expect("a gap");
-                    tracing::warn!(%room, after, until, ?outcome, "skipping an unfillable gap");
-                    entry.next_seq = until;
-                    st.drain(room);
-                }
+            }
+            Ok(_) if to_end => {} // caught up
+            Err(e) if to_end => {
+                tracing::warn!(%room, error = %e, "catching up from storage; retrying");
+                st.rooms.get_mut(room).expect("checked").catch_up = true;
+                return true;
+            }
+            outcome => {
+                // The store does not have what a later seq proves was
+                // committed, or cannot be read: deliver what we hold
+                // rather than stall the room. Clients see the gap in
+                // the seqs and fetch it with `history`.
+                let entry = st.rooms.get_mut(room).expect("checked");
+                let until = *entry.pending.keys().next().expect("a gap");
+                tracing::warn!(%room, after, until, ?outcome, "skipping an unfillable gap");
+                entry.next_seq = until;
+                st.drain(room);
             }
         }
         false

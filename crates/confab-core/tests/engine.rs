@@ -207,3 +207,55 @@ async fn a_gap_no_publish_fills_is_read_from_the_store() {
     }
     assert_eq!(delivered(&mut rx), vec![1, 2, 3]);
 }
+
+#[tokio::test]
+async fn missed_events_are_read_from_the_store_at_once() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let room = RoomName::parse("r").unwrap();
+    let user = UserName::parse("u").unwrap();
+    store
+        .join(&room, &user, confab_core::store::JoinRules::open(false))
+        .await
+        .unwrap();
+    let append = || {
+        let m = NewMessage {
+            room: room.clone(),
+            sender: user.clone(),
+            body: "x".into(),
+            nonce: None,
+            ts: 0,
+            direct: None,
+        };
+        let store = store.clone();
+        async move { store.append(m).await.unwrap() }
+    };
+    append().await;
+    append().await;
+    let (hub, mut rx) = hub_with_listener(store.clone());
+    // The bus lost both publishes and no later message follows: the
+    // broker says the room may have missed events.
+    hub.missed(Some(vec![room.clone()]));
+    assert_eq!(delivered_soon(&mut rx, 2).await, vec![1, 2]);
+    // A node announces a head it could not publish.
+    append().await;
+    hub.deliver(&BrokerEvent::Head {
+        room: room.clone(),
+        seq: 3,
+    });
+    assert_eq!(delivered_soon(&mut rx, 1).await, vec![3]);
+}
+
+/// The next `n` messages' seqs, as the hub's fill task delivers them.
+async fn delivered_soon(rx: &mut ConnReceiver, n: usize) -> Vec<u64> {
+    let wait = async {
+        let mut got = Vec::new();
+        while got.len() < n {
+            tokio::task::yield_now().await;
+            got.extend(delivered(rx));
+        }
+        got
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("delivered from the store")
+}
