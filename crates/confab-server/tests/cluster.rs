@@ -180,6 +180,14 @@ async fn everything_reaches_users_on_other_nodes() {
     }
     assert!(free, "the guest name was released");
 
+    // Leaving is seen on the other nodes.
+    let mut dave = cluster.client(2).await;
+    dave.register("dave").await;
+    dave.join("lobby").await;
+    assert_eq!(next_of(&mut bob, "joined").await["user"], "dave");
+    dave.ok(json!({"type":"leave","room":"lobby"})).await;
+    assert_eq!(next_of(&mut bob, "left").await["user"], "dave");
+
     // Alice's last connection goes: bob sees her offline.
     drop(alice);
     drop(alice2);
@@ -221,7 +229,7 @@ async fn a_message_missed_on_the_bus_arrives_from_storage() {
         return;
     }
     let mut redis = confab_broker_redis::testing::OwnRedis::start().await;
-    let Some(cluster) = TestCluster::on(2, &redis.url(), |_| {}).await else {
+    let Some(cluster) = TestCluster::on(3, &redis.url(), |_| {}).await else {
         return;
     };
     let mut alice = cluster.client(0).await;
@@ -230,8 +238,12 @@ async fn a_message_missed_on_the_bus_arrives_from_storage() {
     let mut bob = cluster.client(1).await;
     bob.register("bob").await;
     bob.join("lobby").await;
+    let mut carol = cluster.client(2).await;
+    carol.register("carol").await;
+    carol.join("lobby").await;
     alice.send("lobby", "before").await;
     assert_eq!(messages(&mut bob, "lobby", 1).await[0].1, "before");
+    assert_eq!(messages(&mut carol, "lobby", 1).await[0].1, "before");
 
     redis.stop().await;
     // Each node keeps serving its own clients, and says the broker is gone.
@@ -250,10 +262,12 @@ async fn a_message_missed_on_the_bus_arrives_from_storage() {
     assert_eq!(messages(&mut alice, "lobby", 2).await[1].1, "during");
     redis.restart().await;
     // No later message follows: it comes from storage once the bus is back.
-    let got = messages(&mut bob, "lobby", 1).await;
-    assert_eq!(got, vec![(seq, "during".to_owned())]);
+    let during = vec![(seq, "during".to_owned())];
+    assert_eq!(messages(&mut bob, "lobby", 1).await, during);
+    assert_eq!(messages(&mut carol, "lobby", 1).await, during);
     bob.send("lobby", "after").await;
     assert_eq!(messages(&mut alice, "lobby", 1).await[0].1, "after");
+    assert_eq!(messages(&mut carol, "lobby", 1).await[0].1, "after");
 }
 
 #[tokio::test]
