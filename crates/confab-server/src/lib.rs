@@ -252,8 +252,14 @@ pub struct Server {
 /// Open storage, start the engine and serve the listeners.
 pub async fn start(config: Config, listeners: Listeners) -> Result<Server, ServerError> {
     let metrics = Arc::new(Metrics::new());
-    let store = open_observed_store(&config, Some(metrics.clone())).await?;
-    serve(config, listeners, store, metrics).await
+    // The broker first: a Redis that refuses or a node name in use stops
+    // the start before the database is touched.
+    let broker = join_cluster(&config).await?;
+    let started = async {
+        let store = open_observed_store(&config, Some(metrics.clone())).await?;
+        serve(config, listeners, store, metrics, broker.clone()).await
+    };
+    leave_unless_started(started.await, &broker).await
 }
 
 /// [`start`] on a store the caller opened (`config.database` is not used).
@@ -262,7 +268,35 @@ pub async fn start_on(
     listeners: Listeners,
     store: DynStore,
 ) -> Result<Server, ServerError> {
-    serve(config, listeners, store, Arc::new(Metrics::new())).await
+    let broker = join_cluster(&config).await?;
+    let started = serve(
+        config,
+        listeners,
+        store,
+        Arc::new(Metrics::new()),
+        broker.clone(),
+    );
+    leave_unless_started(started.await, &broker).await
+}
+
+/// This node's broker: its cluster's (Redis), or a bus of its own.
+async fn join_cluster(config: &Config) -> Result<Arc<dyn Broker>, ServerError> {
+    Ok(match &config.broker {
+        None => Arc::new(MemoryBroker::on(MemoryBus::new(), &config.node)),
+        Some(url) => Arc::new(RedisBroker::connect(url, &config.node).await?),
+    })
+}
+
+/// A start that failed after joining the cluster leaves it again, so that
+/// the node's name is free for the next try.
+async fn leave_unless_started(
+    started: Result<Server, ServerError>,
+    broker: &Arc<dyn Broker>,
+) -> Result<Server, ServerError> {
+    if started.is_err() {
+        broker.leave().await;
+    }
+    started
 }
 
 async fn serve(
@@ -270,13 +304,10 @@ async fn serve(
     listeners: Listeners,
     store: DynStore,
     metrics: Arc<Metrics>,
+    broker: Arc<dyn Broker>,
 ) -> Result<Server, ServerError> {
     let Listeners { http, line } = listeners;
     let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
-    let broker: Arc<dyn Broker> = match &config.broker {
-        None => Arc::new(MemoryBroker::on(MemoryBus::new(), &config.node)),
-        Some(url) => Arc::new(RedisBroker::connect(url, &config.node).await?),
-    };
     let chat = Chat::new(store.clone(), broker, config.chat.clone()).await?;
     chat.set_observer(metrics.clone());
     let app = Arc::new(App {

@@ -325,3 +325,39 @@ async fn a_node_that_starts_keeps_the_guests_of_the_others() {
         "the guest is still a member, online: {members:?}"
     );
 }
+
+#[tokio::test]
+async fn a_node_that_cannot_join_touches_nothing() {
+    if confab_testkit::Store::postgres_skipped() {
+        return;
+    }
+    let schema = confab_store_postgres::testing::TestSchema::create()
+        .await
+        .unwrap();
+    // Nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = confab_testkit::confab_server::Config {
+        database: confab_testkit::confab_server::Database::parse(&schema.url).unwrap(),
+        broker: Some(
+            confab_broker_redis::BrokerUrl::parse(&format!("redis://127.0.0.1:{port}")).unwrap(),
+        ),
+        ..Default::default()
+    };
+    let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
+    let listeners = confab_testkit::confab_server::Listeners {
+        http: bind().await,
+        line: None,
+    };
+    let Err(e) = confab_testkit::confab_server::start(config.clone(), listeners).await else {
+        panic!("started without its broker");
+    };
+    assert!(e.to_string().contains("cannot reach Redis"), "{e}");
+    let version = confab_testkit::confab_server::schema_version(&config)
+        .await
+        .unwrap();
+    assert_eq!(version, None, "the database was not touched");
+}
