@@ -27,7 +27,7 @@ pub mod testing;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use confab_core::broker::{
@@ -253,7 +253,7 @@ impl RedisBroker {
         let (subs, subs_rx) = mpsc::unbounded_channel();
         let weak = Arc::downgrade(&shared);
         tokio::spawn(publisher(weak.clone(), out_rx));
-        tokio::spawn(heartbeats(weak, liveness.heartbeat));
+        tokio::spawn(heartbeats(weak, liveness));
         tracing::info!(node, prefix = %url.prefix, "joined the cluster");
         Ok(RedisBroker {
             shared,
@@ -631,15 +631,30 @@ fn apply(shared: &Weak<Shared>, wanted: &mut HashMap<String, Topic>, sub: Sub) {
 }
 
 /// Keep this node alive in the registry and bury dead ones.
-async fn heartbeats(shared: Weak<Shared>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+async fn heartbeats(shared: Weak<Shared>, liveness: Liveness) {
+    let mut tick = tokio::time::interval(liveness.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut healthy = true;
+    // Since when this node has beaten without a gap. It judges others
+    // only after a whole TTL of its own beats: after an outage that
+    // silenced every node, each had its chance to beat again first.
+    let mut beating_since: Option<Instant> = None;
+    let mut last_beat: Option<Instant> = None;
     loop {
         tick.tick().await;
         let Some(sh) = shared.upgrade() else { return };
         let beat = match sh.heartbeat().await {
-            Ok(true) => sh.reap().await,
+            Ok(true) => {
+                let now = Instant::now();
+                if last_beat.is_none_or(|t| now - t > liveness.ttl / 2) {
+                    beating_since = Some(now);
+                }
+                last_beat = Some(now);
+                match beating_since {
+                    Some(since) if now - since >= liveness.ttl => sh.reap().await,
+                    _ => Ok(()),
+                }
+            }
             Ok(false) => {
                 tracing::error!(node = %sh.node, "another process took this node's name");
                 Ok(())

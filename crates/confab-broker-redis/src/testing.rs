@@ -112,7 +112,63 @@ impl OwnRedis {
         }
     }
 
+    /// Freeze it (SIGSTOP) for `how_long`, as a stalled server or a
+    /// network partition looks: connections stay open, nothing answers,
+    /// and keys expire by the clock meanwhile.
+    pub async fn freeze(&self, how_long: std::time::Duration) {
+        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+        let signal = |sig: &str| {
+            std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .expect("kill")
+        };
+        signal("-STOP");
+        tokio::time::sleep(how_long).await;
+        signal("-CONT");
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A TCP proxy to `target` that a test cuts and restores: cut, it drops
+/// its connections and every new one, as a network partition does.
+pub struct CutProxy {
+    pub addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl CutProxy {
+    pub async fn start(target: std::net::SocketAddr) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding port 0");
+        let addr = listener.local_addr().expect("local address");
+        let (cut, is_cut) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut is_cut = is_cut.clone();
+                if *is_cut.borrow() {
+                    continue; // dropped: closed at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = is_cut.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        CutProxy { addr, cut }
+    }
+
+    /// Cut (`true`) or restore the path.
+    pub fn cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use confab_broker_redis::testing::{shared_redis, OwnRedis, Prefix};
+use confab_broker_redis::testing::{shared_redis, CutProxy, OwnRedis, Prefix};
 use confab_broker_redis::{BrokerUrl, ConnectError, Liveness, RedisBroker};
 use confab_core::broker::contract::{message, Cluster, Recorder};
 use confab_core::broker::{Broker, BrokerEvent, Topic};
@@ -177,4 +177,45 @@ async fn a_node_restarted_under_its_name_buries_its_previous_run() {
         other.claim_guest(&gus).await.unwrap(),
         "the old run's guest name is free"
     );
+}
+
+#[tokio::test]
+async fn nodes_do_not_bury_each_other_after_a_shared_outage() {
+    let redis = OwnRedis::start().await;
+    let target = redis.url()["redis://".len()..].parse().unwrap();
+    let (to_a, to_b) = (CutProxy::start(target).await, CutProxy::start(target).await);
+    let url = |p: &CutProxy| BrokerUrl::parse(&format!("redis://{}", p.addr)).unwrap();
+    let quick = Liveness {
+        heartbeat: Duration::from_millis(100),
+        ttl: Duration::from_secs(2),
+    };
+    let a: Arc<dyn Broker> = Arc::new(
+        RedisBroker::connect_with(&url(&to_a), "a", quick)
+            .await
+            .unwrap(),
+    );
+    let b: Arc<dyn Broker> = Arc::new(
+        RedisBroker::connect_with(&url(&to_b), "b", quick)
+            .await
+            .unwrap(),
+    );
+    let recs = [Recorder::attach(&a), Recorder::attach(&b)];
+    // Both lose Redis for longer than the TTL; every liveness key expires.
+    to_a.cut(true);
+    to_b.cut(true);
+    tokio::time::sleep(quick.ttl + Duration::from_secs(1)).await;
+    // A comes back first; B a moment later, well within a TTL.
+    to_a.cut(false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    to_b.cut(false);
+    // An absence: give A more than a TTL of its own beats to do the wrong
+    // thing.
+    tokio::time::sleep(quick.ttl * 2).await;
+    for rec in &recs {
+        assert!(
+            rec.orphans_reported().is_empty(),
+            "a living node was buried"
+        );
+    }
+    assert!(!a.alone().await.unwrap(), "both alive");
 }

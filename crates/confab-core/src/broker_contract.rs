@@ -162,6 +162,11 @@ impl Recorder {
             .expect("a dead node's users reported")
     }
 
+    /// The dead nodes' users reported so far.
+    pub fn orphans_reported(&self) -> Vec<(String, Vec<Orphan>)> {
+        self.orphans.lock().unwrap().clone()
+    }
+
     pub fn missed_count(&self) -> usize {
         *self.missed.lock().unwrap()
     }
