@@ -18,12 +18,13 @@
 //!   announces the rooms' heads once it can ([`BrokerEvent::Head`]).
 //! - Between nodes, events travel in the versioned [`wire`] format.
 //!
-//! [`MemoryBroker`] is the single node, and, on a shared [`MemoryBus`],
-//! several nodes in one process (for tests).
+//! [`LocalBroker`] is a single server: a cluster of one, with nothing to
+//! carry and nobody else to ask. [`MemoryBroker`] on a shared
+//! [`MemoryBus`] is several nodes in one process (for tests).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -312,9 +313,75 @@ pub mod wire {
     }
 }
 
-/// Nodes in one process. A standalone [`MemoryBroker`] has a bus of its
-/// own; tests put several engines on one bus to run a cluster without a
-/// network, every event crossing in wire form.
+/// A single server's broker: publishing is delivering to its own hub; the
+/// cluster's state is what the hub knows (it is the whole cluster).
+pub struct LocalBroker {
+    node: String,
+    sink: OnceLock<Weak<dyn BrokerSink>>,
+}
+
+impl LocalBroker {
+    pub fn new(node: &str) -> Self {
+        LocalBroker {
+            node: node.to_owned(),
+            sink: OnceLock::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for LocalBroker {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn attach(&self, sink: Weak<dyn BrokerSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    async fn publish(&self, event: BrokerEvent) -> Result<(), BrokerError> {
+        if let Some(hub) = self.sink.get().and_then(Weak::upgrade) {
+            hub.deliver(&event);
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self, _: Topic) {}
+
+    fn unsubscribe(&self, _: Topic) {}
+
+    async fn present(&self, _: &UserName, _: bool, _: bool) -> Result<bool, BrokerError> {
+        Ok(true)
+    }
+
+    async fn claim_guest(&self, _: &UserName) -> Result<bool, BrokerError> {
+        Ok(true) // the hub refuses a name held here
+    }
+
+    async fn guest(&self, _: &str) -> Result<Option<UserName>, BrokerError> {
+        Ok(None) // nowhere else
+    }
+
+    async fn elsewhere(&self, keys: &[&str]) -> Result<Vec<bool>, BrokerError> {
+        Ok(vec![false; keys.len()])
+    }
+
+    async fn throttle(&self, _: &str, _: Rate) -> Result<Result<(), Duration>, BrokerError> {
+        Ok(Ok(())) // the node's own buckets are the cluster's
+    }
+
+    async fn alone(&self) -> Result<bool, BrokerError> {
+        Ok(true)
+    }
+
+    async fn forget_node(&self, _: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}
+
+/// Nodes in one process: tests put several engines on one bus to run a
+/// cluster without a network, every event crossing in wire form. A
+/// [`MemoryBroker::new`] is a bus of one.
 #[derive(Default)]
 pub struct MemoryBus {
     state: Mutex<BusState>,

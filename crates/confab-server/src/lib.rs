@@ -35,8 +35,8 @@ use std::sync::Arc;
 use axum::routing::get;
 use axum::Router;
 use confab_broker_redis::RedisBroker;
-use confab_core::broker::{Broker, MemoryBus};
-use confab_core::{Chat, DynStore, MemoryBroker, Outbound, StoreError};
+use confab_core::broker::{Broker, LocalBroker};
+use confab_core::{Chat, DynStore, Outbound, StoreError};
 use confab_store_sqlite::SqliteStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -282,7 +282,7 @@ pub async fn start_on(
 /// This node's broker: its cluster's (Redis), or a bus of its own.
 async fn join_cluster(config: &Config) -> Result<Arc<dyn Broker>, ServerError> {
     Ok(match &config.broker {
-        None => Arc::new(MemoryBroker::on(MemoryBus::new(), &config.node)),
+        None => Arc::new(LocalBroker::new(&config.node)),
         Some(url) => Arc::new(RedisBroker::connect(url, &config.node).await?),
     })
 }
