@@ -195,6 +195,16 @@ enum Sub {
     Remove(Topic),
 }
 
+/// What a heartbeat found.
+#[derive(Debug, PartialEq, Eq)]
+enum Beat {
+    Alive,
+    /// Another living process holds this node's name.
+    Taken,
+    /// The key had expired and another node buried this one meanwhile.
+    Buried,
+}
+
 impl RedisBroker {
     /// Connect as node `node`, claim its name, and start the broker's
     /// tasks. Fails, having started nothing, when Redis cannot be reached
@@ -241,7 +251,7 @@ impl RedisBroker {
         });
         let redis_down =
             |e: redis::RedisError| ConnectError::Unreachable(mask(&url.redis), e.to_string());
-        if !shared.heartbeat().await.map_err(redis_down)? {
+        if shared.heartbeat().await.map_err(redis_down)? == Beat::Taken {
             let ttl = liveness.ttl.as_secs();
             return Err(ConnectError::NameTaken(node.to_owned(), ttl));
         }
@@ -291,21 +301,25 @@ impl Shared {
         self.conn.clone()
     }
 
-    /// Refresh this node's liveness key; `false` when another instance
-    /// holds the name.
-    async fn heartbeat(&self) -> redis::RedisResult<bool> {
+    /// Refresh (or take) this node's liveness key.
+    async fn heartbeat(&self) -> redis::RedisResult<Beat> {
         let mut conn = self.conn();
         let claimed: i64 = self
             .scripts
             .claim_node
             .key(self.key(&["node", &self.node]))
             .key(self.key(&["nodes"]))
+            .key(self.key(&["buried", &self.node]))
             .arg(&self.instance)
             .arg(self.liveness.ttl.as_millis() as u64)
             .arg(&self.node)
             .invoke_async(&mut conn)
             .await?;
-        Ok(claimed == 1)
+        Ok(match claimed {
+            0 => Beat::Taken,
+            2 => Beat::Buried,
+            _ => Beat::Alive,
+        })
     }
 
     /// Bury the nodes whose keys expired, one at a time, each by the one
@@ -329,6 +343,9 @@ impl Shared {
             if lock.is_none() {
                 continue; // another node is burying it
             }
+            // Should it come back (it was cut off, not dead), it learns it
+            // was buried when it takes its key again.
+            let _: () = conn.set_ex(self.key(&["buried", &node]), 1, 3600).await?;
             let orphans = self.orphans(&node).await?;
             tracing::warn!(%node, "a node stopped heartbeating; burying it");
             match self.sink() {
@@ -644,7 +661,15 @@ async fn heartbeats(shared: Weak<Shared>, liveness: Liveness) {
         tick.tick().await;
         let Some(sh) = shared.upgrade() else { return };
         let beat = match sh.heartbeat().await {
-            Ok(true) => {
+            Ok(Beat::Buried) => {
+                if let Some(hub) = sh.sink() {
+                    hub.rejoined();
+                }
+                beating_since = None;
+                last_beat = None;
+                Ok(())
+            }
+            Ok(Beat::Alive) => {
                 let now = Instant::now();
                 if last_beat.is_none_or(|t| now - t > liveness.ttl / 2) {
                     beating_since = Some(now);
@@ -655,7 +680,7 @@ async fn heartbeats(shared: Weak<Shared>, liveness: Liveness) {
                     _ => Ok(()),
                 }
             }
-            Ok(false) => {
+            Ok(Beat::Taken) => {
                 tracing::error!(node = %sh.node, "another process took this node's name");
                 Ok(())
             }
@@ -913,12 +938,15 @@ impl Scripts {
     fn new() -> Self {
         let with_holder = |body: &str| Script::new(&format!("{HOLDER}{body}"));
         Scripts {
-            // KEYS: node key, nodes set. ARGV: instance, ttl ms, node.
+            // KEYS: node key, nodes set, buried marker. ARGV: instance,
+            // ttl ms, node. 0: another instance holds the name; 2: taken
+            // again after others buried this node; 1: alive.
             claim_node: Script::new(
                 "local v = redis.call('GET', KEYS[1])
                  if v and v ~= ARGV[1] then return 0 end
                  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
                  redis.call('SADD', KEYS[2], ARGV[3])
+                 if not v and redis.call('DEL', KEYS[3]) == 1 then return 2 end
                  return 1",
             ),
             // KEYS: on:USER, conns:NODE, guest:USER.

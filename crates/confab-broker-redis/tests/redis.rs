@@ -219,3 +219,38 @@ async fn nodes_do_not_bury_each_other_after_a_shared_outage() {
     }
     assert!(!a.alone().await.unwrap(), "both alive");
 }
+
+#[tokio::test]
+async fn a_node_cut_off_too_long_is_buried_and_told_when_back() {
+    let redis = OwnRedis::start().await;
+    let target = redis.url()["redis://".len()..].parse().unwrap();
+    let to_a = CutProxy::start(target).await;
+    let quick = Liveness {
+        heartbeat: Duration::from_millis(100),
+        ttl: Duration::from_millis(600),
+    };
+    let via_proxy = BrokerUrl::parse(&format!("redis://{}", to_a.addr)).unwrap();
+    let a: Arc<dyn Broker> = Arc::new(
+        RedisBroker::connect_with(&via_proxy, "a", quick)
+            .await
+            .unwrap(),
+    );
+    let direct = BrokerUrl::parse(&redis.url()).unwrap();
+    let b: Arc<dyn Broker> = Arc::new(
+        RedisBroker::connect_with(&direct, "b", quick)
+            .await
+            .unwrap(),
+    );
+    let (rec_a, rec_b) = (Recorder::attach(&a), Recorder::attach(&b));
+    let gus = UserName::parse("gus").unwrap();
+    assert!(a.claim_guest(&gus).await.unwrap());
+    assert!(a.present(&gus, true, true).await.unwrap());
+    // Only a loses Redis, for longer than its TTL: b buries it.
+    to_a.cut(true);
+    let (node, orphans) = rec_b.until_orphaned().await;
+    assert_eq!((node.as_str(), orphans.len()), ("a", 1));
+    b.forget_node("a").await.unwrap();
+    to_a.cut(false);
+    // Back, a learns it was buried (its guests lost their memberships).
+    rec_a.until_rejoined().await;
+}

@@ -177,6 +177,10 @@ pub trait BrokerSink: Send + Sync + 'static {
     /// cleans up after them (presence, guest memberships), then calls
     /// [`Broker::forget_node`].
     fn orphaned(&self, node: String, users: Vec<Orphan>);
+    /// This node is back after the others buried it (it was cut off from
+    /// the cluster for longer than its liveness allows): its guests lost
+    /// their memberships and every user here was shown offline.
+    fn rejoined(&self) {}
 }
 
 /// Carries events between the nodes of a cluster and keeps its shared

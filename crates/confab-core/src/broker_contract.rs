@@ -91,6 +91,7 @@ pub struct Recorder {
     events: Mutex<Vec<BrokerEvent>>,
     missed: Mutex<usize>,
     orphans: Mutex<Vec<(String, Vec<Orphan>)>>,
+    rejoined: Mutex<usize>,
     changed: Notify,
 }
 
@@ -167,6 +168,23 @@ impl Recorder {
         self.orphans.lock().unwrap().clone()
     }
 
+    /// Wait (at most 10 s) until the broker says this node was buried and
+    /// is back.
+    pub async fn until_rejoined(&self) {
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                if *self.rejoined.lock().unwrap() > 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("told it was buried and is back")
+    }
+
     pub fn missed_count(&self) -> usize {
         *self.missed.lock().unwrap()
     }
@@ -187,6 +205,10 @@ impl BrokerSink for Recorder {
     }
     fn orphaned(&self, node: String, users: Vec<Orphan>) {
         self.orphans.lock().unwrap().push((node, users));
+        self.changed.notify_waiters();
+    }
+    fn rejoined(&self) {
+        *self.rejoined.lock().unwrap() += 1;
         self.changed.notify_waiters();
     }
 }

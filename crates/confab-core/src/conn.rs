@@ -31,7 +31,7 @@ pub enum Outbound {
 }
 
 /// Why the server closes a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     /// The outbound queue overflowed: the client does not read fast enough.
     SlowConsumer,
@@ -40,6 +40,10 @@ pub enum CloseReason {
     Abuse,
     /// An operator disconnected the user.
     Kicked,
+    /// The cluster lost what this session stood on (this node was cut off
+    /// from it long enough to be presumed dead, or a guest of the same
+    /// name won on another node): the client connects again.
+    Stale,
 }
 
 #[derive(Debug, Default)]

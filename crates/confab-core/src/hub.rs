@@ -342,6 +342,15 @@ impl Hub {
         }
     }
 
+    /// Close every connection of a user here.
+    fn close_user(&self, key: &str, reason: CloseReason) {
+        if let Some(u) = self.lock().users.get(key) {
+            for conn in &u.conns {
+                conn.close(reason);
+            }
+        }
+    }
+
     /// Have the registry record whether `user` is connected here now.
     pub fn recheck(&self, user: &UserName, guest: bool) {
         let _ = self.registry.send((user.clone(), guest));
@@ -423,9 +432,7 @@ async fn keep_registry(hub: Weak<Hub>, mut changes: mpsc::UnboundedReceiver<(Use
                 // Two nodes let one guest name in while they could not
                 // see each other; the other node's guest keeps it.
                 tracing::warn!(%user, "a guest name taken on another node; closing ours");
-                hub.deliver(&BrokerEvent::Disconnect {
-                    user: user.key().to_owned(),
-                });
+                hub.close_user(user.key(), CloseReason::Stale);
             }
             Err(e) => tracing::debug!(%user, error = %e, "recording presence"),
         }
@@ -483,11 +490,8 @@ impl BrokerSink for Hub {
                 }
             }
             BrokerEvent::Disconnect { user } => {
-                if let Some(u) = st.users.get(user) {
-                    for conn in &u.conns {
-                        conn.close(CloseReason::Kicked);
-                    }
-                }
+                drop(st);
+                self.close_user(user, CloseReason::Kicked);
             }
             BrokerEvent::Presence {
                 user,
@@ -507,6 +511,38 @@ impl BrokerSink for Hub {
     fn orphaned(&self, node: String, users: Vec<Orphan>) {
         let Some(hub) = self.me.upgrade() else { return };
         tokio::spawn(async move { hub.bury(node, users).await });
+    }
+
+    fn rejoined(&self) {
+        // Guests lost their memberships (and may lose their names): they
+        // connect again. Registered users are recorded and shown again.
+        let online: Vec<BrokerEvent> = {
+            let st = self.lock();
+            for u in st.users.values().filter(|u| u.guest) {
+                for conn in &u.conns {
+                    conn.close(CloseReason::Stale);
+                }
+            }
+            st.users
+                .values()
+                .filter(|u| !u.guest)
+                .map(|u| BrokerEvent::Presence {
+                    user: u.name.clone(),
+                    online: true,
+                    rooms: u.rooms.iter().cloned().collect(),
+                })
+                .collect()
+        };
+        tracing::warn!(
+            "this node was presumed dead by the cluster; closing its guests, announcing its users"
+        );
+        self.reassert();
+        let Some(hub) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            for event in online {
+                let _ = hub.broker.publish(event).await;
+            }
+        });
     }
 }
 

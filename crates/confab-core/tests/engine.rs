@@ -9,8 +9,8 @@ use confab_core::hub::Hub;
 use confab_core::store::memory::MemoryStore;
 use confab_core::store::NewMessage;
 use confab_core::{
-    BrokerEvent, Chat, ChatConfig, ConnReceiver, DynStore, MemoryBroker, Outbound, RoomName,
-    Session, UserName,
+    BrokerEvent, Chat, ChatConfig, CloseReason, ConnReceiver, DynStore, MemoryBroker, Outbound,
+    RoomName, Session, UserName,
 };
 use confab_proto::{Envelope, ErrorCode, Event, Message, OkBody, Reply, Request};
 
@@ -258,4 +258,45 @@ async fn delivered_soon(rx: &mut ConnReceiver, n: usize) -> Vec<u64> {
     tokio::time::timeout(Duration::from_secs(10), wait)
         .await
         .expect("delivered from the store")
+}
+
+#[tokio::test]
+async fn a_node_back_from_burial_closes_its_guests_and_announces_its_users() {
+    let hub = Hub::new(
+        Arc::new(MemoryStore::new()),
+        Arc::new(MemoryBroker::new()),
+        Duration::from_millis(50),
+    );
+    let room = RoomName::parse("r").unwrap();
+    let mut rxs = Vec::new();
+    for (i, (name, guest)) in [("gus", true), ("ann", false), ("obs", false)]
+        .into_iter()
+        .enumerate()
+    {
+        let (conn, rx) = confab_core::conn::channel(confab_core::conn::ConnId(i as u64), 64, None);
+        let user = UserName::parse(name).unwrap();
+        hub.attach(&user, guest, conn, &[(room.clone(), 0)])
+            .unwrap();
+        rxs.push(rx);
+    }
+    hub.rejoined();
+    assert_eq!(
+        rxs[0].reason(),
+        Some(CloseReason::Stale),
+        "the guest reconnects"
+    );
+    assert_eq!(rxs[1].reason(), None, "a registered user stays");
+    // Its users are announced again (the others were told they left).
+    let wait = async {
+        loop {
+            tokio::task::yield_now().await;
+            if let Some(Event::Presence { user, online }) = event(&mut rxs[2]) {
+                return (user, online);
+            }
+        }
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap();
+    assert!(seen.1, "{seen:?}");
 }

@@ -60,6 +60,9 @@ pub enum ServerError {
     Broker(#[from] confab_broker_redis::ConnectError),
 }
 
+/// Why a session the cluster lost is closed (WebSocket 1012, a line `!`).
+pub(crate) const STALE_SESSION: &str = "connect again: this node lost its place in the cluster";
+
 /// How long the last words to a slow consumer (a close frame, a last line)
 /// may wait for room in its socket. The connection is already gone for
 /// everyone else: its session closed before this starts.

@@ -553,6 +553,13 @@ async fn write_loop(
             let words = b"! disconnected by an administrator\n";
             let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words)).await;
         }
+        Some(CloseReason::Stale) => {
+            tracing::info!("closing a session the cluster lost");
+            gone.cancel();
+            let words = format!("! {}\n", crate::STALE_SESSION);
+            let _ =
+                tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words.as_bytes())).await;
+        }
         Some(CloseReason::SlowConsumer) => {
             app.metrics.evicted(Transport::Line);
             tracing::info!("closing a slow consumer");

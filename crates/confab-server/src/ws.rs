@@ -35,6 +35,8 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// Service restart: connect again.
+    pub const RECONNECT: u16 = 1012;
     pub const ABUSE: u16 = 4029;
 }
 
@@ -277,6 +279,12 @@ async fn write_loop(
             tracing::info!("disconnected by an administrator");
             gone.cancel();
             let last = close_with(&mut sink, close::POLICY, "disconnected by an administrator");
+            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
+        }
+        Some(CloseReason::Stale) => {
+            tracing::info!("closing a session the cluster lost");
+            gone.cancel();
+            let last = close_with(&mut sink, close::RECONNECT, crate::STALE_SESSION);
             let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
         }
         Some(CloseReason::SlowConsumer) => {
