@@ -174,27 +174,36 @@ async fn the_hub_delivers_in_seq_order_whatever_the_publish_order() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_gap_no_publish_fills_is_read_from_the_store() {
+/// A store with room "r", its member "u", and `n` messages committed.
+async fn store_with_messages(n: usize) -> DynStore {
     let store: DynStore = Arc::new(MemoryStore::new());
-    let room = RoomName::parse("r").unwrap();
-    let user = UserName::parse("u").unwrap();
+    let (room, user) = (RoomName::parse("r").unwrap(), UserName::parse("u").unwrap());
     store
         .join(&room, &user, confab_core::store::JoinRules::open(false))
         .await
         .unwrap();
-    for _ in 0..3 {
-        let m = NewMessage {
-            room: room.clone(),
-            sender: user.clone(),
-            body: "x".into(),
-            nonce: None,
-            ts: 0,
-            direct: None,
-        };
-        store.append(m).await.unwrap();
+    for _ in 0..n {
+        commit_one(&store).await;
     }
-    let (hub, mut rx) = hub_with_listener(store);
+    store
+}
+
+/// Commit one more message to room "r".
+async fn commit_one(store: &DynStore) {
+    let m = NewMessage {
+        room: RoomName::parse("r").unwrap(),
+        sender: UserName::parse("u").unwrap(),
+        body: "x".into(),
+        nonce: None,
+        ts: 0,
+        direct: None,
+    };
+    store.append(m).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gap_no_publish_fills_is_read_from_the_store() {
+    let (hub, mut rx) = hub_with_listener(store_with_messages(3).await);
     // Seqs 1 and 2 were committed but their publishes were lost.
     hub.deliver(&BrokerEvent::Message {
         message: message("r", 3),
@@ -210,34 +219,15 @@ async fn a_gap_no_publish_fills_is_read_from_the_store() {
 
 #[tokio::test]
 async fn missed_events_are_read_from_the_store_at_once() {
-    let store: DynStore = Arc::new(MemoryStore::new());
+    let store = store_with_messages(2).await;
     let room = RoomName::parse("r").unwrap();
-    let user = UserName::parse("u").unwrap();
-    store
-        .join(&room, &user, confab_core::store::JoinRules::open(false))
-        .await
-        .unwrap();
-    let append = || {
-        let m = NewMessage {
-            room: room.clone(),
-            sender: user.clone(),
-            body: "x".into(),
-            nonce: None,
-            ts: 0,
-            direct: None,
-        };
-        let store = store.clone();
-        async move { store.append(m).await.unwrap() }
-    };
-    append().await;
-    append().await;
     let (hub, mut rx) = hub_with_listener(store.clone());
     // The bus lost both publishes and no later message follows: the
     // broker says the room may have missed events.
     hub.missed(Some(vec![room.clone()]));
     assert_eq!(delivered_soon(&mut rx, 2).await, vec![1, 2]);
     // A node announces a head it could not publish.
-    append().await;
+    commit_one(&store).await;
     hub.deliver(&BrokerEvent::Head {
         room: room.clone(),
         seq: 3,

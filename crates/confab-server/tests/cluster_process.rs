@@ -266,13 +266,14 @@ async fn a_stopped_node_moves_its_clients_without_loss() {
 }
 
 async fn a_node_stops_under_load(signal: i32) {
-    if Store::postgres_skipped() {
+    let Some(Shared {
+        schema,
+        prefix,
+        broker,
+    }) = Shared::create(false).await
+    else {
         return;
-    }
-    let Some(redis) = shared_redis() else { return };
-    let schema = TestSchema::create().await.unwrap();
-    let prefix = Prefix::new(&redis);
-    let broker = format!("{redis}?prefix={}", prefix.prefix);
+    };
     let mut nodes = Vec::new();
     for i in 0..3 {
         let name = format!("n{i}");
@@ -357,6 +358,34 @@ fn free_addr() -> String {
     l.local_addr().unwrap().to_string()
 }
 
+/// What the nodes of one test share: a PostgreSQL schema and a Redis key
+/// prefix (both removed when dropped), and the broker URL naming it.
+struct Shared {
+    schema: TestSchema,
+    prefix: Prefix,
+    broker: String,
+}
+
+impl Shared {
+    /// `None` (having said why) without PostgreSQL or Redis, or without
+    /// HAProxy when the test needs it.
+    async fn create(haproxy: bool) -> Option<Shared> {
+        if Store::postgres_skipped() {
+            return None;
+        }
+        let redis = shared_redis()?;
+        if haproxy && !haproxy_installed() {
+            return None;
+        }
+        let prefix = Prefix::new(&redis);
+        Some(Shared {
+            schema: TestSchema::create().await.unwrap(),
+            broker: format!("{redis}?prefix={}", prefix.prefix),
+            prefix,
+        })
+    }
+}
+
 /// Whether `haproxy` is installed; says so when it is not.
 fn haproxy_installed() -> bool {
     let found = std::process::Command::new("haproxy")
@@ -402,16 +431,14 @@ async fn connect_retrying(url: &str) -> Client {
 /// again. Prints the failover time (BENCHMARKS.md).
 #[tokio::test]
 async fn behind_the_example_haproxy_clients_move_off_a_killed_node() {
-    if Store::postgres_skipped() {
+    let Some(Shared {
+        schema,
+        prefix,
+        broker,
+    }) = Shared::create(true).await
+    else {
         return;
-    }
-    let Some(redis) = shared_redis() else { return };
-    if !haproxy_installed() {
-        return;
-    }
-    let schema = TestSchema::create().await.unwrap();
-    let prefix = Prefix::new(&redis);
-    let broker = format!("{redis}?prefix={}", prefix.prefix);
+    };
     let mut nodes = Vec::new();
     for i in 1..=3 {
         let name = format!("n{i}");
@@ -490,16 +517,14 @@ async fn behind_the_example_haproxy_clients_move_off_a_killed_node() {
 /// doubled, and every member saw one gapless order.
 #[tokio::test]
 async fn a_rolling_restart_loses_nothing() {
-    if Store::postgres_skipped() {
+    let Some(Shared {
+        schema,
+        prefix,
+        broker,
+    }) = Shared::create(true).await
+    else {
         return;
-    }
-    let Some(redis) = shared_redis() else { return };
-    if !haproxy_installed() {
-        return;
-    }
-    let schema = TestSchema::create().await.unwrap();
-    let prefix = Prefix::new(&redis);
-    let broker = format!("{redis}?prefix={}", prefix.prefix);
+    };
     let backends: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let start = |i: usize| {
         let (db, broker, http) = (schema.url.clone(), broker.clone(), backends[i].clone());
