@@ -266,18 +266,12 @@ async fn a_stopped_node_moves_its_clients_without_loss() {
 }
 
 async fn a_node_stops_under_load(signal: i32) {
-    let Some(Shared {
-        schema,
-        prefix,
-        broker,
-    }) = Shared::create(false).await
-    else {
+    let Some(shared) = Shared::create(false).await else {
         return;
     };
     let mut nodes = Vec::new();
     for i in 0..3 {
-        let name = format!("n{i}");
-        nodes.push(Confab::start_with(&schema.url, &["--broker", &broker, "--node", &name]).await);
+        nodes.push(shared.node(&format!("n{i}"), &[]).await);
     }
     let urls: Vec<String> = nodes.iter().map(Confab::url).collect();
 
@@ -349,7 +343,7 @@ async fn a_node_stops_under_load(signal: i32) {
         "offline within 30 s"
     );
     drop(ghost);
-    drop(prefix);
+    drop(shared);
 }
 
 /// A free port on loopback (bound and let go).
@@ -362,11 +356,19 @@ fn free_addr() -> String {
 /// prefix (both removed when dropped), and the broker URL naming it.
 struct Shared {
     schema: TestSchema,
-    prefix: Prefix,
+    /// Held for its drop.
+    _prefix: Prefix,
     broker: String,
 }
 
 impl Shared {
+    /// Start node `name` of this cluster, with more arguments.
+    async fn node(&self, name: &str, args: &[&str]) -> Confab {
+        let mut all = vec!["--broker", &self.broker, "--node", name];
+        all.extend_from_slice(args);
+        Confab::start_with(&self.schema.url, &all).await
+    }
+
     /// `None` (having said why) without PostgreSQL or Redis, or without
     /// HAProxy when the test needs it.
     async fn create(haproxy: bool) -> Option<Shared> {
@@ -381,7 +383,7 @@ impl Shared {
         Some(Shared {
             schema: TestSchema::create().await.unwrap(),
             broker: format!("{redis}?prefix={}", prefix.prefix),
-            prefix,
+            _prefix: prefix,
         })
     }
 }
@@ -431,18 +433,12 @@ async fn connect_retrying(url: &str) -> Client {
 /// again. Prints the failover time (BENCHMARKS.md).
 #[tokio::test]
 async fn behind_the_example_haproxy_clients_move_off_a_killed_node() {
-    let Some(Shared {
-        schema,
-        prefix,
-        broker,
-    }) = Shared::create(true).await
-    else {
+    let Some(shared) = Shared::create(true).await else {
         return;
     };
     let mut nodes = Vec::new();
     for i in 1..=3 {
-        let name = format!("n{i}");
-        nodes.push(Confab::start_with(&schema.url, &["--broker", &broker, "--node", &name]).await);
+        nodes.push(shared.node(&format!("n{i}"), &[]).await);
     }
     let backends: Vec<String> = nodes.iter().map(|n| n.http.to_string()).collect();
     let (url, _haproxy) = haproxy(&backends);
@@ -508,7 +504,7 @@ async fn behind_the_example_haproxy_clients_move_off_a_killed_node() {
         moved.len(),
         killed.elapsed().as_millis()
     );
-    drop(prefix);
+    drop(shared);
 }
 
 /// A rolling restart behind the example's HAProxy: each node in turn stops
@@ -517,21 +513,15 @@ async fn behind_the_example_haproxy_clients_move_off_a_killed_node() {
 /// doubled, and every member saw one gapless order.
 #[tokio::test]
 async fn a_rolling_restart_loses_nothing() {
-    let Some(Shared {
-        schema,
-        prefix,
-        broker,
-    }) = Shared::create(true).await
-    else {
+    let Some(shared) = Shared::create(true).await else {
         return;
     };
     let backends: Vec<String> = (0..3).map(|_| free_addr()).collect();
     let start = |i: usize| {
-        let (db, broker, http) = (schema.url.clone(), broker.clone(), backends[i].clone());
+        let (shared, http) = (&shared, backends[i].clone());
         async move {
             let name = format!("n{}", i + 1);
-            let args = ["--broker", &broker, "--node", &name, "--http", &http];
-            Confab::start_with(&db, &args).await
+            shared.node(&name, &["--http", &http]).await
         }
     };
     let mut nodes = Vec::new();
@@ -579,5 +569,5 @@ async fn a_rolling_restart_loses_nothing() {
         views.push(view.expect("a member finished").unwrap());
     }
     audit(&url, &acks, &views).await;
-    drop(prefix);
+    drop(shared);
 }
