@@ -100,3 +100,24 @@ impl Confab {
             .expect("waiting for confab")
     }
 }
+
+/// History (seq to body) is one gapless order from 1 and holds every
+/// acknowledged (seq, body).
+pub fn assert_holds_every_ack(
+    stored: &std::collections::BTreeMap<u64, String>,
+    acks: &[(u64, String)],
+) {
+    let last = *stored.keys().last().expect("messages stored");
+    assert_eq!(
+        stored.keys().copied().collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>(),
+        "no gaps"
+    );
+    for (seq, body) in acks {
+        assert_eq!(
+            stored.get(seq),
+            Some(body),
+            "acknowledged seq {seq} is in history with its body"
+        );
+    }
+}
