@@ -542,6 +542,10 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
             }
         }
         if !ok {
+            // Connected but refused the subscriptions: wait as after a
+            // failed connect (the hub's changes queue meanwhile).
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
             continue;
         }
         backoff = BACKOFF_MIN;
