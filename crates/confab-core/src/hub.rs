@@ -44,6 +44,8 @@ const GAP_FILL_BATCH: u32 = 500;
 /// A presence change reaches a node once per room it shares with the
 /// user; copies arriving within this window tell each observer once.
 const PRESENCE_COPIES: Duration = Duration::from_secs(2);
+/// Rooms whose heads one catch-up query reads.
+const CATCH_UP_CHUNK: usize = 1000;
 /// How long a catch-up read that failed waits before trying again.
 const CATCH_UP_RETRY: Duration = Duration::from_secs(1);
 
@@ -322,10 +324,44 @@ impl Hub {
     }
 
     /// Read these rooms (every room with a member here, for `None`) to
-    /// the store's end, now.
+    /// the store's end, now. One query per chunk of rooms finds those the
+    /// store has more of; only they are read.
     fn catch_up(&self, rooms: Option<Vec<RoomName>>) {
+        let rooms = match rooms {
+            Some(rooms) => rooms,
+            None => self.lock().rooms.keys().cloned().collect(),
+        };
+        let Some(hub) = self.me.upgrade() else { return };
+        if rooms.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for chunk in rooms.chunks(CATCH_UP_CHUNK) {
+                let behind = match hub.store.last_seqs(chunk).await {
+                    Ok(heads) => {
+                        let st = hub.lock();
+                        chunk
+                            .iter()
+                            .zip(heads)
+                            .filter(|(r, head)| {
+                                st.rooms.get(*r).is_some_and(|e| *head >= e.next_seq)
+                            })
+                            .map(|(r, _)| r.clone())
+                            .collect()
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading rooms' heads; reading every room");
+                        chunk.to_vec()
+                    }
+                };
+                hub.read_to_end(behind);
+            }
+        });
+    }
+
+    /// Start reading these rooms to the store's end.
+    fn read_to_end(&self, rooms: Vec<RoomName>) {
         let mut st = self.lock();
-        let rooms = rooms.unwrap_or_else(|| st.rooms.keys().cloned().collect());
         let mut start = Vec::new();
         for room in rooms {
             if let Some(entry) = st.rooms.get_mut(&room) {
@@ -453,7 +489,7 @@ impl BrokerSink for Hub {
                 let behind = st.rooms.get(room).is_some_and(|e| *seq >= e.next_seq);
                 drop(st);
                 if behind {
-                    self.catch_up(Some(vec![room.clone()]));
+                    self.read_to_end(vec![room.clone()]);
                 }
             }
             BrokerEvent::Room { room, event, skip } => {

@@ -228,6 +228,9 @@ pub trait Store: Send + Sync + 'static {
         after: Seq,
         limit: u32,
     ) -> StoreResult<Vec<Message>>;
+    /// Each room's last seq, in the order given (0 for a room that does
+    /// not exist): which rooms a hub that may have missed events must read.
+    async fn last_seqs(&self, rooms: &[RoomName]) -> StoreResult<Vec<Seq>>;
     /// Move the read marker forward (never back); returns the marker now.
     /// `Invalid` when `seq` is past the room's last message.
     async fn mark_read(&self, room: &RoomName, user: &UserName, seq: Seq) -> StoreResult<Seq>;

@@ -1052,6 +1052,26 @@ impl Store for PgStore {
         .await
     }
 
+    async fn last_seqs(&self, rooms: &[RoomName]) -> StoreResult<Vec<Seq>> {
+        let c = self.client().await?;
+        let names: Vec<&str> = rooms.iter().map(RoomName::as_str).collect();
+        let stmt = c
+            .prepare_cached("SELECT name, last_seq FROM rooms WHERE name = ANY($1)")
+            .await
+            .map_err(pg_error)?;
+        let found: std::collections::HashMap<String, i64> = c
+            .query(&stmt, &[&names])
+            .await
+            .map_err(pg_error)?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(names
+            .iter()
+            .map(|n| found.get(*n).map_or(0, |s| *s as Seq))
+            .collect())
+    }
+
     async fn mark_read(&self, room: &RoomName, user: &UserName, seq_to: Seq) -> StoreResult<Seq> {
         in_transaction!(self, |tx| async {
             let (id, last_seq) = member_room(&tx, room, user).await?;

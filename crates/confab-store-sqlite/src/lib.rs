@@ -770,6 +770,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn last_seqs(&self, rooms: &[RoomName]) -> StoreResult<Vec<Seq>> {
+        let rooms = rooms.to_vec();
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT last_seq FROM rooms WHERE name = ?1")
+                .map_err(db_error)?;
+            rooms
+                .iter()
+                .map(|room| {
+                    stmt.query_row([room.as_str()], |r| r.get(0))
+                        .optional()
+                        .map(|seq| seq.unwrap_or(0))
+                        .map_err(db_error)
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn mark_read(&self, room: &RoomName, user: &UserName, seq: Seq) -> StoreResult<Seq> {
         let (room, user) = (room.clone(), user.clone());
         self.writer

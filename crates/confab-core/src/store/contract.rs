@@ -55,6 +55,7 @@ macro_rules! store_contract_tests {
             rooms_created_by_guests_go_when_empty,
             joins_follow_their_rules,
             rooms_and_members_come_in_pages,
+            last_seqs_name_each_room,
             concurrent_appends_stay_gapless);
     };
     (@each $make:expr; $($name:ident),*) => {
@@ -610,6 +611,24 @@ pub async fn rooms_and_members_come_in_pages(s: DynStore) {
     assert_eq!(members(None).await, ["Usera", "Userb"]);
     assert_eq!(members(Some("userb")).await, ["Userc", "Userd"]);
     assert_eq!(members(Some("userd")).await, ["Usere"]);
+}
+
+pub async fn last_seqs_name_each_room(s: DynStore) {
+    for (r, n) in [("a", 3), ("b", 0), ("c", 1)] {
+        s.join(&room(r), &user("alice"), JoinRules::open(false))
+            .await
+            .unwrap();
+        for _ in 0..n {
+            s.append(msg(r, "alice", "x", None)).await.unwrap();
+        }
+    }
+    let asked = [room("c"), room("nowhere"), room("a"), room("b"), room("a")];
+    assert_eq!(
+        s.last_seqs(&asked).await.unwrap(),
+        vec![1, 0, 3, 0, 3],
+        "in the order asked; 0 for a room that does not exist"
+    );
+    assert!(s.last_seqs(&[]).await.unwrap().is_empty());
 }
 
 pub async fn concurrent_appends_stay_gapless(s: DynStore) {

@@ -409,6 +409,15 @@ impl Store for MemoryStore {
         }))
     }
 
+    async fn last_seqs(&self, rooms: &[RoomName]) -> StoreResult<Vec<Seq>> {
+        Ok(self.with(|s| {
+            rooms
+                .iter()
+                .map(|r| s.rooms.get(r).map_or(0, Room::last_seq))
+                .collect()
+        }))
+    }
+
     async fn mark_read(&self, room: &RoomName, user: &UserName, seq: Seq) -> StoreResult<Seq> {
         self.with(|s| {
             let r = s.member_room(room, user)?;
