@@ -141,6 +141,25 @@ impl Conn {
     }
 }
 
+/// See [`ConnReceiver::closer`].
+#[derive(Clone)]
+pub struct Closer {
+    control: Arc<Control>,
+}
+
+impl Closer {
+    /// Resolves when the connection is to close.
+    pub async fn closed(&self) {
+        self.control.closed.cancelled().await
+    }
+
+    /// Close the connection (the first reason wins).
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self.control.reason.set(reason);
+        self.control.closed.cancel();
+    }
+}
+
 impl ConnReceiver {
     /// The next item to write; `None` once every sender is gone.
     /// Cancel-safe.
@@ -157,6 +176,14 @@ impl ConnReceiver {
     /// [`ConnReceiver::reason`] says why.
     pub fn close_signal(&self) -> CancellationToken {
         self.control.closed.clone()
+    }
+
+    /// A handle for the transport's writer: it waits for the close signal,
+    /// and gives it itself when a write to the socket stalls.
+    pub fn closer(&self) -> Closer {
+        Closer {
+            control: self.control.clone(),
+        }
     }
 
     pub fn reason(&self) -> Option<CloseReason> {

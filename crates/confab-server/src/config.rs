@@ -41,6 +41,9 @@ pub struct Config {
     /// (warned a twelfth of it before); `None`: never. Vanished peers are
     /// found sooner by TCP keepalive.
     pub line_idle: Option<Duration>,
+    /// How long one write to a client's socket may wait for room before
+    /// the client is closed as a slow consumer.
+    pub write_stall: Duration,
     /// How long a graceful shutdown waits for connections to finish.
     pub shutdown_grace: Duration,
     /// What the `shutdown` event advises clients to wait before reconnecting.
@@ -74,6 +77,7 @@ impl Default for Config {
             login_timeout: Duration::from_secs(30),
             // People at a terminal read far more than they type: an hour.
             line_idle: Some(Duration::from_secs(3600)),
+            write_stall: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             reconnect_ms: 2000,
             chat: ChatConfig::default(),

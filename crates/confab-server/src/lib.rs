@@ -68,17 +68,27 @@ pub(crate) const STALE_SESSION: &str = "connect again: this node lost its place 
 /// everyone else: its session closed before this starts.
 pub(crate) const SLOW_CONSUMER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Run a socket write unless the core evicts the connection first: a write
-/// to a client that stopped reading can wait forever, and the eviction
-/// must not wait for it. `None` when evicted.
+/// Run a socket write unless the connection is evicted first: a write to
+/// a client that stopped reading can wait forever, and the eviction must
+/// not wait for it. A write that waits longer than `stall` evicts the
+/// connection as a slow consumer itself (a client that sends requests and
+/// never reads fills the socket with replies alone: nothing else would
+/// notice). `None` when evicted.
 pub(crate) async fn unless_evicted<T>(
-    evicted: &CancellationToken,
+    conn: &confab_core::conn::Closer,
+    stall: std::time::Duration,
     write: impl Future<Output = T>,
 ) -> Option<T> {
     tokio::select! {
         biased;
-        _ = evicted.cancelled() => None,
-        done = write => Some(done),
+        _ = conn.closed() => None,
+        done = tokio::time::timeout(stall, write) => match done {
+            Ok(done) => Some(done),
+            Err(_) => {
+                conn.close(confab_core::CloseReason::SlowConsumer);
+                None
+            }
+        },
     }
 }
 

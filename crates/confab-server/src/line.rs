@@ -503,12 +503,13 @@ async fn write_loop(
         confab_proto::SERVER_NAME,
         confab_proto::VERSION
     );
-    let evicted = rx.close_signal();
-    let mut written = unless_evicted(&evicted, out.write_all(greeting.as_bytes())).await;
+    let closer = rx.closer();
+    let stall = app.config().write_stall;
+    let mut written = unless_evicted(&closer, stall, out.write_all(greeting.as_bytes())).await;
     while let Some(Ok(())) = written {
         written = tokio::select! {
             biased;
-            _ = evicted.cancelled() => None,
+            _ = closer.closed() => None,
             end = &mut ending => {
                 let last: Option<Bytes> = match end.unwrap_or(Ending::Gone) {
                     Ending::Gone => None,
@@ -540,7 +541,7 @@ async fn write_loop(
                     while let Some(item) = rx.try_recv() {
                         batch.extend_from_slice(&encode(&app, Transport::Line, item));
                     }
-                    unless_evicted(&evicted, out.write_all(&batch)).await
+                    unless_evicted(&closer, stall, out.write_all(&batch)).await
                 }
                 None => break,
             },

@@ -120,6 +120,9 @@ pub struct LimitSettings {
     /// Messages in one `sync` reply, over all its rooms.
     pub max_sync_messages: u32,
     pub outbound_queue: usize,
+    /// A write to a client's socket that waits this long closes it as a
+    /// slow consumer.
+    pub write_stall_ms: u64,
     pub shutdown_grace_ms: u64,
 }
 
@@ -204,6 +207,7 @@ impl Default for Settings {
                 rooms_created_per_hour: limits.room_creations.map_or(0, |r| r.burst),
                 max_sync_messages: chat.max_sync_messages,
                 outbound_queue: chat.outbound_queue,
+                write_stall_ms: ms(config.write_stall),
                 shutdown_grace_ms: ms(config.shutdown_grace),
             },
             rate_limits: RateSettings {
@@ -359,6 +363,7 @@ impl Settings {
             ("limits.outbound_queue", l.outbound_queue as u64),
             ("limits.max_rooms_per_user", u64::from(l.max_rooms_per_user)),
             ("limits.max_sync_messages", u64::from(l.max_sync_messages)),
+            ("limits.write_stall_ms", l.write_stall_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError(format!("{name} must be more than 0")));
@@ -419,6 +424,7 @@ impl Settings {
             handshake_timeout: ms(l.handshake_timeout_ms),
             login_timeout: ms(l.login_timeout_ms),
             line_idle: (l.line_idle_ms > 0).then(|| ms(l.line_idle_ms)),
+            write_stall: ms(l.write_stall_ms),
             shutdown_grace: ms(l.shutdown_grace_ms),
             reconnect_ms: defaults.reconnect_ms,
             chat: ChatConfig {

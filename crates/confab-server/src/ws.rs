@@ -242,14 +242,16 @@ async fn write_loop(
         tokio::time::Instant::now() + app.config().heartbeat,
         app.config().heartbeat,
     );
-    let evicted = rx.close_signal();
-    let mut written = unless_evicted(&evicted, sink.send(text(json::encode_event(&hello)))).await;
+    let closer = rx.closer();
+    let stall = app.config().write_stall;
+    let hello = text(json::encode_event(&hello));
+    let mut written = unless_evicted(&closer, stall, sink.send(hello)).await;
     while let Some(Ok(())) = written {
         // Biased: the reader sends its ending before the session (and so
         // the queue) goes away, and the ending must win over the queue's end.
         written = tokio::select! {
             biased;
-            _ = evicted.cancelled() => None,
+            _ = closer.closed() => None,
             end = &mut ending => {
                 match end.unwrap_or(Ending::Gone) {
                     Ending::Gone => {}
@@ -266,11 +268,14 @@ async fn write_loop(
                 break;
             }
             item = rx.recv() => match item {
-                Some(item) => unless_evicted(&evicted, write_batch(&app, &mut sink, &mut rx, item)).await,
+                Some(item) => {
+                    let batch = write_batch(&app, &mut sink, &mut rx, item);
+                    unless_evicted(&closer, stall, batch).await
+                }
                 None => break,
             },
             _ = ping.tick() => {
-                unless_evicted(&evicted, sink.send(WsMessage::Ping(Bytes::new()))).await
+                unless_evicted(&closer, stall, sink.send(WsMessage::Ping(Bytes::new()))).await
             }
         };
     }

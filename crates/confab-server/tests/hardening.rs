@@ -449,3 +449,40 @@ async fn the_line_listener_takes_the_proxy_protocol_from_trusted_proxies() {
         "the header was read as a chat line, not believed"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_sends_and_never_reads_is_cut_off_when_its_writes_stall() {
+    let server = TestServer::with_config(|c| {
+        c.write_stall = Duration::from_millis(300);
+        c.chat.rate_limits = RateLimits::off();
+        c.database
+            .set_durability(confab_testkit::confab_server::Durability::Normal);
+    })
+    .await;
+    let mut seeder = server.client().await;
+    seeder.register("seeder").await;
+    seeder.join("big").await;
+    let body = "z".repeat(4000);
+    for _ in 0..100 {
+        seeder.send("big", &body).await;
+    }
+    let mut stuck = server.client().await;
+    stuck.register("stuck").await;
+    stuck.join("big").await;
+    // Only requests, each answered with about 400 KB, and nothing read:
+    // only replies fill the socket, no event overflows the queue.
+    for id in 0..100 {
+        stuck
+            .send_json(&json!({"type":"history","room":"big","limit":100,"id":id}))
+            .await;
+    }
+    // The others see it go; it is closed as a slow consumer.
+    loop {
+        let e = seeder.event().await;
+        if e["type"] == "presence" && e["user"] == "stuck" && e["online"] == false {
+            break;
+        }
+    }
+    assert_eq!(stuck.closed().await.0, 4008);
+    seeder.send("big", "still here").await;
+}
