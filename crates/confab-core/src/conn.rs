@@ -127,8 +127,7 @@ impl Conn {
 
     /// Ask the transport to close the connection. The first reason wins.
     pub fn close(&self, reason: CloseReason) {
-        let _ = self.control.reason.set(reason);
-        self.control.closed.cancel();
+        self.control.close(reason);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -155,8 +154,14 @@ impl Closer {
 
     /// Close the connection (the first reason wins).
     pub fn close(&self, reason: CloseReason) {
-        let _ = self.control.reason.set(reason);
-        self.control.closed.cancel();
+        self.control.close(reason);
+    }
+}
+
+impl Control {
+    fn close(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+        self.closed.cancel();
     }
 }
 
