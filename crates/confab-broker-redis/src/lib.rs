@@ -24,7 +24,7 @@
 #[cfg(feature = "testing")]
 pub mod testing;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -190,9 +190,24 @@ struct Shared {
     liveness: Liveness,
 }
 
+/// A change of the subscriber's channels.
 enum Sub {
-    Add(Topic),
-    Remove(Topic),
+    /// `room` when the channel carries a room's messages (its subscription
+    /// taking effect is reported `missed`).
+    Add {
+        channel: String,
+        room: Option<RoomName>,
+    },
+    Remove(String),
+}
+
+impl Sub {
+    fn apply(&self, wanted: &mut HashSet<String>) {
+        match self {
+            Sub::Add { channel, .. } => wanted.insert(channel.clone()),
+            Sub::Remove(channel) => wanted.remove(channel),
+        };
+    }
 }
 
 /// What a heartbeat found.
@@ -498,7 +513,7 @@ async fn publisher(shared: Weak<Shared>, mut rx: mpsc::Receiver<BrokerEvent>) {
 /// Keep one pub/sub connection subscribed to the topics the hub asks for,
 /// through reconnects.
 async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) {
-    let mut wanted: HashMap<String, Topic> = HashMap::new();
+    let mut wanted: HashSet<String> = HashSet::new();
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
     loop {
@@ -523,7 +538,7 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
                     tokio::select! {
                         _ = &mut until => break,
                         sub = rx.recv() => match sub {
-                            Some(sub) => apply(&shared, &mut wanted, sub),
+                            Some(sub) => sub.apply(&mut wanted),
                             None => return,
                         },
                     }
@@ -533,7 +548,7 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
             }
         };
         let (mut sink, mut stream) = pubsub.split();
-        let channels: Vec<&String> = wanted.keys().collect();
+        let channels: Vec<&String> = wanted.iter().collect();
         let mut ok = true;
         for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
             if sink.subscribe(chunk).await.is_err() {
@@ -590,25 +605,18 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
                 }
                 sub = rx.recv() => {
                     let Some(sub) = sub else { return };
-                    let (channel, room) = match &sub {
-                        Sub::Add(Topic::Room(r)) => (Some(channel_of(&shared, &sub)), Some(r.clone())),
-                        _ => (Some(channel_of(&shared, &sub)), None),
-                    };
-                    let adding = matches!(sub, Sub::Add(_));
-                    apply(&shared, &mut wanted, sub);
-                    let channel = channel.expect("a channel");
-                    let done = if adding {
-                        sink.subscribe(&channel).await
-                    } else {
-                        sink.unsubscribe(&channel).await
+                    sub.apply(&mut wanted);
+                    let done = match &sub {
+                        Sub::Add { channel, .. } => sink.subscribe(channel).await,
+                        Sub::Remove(channel) => sink.unsubscribe(channel).await,
                     };
                     if done.is_err() {
                         break;
                     }
                     // Messages committed before the subscription took
                     // effect went by: read them from the store.
-                    if let (Some(room), Some(sh)) = (room, shared.upgrade()) {
-                        if let Some(hub) = sh.sink() {
+                    if let Sub::Add { room: Some(room), .. } = sub {
+                        if let Some(hub) = shared.upgrade().and_then(|sh| sh.sink()) {
                             hub.missed(Some(vec![room]));
                         }
                     }
@@ -625,28 +633,6 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
         if let Some(sh) = shared.upgrade() {
             sh.subscribed.store(false, Ordering::Relaxed);
             tracing::warn!("lost the Redis subscription; reconnecting");
-        }
-    }
-}
-
-fn channel_of(shared: &Weak<Shared>, sub: &Sub) -> String {
-    let topic = match sub {
-        Sub::Add(t) | Sub::Remove(t) => t,
-    };
-    shared
-        .upgrade()
-        .map(|sh| sh.channel(topic))
-        .unwrap_or_default()
-}
-
-fn apply(shared: &Weak<Shared>, wanted: &mut HashMap<String, Topic>, sub: Sub) {
-    let channel = channel_of(shared, &sub);
-    match sub {
-        Sub::Add(topic) => {
-            wanted.insert(channel, topic);
-        }
-        Sub::Remove(_) => {
-            wanted.remove(&channel);
         }
     }
 }
@@ -739,11 +725,16 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, topic: Topic) {
-        let _ = self.subs.send(Sub::Add(topic));
+        let channel = self.shared.channel(&topic);
+        let room = match topic {
+            Topic::Room(room) => Some(room),
+            Topic::User(_) | Topic::Everyone => None,
+        };
+        let _ = self.subs.send(Sub::Add { channel, room });
     }
 
     fn unsubscribe(&self, topic: Topic) {
-        let _ = self.subs.send(Sub::Remove(topic));
+        let _ = self.subs.send(Sub::Remove(self.shared.channel(&topic)));
     }
 
     async fn present(&self, user: &UserName, guest: bool, here: bool) -> Result<bool, BrokerError> {

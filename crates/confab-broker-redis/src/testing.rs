@@ -1,5 +1,6 @@
-//! For tests: a key prefix of one's own on a shared Redis, and a
-//! `redis-server` of one's own to stop and start.
+//! For tests: a key prefix of one's own on a shared Redis, a
+//! `redis-server` of one's own to stop and start, and a TCP proxy to cut
+//! a connection to any server (Redis, PostgreSQL) and restore it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -112,22 +113,6 @@ impl OwnRedis {
         }
     }
 
-    /// Freeze it (SIGSTOP) for `how_long`, as a stalled server or a
-    /// network partition looks: connections stay open, nothing answers,
-    /// and keys expire by the clock meanwhile.
-    pub async fn freeze(&self, how_long: std::time::Duration) {
-        let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
-        let signal = |sig: &str| {
-            std::process::Command::new("kill")
-                .args([sig, &pid.to_string()])
-                .status()
-                .expect("kill")
-        };
-        signal("-STOP");
-        tokio::time::sleep(how_long).await;
-        signal("-CONT");
-    }
-
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -141,7 +126,8 @@ pub struct CutProxy {
 }
 
 impl CutProxy {
-    pub async fn start(target: std::net::SocketAddr) -> CutProxy {
+    /// A proxy to `target` (HOST:PORT).
+    pub async fn start(target: String) -> CutProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding port 0");
@@ -153,8 +139,9 @@ impl CutProxy {
                 if *is_cut.borrow() {
                     continue; // dropped: closed at once
                 }
+                let target = target.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
                     tokio::select! {

@@ -182,8 +182,11 @@ async fn a_node_restarted_under_its_name_buries_its_previous_run() {
 #[tokio::test]
 async fn nodes_do_not_bury_each_other_after_a_shared_outage() {
     let redis = OwnRedis::start().await;
-    let target = redis.url()["redis://".len()..].parse().unwrap();
-    let (to_a, to_b) = (CutProxy::start(target).await, CutProxy::start(target).await);
+    let target = &redis.url()["redis://".len()..];
+    let (to_a, to_b) = (
+        CutProxy::start(target.to_owned()).await,
+        CutProxy::start(target.to_owned()).await,
+    );
     let url = |p: &CutProxy| BrokerUrl::parse(&format!("redis://{}", p.addr)).unwrap();
     let quick = Liveness {
         heartbeat: Duration::from_millis(100),
@@ -223,8 +226,7 @@ async fn nodes_do_not_bury_each_other_after_a_shared_outage() {
 #[tokio::test]
 async fn a_node_cut_off_too_long_is_buried_and_told_when_back() {
     let redis = OwnRedis::start().await;
-    let target = redis.url()["redis://".len()..].parse().unwrap();
-    let to_a = CutProxy::start(target).await;
+    let to_a = CutProxy::start(redis.url()["redis://".len()..].to_owned()).await;
     let quick = Liveness {
         heartbeat: Duration::from_millis(100),
         ttl: Duration::from_millis(600),

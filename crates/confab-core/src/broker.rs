@@ -280,14 +280,17 @@ pub mod wire {
         struct Version {
             v: u32,
         }
-        let Version { v } =
-            serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
-        if v != VERSION {
-            return Err(WireError::Version(v));
+        match serde_json::from_slice::<Envelope<'static>>(bytes) {
+            Ok(envelope) if envelope.v == VERSION => {
+                Ok((envelope.node.into_owned(), envelope.event.into_owned()))
+            }
+            Ok(envelope) => Err(WireError::Version(envelope.v)),
+            // Another version's events may not read as ours at all.
+            Err(e) => match serde_json::from_slice::<Version>(bytes) {
+                Ok(Version { v }) if v != VERSION => Err(WireError::Version(v)),
+                _ => Err(WireError::Malformed(e.to_string())),
+            },
         }
-        let envelope: Envelope<'static> =
-            serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
-        Ok((envelope.node.into_owned(), envelope.event.into_owned()))
     }
 
     #[derive(Serialize, Deserialize)]
@@ -406,10 +409,6 @@ struct BusState {
 struct BusNode {
     sink: Option<Weak<dyn BrokerSink>>,
     topics: HashSet<Topic>,
-    /// Publishes fail and nothing arrives (a test's outage).
-    cut: bool,
-    /// Heads of rooms whose publishes failed.
-    unsent: HashMap<RoomName, Seq>,
 }
 
 impl MemoryBus {
@@ -421,67 +420,6 @@ impl MemoryBus {
         self.state.lock().expect("bus poisoned")
     }
 
-    /// Cut `node` off the bus (`true`) or bring it back: while cut, its
-    /// publishes do not leave it and nothing reaches it; on its return it
-    /// announces what it could not send and catches up on what it missed.
-    pub fn cut(&self, node: &str, cut: bool) {
-        let (sink, heads) = {
-            let mut st = self.lock();
-            let Some(n) = st.nodes.get_mut(node) else {
-                return;
-            };
-            n.cut = cut;
-            if cut {
-                return;
-            }
-            let heads: Vec<_> = n.unsent.drain().collect();
-            (n.sink.as_ref().and_then(Weak::upgrade), heads)
-        };
-        for (room, seq) in heads {
-            self.send(node, &BrokerEvent::Head { room, seq });
-        }
-        if let Some(sink) = sink {
-            sink.missed(None);
-        }
-    }
-
-    /// `node` died: it is gone from the bus, and the users it alone held
-    /// are reported to one living node.
-    pub fn kill(&self, node: &str) {
-        let (orphans, heir) = {
-            let mut st = self.lock();
-            st.nodes.remove(node);
-            let mut orphans = Vec::new();
-            let BusState {
-                present, guests, ..
-            } = &mut *st;
-            for (key, nodes) in present.iter_mut() {
-                if nodes.remove(node) && nodes.is_empty() {
-                    let guest = guests.get(key).filter(|(n, _)| n == node);
-                    match guest {
-                        Some((_, name)) => orphans.push(Orphan {
-                            user: name.clone(),
-                            guest: true,
-                        }),
-                        None => orphans.push(Orphan {
-                            user: UserName::parse(key).expect("stored keys parse"),
-                            guest: false,
-                        }),
-                    }
-                }
-            }
-            st.present.retain(|_, nodes| !nodes.is_empty());
-            let heir = st
-                .nodes
-                .values()
-                .find_map(|n| n.sink.as_ref().and_then(Weak::upgrade));
-            (orphans, heir)
-        };
-        if let Some(heir) = heir {
-            heir.orphaned(node.to_owned(), orphans);
-        }
-    }
-
     /// Deliver `event` from `from` to every other node subscribed to its
     /// topics, in wire form.
     fn send(&self, from: &str, event: &BrokerEvent) {
@@ -491,7 +429,7 @@ impl MemoryBus {
             for (topic, one) in event.split() {
                 let bytes = wire::encode(from, &one);
                 for (name, node) in &st.nodes {
-                    if name != from && !node.cut && node.topics.contains(&topic) {
+                    if name != from && node.topics.contains(&topic) {
                         if let Some(sink) = node.sink.as_ref().and_then(Weak::upgrade) {
                             deliveries.push((sink, bytes.clone()));
                         }
@@ -536,13 +474,6 @@ impl MemoryBroker {
     fn with_node<T>(&self, f: impl FnOnce(&mut BusNode) -> T) -> Option<T> {
         self.bus.lock().nodes.get_mut(&self.node).map(f)
     }
-
-    fn check_reachable(&self) -> Result<(), BrokerError> {
-        match self.with_node(|n| n.cut) {
-            Some(false) => Ok(()),
-            _ => Err(BrokerError(format!("node {} is cut off", self.node))),
-        }
-    }
 }
 
 #[async_trait]
@@ -562,16 +493,6 @@ impl Broker for MemoryBroker {
         if let Some(sink) = sink {
             sink.deliver(&event);
         }
-        if self.check_reachable().is_err() {
-            if let BrokerEvent::Message { message, .. } = &event {
-                let room = RoomName::from_trusted(message.room.clone());
-                self.with_node(|n| {
-                    let head = n.unsent.entry(room).or_default();
-                    *head = (*head).max(message.seq);
-                });
-            }
-            return self.check_reachable();
-        }
         self.bus.send(&self.node, &event);
         Ok(())
     }
@@ -585,7 +506,6 @@ impl Broker for MemoryBroker {
     }
 
     async fn present(&self, user: &UserName, guest: bool, here: bool) -> Result<bool, BrokerError> {
-        self.check_reachable()?;
         let mut st = self.bus.lock();
         let key = user.key();
         if guest {
@@ -615,7 +535,6 @@ impl Broker for MemoryBroker {
     }
 
     async fn claim_guest(&self, user: &UserName) -> Result<bool, BrokerError> {
-        self.check_reachable()?;
         let mut st = self.bus.lock();
         let key = user.key();
         if let Some((node, _)) = st.guests.get(key) {
@@ -630,7 +549,6 @@ impl Broker for MemoryBroker {
     }
 
     async fn guest(&self, key: &str) -> Result<Option<UserName>, BrokerError> {
-        self.check_reachable()?;
         Ok(self
             .bus
             .lock()
@@ -640,7 +558,6 @@ impl Broker for MemoryBroker {
     }
 
     async fn elsewhere(&self, keys: &[&str]) -> Result<Vec<bool>, BrokerError> {
-        self.check_reachable()?;
         let st = self.bus.lock();
         Ok(keys
             .iter()
@@ -653,7 +570,6 @@ impl Broker for MemoryBroker {
     }
 
     async fn throttle(&self, key: &str, rate: Rate) -> Result<Result<(), Duration>, BrokerError> {
-        self.check_reachable()?;
         let Some((period, burst)) = rate.gcra() else {
             return Ok(Ok(()));
         };
@@ -678,10 +594,6 @@ impl Broker for MemoryBroker {
     async fn forget_node(&self, node: &str) -> Result<(), BrokerError> {
         self.bus.lock().guests.retain(|_, (n, _)| n != node);
         Ok(())
-    }
-
-    fn connected(&self) -> bool {
-        self.check_reachable().is_ok()
     }
 }
 

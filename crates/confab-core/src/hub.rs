@@ -131,10 +131,6 @@ impl Hub {
         hub
     }
 
-    pub fn broker(&self) -> &Arc<dyn Broker> {
-        &self.broker
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("hub poisoned")
     }

@@ -4,9 +4,8 @@
 //! skips (saying so) without it.
 
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
+use confab_broker_redis::testing::CutProxy;
 use confab_store_postgres::testing::TestSchema;
 use confab_testkit::confab_server::Database;
 use confab_testkit::serde_json::json;
@@ -112,50 +111,6 @@ async fn chat_survives_a_restart_on_postgres() {
     assert!(metrics.contains("confab_store_pool_connections{state=\"in_use\"}"));
 }
 
-/// A TCP proxy in front of PostgreSQL, to cut Confab off from it: `cut`
-/// drops every connection through it and refuses new ones until `restore`.
-struct Link {
-    addr: std::net::SocketAddr,
-    down: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Link {
-    async fn to(target: String) -> Link {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (d, o) = (down.clone(), open.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if d.load(Ordering::SeqCst) {
-                    continue; // dropped: refused
-                }
-                let target = target.clone();
-                let pipe = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                o.lock().unwrap().push(pipe.abort_handle());
-            }
-        });
-        Link { addr, down, open }
-    }
-
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        for pipe in self.open.lock().unwrap().drain(..) {
-            pipe.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-}
-
 /// Send `n` numbered messages with nonces, retrying a refused one with the
 /// same nonce as a client does; returns (acks as (seq, body), refusals).
 async fn send_through(url: String, name: String, n: usize) -> (Vec<(u64, String)>, Vec<String>) {
@@ -197,7 +152,7 @@ async fn cut_off_from_postgres_the_server_refuses_then_recovers_and_loses_nothin
         .and_then(|rest| rest.split('/').next())
         .unwrap()
         .to_owned();
-    let link = Link::to(target.clone()).await;
+    let link = CutProxy::start(target.clone()).await;
     let through = schema.url.replacen(&target, &link.addr.to_string(), 1);
     let server = TestServer::with_config(move |c| {
         c.database = Database::parse(&through).unwrap();
@@ -229,9 +184,9 @@ async fn cut_off_from_postgres_the_server_refuses_then_recovers_and_loses_nothin
         heard.insert(m["user"].as_str().unwrap().to_owned());
         seen += 1;
     }
-    link.cut();
+    link.cut(true);
     assert_eq!(ready(server.addr).await, 503, "/readyz turns red");
-    link.restore();
+    link.cut(false);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while ready(server.addr).await != 200 {
         assert!(std::time::Instant::now() < deadline, "never recovered");
