@@ -8,6 +8,8 @@
 //! - [`transfer`]: rows as `confab db copy` moves them between backends.
 //! - [`contract`] (feature `testing`): the suite every backend must pass.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -23,6 +25,10 @@ pub mod transfer;
 pub mod contract;
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A queued message's outcome, resolved once it is durable: see
+/// [`Store::queue_append`].
+pub type Queued = Pin<Box<dyn Future<Output = StoreResult<Appended>> + Send>>;
 
 /// A SHA-256 digest of a session token: tokens are stored only as hashes.
 pub type TokenHash = [u8; 32];
@@ -207,10 +213,22 @@ pub trait Store: Send + Sync + 'static {
     /// Set a room's topic; the user must be a member.
     async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()>;
 
-    /// Store a message: allocate the room's next seq, or return the original
-    /// when the sender already sent this nonce to this room. The sender must
-    /// be a member, unless `direct` opens the conversation.
-    async fn append(&self, message: NewMessage) -> StoreResult<Appended>;
+    /// Take a message's place in the store's order and return without
+    /// waiting for the commit; the [`Queued`] future resolves with its
+    /// outcome once it is durable (or failed). Storing it means: allocate
+    /// the room's next seq, or return the original when the sender already
+    /// sent this nonce to this room. The sender must be a member, unless
+    /// `direct` opens the conversation.
+    ///
+    /// Messages queued one after another (each call returned before the
+    /// next was made) are stored in that order, so their seqs in a room
+    /// ascend in the same order: what pipelined sends stand on. Dropping
+    /// the `Queued` future does not withdraw the message.
+    async fn queue_append(&self, message: NewMessage) -> StoreResult<Queued>;
+    /// [`Store::queue_append`], then wait until the message is durable.
+    async fn append(&self, message: NewMessage) -> StoreResult<Appended> {
+        self.queue_append(message).await?.await
+    }
     /// A page of a room's history; `user` must be a member.
     async fn history(
         &self,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use confab_core::store::{Appended, NewMessage, StoreResult};
+use confab_core::store::{Appended, NewMessage, Queued, StoreResult};
 use confab_core::StoreError;
 use confab_proto::Message;
 use deadpool_postgres::Pool;
@@ -70,31 +70,34 @@ impl Batcher {
         let _ = self.counters.observer.set(observer);
     }
 
-    /// Store a room message (not a direct one) in the next batch.
-    pub(crate) async fn append(&self, message: NewMessage) -> StoreResult<Appended> {
+    /// Queue a room message (not a direct one) for the next batch; the
+    /// future resolves after its commit.
+    pub(crate) async fn queue(&self, message: NewMessage) -> StoreResult<Queued> {
         let (reply, rx) = oneshot::channel();
         let stopped = || StoreError::Unavailable("the message writer has stopped".into());
         self.jobs
             .send(Job { message, reply })
             .await
             .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        Ok(Box::pin(async move { rx.await.map_err(|_| stopped())? }))
     }
 }
+
+type JobQueue = tokio::sync::Mutex<mpsc::Receiver<Job>>;
 
 /// One worker: takes what is waiting (the others wait their turn at the
 /// queue meanwhile), stores it, repeats; until every sender is gone (the
 /// store was dropped).
-async fn run(
-    pool: Pool,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
-    counters: Arc<Counters>,
-) {
+async fn run(pool: Pool, rx: Arc<JobQueue>, counters: Arc<Counters>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        let mut queue = rx.lock().await;
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            break;
+        }
         let started = Instant::now();
         let jobs = batch.len();
-        let results = match store(&pool, &batch).await {
+        let results = match store(&pool, &batch, queue).await {
             Ok(results) => results.into_iter().map(Ok).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, messages = jobs, "a batch of messages failed");
@@ -115,13 +118,28 @@ async fn run(
 /// One transaction for the whole batch: each message's own outcome, or the
 /// error that failed them all (nothing of the batch is then stored, unless
 /// the commit's answer was lost: a retry with its nonce finds it).
-async fn store(pool: &Pool, batch: &[Job]) -> StoreResult<Vec<StoreResult<Appended>>> {
+///
+/// The batch locks its rooms before it lets go of the queue (`taken`), so
+/// batches hold their rooms in the order they were taken: messages queued
+/// one after another keep their order in a room although several batches
+/// are in flight, while batches of other rooms still overlap.
+async fn store(
+    pool: &Pool,
+    batch: &[Job],
+    taken: tokio::sync::MutexGuard<'_, mpsc::Receiver<Job>>,
+) -> StoreResult<Vec<StoreResult<Appended>>> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
     // Columns borrowed from the jobs: nothing is copied but the pointers.
     let column =
         |f: fn(&NewMessage) -> &str| -> Vec<&str> { batch.iter().map(|j| f(&j.message)).collect() };
     let rooms = column(|m| m.room.as_str());
+    let lock = tx
+        .prepare_cached("SELECT 1 FROM rooms WHERE name = ANY($1) ORDER BY id FOR UPDATE")
+        .await
+        .map_err(pg_error)?;
+    tx.query(&lock, &[&rooms]).await.map_err(pg_error)?;
+    drop(taken);
     let keys = column(|m| m.sender.key());
     let senders = column(|m| m.sender.as_str());
     let bodies = column(|m| m.body.as_str());

@@ -31,7 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use confab_core::store::{
     no_user, now_ms, stored_user_name as user_name, too_many_rooms, Appended, DirectPeers,
-    HistoryPage, JoinRules, Joined, NewMessage, Page, RemovedUsers, RoomView, StoreResult,
+    HistoryPage, JoinRules, Joined, NewMessage, Page, Queued, RemovedUsers, RoomView, StoreResult,
     TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
@@ -993,12 +993,16 @@ impl Store for PgStore {
         })
     }
 
-    async fn append(&self, message: NewMessage) -> StoreResult<Appended> {
+    async fn queue_append(&self, message: NewMessage) -> StoreResult<Queued> {
         match message.direct {
             // A direct message may open its conversation: rare, and done in
-            // a transaction of its own.
-            Some(_) => in_transaction!(self, |tx| append_direct(&tx, message)),
-            None => self.batcher.append(message).await,
+            // a transaction of its own, committed before this returns (so
+            // it keeps its place in the caller's order).
+            Some(_) => {
+                let outcome = in_transaction!(self, |tx| append_direct(&tx, message));
+                Ok(Box::pin(std::future::ready(outcome)))
+            }
+            None => self.batcher.queue(message).await,
         }
     }
 

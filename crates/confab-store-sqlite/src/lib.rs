@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use confab_core::store::{
     no_user, now_ms, stored_user_name as user_name, too_many_rooms, Appended, DirectPeers,
-    HistoryPage, JoinRules, Joined, NewMessage, Page, RemovedUsers, RoomView, StoreResult,
+    HistoryPage, JoinRules, Joined, NewMessage, Page, Queued, RemovedUsers, RoomView, StoreResult,
     TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
@@ -715,8 +715,9 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn append(&self, message: NewMessage) -> StoreResult<Appended> {
-        self.writer.run(move |c| append(c, message)).await
+    async fn queue_append(&self, message: NewMessage) -> StoreResult<Queued> {
+        let outcome = self.writer.queue(move |c| append(c, message)).await?;
+        Ok(Box::pin(outcome))
     }
 
     async fn history(

@@ -14,6 +14,7 @@
 //! [`Writer::failed`] resolves so that the server can stop: a thread whose
 //! state is unknown is not restarted in place.
 
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -171,21 +172,37 @@ impl Writer {
         &self,
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
+        self.queue(f).await?.await
+    }
+
+    /// Queue `f` behind every job queued before it (it runs after them, in
+    /// the same transaction or a later one) and return; the returned future
+    /// resolves with its result after the commit.
+    pub(crate) async fn queue<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<impl Future<Output = StoreResult<T>> + Send + 'static> {
         let (reply, rx) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(Pending {
             f: Some(f),
             result: None,
             reply,
         });
-        let stopped = || {
-            self.died
-                .borrow()
-                .clone()
-                .unwrap_or_else(|| StoreError::Unavailable("the storage writer has stopped".into()))
-        };
-        self.jobs.send(job).await.map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        self.jobs.send(job).await.map_err(|_| self.stopped())?;
+        let died = self.died.clone();
+        Ok(async move { rx.await.map_err(|_| stopped(&died))? })
     }
+
+    fn stopped(&self) -> StoreError {
+        stopped(&self.died)
+    }
+}
+
+/// Why a job got no answer: the thread died (and why), or it stopped.
+fn stopped(died: &watch::Receiver<Option<StoreError>>) -> StoreError {
+    died.borrow()
+        .clone()
+        .unwrap_or_else(|| StoreError::Unavailable("the storage writer has stopped".into()))
 }
 
 fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, counters: &Counters) {

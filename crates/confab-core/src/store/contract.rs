@@ -56,7 +56,8 @@ macro_rules! store_contract_tests {
             joins_follow_their_rules,
             rooms_and_members_come_in_pages,
             last_seqs_name_each_room,
-            concurrent_appends_stay_gapless);
+            concurrent_appends_stay_gapless,
+            queued_appends_keep_their_order);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -669,4 +670,86 @@ pub async fn concurrent_appends_stay_gapless(s: DynStore) {
         .await
         .unwrap();
     assert_eq!(page.messages.len(), SENDERS * EACH);
+}
+
+/// Pipelined sends: each caller queues messages without waiting for their
+/// commits, several callers at once, into two rooms; each caller's messages
+/// get ascending seqs in each room, in the order queued, and a message
+/// whose outcome nobody waits for is stored all the same.
+pub async fn queued_appends_keep_their_order(s: DynStore) {
+    const CALLERS: usize = 4;
+    const EACH: usize = 250;
+    for r in ["p", "q"] {
+        for i in 0..CALLERS {
+            s.join(&room(r), &user(&format!("u{i}")), JoinRules::open(false))
+                .await
+                .unwrap();
+        }
+    }
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut queued = Vec::new();
+                for j in 0..EACH {
+                    let r = if j % 3 == 0 { "q" } else { "p" };
+                    let m = msg(r, &format!("u{i}"), &format!("{i}-{j}"), None);
+                    let outcome = s.queue_append(m).await.unwrap();
+                    if j % 8 == 0 {
+                        // Small batches, many in flight.
+                        tokio::task::yield_now().await;
+                    }
+                    if j == 7 {
+                        drop(outcome); // nobody waits for this one
+                    } else {
+                        queued.push((r, j, outcome));
+                    }
+                }
+                let mut seqs = Vec::new();
+                for (r, j, outcome) in queued {
+                    let m = outcome.await.unwrap().message;
+                    assert_eq!(m.body, format!("{i}-{j}"));
+                    seqs.push((r, m.seq));
+                }
+                seqs
+            })
+        })
+        .collect();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        for r in ["p", "q"] {
+            let mine: Vec<Seq> = seqs.iter().filter(|(x, _)| *x == r).map(|x| x.1).collect();
+            assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "one caller's queued messages in {r} in queue order: {mine:?}"
+            );
+        }
+    }
+    let mut stored = 0;
+    for r in ["p", "q"] {
+        let mut messages: Vec<Message> = Vec::new();
+        loop {
+            let after = messages.last().map_or(0, |m| m.seq);
+            let page = s
+                .history(&room(r), &user("u0"), Page::After(after), 500)
+                .await
+                .unwrap();
+            messages.extend(page.messages);
+            if !page.more {
+                break;
+            }
+        }
+        for i in 0..CALLERS {
+            let order: Vec<usize> = messages
+                .iter()
+                .filter(|m| m.user == format!("u{i}"))
+                .map(|m| m.body.split_once('-').unwrap().1.parse().unwrap())
+                .collect();
+            assert!(order.windows(2).all(|w| w[0] < w[1]), "{r}: {order:?}");
+        }
+        let seqs: Vec<Seq> = messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as Seq).collect::<Vec<_>>(), "gapless");
+        stored += messages.len();
+    }
+    assert_eq!(stored, CALLERS * EACH, "the unawaited messages too");
 }

@@ -312,8 +312,9 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn append(&self, m: NewMessage) -> StoreResult<Appended> {
-        self.with(|s| {
+    async fn queue_append(&self, m: NewMessage) -> StoreResult<Queued> {
+        // Stored at once, in call order: the outcome is ready.
+        let outcome = self.with(|s| {
             let mut new_members = Vec::new();
             let room = match &m.direct {
                 Some(d) => {
@@ -356,7 +357,8 @@ impl Store for MemoryStore {
                 duplicate: false,
                 new_members,
             })
-        })
+        });
+        Ok(Box::pin(std::future::ready(outcome)))
     }
 
     async fn history(
