@@ -64,6 +64,10 @@ enum Scenario {
         /// All senders into one room, instead of a room each.
         #[arg(long)]
         one_room: bool,
+        /// Messages each sender keeps unacknowledged (pipelined sends);
+        /// 1 waits for each ack before the next send.
+        #[arg(long, default_value_t = 1)]
+        window: usize,
     },
     /// Connections plus logins per second.
     Connect {
@@ -176,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
             duration_secs,
             body,
             one_room,
+            window,
         } => {
             check_loopback(server)?;
             let o = persist::run(persist::Options {
@@ -184,11 +189,12 @@ async fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs(duration_secs),
                 body,
                 one_room,
+                window,
             })
             .await?;
             println!(
-                "persist: {} senders, {:.0} acknowledged messages/s ({} acked, {} refused, {} out of order); ack {}",
-                o.senders, o.acks_per_s, o.acked, o.refused, o.out_of_order, o.ack_latency
+                "persist: {} senders × {} in flight, {:.0} acknowledged messages/s ({} acked, {} refused, {} out of order); ack {}",
+                o.senders, o.window, o.acks_per_s, o.acked, o.refused, o.out_of_order, o.ack_latency
             );
             let plot = ("ack".to_owned(), o.latency.clone());
             (json!(o), vec![plot])

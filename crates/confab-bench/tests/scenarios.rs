@@ -88,13 +88,14 @@ async fn fanout_against_redis() {
 #[tokio::test]
 async fn persist_acknowledges_in_order() {
     let server = server().await;
-    for one_room in [false, true] {
+    for (one_room, window) in [(false, 1), (true, 1), (false, 16), (true, 16)] {
         let o = persist::run(persist::Options {
             server: server.addr,
             senders: 3,
             duration: Duration::from_millis(600),
             body: 40,
             one_room,
+            window,
         })
         .await
         .unwrap();

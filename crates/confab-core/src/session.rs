@@ -3,13 +3,23 @@
 //! per request on the connection, then publishes what the request caused.
 //!
 //! The reply goes first, so a sender sees its `ok` before the `message`
-//! event of its own message. Requests of one connection run one at a time,
-//! in order. `handle` must be driven to completion (not dropped half-way):
-//! that is what guarantees every stored message is also published.
+//! event of its own message. Requests of one connection are answered in
+//! the order they came. A `send` is pipelined: it takes its place in the
+//! store's order and the session goes on to the next request while it
+//! commits, up to [`MAX_IN_FLIGHT`] at once; its reply and its event follow
+//! once it is durable, in order. Every other request first waits for the
+//! sends before it, so it sees their effects (a `history` after a `send`
+//! holds it). `handle` must be driven to completion (not dropped half-way),
+//! and a transport polls [`Session::stored`] and calls [`Session::answer`]
+//! while it waits for input: that is what guarantees every stored message
+//! is answered and published.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use confab_proto::json::DecodeError;
@@ -39,6 +49,10 @@ pub const DEFAULT_LIST_PAGE: u32 = 500;
 pub const MAX_LIST_PAGE: u32 = 1000;
 /// Everything, for the server's own listings.
 const ALL: u32 = u32::MAX;
+/// Most requests of one connection in flight at once (sends waiting for
+/// their commits): the next waits for the oldest, and the transport reads
+/// no further meanwhile.
+pub const MAX_IN_FLIGHT: usize = 64;
 
 pub struct Session {
     chat: Arc<Inner>,
@@ -54,6 +68,56 @@ pub struct Session {
     /// When the request being handled arrived.
     accepted: Instant,
     login: Option<Login>,
+    /// Requests not answered yet, oldest first. Empty (and unallocated)
+    /// unless sends are waiting for their commits.
+    in_flight: VecDeque<InFlight>,
+}
+
+/// A request whose reply is not queued yet.
+struct InFlight {
+    id: Option<RequestId>,
+    kind: &'static str,
+    accepted: Instant,
+    /// Close the connection as abusive once the reply is queued.
+    abusive: bool,
+    outcome: Later,
+}
+
+/// A handler's outcome: known now, or once what it stored is durable.
+enum Later {
+    Now(Option<Handled>),
+    Stored(Pin<Box<dyn Future<Output = Handled> + Send + Sync>>),
+}
+
+impl Later {
+    fn now(outcome: Handled) -> Later {
+        Later::Now(Some(outcome))
+    }
+
+    fn refused(&self) -> bool {
+        matches!(self, Later::Now(Some(Err(_))))
+    }
+
+    /// Poll until the outcome is known, and keep it.
+    fn poll_known(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Later::Stored(stored) = self {
+            let outcome = std::task::ready!(stored.as_mut().poll(cx));
+            *self = Later::now(outcome);
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Future for Later {
+    type Output = Handled;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Handled> {
+        std::task::ready!(self.poll_known(cx));
+        match &mut *self {
+            Later::Now(outcome) => Poll::Ready(outcome.take().expect("polled after completion")),
+            Later::Stored(_) => unreachable!("known"),
+        }
+    }
 }
 
 struct Login {
@@ -99,6 +163,7 @@ impl Session {
             abusive: false,
             accepted: Instant::now(),
             login: None,
+            in_flight: VecDeque::new(),
         }
     }
 
@@ -112,17 +177,83 @@ impl Session {
         self.login.as_ref().map(|l| &l.user)
     }
 
-    /// Execute one request: queue its reply, then publish its effects.
-    /// Returns whether the request succeeded.
+    /// Execute one request. A `send` is queued (see the module's words)
+    /// and answered later; any other request waits for the requests before
+    /// it, then queues its reply and publishes its effects. Returns false
+    /// when the request was refused (a queued `send` counts as accepted:
+    /// its outcome comes in its reply).
     pub async fn handle(&mut self, envelope: Envelope) -> bool {
         let Envelope { id, request } = envelope;
         let kind = request.kind();
+        let pipelined = matches!(request, Request::Send { .. });
+        if !pipelined {
+            self.settle().await;
+        } else if self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.settle_oldest().await;
+        }
         self.accepted = Instant::now();
-        let (result, then) = match self.execute(request).await {
+        let outcome = self.execute(request).await;
+        let refused = outcome.refused();
+        self.in_flight.push_back(InFlight {
+            id,
+            kind,
+            accepted: self.accepted,
+            abusive: std::mem::take(&mut self.abusive),
+            outcome,
+        });
+        if !pipelined {
+            self.settle().await;
+        }
+        !refused
+    }
+
+    /// Resolves once the oldest request in flight has its outcome; never
+    /// while none is in flight. Then [`Session::answer`] answers it.
+    /// Cancel-safe: the outcome is kept.
+    pub async fn stored(&mut self) {
+        std::future::poll_fn(|cx| match self.in_flight.front_mut() {
+            Some(oldest) => oldest.outcome.poll_known(cx),
+            None => Poll::Pending,
+        })
+        .await
+    }
+
+    /// Answer, oldest first, the requests in flight whose outcome is known,
+    /// up to the first that is still waiting.
+    pub async fn answer(&mut self) {
+        while self.oldest_known() {
+            self.settle_oldest().await;
+        }
+    }
+
+    /// Whether a request is in flight and the oldest has its outcome.
+    fn oldest_known(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.in_flight
+            .front_mut()
+            .is_some_and(|oldest| oldest.outcome.poll_known(&mut cx).is_ready())
+    }
+
+    /// Wait for every request in flight and answer it.
+    pub async fn settle(&mut self) {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await;
+        }
+    }
+
+    /// Wait for the oldest request in flight (if any), answer it: queue its
+    /// reply, then publish its effects.
+    async fn settle_oldest(&mut self) {
+        let Some(oldest) = self.in_flight.front_mut() else {
+            return;
+        };
+        let outcome = (&mut oldest.outcome).await;
+        let oldest = self.in_flight.pop_front().expect("the oldest");
+        let (result, then) = match outcome {
             Ok(done) => (Ok(done.reply), done.then),
             Err(e) => {
                 tracing::debug!(
-                    request = kind,
+                    request = oldest.kind,
                     code = e.code.as_str(),
                     "refused: {}",
                     e.message
@@ -130,37 +261,40 @@ impl Session {
                 (Err(ErrorBody::from(e)), Vec::new())
             }
         };
-        let succeeded = result.is_ok();
         if let Some(observer) = self.chat.observer.get() {
             let outcome = result.as_ref().map(|_| ()).map_err(|e| e.code);
-            observer.request(kind, outcome, self.accepted.elapsed());
+            observer.request(oldest.kind, outcome, oldest.accepted.elapsed());
         }
-        self.reply(id, result).await;
+        self.reply(oldest.id, result).await;
         self.publish(then).await;
-        if self.abusive {
+        if oldest.abusive {
             self.conn.close(CloseReason::Abuse);
         }
-        succeeded
     }
 
     /// Queue transport-specific bytes, in order with replies and events.
-    pub async fn write_raw(&self, bytes: bytes::Bytes) {
+    pub async fn write_raw(&mut self, bytes: bytes::Bytes) {
+        self.settle().await;
         self.conn.send(Outbound::Raw(bytes)).await;
     }
 
     /// Answer a frame that could not be decoded.
     pub async fn reject(&mut self, error: DecodeError) {
+        self.settle().await;
         let Reply { id, result } = error.into_reply();
         self.reply(id, result).await;
     }
 
     /// Answer with an error the transport found (a frame too large, say).
     pub async fn refuse(&mut self, id: Option<RequestId>, error: ChatError) {
+        self.settle().await;
         self.reply(id, Err(error.into())).await;
     }
 
-    /// The connection is gone: end the login (presence, guest memberships).
+    /// The connection is gone: answer and publish what is in flight, then
+    /// end the login (presence, guest memberships).
     pub async fn close(mut self) {
+        self.settle().await;
         let then = self.detach().await;
         self.publish(then).await;
     }
@@ -178,14 +312,28 @@ impl Session {
         }
     }
 
-    /// The command table: what each request needs before its handler runs.
-    async fn execute(&mut self, request: Request) -> Handled {
-        if let Request::Ping {} = request {
-            return Ok(Done::reply(OkBody::Pong));
+    /// Run a request's handler, if [`Session::check`] lets it.
+    async fn execute(&mut self, request: Request) -> Later {
+        if let Err(e) = self.check(&request) {
+            return Later::now(Err(e));
         }
-        self.admit(&request)?;
+        match request {
+            Request::Send { room, body, nonce } => match RoomName::parse(&room) {
+                Ok(room) => self.post(room, body, nonce, None).await,
+                Err(e) => Later::now(Err(e)),
+            },
+            request => Later::now(self.run(request).await),
+        }
+    }
+
+    /// The command table: what each request needs before its handler runs.
+    fn check(&mut self, request: &Request) -> Result<(), ChatError> {
+        if let Request::Ping {} = request {
+            return Ok(());
+        }
+        self.admit(request)?;
         let logged_in = self.login.is_some();
-        match &request {
+        match request {
             Request::Register { .. }
             | Request::Login { .. }
             | Request::Guest { .. }
@@ -204,6 +352,11 @@ impl Session {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// The handlers of every request but `send`.
+    async fn run(&mut self, request: Request) -> Handled {
         match request {
             Request::Ping {} => Ok(Done::reply(OkBody::Pong)),
             Request::Register { user, password } => self.register(&user, password).await,
@@ -216,10 +369,7 @@ impl Session {
             Request::Rooms { all, after, limit } => self.rooms(all, after, limit).await,
             Request::Members { room, after, limit } => self.members(&room, after, limit).await,
             Request::Topic { room, topic } => self.topic(&room, topic).await,
-            Request::Send { room, body, nonce } => {
-                let room = RoomName::parse(&room)?;
-                self.post(room, body, nonce, None).await
-            }
+            Request::Send { .. } => unreachable!("sends are queued by execute"),
             Request::Dm { to, body, nonce } => self.dm(&to, body, nonce).await,
             Request::History {
                 room,
@@ -654,61 +804,69 @@ impl Session {
             peer,
             peer_guest,
         };
-        self.post(room, body, nonce, Some(direct)).await
+        self.post(room, body, nonce, Some(direct)).await.await
     }
 
-    /// Store a message and, once it is committed, publish it.
+    /// Queue a message for storage; once it is committed, the reply and
+    /// its publication.
     async fn post(
         &mut self,
         room: RoomName,
         body: String,
         nonce: Option<String>,
         direct: Option<DirectPeers>,
-    ) -> Handled {
-        self.check_body(&body)?;
+    ) -> Later {
+        if let Err(e) = self.check_body(&body) {
+            return Later::now(Err(e));
+        }
         if let Some(n) = &nonce {
             if n.is_empty() || n.chars().count() > MAX_NONCE_CHARS {
-                return Err(ChatError::bad_request(format!(
+                return Later::now(Err(ChatError::bad_request(format!(
                     "a nonce has 1 to {MAX_NONCE_CHARS} characters"
-                )));
+                ))));
             }
         }
-        let stored = self
-            .chat
-            .store
-            .append(NewMessage {
-                room: room.clone(),
-                sender: self.me().user.clone(),
-                body,
-                nonce,
-                ts: now_ms(),
-                direct,
-            })
-            .await?;
-        let m = &stored.message;
-        let mut done = Done::reply(OkBody::Sent {
-            room: m.room.clone(),
-            seq: m.seq,
-            ts: m.ts,
+        let queued = self.chat.store.queue_append(NewMessage {
+            room: room.clone(),
+            sender: self.me().user.clone(),
+            body,
+            nonce,
+            ts: now_ms(),
+            direct,
         });
-        for user in stored.new_members {
-            done = done.then(BrokerEvent::Membership {
-                room: room.clone(),
-                user,
-                joined: true,
-                last_seq: m.seq - 1,
+        let queued = match queued.await {
+            Ok(queued) => queued,
+            Err(e) => return Later::now(Err(e.into())),
+        };
+        let chat = self.chat.clone();
+        let accepted = self.accepted;
+        Later::Stored(Box::pin(async move {
+            let stored = queued.await?;
+            let m = &stored.message;
+            let mut done = Done::reply(OkBody::Sent {
+                room: m.room.clone(),
+                seq: m.seq,
+                ts: m.ts,
             });
-        }
-        if !stored.duplicate {
-            if let Some(observer) = self.chat.observer.get() {
-                observer.message_stored();
+            for user in stored.new_members {
+                done = done.then(BrokerEvent::Membership {
+                    room: room.clone(),
+                    user,
+                    joined: true,
+                    last_seq: m.seq - 1,
+                });
             }
-            done = done.then(BrokerEvent::Message {
-                message: stored.message,
-                accepted: Some(self.accepted),
-            });
-        }
-        Ok(done)
+            if !stored.duplicate {
+                if let Some(observer) = chat.observer.get() {
+                    observer.message_stored();
+                }
+                done = done.then(BrokerEvent::Message {
+                    message: stored.message,
+                    accepted: Some(accepted),
+                });
+            }
+            Ok(done)
+        }))
     }
 
     fn check_body(&self, body: &str) -> Result<(), ChatError> {

@@ -28,7 +28,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// A queued message's outcome, resolved once it is durable: see
 /// [`Store::queue_append`].
-pub type Queued = Pin<Box<dyn Future<Output = StoreResult<Appended>> + Send>>;
+pub type Queued = Pin<Box<dyn Future<Output = StoreResult<Appended>> + Send + Sync>>;
 
 /// A SHA-256 digest of a session token: tokens are stored only as hashes.
 pub type TokenHash = [u8; 32];

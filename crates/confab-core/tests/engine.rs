@@ -32,6 +32,7 @@ async fn call(
     request: Request,
 ) -> Result<OkBody, ErrorCode> {
     s.handle(Envelope { id: None, request }).await;
+    s.settle().await; // a send is answered once it is durable
     match rx.try_recv() {
         Some(Outbound::Reply(Reply { result, .. })) => result.map_err(|e| e.code),
         other => panic!("expected a reply, got {other:?}"),
@@ -76,6 +77,99 @@ async fn a_message_is_replied_then_fanned_out() {
     assert!(matches!(event(&mut arx), Some(Event::Message(m)) if m.body == "hi"));
     assert!(matches!(event(&mut brx), Some(Event::Message(m)) if m.seq == 1));
     assert!(event(&mut arx).is_none() && event(&mut brx).is_none());
+}
+
+/// Poll a future once, without waiting.
+fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+}
+
+/// Whether the session took the request without waiting.
+fn handled_at_once(s: &mut Session, request: Request) -> bool {
+    poll_once(std::pin::pin!(s.handle(Envelope { id: None, request }))).is_ready()
+}
+
+fn replies(rx: &mut ConnReceiver) -> Vec<Result<OkBody, ErrorCode>> {
+    let mut replies = Vec::new();
+    while let Some(item) = rx.try_recv() {
+        if let Outbound::Reply(Reply { result, .. }) = item {
+            replies.push(result.map_err(|e| e.code));
+        }
+    }
+    replies
+}
+
+/// Sends do not wait for their commits: the session takes the next
+/// request at once; their replies follow once durable, in order; any other
+/// request waits for the sends before it and sees them.
+#[tokio::test]
+async fn sends_are_pipelined_and_answered_in_order() {
+    let store = Arc::new(MemoryStore::new());
+    let chat = Chat::new(
+        store.clone(),
+        Arc::new(MemoryBroker::new()),
+        ChatConfig::default(),
+    )
+    .await
+    .unwrap();
+    let (mut s, mut rx) = chat.open(Default::default());
+    call(&mut s, &mut rx, guest("ann")).await.unwrap();
+    call(&mut s, &mut rx, join("r")).await.unwrap();
+
+    let held = store.hold_appends();
+    for i in 0..3 {
+        assert!(
+            handled_at_once(&mut s, send("r", &format!("m{i}"))),
+            "a send does not wait for its commit"
+        );
+    }
+    // A bad send in the middle is refused in its place, not first.
+    assert!(handled_at_once(&mut s, send("nowhere", "x")));
+    assert!(
+        replies(&mut rx).is_empty(),
+        "nothing is answered before its commit"
+    );
+    assert!(poll_once(std::pin::pin!(s.stored())).is_pending());
+
+    drop(held);
+    s.stored().await;
+    s.answer().await;
+    let answered = replies(&mut rx);
+    let seqs: Vec<_> = answered
+        .iter()
+        .map(|r| match r {
+            Ok(OkBody::Sent { seq, .. }) => Ok(*seq),
+            Err(code) => Err(*code),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, [Ok(1), Ok(2), Ok(3), Err(ErrorCode::NotFound)]);
+
+    // History waits for the sends before it.
+    let held = store.hold_appends();
+    assert!(handled_at_once(&mut s, send("r", "m3")));
+    let history = Request::History {
+        room: "r".into(),
+        before: None,
+        after: None,
+        limit: None,
+    };
+    let mut handled = std::pin::pin!(s.handle(Envelope {
+        id: None,
+        request: history,
+    }));
+    assert!(
+        poll_once(handled.as_mut()).is_pending(),
+        "history waits for the send before it"
+    );
+    drop(held);
+    handled.await;
+    let answered = replies(&mut rx);
+    assert!(matches!(answered[0], Ok(OkBody::Sent { seq: 4, .. })));
+    match &answered[1] {
+        Ok(OkBody::History { messages, .. }) => assert_eq!(messages.len(), 4),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

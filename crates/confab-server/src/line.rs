@@ -179,7 +179,9 @@ async fn run_connection<S: Stream>(
     let writer = tokio::spawn(
         write_loop(app.clone(), writer, rx, ending_rx, writer_gone.clone()).in_current_span(),
     );
-    let (session, ending) = read_loop(&app, session, reader, &writer_gone).await;
+    let (mut session, ending) = read_loop(&app, session, reader, &writer_gone).await;
+    // Sends still in flight are answered before the writer is told to end.
+    session.settle().await;
     let _ = ending_tx.send(ending);
     session.close().await;
     let _ = writer.await;
@@ -216,6 +218,10 @@ async fn read_loop(
             biased;
             _ = tokio::time::sleep_until(login_deadline), if !terminal.session.logged_in() => {
                 return (terminal.session, Ending::Bye(LOGIN_TIMEOUT));
+            }
+            _ = terminal.session.stored() => {
+                terminal.session.answer().await;
+                continue;
             }
             read = limited.read_buf(&mut buf) => read,
             _ = sleep_until_some(idle_deadline) => {

@@ -125,7 +125,9 @@ async fn run_connection(
     let writer = tokio::spawn(
         write_loop(app.clone(), sink, rx, ending_rx, writer_gone.clone()).in_current_span(),
     );
-    let (session, mut stream, ending) = read_loop(&app, session, stream, &writer_gone).await;
+    let (mut session, mut stream, ending) = read_loop(&app, session, stream, &writer_gone).await;
+    // Sends still in flight are answered before the writer is told to end.
+    session.settle().await;
     let handshake = matches!(ending, Ending::Shutdown | Ending::Close(close::POLICY, _));
     let _ = ending_tx.send(ending);
     let finish_reading = async {
@@ -169,6 +171,10 @@ async fn read_loop(
             biased;
             _ = tokio::time::sleep_until(login_deadline), if !session.logged_in() => {
                 return (session, stream, Ending::Close(close::POLICY, "login timeout"));
+            }
+            _ = session.stored() => {
+                session.answer().await;
+                continue;
             }
             next = tokio::time::timeout(idle, stream.next()) => next,
             _ = app.draining.cancelled() => return (session, stream, Ending::Shutdown),

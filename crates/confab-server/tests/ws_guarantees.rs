@@ -342,7 +342,77 @@ async fn a_graceful_shutdown_says_goodbye_and_loses_no_ack(store: Store) {
     assert_eq!(seqs(&h["messages"]), (1..=SENT as u64).collect::<Vec<_>>());
 }
 
+/// A client sends a thousand messages and a few other requests without
+/// waiting for any reply: the replies come in request order, the request
+/// after the sends sees them, the sends are stored (and seen by another
+/// member) in the order they were sent, and a refused send in the middle
+/// is answered in its place.
+async fn pipelined_requests_are_answered_in_order_and_stored_in_send_order(store: Store) {
+    const SENT: u64 = 1000;
+    let server = store
+        .with_config(|c| {
+            c.chat.rate_limits = RateLimits::off();
+            // Nobody reads until everything is sent: room for every frame.
+            c.chat.outbound_queue = 4096;
+        })
+        .await;
+    let mut alice = server.client().await;
+    alice.register("alice").await;
+    alice.join("r").await;
+    let mut bob = server.client().await;
+    bob.guest("bob").await;
+    bob.join("r").await;
+    alice.event_of("joined").await;
+
+    let mut requests = Vec::new();
+    for i in 0..SENT {
+        requests.push(json!({"type":"send","id":i,"room":"r","body":format!("m{i}")}));
+        if i == SENT / 2 - 1 {
+            requests.push(json!({"type":"history","id":"h","room":"r","limit":1}));
+            requests.push(json!({"type":"send","id":"bad","room":"nowhere","body":"x"}));
+            requests.push(json!({"type":"ping","id":"p"}));
+            requests.push(json!({"type":"send","id":"empty","room":"r","body":""}));
+        }
+    }
+    for request in &requests {
+        alice.send_json(request).await;
+    }
+    let mut seqs = Vec::new();
+    for request in &requests {
+        let id = request["id"].clone();
+        let reply = alice.reply_to(id.clone()).await;
+        match id.as_str() {
+            None => {
+                assert_eq!(reply["type"], "ok", "{request}: {reply}");
+                seqs.push(reply["seq"].as_u64().unwrap());
+            }
+            Some("h") => {
+                let last = &reply["messages"][0];
+                assert_eq!(last["body"], format!("m{}", SENT / 2 - 1), "{reply}");
+                assert_eq!(last["seq"], SENT / 2);
+            }
+            Some("bad") => assert_eq!(reply["code"], "not_found", "{reply}"),
+            Some("p") => assert_eq!(reply["type"], "pong"),
+            Some("empty") => assert_eq!(reply["code"], "bad_request", "{reply}"),
+            Some(other) => panic!("unexpected id {other}"),
+        }
+    }
+    assert_eq!(seqs, (1..=SENT).collect::<Vec<_>>(), "stored in send order");
+    for i in 0..SENT {
+        let e = bob.event_of("message").await;
+        assert_eq!(
+            (e["seq"].as_u64(), &e["body"]),
+            (Some(i + 1), &json!(format!("m{i}")))
+        );
+    }
+    let history = alice.whole_history("r").await;
+    let bodies: Vec<&String> = history.values().collect();
+    let sent: Vec<String> = (0..SENT).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, sent.iter().collect::<Vec<_>>());
+}
+
 confab_testkit::on_each_store!(
+    pipelined_requests_are_answered_in_order_and_stored_in_send_order,
     offline_messages_are_delivered_by_sync,
     a_restart_keeps_history_memberships_markers_and_nonces,
     a_retry_after_reconnecting_creates_no_duplicate,

@@ -1,7 +1,9 @@
-//! `persist`: S senders, each sending the next message as soon as the last
-//! is acknowledged (durable), each into a room of its own or all into one.
-//! Acknowledged messages per second, and the time from send to ack.
+//! `persist`: S senders, each keeping W messages unacknowledged (W = 1:
+//! the next is sent as soon as the last is acknowledged, durable; W > 1:
+//! pipelined), each into a room of its own or all into one. Acknowledged
+//! messages per second, and the time from send to ack.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -21,12 +23,15 @@ pub struct Options {
     pub body: usize,
     /// All senders into one room, instead of a room each.
     pub one_room: bool,
+    /// Messages each sender keeps unacknowledged (1: wait for each ack).
+    pub window: usize,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Outcome {
     pub senders: usize,
     pub one_room: bool,
+    pub window: usize,
     pub duration_s: f64,
     pub acked: u64,
     pub refused: u64,
@@ -66,19 +71,33 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
             let acked = acked.clone();
             let pad = pad.clone();
             let one_room = o.one_room;
+            let window = o.window.max(1);
             tokio::spawn(async move {
                 let mut latency = Latency::default();
                 let (mut refused, mut out_of_order) = (0u64, 0u64);
                 let mut n = 0u64;
-                while Instant::now() < deadline {
-                    n += 1;
-                    let body = format!("{n}:{pad}");
-                    let request = json!({"type":"send","id":n,"room":room,"body":body});
-                    let sent = Instant::now();
-                    if ws.send(Message::text(request.to_string())).await.is_err() {
+                // When each unacknowledged message was sent, oldest first:
+                // replies come in request order.
+                let mut unacked = VecDeque::with_capacity(window);
+                loop {
+                    let mut fed = false;
+                    while unacked.len() < window && Instant::now() < deadline {
+                        n += 1;
+                        let body = format!("{n}:{pad}");
+                        let request = json!({"type":"send","id":n,"room":room,"body":body});
+                        unacked.push_back(Instant::now());
+                        if ws.feed(Message::text(request.to_string())).await.is_err() {
+                            break;
+                        }
+                        fed = true;
+                    }
+                    if fed && ws.flush().await.is_err() {
                         break;
                     }
-                    // Until the reply to this request (the echo may come first).
+                    let Some(sent) = unacked.pop_front() else {
+                        break;
+                    };
+                    // Until the reply to the oldest request (echoes may come first).
                     let reply = loop {
                         match ws.next().await {
                             Some(Ok(Message::Text(t)))
@@ -132,6 +151,7 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         senders: o.senders,
         one_room: o.one_room,
+        window: o.window,
         duration_s: elapsed,
         acked: acked.get(),
         refused,

@@ -13,6 +13,18 @@ use super::*;
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// True while appends are held (see [`MemoryStore::hold_appends`]).
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+/// Appends stay unanswered while this lives: see
+/// [`MemoryStore::hold_appends`].
+pub struct HeldAppends<'a>(&'a MemoryStore);
+
+impl Drop for HeldAppends<'_> {
+    fn drop(&mut self) {
+        self.0.held.send_replace(false);
+    }
 }
 
 #[derive(Default)]
@@ -51,6 +63,14 @@ impl Room {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Until the guard is dropped, appends are stored (in order, visible to
+    /// reads) but their outcomes wait, as if the commit took that long: for
+    /// tests of what waits on a commit and what does not.
+    pub fn hold_appends(&self) -> HeldAppends<'_> {
+        self.held.send_replace(true);
+        HeldAppends(self)
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
@@ -313,7 +333,7 @@ impl Store for MemoryStore {
     }
 
     async fn queue_append(&self, m: NewMessage) -> StoreResult<Queued> {
-        // Stored at once, in call order: the outcome is ready.
+        // Stored at once, in call order; the outcome is ready unless held.
         let outcome = self.with(|s| {
             let mut new_members = Vec::new();
             let room = match &m.direct {
@@ -358,7 +378,11 @@ impl Store for MemoryStore {
                 new_members,
             })
         });
-        Ok(Box::pin(std::future::ready(outcome)))
+        let mut held = self.held.subscribe();
+        Ok(Box::pin(async move {
+            let _ = held.wait_for(|held| !held).await;
+            outcome
+        }))
     }
 
     async fn history(
