@@ -20,6 +20,7 @@ mod admin;
 mod admission;
 pub mod config;
 pub mod copy;
+mod driver;
 mod http;
 pub mod line;
 mod metrics;
@@ -28,6 +29,7 @@ pub mod settings;
 mod tls;
 mod web;
 pub mod ws;
+mod wsframe;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,43 +1,43 @@
 //! The line transport: plain TCP for `nc` and `telnet`.
 //!
-//! Shaped like the WebSocket transport: the reader (the connection's task)
-//! frames lines with a bounded [`LineDecoder`], turns each into a
-//! [`Request`] for the [`Session`] and keeps the one piece of state a
-//! terminal needs, the current room; the writer drains the connection's
-//! queue, formatting replies and events as lines (an event once for every
-//! line client, through [`SharedEvent`](confab_proto::SharedEvent)).
+//! A [`Protocol`](crate::driver::Protocol) of the connection
+//! [driver](crate::driver), like the WebSocket transport: lines framed by
+//! a bounded [`LineDecoder`], each turned into a [`Request`] for the
+//! [`Session`], with the one piece of state a terminal needs, the current
+//! room; replies and events formatted as lines (an event once for every
+//! line client, through [`SharedEvent`](confab_proto::SharedEvent)); the
+//! idle rule as the driver's timer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use confab_core::{ChatError, CloseReason, ConnReceiver, Session};
+use confab_core::{ChatError, CloseReason, Session};
 use confab_proto::line::{self, context, LineCommand, LineDecoder, LineFrame, Usage};
 use confab_proto::{Envelope, Event, Request, RequestId};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::admission::{Admitted, Full};
+use crate::driver::{self, End, Input, READ_CHUNK};
 use crate::http::ACCEPT_BACKOFF;
 use crate::metrics::Transport;
 use crate::proxy::{self, Client};
-use crate::{encode, unless_evicted, App, SLOW_CONSUMER_GRACE};
+use crate::App;
 
-/// Largest single read from a socket.
-const READ_CHUNK: usize = 4096;
 /// Messages `/history` shows when not told how many.
 const DEFAULT_HISTORY: u32 = 20;
-enum Ending {
-    Shutdown,
+
+/// How a line connection ends by its own rules.
+#[derive(Debug)]
+pub(crate) enum Closing {
     /// Write this last line, then close.
     Bye(&'static str),
     /// Silent for this long: say so, then close.
     Idle(Duration),
-    Gone,
 }
 
 const BYE: &str = "* bye\n";
@@ -148,7 +148,7 @@ fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for S {}
 
-async fn connection<S: Stream>(app: Arc<App>, stream: S, client: Client, admitted: Admitted) {
+async fn connection<S: Stream>(app: Arc<App>, stream: S, client: Client, _admitted: Admitted) {
     let (session, rx) = app.open(&app.config(), client.ip);
     let span = tracing::info_span!(
         "conn",
@@ -158,101 +158,118 @@ async fn connection<S: Stream>(app: Arc<App>, stream: S, client: Client, admitte
         proxy = client.via.map(tracing::field::display),
         user = tracing::field::Empty
     );
-    run_connection(app, stream, session, rx, admitted)
+    let config = app.config();
+    let protocol = Lines {
+        decoder: LineDecoder::new(config.max_line_bytes),
+        current: None,
+        max_line: config.max_line_bytes,
+        idle: config.line_idle.map(Idle::new),
+    };
+    driver::run(app, stream, session, rx, protocol)
         .instrument(span)
         .await;
 }
 
-async fn run_connection<S: Stream>(
-    app: Arc<App>,
-    stream: S,
-    session: Session,
-    rx: ConnReceiver,
-    _admitted: Admitted,
-) {
-    let _open = app.metrics.connection(Transport::Line);
-    tracing::debug!("connected");
-    let (reader, writer) = tokio::io::split(stream);
-    let (ending_tx, ending_rx) = oneshot::channel();
-    let writer_gone = CancellationToken::new();
-    // The writer logs under the connection's span too.
-    let writer = tokio::spawn(
-        write_loop(app.clone(), writer, rx, ending_rx, writer_gone.clone()).in_current_span(),
-    );
-    let (mut session, ending) = read_loop(&app, session, reader, &writer_gone).await;
-    // Sends still in flight are answered before the writer is told to end.
-    session.settle().await;
-    let _ = ending_tx.send(ending);
-    session.close().await;
-    let _ = writer.await;
-    tracing::debug!("disconnected");
+/// The line protocol's state: the decoder, the current room, the idle rule.
+struct Lines {
+    decoder: LineDecoder,
+    current: Option<String>,
+    max_line: usize,
+    idle: Option<Idle>,
 }
 
-async fn read_loop(
-    app: &App,
-    session: Session,
-    mut reader: impl AsyncRead + Unpin,
-    writer_gone: &CancellationToken,
-) -> (Session, Ending) {
-    let mut terminal = Terminal {
-        session,
-        current: None,
-        max_line: app.config().max_line_bytes,
-    };
-    let config = app.config();
-    let mut decoder = LineDecoder::new(config.max_line_bytes);
-    let mut buf = BytesMut::new();
-    let login_deadline = tokio::time::Instant::now() + config.login_timeout;
-    let mut idle = config.line_idle.map(Idle::new);
-    loop {
-        while let Some(frame) = decoder.decode(&mut buf) {
-            if let Some(ending) = terminal.frame(frame).await {
-                return (terminal.session, ending);
-            }
-        }
-        let room = decoder.room(&buf).min(READ_CHUNK);
-        let mut limited = (&mut reader).take(room as u64);
-        let idle_deadline = idle.as_ref().map(Idle::deadline);
-        // Biased: input that already arrived is served before a drain.
-        let read = tokio::select! {
-            biased;
-            _ = tokio::time::sleep_until(login_deadline), if !terminal.session.logged_in() => {
-                return (terminal.session, Ending::Bye(LOGIN_TIMEOUT));
-            }
-            _ = terminal.session.stored() => {
-                terminal.session.answer().await;
-                continue;
-            }
-            read = limited.read_buf(&mut buf) => read,
-            _ = sleep_until_some(idle_deadline) => {
-                let idle = idle.as_mut().expect("a deadline");
-                match idle.lapsed() {
-                    Some(warning) => {
-                        terminal.session.write_raw(Bytes::from(warning)).await;
-                        continue;
-                    }
-                    None => return (terminal.session, Ending::Idle(idle.limit)),
-                }
-            }
-            _ = app.draining.cancelled() => return (terminal.session, Ending::Shutdown),
-            _ = writer_gone.cancelled() => return (terminal.session, Ending::Gone),
+impl driver::Protocol for Lines {
+    type Frame = LineFrame;
+    type Close = Closing;
+    const TRANSPORT: Transport = Transport::Line;
+
+    fn greeting(&self, _app: &App) -> Bytes {
+        Bytes::from(format!(
+            "* welcome to {} {}: /nick NAME to chat as a guest, /register NAME PASSWORD, /login NAME PASSWORD; /help for more\n",
+            confab_proto::SERVER_NAME,
+            confab_proto::VERSION
+        ))
+    }
+
+    fn room(&self, input: &BytesMut) -> usize {
+        self.decoder.room(input).min(READ_CHUNK)
+    }
+
+    fn decode(&mut self, input: &mut BytesMut) -> Result<Option<LineFrame>, End<Closing>> {
+        Ok(self.decoder.decode(input))
+    }
+
+    async fn serve(&mut self, session: &mut Session, frame: LineFrame) -> Option<End<Closing>> {
+        let mut terminal = Terminal {
+            session,
+            current: &mut self.current,
+            max_line: self.max_line,
         };
-        match read {
-            Ok(0) | Err(_) => return (terminal.session, Ending::Gone),
-            Ok(_) => {
-                if let Some(idle) = &mut idle {
-                    idle.input();
-                }
-            }
+        terminal.frame(frame).await
+    }
+
+    fn wrap(payload: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(payload);
+    }
+
+    fn heard(&mut self) {
+        if let Some(idle) = &mut self.idle {
+            idle.input();
         }
     }
-}
 
-/// Sleep until the deadline; without one, forever.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+    fn next_tick(&self) -> Option<Instant> {
+        self.idle.as_ref().map(Idle::deadline)
+    }
+
+    fn tick(&mut self) -> Result<Option<Bytes>, End<Closing>> {
+        let Some(idle) = &mut self.idle else {
+            return Ok(None);
+        };
+        if Instant::now() < idle.deadline() {
+            return Ok(None);
+        }
+        match idle.lapsed() {
+            Some(warning) => Ok(Some(Bytes::from(warning))),
+            None => Err(End::Close(Closing::Idle(idle.limit))),
+        }
+    }
+
+    fn login_timeout(&self) -> Closing {
+        Closing::Bye(LOGIN_TIMEOUT)
+    }
+
+    fn farewell(&self, app: &App, end: &End<Closing>) -> Option<Bytes> {
+        Some(match end {
+            End::Gone => return None,
+            End::Shutdown => line::format_event(&Event::Shutdown {
+                reason: "the server is shutting down".into(),
+                reconnect_ms: app.config().reconnect_ms,
+            }),
+            End::Close(Closing::Bye(last)) => Bytes::from_static(last.as_bytes()),
+            End::Close(Closing::Idle(limit)) => {
+                tracing::debug!("closing an idle line connection");
+                Bytes::from(format!("* idle for {}: disconnecting\n", words(*limit)))
+            }
+            End::Evicted(reason) => match reason {
+                CloseReason::Kicked => Bytes::from_static(b"! disconnected by an administrator\n"),
+                CloseReason::Stale => Bytes::from(format!("! {}\n", crate::STALE_SESSION)),
+                // A write cut short may have left half a line: start afresh.
+                CloseReason::SlowConsumer => Bytes::from_static(
+                    b"\n! slow_consumer: you are not reading fast enough; disconnecting\n",
+                ),
+                // The refusal that says why is queued before it.
+                CloseReason::Abuse => return None,
+            },
+        })
+    }
+
+    async fn linger<S: AsyncRead + Unpin + Send>(
+        &mut self,
+        _io: &mut S,
+        _input: &mut Input,
+        _end: &End<Closing>,
+    ) {
     }
 }
 
@@ -261,7 +278,7 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 /// is warned. Any input, an empty line or `PING` too, starts it over.
 struct Idle {
     limit: Duration,
-    last_input: tokio::time::Instant,
+    last_input: Instant,
     warned: bool,
 }
 
@@ -269,18 +286,18 @@ impl Idle {
     fn new(limit: Duration) -> Idle {
         Idle {
             limit,
-            last_input: tokio::time::Instant::now(),
+            last_input: Instant::now(),
             warned: false,
         }
     }
 
     fn input(&mut self) {
-        self.last_input = tokio::time::Instant::now();
+        self.last_input = Instant::now();
         self.warned = false;
     }
 
     /// When the next warning or the close is due.
-    fn deadline(&self) -> tokio::time::Instant {
+    fn deadline(&self) -> Instant {
         let grace = if self.warned {
             Duration::ZERO
         } else {
@@ -321,14 +338,14 @@ fn words(d: Duration) -> String {
 
 /// A session seen from a terminal: the current room, and commands turned
 /// into requests.
-struct Terminal {
-    session: Session,
-    current: Option<String>,
+struct Terminal<'a> {
+    session: &'a mut Session,
+    current: &'a mut Option<String>,
     max_line: usize,
 }
 
-impl Terminal {
-    async fn frame(&mut self, frame: LineFrame) -> Option<Ending> {
+impl Terminal<'_> {
+    async fn frame(&mut self, frame: LineFrame) -> Option<End<Closing>> {
         match frame {
             LineFrame::Line(text) => return self.line(&text).await,
             LineFrame::TooLong => {
@@ -346,7 +363,7 @@ impl Terminal {
         None
     }
 
-    async fn line(&mut self, text: &str) -> Option<Ending> {
+    async fn line(&mut self, text: &str) -> Option<End<Closing>> {
         let command = match line::parse(text) {
             Ok(command) => command,
             Err(Usage(usage)) => {
@@ -358,7 +375,7 @@ impl Terminal {
         };
         match command {
             LineCommand::Nothing => {}
-            LineCommand::Quit => return Some(Ending::Bye(BYE)),
+            LineCommand::Quit => return Some(End::Close(Closing::Bye(BYE))),
             LineCommand::Ping(token) => {
                 let pong = match token {
                     Some(t) => format!("PONG {t}\n"),
@@ -388,7 +405,7 @@ impl Terminal {
                     .request(context::JOIN, Request::Join { room: room.clone() })
                     .await
                 {
-                    self.current = Some(room);
+                    *self.current = Some(room);
                 }
             }
             LineCommand::Leave(room) => {
@@ -399,7 +416,7 @@ impl Terminal {
                     .await
                     && self.current.as_deref() == Some(&room)
                 {
-                    self.current = None;
+                    *self.current = None;
                 }
             }
             LineCommand::Rooms { all } => {
@@ -495,100 +512,6 @@ impl Terminal {
         }
         ok
     }
-}
-
-async fn write_loop(
-    app: Arc<App>,
-    mut out: impl AsyncWrite + Unpin,
-    mut rx: ConnReceiver,
-    mut ending: oneshot::Receiver<Ending>,
-    gone: CancellationToken,
-) {
-    let greeting = format!(
-        "* welcome to {} {}: /nick NAME to chat as a guest, /register NAME PASSWORD, /login NAME PASSWORD; /help for more\n",
-        confab_proto::SERVER_NAME,
-        confab_proto::VERSION
-    );
-    let closer = rx.closer();
-    let stall = app.config().write_stall;
-    let mut written = unless_evicted(&closer, stall, out.write_all(greeting.as_bytes())).await;
-    while let Some(Ok(())) = written {
-        written = tokio::select! {
-            biased;
-            _ = closer.closed() => None,
-            end = &mut ending => {
-                let last: Option<Bytes> = match end.unwrap_or(Ending::Gone) {
-                    Ending::Gone => None,
-                    Ending::Bye(last) => Some(Bytes::from_static(last.as_bytes())),
-                    Ending::Idle(limit) => {
-                        tracing::debug!("closing an idle line connection");
-                        Some(Bytes::from(format!("* idle for {}: disconnecting\n", words(limit))))
-                    }
-                    Ending::Shutdown => Some(line::format_event(&Event::Shutdown {
-                        reason: "the server is shutting down".into(),
-                        reconnect_ms: app.config().reconnect_ms,
-                    })),
-                };
-                if let Some(last) = last {
-                    let mut batch = Vec::new();
-                    while let Some(item) = rx.try_recv() {
-                        batch.extend_from_slice(&encode(&app, Transport::Line, item));
-                    }
-                    batch.extend_from_slice(&last);
-                    let _ = out.write_all(&batch).await;
-                    let _ = out.shutdown().await;
-                }
-                break;
-            }
-            item = rx.recv() => match item {
-                Some(item) => {
-                    // Everything queued now, in one write.
-                    let mut batch = encode(&app, Transport::Line, item).to_vec();
-                    while let Some(item) = rx.try_recv() {
-                        batch.extend_from_slice(&encode(&app, Transport::Line, item));
-                    }
-                    unless_evicted(&closer, stall, out.write_all(&batch)).await
-                }
-                None => break,
-            },
-        };
-    }
-    match rx.reason() {
-        Some(CloseReason::Kicked) => {
-            tracing::info!("disconnected by an administrator");
-            gone.cancel();
-            let words = b"! disconnected by an administrator\n";
-            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words)).await;
-        }
-        Some(CloseReason::Stale) => {
-            tracing::info!("closing a session the cluster lost");
-            gone.cancel();
-            let words = format!("! {}\n", crate::STALE_SESSION);
-            let _ =
-                tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words.as_bytes())).await;
-        }
-        Some(CloseReason::SlowConsumer) => {
-            app.metrics.evicted(Transport::Line);
-            tracing::info!("closing a slow consumer");
-            // Let the session go first: the last line may wait for room.
-            gone.cancel();
-            // A write cut short may have left half a line: start afresh.
-            let words = b"\n! slow_consumer: you are not reading fast enough; disconnecting\n";
-            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(words)).await;
-        }
-        Some(CloseReason::Abuse) => {
-            tracing::info!("closing a connection that kept flooding");
-            gone.cancel();
-            // The refusal that says why is still queued.
-            let mut batch = Vec::new();
-            while let Some(item) = rx.try_recv() {
-                batch.extend_from_slice(&encode(&app, Transport::Line, item));
-            }
-            let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, out.write_all(&batch)).await;
-        }
-        None => {}
-    }
-    gone.cancel();
 }
 
 #[cfg(test)]

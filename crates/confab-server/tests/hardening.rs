@@ -477,12 +477,24 @@ async fn a_client_that_sends_and_never_reads_is_cut_off_when_its_writes_stall() 
             .await;
     }
     // The others see it go; it is closed as a slow consumer.
+    let mut messages = 0;
     loop {
         let e = seeder.event().await;
+        messages += u32::from(e["type"] == "message");
         if e["type"] == "presence" && e["user"] == "stuck" && e["online"] == false {
             break;
         }
     }
     assert_eq!(stuck.closed().await.0, 4008);
     seeder.send("big", "still here").await;
+    loop {
+        let e = seeder.event().await;
+        if e["type"] == "message" {
+            messages += 1;
+            if e["body"] == "still here" {
+                break;
+            }
+        }
+    }
+    assert_eq!(messages, 101, "the other member got every message");
 }

@@ -62,6 +62,64 @@ async fn malformed_frames_get_errors_and_keep_the_session(store: Store) {
     assert_eq!(r["members"], json!([{"user":"alice","online":true}]));
 }
 
+/// RFC 6455 as clients use it: a text message may come in fragments, with
+/// a control frame between them; a client's ping is answered; a frame
+/// that breaks the protocol (unmasked) closes with 1002.
+async fn fragmented_messages_are_whole_requests(store: Store) {
+    use confab_testkit::tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use confab_testkit::tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let server = store.spawn().await;
+    let mut c = server.client().await;
+    let request = r#"{"type":"ping","id":"in pieces"}"#.as_bytes();
+    let piece =
+        |data: &[u8], opcode, last| Message::Frame(Frame::message(data.to_vec(), opcode, last));
+    c.send_raw(piece(&request[..5], OpCode::Data(Data::Text), false))
+        .await;
+    c.send_raw(Message::Ping(vec![7u8].into())).await;
+    c.send_raw(piece(&request[5..20], OpCode::Data(Data::Continue), false))
+        .await;
+    c.send_raw(piece(&request[20..], OpCode::Data(Data::Continue), true))
+        .await;
+    assert_eq!(c.frame().await, json!({"type":"pong","id":"in pieces"}));
+
+    // An unmasked frame, written on the socket by hand.
+    let (mut raw, _) = confab_testkit::tokio_tungstenite::client_async(
+        server.ws_url(),
+        tokio::net::TcpStream::connect(server.addr).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    use confab_testkit::tokio_tungstenite::tungstenite::Message as M;
+    use futures_util::StreamExt;
+    let hello = raw.next().await.unwrap().unwrap();
+    assert!(matches!(hello, M::Text(_)));
+    let stream = raw.get_mut();
+    tokio::io::AsyncWriteExt::write_all(stream, &[0x81, 0x02, b'h', b'i'])
+        .await
+        .unwrap();
+    match raw.next().await {
+        Some(Ok(M::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1002),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// What is not a WebSocket upgrade is refused with words: 400 without the
+/// upgrade headers, 426 naming the version for another version.
+async fn bad_upgrades_are_refused(store: Store) {
+    let server = store.spawn().await;
+    let (status, body) = confab_testkit::http(server.addr, "GET", "/ws", &[], "").await;
+    assert_eq!((status, body.contains("WebSocket")), (400, true), "{body}");
+    let upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "8"),
+    ];
+    let (status, body) = confab_testkit::http(server.addr, "GET", "/ws", &upgrade, "").await;
+    assert_eq!(status, 426, "{body}");
+    assert!(body.contains("version 13"), "{body}");
+}
+
 async fn frames_over_the_limit_close_with_1009(store: Store) {
     let server = store.spawn().await;
     let mut c = server.client().await;
@@ -729,6 +787,8 @@ confab_testkit::on_each_store!(
     hello_ping_and_ids,
     malformed_frames_get_errors_and_keep_the_session,
     frames_over_the_limit_close_with_1009,
+    fragmented_messages_are_whole_requests,
+    bad_upgrades_are_refused,
     only_login_requests_before_login,
     register_login_resume_logout,
     guests_come_and_go,

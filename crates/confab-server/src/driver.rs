@@ -1,0 +1,431 @@
+//! One connection, one task: the driver owns the socket, reads, writes and
+//! keeps time, for every transport. What differs between transports (the
+//! framing, what a frame asks of the session, heartbeats, last words) is a
+//! [`Protocol`]; WebSocket JSON and the line protocol are two of them.
+//!
+//! ```text
+//! socket ─► Input ─► Protocol::decode ─► Protocol::serve ─► Session ─► queue
+//!   ▲                                                                   │
+//!   └──────────── one write per wake-up ◄── Protocol::wrap ◄── encode ◄─┘
+//! ```
+//!
+//! An idle connection holds no buffer: input is read onto the stack and
+//! kept only while a frame is incomplete ([`Input`]); output is gathered
+//! into one buffer per wake-up, written with one write, and given back. The
+//! session's work on a frame is boxed, so the connection's future is small
+//! while it waits. While the session works (a request can wait on storage,
+//! or for room in its own queue), the driver keeps writing what is queued:
+//! a connection never waits on itself.
+
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use confab_core::conn::Closer;
+use confab_core::{CloseReason, ConnReceiver, Outbound, Session};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use crate::metrics::Transport;
+use crate::{encode, App, SLOW_CONSUMER_GRACE};
+
+/// Largest single read from a socket. It is read onto the stack, and only
+/// what an incomplete frame needs is kept.
+pub(crate) const READ_CHUNK: usize = 4096;
+
+/// Why a connection ends.
+#[derive(Debug)]
+pub(crate) enum End<C> {
+    /// The client went away, or its socket failed: nothing more to write.
+    Gone,
+    /// The server drains: what was read is answered, then goodbye.
+    Shutdown,
+    /// The protocol's own ending (a close frame, a last line), after what
+    /// is queued.
+    Close(C),
+    /// The core closed the connection.
+    Evicted(CloseReason),
+}
+
+/// What makes a transport of the [driver](self).
+pub(crate) trait Protocol: Send + 'static {
+    /// A decoded unit of input.
+    type Frame: Send;
+    /// The protocol's own endings.
+    type Close: Send + Sync;
+    const TRANSPORT: Transport;
+
+    /// Bytes written first (the WebSocket `hello`, the line greeting).
+    fn greeting(&self, app: &App) -> Bytes;
+    /// How many bytes to read at most now: the line protocol never holds
+    /// more than its line limit.
+    fn room(&self, _input: &BytesMut) -> usize {
+        READ_CHUNK
+    }
+    /// The next whole frame in `input`, its bytes consumed; `None` until
+    /// one is whole.
+    fn decode(&mut self, input: &mut BytesMut) -> Result<Option<Self::Frame>, End<Self::Close>>;
+    /// Act on a frame: requests for the session, answers of the protocol's
+    /// own (a pong) through [`Session::write_raw`].
+    fn serve<'a>(
+        &'a mut self,
+        session: &'a mut Session,
+        frame: Self::Frame,
+    ) -> impl Future<Output = Option<End<Self::Close>>> + Send + 'a;
+    /// Append an encoded reply or event as it goes on the wire.
+    fn wrap(payload: &[u8], out: &mut Vec<u8>);
+    /// The client sent something (it is alive).
+    fn heard(&mut self);
+    /// When [`Protocol::tick`] is due, if ever.
+    fn next_tick(&self) -> Option<Instant>;
+    /// The tick is due: bytes to write (a ping, a warning), or the end.
+    fn tick(&mut self) -> Result<Option<Bytes>, End<Self::Close>>;
+    /// The ending when the client does not log in in time.
+    fn login_timeout(&self) -> Self::Close;
+    /// The last bytes of an ending (after what is queued, unless evicted).
+    fn farewell(&self, app: &App, end: &End<Self::Close>) -> Option<Bytes>;
+    /// What the ending still needs on the socket after the farewell (the
+    /// WebSocket closing handshake, a linger).
+    fn linger<'a, S: AsyncRead + Unpin + Send>(
+        &'a mut self,
+        io: &'a mut S,
+        input: &'a mut Input,
+        end: &'a End<Self::Close>,
+    ) -> impl Future<Output = ()> + Send + 'a;
+}
+
+/// What a connection has read and not decoded yet. Holds no memory unless
+/// a frame is incomplete.
+#[derive(Default)]
+pub(crate) struct Input {
+    pub(crate) bytes: BytesMut,
+}
+
+impl Input {
+    /// Read at most `room` bytes (and at most [`READ_CHUNK`]); 0 at the end
+    /// of the stream.
+    pub(crate) async fn read_from<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        room: usize,
+    ) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_from(io, room, cx)).await
+    }
+
+    fn poll_read_from<S: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut S,
+        room: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        // On the stack of this poll only: a connection waiting for input
+        // holds no buffer.
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut read = ReadBuf::new(&mut chunk[..room.clamp(1, READ_CHUNK)]);
+        ready!(Pin::new(io).poll_read(cx, &mut read))?;
+        self.bytes.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    }
+
+    /// Give the buffer back once everything in it is decoded.
+    pub(crate) fn release_if_done(&mut self) {
+        if self.bytes.is_empty() && self.bytes.capacity() > 0 {
+            self.bytes = BytesMut::new();
+        }
+    }
+
+    /// Bytes of memory the input holds.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.bytes.capacity()
+    }
+}
+
+/// The writing half of the driver: the socket, the connection's queue and
+/// the bytes of an interrupted write.
+struct Wire<S> {
+    io: S,
+    rx: ConnReceiver,
+    closer: Closer,
+    stall: std::time::Duration,
+    /// Bytes being written; after an interrupted write, what is left.
+    out: Vec<u8>,
+    /// A write failed or the connection was evicted: write nothing more
+    /// but last words.
+    broken: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
+    /// Run a session future to its end while writing what is queued: the
+    /// session may wait for room in this very queue.
+    async fn drive<T, P: Protocol>(&mut self, app: &App, work: impl Future<Output = T>) -> T {
+        let mut work = pin!(work);
+        loop {
+            if self.broken {
+                return work.await;
+            }
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                item = self.rx.recv() => match item {
+                    Some(item) => self.send::<P>(app, item).await,
+                    None => self.broken = true,
+                },
+            }
+        }
+    }
+
+    /// Write `first` and everything else queued now, in one write.
+    async fn send<P: Protocol>(&mut self, app: &App, first: Outbound) {
+        self.gather::<P>(app, Some(first));
+        self.flush().await;
+    }
+
+    /// Write the output unless evicted first (a write that stalls evicts),
+    /// and give its buffer back.
+    async fn flush(&mut self) {
+        let write = write_out(&mut self.io, &mut self.out);
+        match crate::unless_evicted(&self.closer, self.stall, write).await {
+            Some(Ok(())) => self.out = Vec::new(),
+            Some(Err(_)) | None => self.broken = true,
+        }
+    }
+
+    /// Append `first` and what is queued now to the output, encoded.
+    fn gather<P: Protocol>(&mut self, app: &App, first: Option<Outbound>) {
+        let mut next = first.or_else(|| self.rx.try_recv());
+        while let Some(item) = next {
+            match item {
+                Outbound::Raw(bytes) => self.out.extend_from_slice(&bytes),
+                item => P::wrap(&encode(app, P::TRANSPORT, item), &mut self.out),
+            }
+            next = self.rx.try_recv();
+        }
+    }
+
+    async fn write_raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+        self.flush().await;
+    }
+
+    /// How a broken wire ends.
+    fn ending<C>(&self) -> End<C> {
+        match self.rx.reason() {
+            Some(reason) => End::Evicted(reason),
+            None => End::Gone,
+        }
+    }
+}
+
+/// Write `out`; on return (or cancellation) `out` holds what is not
+/// written yet.
+async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> std::io::Result<()> {
+    while !out.is_empty() {
+        let n = io.write(out).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        out.drain(..n);
+    }
+    io.flush().await
+}
+
+/// Drive one connection to its end.
+pub(crate) async fn run<P, S>(
+    app: Arc<App>,
+    io: S,
+    session: Session,
+    rx: ConnReceiver,
+    mut protocol: P,
+) where
+    P: Protocol,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let _open = app.metrics.connection(P::TRANSPORT);
+    tracing::debug!("connected");
+    let mut wire = Wire {
+        io,
+        closer: rx.closer(),
+        rx,
+        stall: app.config().write_stall,
+        out: Vec::new(),
+        broken: false,
+    };
+    let mut session = session;
+    let mut input = Input::default();
+    wire.write_raw(&protocol.greeting(&app)).await;
+    let end = match wire.broken {
+        true => wire.ending(),
+        false => serve(&app, &mut wire, &mut session, &mut protocol, &mut input).await,
+    };
+    // Rare and large: boxed, so that it does not weigh on every idle
+    // connection's future.
+    Box::pin(finish(&app, wire, session, protocol, input, end)).await;
+    tracing::debug!("disconnected");
+}
+
+/// Read, serve and write until the connection ends.
+async fn serve<P, S>(
+    app: &App,
+    wire: &mut Wire<S>,
+    session: &mut Session,
+    protocol: &mut P,
+    input: &mut Input,
+) -> End<P::Close>
+where
+    P: Protocol,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let login_deadline = Instant::now() + app.config().login_timeout;
+    loop {
+        // Serve every whole frame read so far.
+        loop {
+            match protocol.decode(&mut input.bytes) {
+                Ok(Some(frame)) => {
+                    let served = Box::pin(protocol.serve(session, frame));
+                    if let Some(end) = wire.drive::<_, P>(app, served).await {
+                        return end;
+                    }
+                    if wire.broken {
+                        return wire.ending();
+                    }
+                }
+                Ok(None) => break,
+                Err(end) => return end,
+            }
+        }
+        input.release_if_done();
+        let tick = protocol.next_tick();
+        let room = protocol.room(&input.bytes);
+        // Biased: the queue is written before more is read, and a frame
+        // already read is served before a drain is noticed.
+        tokio::select! {
+            biased;
+            _ = wire.closer.closed() => return wire.ending(),
+            _ = tokio::time::sleep_until(login_deadline), if !session.logged_in() => {
+                return End::Close(protocol.login_timeout());
+            }
+            item = wire.rx.recv() => match item {
+                Some(item) => wire.send::<P>(app, item).await,
+                None => return End::Gone,
+            },
+            _ = session.stored() => wire.drive::<_, P>(app, Box::pin(session.answer())).await,
+            _ = app.draining.cancelled() => return End::Shutdown,
+            read = input.read_from(&mut wire.io, room) => match read {
+                Ok(0) | Err(_) => return End::Gone,
+                Ok(_) => protocol.heard(),
+            },
+            _ = sleep_until_some(tick) => match protocol.tick() {
+                Ok(Some(bytes)) => wire.write_raw(&bytes).await,
+                Ok(None) => {}
+                Err(end) => return end,
+            },
+        }
+        if wire.broken {
+            return wire.ending();
+        }
+    }
+}
+
+/// Sleep until the deadline; without one, forever.
+pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// End a connection: answer what is in flight, end the session, write the
+/// last words, and close the socket.
+async fn finish<P, S>(
+    app: &App,
+    mut wire: Wire<S>,
+    mut session: Session,
+    mut protocol: P,
+    mut input: Input,
+    end: End<P::Close>,
+) where
+    P: Protocol,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    // Replies to what was read are written below, unless evicted.
+    wire.drive::<_, P>(app, session.settle()).await;
+    let end = match (end, wire.rx.reason()) {
+        (End::Evicted(reason), _) => End::Evicted(reason),
+        (_, Some(reason)) => End::Evicted(reason),
+        (end, None) => end,
+    };
+    // Presence and guest memberships end now: the last words may wait.
+    session.close().await;
+    let drain = match &end {
+        End::Gone => return,
+        End::Evicted(reason) => {
+            match reason {
+                CloseReason::Kicked => tracing::info!("disconnected by an administrator"),
+                CloseReason::Stale => tracing::info!("closing a session the cluster lost"),
+                CloseReason::SlowConsumer => {
+                    app.metrics.evicted(P::TRANSPORT);
+                    tracing::info!("closing a slow consumer");
+                }
+                CloseReason::Abuse => tracing::info!("closing a connection that kept flooding"),
+            }
+            // The refusal that says why is still queued.
+            *reason == CloseReason::Abuse
+        }
+        End::Shutdown | End::Close(_) => true,
+    };
+    if drain {
+        wire.gather::<P>(app, None);
+    }
+    if let Some(words) = protocol.farewell(app, &end) {
+        wire.out.extend_from_slice(&words);
+    }
+    // A client that does not read gets a few seconds for its last words,
+    // evicted or not.
+    let last = async {
+        write_out(&mut wire.io, &mut wire.out).await?;
+        protocol.linger(&mut wire.io, &mut input, &end).await;
+        wire.io.shutdown().await
+    };
+    let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, last).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn input_is_held_only_while_a_frame_is_incomplete() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut input = Input::default();
+        assert_eq!(input.held(), 0);
+        client.write_all(b"a whole line\nhalf a l").await.unwrap();
+        input.read_from(&mut server, READ_CHUNK).await.unwrap();
+        // The whole line is taken; half a line stays, and its buffer.
+        let line = input.bytes.split_to(13);
+        assert_eq!(&line[..], b"a whole line\n");
+        drop(line);
+        input.release_if_done();
+        assert!(input.held() > 0);
+        client.write_all(b"ine\n").await.unwrap();
+        input.read_from(&mut server, READ_CHUNK).await.unwrap();
+        assert_eq!(&input.bytes[..], b"half a line\n");
+        input.bytes.clear();
+        input.release_if_done();
+        assert_eq!(input.held(), 0, "nothing held between frames");
+    }
+
+    #[tokio::test]
+    async fn reads_take_no_more_than_the_room() {
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(&[b'x'; 10_000]).await.unwrap();
+        let mut input = Input::default();
+        assert_eq!(input.read_from(&mut server, 10).await.unwrap(), 10);
+        assert_eq!(
+            input.read_from(&mut server, 1 << 20).await.unwrap(),
+            READ_CHUNK
+        );
+    }
+}
