@@ -160,7 +160,10 @@ impl Chat {
             loop {
                 tick.tick().await;
                 match weak.upgrade() {
-                    Some(inner) => inner.policy().limiters.forget_idle(),
+                    Some(inner) => {
+                        inner.policy().limiters.forget_idle();
+                        inner.hub.forget_old_presence();
+                    }
                     None => break,
                 }
             }

@@ -2,17 +2,23 @@
 //! close it. The transport owns the other end ([`ConnReceiver`]) and writes
 //! what comes out of it to the socket.
 //!
-//! Publishers never wait on a connection: [`Conn::push`] is `try_send`, and a
-//! full queue closes the connection as a slow consumer instead of dropping
-//! the event or slowing the publisher down.
+//! Publishers never wait on a connection: [`Conn::push`] never blocks, and
+//! a full queue closes the connection as a slow consumer instead of
+//! dropping the event or slowing the publisher down.
+//!
+//! The queue is a `VecDeque` under a mutex that is never held across an
+//! `.await`, with two [`Notify`]s: it holds no memory while it is empty
+//! (most connections, most of the time), and the transport takes
+//! everything queued at once ([`ConnReceiver::take_all`]), one lock per
+//! write instead of one per item.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use confab_proto::{Reply, SharedEvent};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 /// Identifies a connection within this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -21,8 +27,9 @@ pub struct ConnId(pub u64);
 /// Something to write to one connection.
 #[derive(Debug)]
 pub enum Outbound {
-    /// The reply to one of this connection's requests.
-    Reply(Reply),
+    /// The reply to one of this connection's requests (boxed: replies are
+    /// large and rare next to events).
+    Reply(Box<Reply>),
     /// An event, possibly shared with many connections.
     Event(Arc<SharedEvent>),
     /// Bytes the transport queued for its own connection (a greeting, a
@@ -46,28 +53,40 @@ pub enum CloseReason {
     Stale,
 }
 
-#[derive(Debug, Default)]
-struct Control {
-    closed: CancellationToken,
+/// What the core's handles and the transport's end share.
+#[derive(Debug)]
+struct Shared {
+    items: Mutex<VecDeque<Outbound>>,
+    capacity: usize,
+    /// Wakes the receiver: an item was queued, or the last sender left.
+    queued: Notify,
+    /// Wakes senders waiting for room.
+    room: Notify,
+    /// Live [`Conn`] handles.
+    senders: AtomicUsize,
+    /// The transport's end was dropped: nothing will be read any more.
+    receiver_gone: AtomicBool,
+    /// Set once the core (or the transport) closes the connection; then
+    /// `reason` says why, and `closing` has woken every waiter.
+    closed: AtomicBool,
+    closing: Notify,
     reason: OnceLock<CloseReason>,
     /// The client's address, when the transport has one (for operators).
     addr: Option<IpAddr>,
 }
 
 /// The core's handle on a connection; cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Conn {
     id: ConnId,
-    tx: mpsc::Sender<Outbound>,
-    control: Arc<Control>,
+    shared: Arc<Shared>,
 }
 
 /// The transport's end of a connection.
 #[derive(Debug)]
 pub struct ConnReceiver {
     pub id: ConnId,
-    rx: mpsc::Receiver<Outbound>,
-    control: Arc<Control>,
+    shared: Arc<Shared>,
 }
 
 /// Allocates connection ids.
@@ -82,19 +101,86 @@ impl ConnIds {
 
 /// A connection from `addr` with an outbound queue of `capacity` items.
 pub fn channel(id: ConnId, capacity: usize, addr: Option<IpAddr>) -> (Conn, ConnReceiver) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    let control = Arc::new(Control {
+    let shared = Arc::new(Shared {
+        items: Mutex::new(VecDeque::new()),
+        capacity: capacity.max(1),
+        queued: Notify::new(),
+        room: Notify::new(),
+        senders: AtomicUsize::new(1),
+        receiver_gone: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+        closing: Notify::new(),
+        reason: OnceLock::new(),
         addr,
-        ..Control::default()
     });
     (
         Conn {
             id,
-            tx,
-            control: control.clone(),
+            shared: shared.clone(),
         },
-        ConnReceiver { id, rx, control },
+        ConnReceiver { id, shared },
     )
+}
+
+impl Shared {
+    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
+        self.items.lock().expect("connection queue poisoned")
+    }
+
+    fn close(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.closing.notify_waiters();
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection is closed. Cancel-safe.
+    async fn closed(&self) {
+        let closing = self.closing.notified();
+        let mut closing = std::pin::pin!(closing);
+        // Registered before the check: a close in between still wakes it.
+        closing.as_mut().enable();
+        if !self.is_closed() {
+            closing.await;
+        }
+    }
+
+    fn pop(&self) -> Option<Outbound> {
+        let mut items = self.items();
+        let item = items.pop_front()?;
+        let full = items.len() + 1 == self.capacity;
+        if items.is_empty() {
+            // Give the memory back: an idle connection holds none.
+            *items = VecDeque::new();
+        }
+        drop(items);
+        if full {
+            self.room.notify_waiters();
+        }
+        Some(item)
+    }
+}
+
+impl Clone for Conn {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
+        Conn {
+            id: self.id,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.queued.notify_one();
+        }
+    }
 }
 
 impl Conn {
@@ -105,94 +191,134 @@ impl Conn {
     /// Queue an item without waiting. A full queue closes the connection as
     /// a slow consumer; returns whether the item was queued.
     pub fn push(&self, item: Outbound) -> bool {
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CloseReason::SlowConsumer);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if self.shared.receiver_gone.load(Ordering::Acquire) {
+            return false;
         }
+        let mut items = self.shared.items();
+        if items.len() >= self.shared.capacity {
+            drop(items);
+            self.close(CloseReason::SlowConsumer);
+            return false;
+        }
+        items.push_back(item);
+        drop(items);
+        self.shared.queued.notify_one();
+        true
     }
 
     /// Queue a reply, waiting for room: a client that pipelines requests
     /// without reading replies only slows itself down. Cancel-safe; gives
     /// up when the connection closes.
     pub async fn send(&self, item: Outbound) {
-        tokio::select! {
-            _ = self.tx.send(item) => {}
-            _ = self.control.closed.cancelled() => {}
+        let mut item = Some(item);
+        loop {
+            // Registered before the check, so a pop in between wakes it.
+            let room = self.shared.room.notified();
+            let mut room = std::pin::pin!(room);
+            room.as_mut().enable();
+            if self.shared.receiver_gone.load(Ordering::Acquire) || self.is_closed() {
+                return;
+            }
+            {
+                let mut items = self.shared.items();
+                if items.len() < self.shared.capacity {
+                    items.push_back(item.take().expect("queued once"));
+                    drop(items);
+                    self.shared.queued.notify_one();
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = room => {}
+                _ = self.shared.closed() => return,
+            }
         }
     }
 
     /// Ask the transport to close the connection. The first reason wins.
     pub fn close(&self, reason: CloseReason) {
-        self.control.close(reason);
+        self.shared.close(reason);
     }
 
     pub fn is_closed(&self) -> bool {
-        self.control.closed.is_cancelled()
+        self.shared.is_closed()
     }
 
     /// The client's address, when the transport gave one.
     pub fn addr(&self) -> Option<IpAddr> {
-        self.control.addr
+        self.shared.addr
     }
 }
 
 /// See [`ConnReceiver::closer`].
 #[derive(Clone)]
 pub struct Closer {
-    control: Arc<Control>,
+    shared: Arc<Shared>,
 }
 
 impl Closer {
     /// Resolves when the connection is to close.
     pub async fn closed(&self) {
-        self.control.closed.cancelled().await
+        self.shared.closed().await
     }
 
     /// Close the connection (the first reason wins).
     pub fn close(&self, reason: CloseReason) {
-        self.control.close(reason);
-    }
-}
-
-impl Control {
-    fn close(&self, reason: CloseReason) {
-        let _ = self.reason.set(reason);
-        self.closed.cancel();
+        self.shared.close(reason);
     }
 }
 
 impl ConnReceiver {
-    /// The next item to write; `None` once every sender is gone.
-    /// Cancel-safe.
+    /// The next item to write; `None` once every sender is gone and the
+    /// queue is empty. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        self.rx.recv().await
+        loop {
+            // A notification stored while nobody waited is kept for us.
+            let queued = self.shared.queued.notified();
+            if let Some(item) = self.shared.pop() {
+                return Some(item);
+            }
+            if self.shared.senders.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            queued.await;
+        }
     }
 
-    /// The next item if one is queued now (to coalesce writes).
+    /// The next item if one is queued now.
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.rx.try_recv().ok()
+        self.shared.pop()
     }
 
-    /// Cancelled when the core asks to close the connection; then
-    /// [`ConnReceiver::reason`] says why.
-    pub fn close_signal(&self) -> CancellationToken {
-        self.control.closed.clone()
+    /// Everything queued now, oldest first, with one lock; the queue's
+    /// memory goes with it.
+    pub fn take_all(&mut self) -> VecDeque<Outbound> {
+        let items = std::mem::take(&mut *self.shared.items());
+        if !items.is_empty() {
+            self.shared.room.notify_waiters();
+        }
+        items
     }
 
     /// A handle for the transport's writer: it waits for the close signal,
     /// and gives it itself when a write to the socket stalls.
     pub fn closer(&self) -> Closer {
         Closer {
-            control: self.control.clone(),
+            shared: self.shared.clone(),
         }
     }
 
     pub fn reason(&self) -> Option<CloseReason> {
-        self.control.reason.get().cloned()
+        self.shared.reason.get().cloned()
+    }
+}
+
+impl Drop for ConnReceiver {
+    fn drop(&mut self) {
+        self.shared.receiver_gone.store(true, Ordering::Release);
+        self.shared.room.notify_waiters();
+        // What was queued will never be written.
+        drop(std::mem::take(&mut *self.shared.items()));
     }
 }
 
@@ -216,7 +342,7 @@ mod tests {
         assert!(!conn.is_closed());
         assert!(!conn.push(event()), "third item does not fit");
         assert!(conn.is_closed());
-        assert!(rx.close_signal().is_cancelled());
+        assert!(rx.shared.is_closed());
         assert_eq!(rx.reason(), Some(CloseReason::SlowConsumer));
         assert!(rx.recv().await.is_some(), "what was queued stays queued");
     }
@@ -226,10 +352,89 @@ mod tests {
         let (conn, _rx) = channel(ConnId(1), 1, None);
         conn.push(event());
         conn.close(CloseReason::SlowConsumer);
-        let reply = Outbound::Reply(confab_proto::Reply {
+        conn.send(pong()).await; // would wait forever on a full queue
+    }
+
+    fn pong() -> Outbound {
+        Outbound::Reply(Box::new(confab_proto::Reply {
             id: None,
             result: Ok(OkBody::Pong),
-        });
-        conn.send(reply).await; // would wait forever on a full queue
+        }))
+    }
+
+    fn held(rx: &ConnReceiver) -> usize {
+        rx.shared.items().capacity()
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_holds_no_memory() {
+        let (conn, mut rx) = channel(ConnId(1), 8, None);
+        assert_eq!(held(&rx), 0);
+        conn.push(event());
+        conn.push(event());
+        assert!(held(&rx) > 0);
+        assert!(rx.try_recv().is_some());
+        assert!(held(&rx) > 0, "one is still queued");
+        assert!(rx.recv().await.is_some());
+        assert_eq!(held(&rx), 0, "given back once empty");
+        conn.push(event());
+        assert_eq!(rx.take_all().len(), 1);
+        assert_eq!(held(&rx), 0);
+    }
+
+    #[tokio::test]
+    async fn send_waits_for_room_and_keeps_the_order() {
+        let (conn, mut rx) = channel(ConnId(1), 2, None);
+        conn.push(event());
+        conn.push(event());
+        let sender = conn.clone();
+        let waiting = tokio::spawn(async move { sender.send(pong()).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "no room yet");
+        let first = rx.take_all();
+        assert_eq!(first.len(), 2);
+        waiting.await.unwrap();
+        assert!(matches!(rx.recv().await, Some(Outbound::Reply(_))));
+        assert!(!conn.is_closed(), "waiting for room is not overflowing");
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_whoever_waits_for_it() {
+        let (conn, rx) = channel(ConnId(1), 1, None);
+        conn.push(event());
+        let closer = rx.closer();
+        let watching = tokio::spawn(async move { closer.closed().await });
+        let sender = conn.clone();
+        let sending = tokio::spawn(async move { sender.send(pong()).await });
+        tokio::task::yield_now().await;
+        assert!(!watching.is_finished() && !sending.is_finished());
+        conn.close(CloseReason::Kicked);
+        conn.close(CloseReason::SlowConsumer);
+        watching.await.unwrap();
+        sending.await.unwrap();
+        assert_eq!(
+            rx.reason(),
+            Some(CloseReason::Kicked),
+            "the first reason wins"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ends_notice_each_other_going() {
+        let (conn, mut rx) = channel(ConnId(1), 4, None);
+        let other = conn.clone();
+        conn.push(event());
+        drop(conn);
+        drop(other);
+        assert!(rx.recv().await.is_some(), "what was queued is still read");
+        assert!(rx.recv().await.is_none(), "every sender is gone");
+
+        let (conn, rx) = channel(ConnId(2), 1, None);
+        conn.push(event());
+        let sender = conn.clone();
+        let waiting = tokio::spawn(async move { sender.send(pong()).await });
+        drop(rx);
+        waiting.await.unwrap(); // a full queue nobody reads: it gives up
+        assert!(!conn.push(event()), "nothing is queued for nobody");
     }
 }

@@ -384,6 +384,13 @@ impl Hub {
     }
 
     /// Have the registry record whether `user` is connected here now.
+    /// Drop what the hub remembers of past presence changes once it can no
+    /// longer matter (called now and then: after a burst of logins, the
+    /// last ones would otherwise stay until the next change).
+    pub fn forget_old_presence(&self) {
+        self.lock().forget_presence(Instant::now());
+    }
+
     pub fn recheck(&self, user: &UserName, guest: bool) {
         let _ = self.registry.send((user.clone(), guest));
     }
@@ -617,12 +624,21 @@ impl State {
         }
     }
 
+    /// Forget presence changes too old to have copies still coming, and
+    /// the map's room for them.
+    fn forget_presence(&mut self, now: Instant) {
+        self.presence.retain(|_, p| now - p.at < PRESENCE_COPIES);
+        if self.presence.len() * 4 < self.presence.capacity() {
+            self.presence.shrink_to_fit();
+        }
+    }
+
     /// Tell the connected members of `rooms` (but the user) that `user`
     /// came or went, each once however many copies arrive.
     fn presence(&mut self, user: &UserName, online: bool, rooms: &[RoomName]) {
         let now = Instant::now();
         if self.presence.len() > 1024 {
-            self.presence.retain(|_, p| now - p.at < PRESENCE_COPIES);
+            self.forget_presence(now);
         }
         let told = self
             .presence

@@ -249,6 +249,10 @@ impl Session {
         };
         let outcome = (&mut oldest.outcome).await;
         let oldest = self.in_flight.pop_front().expect("the oldest");
+        if self.in_flight.is_empty() {
+            // Give the memory back: an idle session holds none.
+            self.in_flight = VecDeque::new();
+        }
         let (result, then) = match outcome {
             Ok(done) => (Ok(done.reply), done.then),
             Err(e) => {
@@ -300,7 +304,8 @@ impl Session {
     }
 
     async fn reply(&self, id: Option<RequestId>, result: Result<OkBody, ErrorBody>) {
-        self.conn.send(Outbound::Reply(Reply { id, result })).await;
+        let reply = Box::new(Reply { id, result });
+        self.conn.send(Outbound::Reply(reply)).await;
     }
 
     async fn publish(&self, events: Vec<BrokerEvent>) {

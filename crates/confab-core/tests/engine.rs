@@ -12,7 +12,7 @@ use confab_core::{
     BrokerEvent, Chat, ChatConfig, CloseReason, ConnReceiver, DynStore, MemoryBroker, Outbound,
     RoomName, Session, UserName,
 };
-use confab_proto::{Envelope, ErrorCode, Event, Message, OkBody, Reply, Request};
+use confab_proto::{Envelope, ErrorCode, Event, Message, OkBody, Request};
 
 async fn engine() -> (Chat, DynStore) {
     let store: DynStore = Arc::new(MemoryStore::new());
@@ -34,7 +34,7 @@ async fn call(
     s.handle(Envelope { id: None, request }).await;
     s.settle().await; // a send is answered once it is durable
     match rx.try_recv() {
-        Some(Outbound::Reply(Reply { result, .. })) => result.map_err(|e| e.code),
+        Some(Outbound::Reply(reply)) => reply.result.map_err(|e| e.code),
         other => panic!("expected a reply, got {other:?}"),
     }
 }
@@ -92,8 +92,8 @@ fn handled_at_once(s: &mut Session, request: Request) -> bool {
 fn replies(rx: &mut ConnReceiver) -> Vec<Result<OkBody, ErrorCode>> {
     let mut replies = Vec::new();
     while let Some(item) = rx.try_recv() {
-        if let Outbound::Reply(Reply { result, .. }) = item {
-            replies.push(result.map_err(|e| e.code));
+        if let Outbound::Reply(reply) = item {
+            replies.push(reply.result.map_err(|e| e.code));
         }
     }
     replies

@@ -195,13 +195,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
 
     /// Append `first` and what is queued now to the output, encoded.
     fn gather<P: Protocol>(&mut self, app: &App, first: Option<Outbound>) {
-        let mut next = first.or_else(|| self.rx.try_recv());
-        while let Some(item) = next {
+        for item in first.into_iter().chain(self.rx.take_all()) {
             match item {
                 Outbound::Raw(bytes) => self.out.extend_from_slice(&bytes),
                 item => P::wrap(&encode(app, P::TRANSPORT, item), &mut self.out),
             }
-            next = self.rx.try_recv();
         }
     }
 
@@ -297,16 +295,20 @@ where
             }
         }
         input.release_if_done();
-        let tick = protocol.next_tick();
+        // One timer (each costs its room in every idle connection): the
+        // login deadline while logged out, and the protocol's.
+        let login = (!session.logged_in()).then_some(login_deadline);
+        let timer = match (login, protocol.next_tick()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let room = protocol.room(&input.bytes);
         // Biased: the queue is written before more is read, and a frame
-        // already read is served before a drain is noticed.
+        // already read is served before a drain is noticed. (The login
+        // deadline is checked before the protocol's timer when both are due.)
         tokio::select! {
             biased;
             _ = wire.closer.closed() => return wire.ending(),
-            _ = tokio::time::sleep_until(login_deadline), if !session.logged_in() => {
-                return End::Close(protocol.login_timeout());
-            }
             item = wire.rx.recv() => match item {
                 Some(item) => wire.send::<P>(app, item).await,
                 None => return End::Gone,
@@ -317,11 +319,16 @@ where
                 Ok(0) | Err(_) => return End::Gone,
                 Ok(_) => protocol.heard(),
             },
-            _ = sleep_until_some(tick) => match protocol.tick() {
-                Ok(Some(bytes)) => wire.write_raw(&bytes).await,
-                Ok(None) => {}
-                Err(end) => return end,
-            },
+            _ = sleep_until_some(timer) => {
+                if login.is_some_and(|at| Instant::now() >= at) {
+                    return End::Close(protocol.login_timeout());
+                }
+                match protocol.tick() {
+                    Ok(Some(bytes)) => wire.write_raw(&bytes).await,
+                    Ok(None) => {}
+                    Err(end) => return end,
+                }
+            }
         }
         if wire.broken {
             return wire.ending();
