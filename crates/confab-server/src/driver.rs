@@ -28,6 +28,7 @@ use confab_core::{CloseReason, ConnReceiver, Outbound, Session};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
+use crate::admission::Admitted;
 use crate::metrics::Transport;
 use crate::{encode, App, SLOW_CONSUMER_GRACE};
 
@@ -231,19 +232,24 @@ async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> std:
 }
 
 /// Drive one connection to its end.
-pub(crate) async fn run<P, S>(
+///
+/// Not an `async fn`, and neither are the transports' `connection`s: what
+/// an async fn is given stays in its future after it is moved on, so each
+/// layer that takes the session by value and hands it down would hold it
+/// twice (400 bytes each time, in every idle connection).
+pub(crate) fn run<P, S>(
     app: Arc<App>,
     io: S,
     session: Session,
     rx: ConnReceiver,
-    mut protocol: P,
-) where
+    protocol: P,
+    admitted: Admitted,
+) -> impl Future<Output = ()> + Send
+where
     P: Protocol,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let _open = app.metrics.connection(P::TRANSPORT);
-    tracing::debug!("connected");
-    let mut wire = Wire {
+    let wire = Wire {
         io,
         closer: rx.closer(),
         rx,
@@ -251,7 +257,21 @@ pub(crate) async fn run<P, S>(
         out: Vec::new(),
         broken: false,
     };
-    let mut session = session;
+    connection(app, wire, session, protocol, admitted)
+}
+
+async fn connection<P, S>(
+    app: Arc<App>,
+    mut wire: Wire<S>,
+    mut session: Session,
+    mut protocol: P,
+    _admitted: Admitted,
+) where
+    P: Protocol,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let _open = app.metrics.connection(P::TRANSPORT);
+    tracing::debug!("connected");
     let mut input = Input::default();
     wire.write_raw(&protocol.greeting(&app)).await;
     let end = match wire.broken {
@@ -282,8 +302,8 @@ where
         loop {
             match protocol.decode(&mut input.bytes) {
                 Ok(Some(frame)) => {
-                    let served = Box::pin(protocol.serve(session, frame));
-                    if let Some(end) = wire.drive::<_, P>(app, served).await {
+                    let served = protocol.serve(session, frame);
+                    if let Some(end) = Box::pin(wire.drive::<_, P>(app, served)).await {
                         return end;
                     }
                     if wire.broken {
@@ -303,6 +323,8 @@ where
             (a, b) => a.or(b),
         };
         let room = protocol.room(&input.bytes);
+        // What a wake-up does (serve a frame, write, answer) is boxed: it
+        // would otherwise take its room in every idle connection's future.
         // Biased: the queue is written before more is read, and a frame
         // already read is served before a drain is noticed. (The login
         // deadline is checked before the protocol's timer when both are due.)
@@ -310,10 +332,10 @@ where
             biased;
             _ = wire.closer.closed() => return wire.ending(),
             item = wire.rx.recv() => match item {
-                Some(item) => wire.send::<P>(app, item).await,
+                Some(item) => Box::pin(wire.send::<P>(app, item)).await,
                 None => return End::Gone,
             },
-            _ = session.stored() => wire.drive::<_, P>(app, Box::pin(session.answer())).await,
+            _ = session.stored() => Box::pin(wire.drive::<_, P>(app, session.answer())).await,
             _ = app.draining.cancelled() => return End::Shutdown,
             read = input.read_from(&mut wire.io, room) => match read {
                 Ok(0) | Err(_) => return End::Gone,
@@ -324,7 +346,7 @@ where
                     return End::Close(protocol.login_timeout());
                 }
                 match protocol.tick() {
-                    Ok(Some(bytes)) => wire.write_raw(&bytes).await,
+                    Ok(Some(bytes)) => Box::pin(wire.write_raw(&bytes)).await,
                     Ok(None) => {}
                     Err(end) => return end,
                 }

@@ -148,7 +148,14 @@ fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for S {}
 
-async fn connection<S: Stream>(app: Arc<App>, stream: S, client: Client, _admitted: Admitted) {
+/// The connection's future (see [`driver::run`] on why this is not an
+/// async fn).
+fn connection<S: Stream>(
+    app: Arc<App>,
+    stream: S,
+    client: Client,
+    admitted: Admitted,
+) -> impl std::future::Future<Output = ()> + Send {
     let (session, rx) = app.open(&app.config(), client.ip);
     let span = tracing::info_span!(
         "conn",
@@ -165,9 +172,7 @@ async fn connection<S: Stream>(app: Arc<App>, stream: S, client: Client, _admitt
         max_line: config.max_line_bytes,
         idle: config.line_idle.map(Idle::new),
     };
-    driver::run(app, stream, session, rx, protocol)
-        .instrument(span)
-        .await;
+    driver::run(app, stream, session, rx, protocol, admitted).instrument(span)
 }
 
 /// The line protocol's state: the decoder, the current room, the idle rule.

@@ -118,7 +118,14 @@ fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, (StatusCode, &'static 
     Ok(HeaderValue::from_str(&accept).expect("base64 is a valid header value"))
 }
 
-async fn connection<S>(app: Arc<App>, io: S, client: Client, _admitted: Admitted)
+/// The connection's future (see [`driver::run`] on why this is not an
+/// async fn).
+fn connection<S>(
+    app: Arc<App>,
+    io: S,
+    client: Client,
+    admitted: Admitted,
+) -> impl std::future::Future<Output = ()> + Send
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -132,9 +139,7 @@ where
         user = tracing::field::Empty
     );
     let protocol = WebSocket::new(&app);
-    driver::run(app, io, session, rx, protocol)
-        .instrument(span)
-        .await;
+    driver::run(app, io, session, rx, protocol, admitted).instrument(span)
 }
 
 /// A close frame to send.
