@@ -74,6 +74,8 @@ impl SqliteStore {
         let conn = tokio::task::spawn_blocking(move || open_writer(&p, durability))
             .await
             .map_err(|e| StoreError::Internal(e.to_string()))??;
+        // Room for every statement the writer runs, the batch's own too.
+        conn.set_prepared_statement_cache_capacity(64);
         Ok(SqliteStore {
             writer: writer::Writer::start(conn),
             readers: Arc::new(Readers {
