@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use confab_bench::report::{svg, Latency};
+use confab_bench::report::svg;
 use confab_bench::scenarios::{connect, fanout, idle, persist};
 use confab_bench::{check_loopback, raise_fd_limit};
 use serde_json::json;
@@ -81,7 +81,9 @@ enum Scenario {
         mode: connect::Mode,
     },
     /// The same fan-out against Confab (fsync per commit, and at checkpoints
-    /// only), nats-server and redis-server, started here one after another.
+    /// only), nats-server and redis-server, started here one after another,
+    /// each raised through `--rates` until a rate does not hold. `--svg`
+    /// draws p99 against deliveries/s.
     Compare {
         /// The confab binary (build it with --release).
         #[arg(long, default_value = "target/release/confab")]
@@ -90,6 +92,13 @@ enum Scenario {
         nats: PathBuf,
         #[arg(long, default_value = "redis-server")]
         redis: PathBuf,
+        /// Messages per second to step through, ascending (all publishers
+        /// together); a fresh server for each. A step holds when its p99 is
+        /// at most 50 ms and nothing was lost (every delivery in time),
+        /// duplicated, out of order or refused; a system stops at its first
+        /// step that does not. Without it, `--rate` alone.
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<u64>,
         #[command(flatten)]
         shape: Shape,
     },
@@ -223,8 +232,21 @@ async fn main() -> anyhow::Result<()> {
             confab,
             nats,
             redis,
+            rates,
             shape,
-        } => compare(confab, nats, redis, shape).await?,
+        } => {
+            let rates = if rates.is_empty() {
+                vec![shape.rate]
+            } else {
+                rates
+            };
+            let (result, plot) = compare(confab, nats, redis, &rates, shape).await?;
+            if let Some(path) = &cli.svg {
+                std::fs::write(path, plot)?;
+                eprintln!("wrote {}", path.display());
+            }
+            (result, Vec::new())
+        }
     };
     if let Some(path) = cli.out {
         std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
@@ -253,102 +275,190 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// The highest p99 a sweep step may have and hold.
+const HOLDS_P99_MS: f64 = 50.0;
+
+/// Whether a step held, or why not.
+fn verdict(o: &fanout::Outcome) -> Result<(), String> {
+    let mut why = Vec::new();
+    if o.latency.p99_ms > HOLDS_P99_MS {
+        why.push(format!("p99 {:.0} ms", o.latency.p99_ms));
+    }
+    for (n, what) in [
+        (o.lost, "not delivered in time"),
+        (o.duplicated, "duplicated"),
+        (o.out_of_order, "out of order"),
+        (o.refused, "refused"),
+    ] {
+        if n > 0 {
+            why.push(format!("{n} {what}"));
+        }
+    }
+    match why.is_empty() {
+        true => Ok(()),
+        false => Err(why.join(", ")),
+    }
+}
+
+/// Start one of the compared systems on a free port.
+async fn start_system(
+    name: &str,
+    paths: (&PathBuf, &PathBuf, &PathBuf),
+    dir: &std::path::Path,
+) -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
+    let (confab, nats, redis) = paths;
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/confab.toml");
+    let port = free_port()?;
+    let mut command = match name {
+        "nats" => {
+            let mut c = tokio::process::Command::new(nats);
+            c.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+            c
+        }
+        "redis" => {
+            let mut c = tokio::process::Command::new(redis);
+            c.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"]);
+            c
+        }
+        _ => {
+            let sync = if name == "confab" { "full" } else { "normal" };
+            let db = dir.join(format!("{name}-{port}.db"));
+            let mut c = tokio::process::Command::new(confab);
+            c.args(["serve", "--config", config])
+                .args(["--http", &format!("127.0.0.1:{port}")])
+                .args([
+                    "--database",
+                    &format!("sqlite://{}?synchronous={sync}", db.display()),
+                ]);
+            c
+        }
+    };
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_for(server, &mut child)
+        .await
+        .with_context(|| format!("{name} did not start"))?;
+    Ok((child, server))
+}
+
+/// Each system up the rates until one does not hold; the table of the
+/// highest rate each held, side by side, and the plot of p99 by rate.
 async fn compare(
     confab: PathBuf,
     nats: PathBuf,
     redis: PathBuf,
+    rates: &[u64],
     shape: Shape,
-) -> anyhow::Result<(serde_json::Value, Vec<(String, Latency)>)> {
+) -> anyhow::Result<(serde_json::Value, String)> {
     let dir = std::env::temp_dir().join(format!("confab-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/confab.toml");
-    let mut rows = Vec::new();
-    let mut plots = Vec::new();
     let runs: [(&str, fanout::System); 4] = [
         ("confab", fanout::System::Confab),
         ("confab-sync-normal", fanout::System::Confab),
         ("nats", fanout::System::Nats),
         ("redis", fanout::System::Redis),
     ];
+    let mut sweeps: Vec<(&str, Vec<fanout::Outcome>)> = Vec::new();
     for (name, system) in runs {
-        let port = free_port()?;
-        let mut command = match name {
-            "nats" => {
-                let mut c = tokio::process::Command::new(&nats);
-                c.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
-                c
+        let mut steps = Vec::new();
+        for &rate in rates {
+            let (mut child, server) = start_system(name, (&confab, &nats, &redis), &dir).await?;
+            eprintln!("== {name} on {server} at {rate}/s");
+            let shape = Shape {
+                rate,
+                ..shape.clone()
+            };
+            let o = fanout::run(shape.options(system, vec![server])).await?;
+            let _ = child.kill().await;
+            print_fanout(&o);
+            let held = verdict(&o);
+            steps.push(o);
+            if let Err(why) = held {
+                eprintln!("   {name} does not hold {rate}/s: {why}");
+                break;
             }
-            "redis" => {
-                let mut c = tokio::process::Command::new(&redis);
-                c.args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ]);
-                c
-            }
-            _ => {
-                let sync = if name == "confab" { "full" } else { "normal" };
-                let db = dir.join(format!("{name}.db"));
-                let mut c = tokio::process::Command::new(&confab);
-                c.args([
-                    "serve",
-                    "--config",
-                    config,
-                    "--http",
-                    &format!("127.0.0.1:{port}"),
-                ])
-                .args([
-                    "--database",
-                    &format!("sqlite://{}?synchronous={sync}", db.display()),
-                ]);
-                c
-            }
-        };
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let server: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        wait_for(server, &mut child)
-            .await
-            .with_context(|| format!("{name} did not start"))?;
-        eprintln!("== {name} on {server}");
-        let o = fanout::run(shape.options(system, vec![server])).await?;
-        print_fanout(&o);
-        plots.push((name.to_owned(), o.histogram.clone()));
-        rows.push((name, o));
-        let _ = child.kill().await;
+        }
+        sweeps.push((name, steps));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("\n| system | deliveries/s | p50 ms | p99 ms | p99.9 ms | lost | dup | out of order | vs confab |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    let reference = rows[0].1.deliveries_per_s.max(1.0);
-    for (name, o) in &rows {
+    let best = |steps: &[fanout::Outcome]| -> Option<f64> {
+        steps
+            .iter()
+            .rfind(|o| verdict(o).is_ok())
+            .map(|o| o.deliveries_per_s)
+    };
+    let redis_best = sweeps
+        .iter()
+        .find(|(n, _)| *n == "redis")
+        .and_then(|(_, s)| best(s));
+    println!(
+        "\n{} rooms × {} members, {} publishers, {} B; steps of {:?} messages/s\n",
+        shape.rooms, shape.members, shape.publishers, shape.body, rates
+    );
+    println!("| system | highest rate held (msg/s) | deliveries/s | p50 ms | p99 ms | the next step | vs redis |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut table = serde_json::Map::new();
+    for (name, steps) in &sweeps {
+        let held = steps.iter().rfind(|o| verdict(o).is_ok());
+        let failed = steps.iter().find(|o| verdict(o).is_err());
+        let next = match failed {
+            Some(o) => format!("{}/s: {}", o.rate, verdict(o).err().unwrap_or_default()),
+            None => "held every step".to_owned(),
+        };
+        let cell = |f: &dyn Fn(&fanout::Outcome) -> String| held.map_or("–".to_owned(), f);
+        let ratio = match (held, redis_best) {
+            (Some(o), Some(r)) if r > 0.0 => format!("{:.2}×", o.deliveries_per_s / r),
+            _ => "–".to_owned(),
+        };
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.2}× |",
-            o.deliveries_per_s,
-            o.latency.p50_ms,
-            o.latency.p99_ms,
-            o.latency.p999_ms,
-            o.lost,
-            o.duplicated,
-            o.out_of_order,
-            o.deliveries_per_s / reference
+            "| {name} | {} | {} | {} | {} | {next} | {ratio} |",
+            cell(&|o| o.rate.to_string()),
+            cell(&|o| format!("{:.0}", o.deliveries_per_s)),
+            cell(&|o| format!("{:.1}", o.latency.p50_ms)),
+            cell(&|o| format!("{:.1}", o.latency.p99_ms)),
+        );
+        table.insert(
+            name.to_string(),
+            json!({
+                "highest_held": held.map(|o| json!({
+                    "rate": o.rate,
+                    "deliveries_per_s": o.deliveries_per_s,
+                    "p99_ms": o.latency.p99_ms,
+                })),
+                "steps": steps,
+            }),
         );
     }
-    let table: serde_json::Map<_, _> = rows
+    // Points of p99 by rate; a step far over the line is drawn at 4× it,
+    // so that the others stay readable.
+    let cap = HOLDS_P99_MS * 4.0;
+    let lines: Vec<(String, Vec<(f64, f64)>)> = sweeps
         .iter()
-        .map(|(n, o)| (n.to_string(), json!(o)))
+        .map(|(name, steps)| {
+            let pts = steps
+                .iter()
+                .map(|o| (o.deliveries_per_s, o.latency.p99_ms.min(cap)))
+                .collect();
+            (name.to_string(), pts)
+        })
         .collect();
-    Ok((serde_json::Value::Object(table), plots))
+    let title = format!(
+        "p99 by delivery rate, {} × {} (50 ms dashed; capped at {cap:.0} ms)",
+        shape.rooms, shape.members
+    );
+    let plot = confab_bench::report::sweep_svg(&title, &lines);
+    Ok((
+        json!({ "rates": rates, "shape": {"rooms": shape.rooms, "members": shape.members,
+                "publishers": shape.publishers, "body": shape.body,
+                "duration_secs": shape.duration_secs}, "systems": table }),
+        plot,
+    ))
 }
 
 /// Until `addr` accepts connections (the child was just started).

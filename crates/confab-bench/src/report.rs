@@ -83,13 +83,6 @@ impl std::fmt::Display for Percentiles {
 /// Latency by percentile, one line per series; x is `-log10(1 - p)`, so
 /// 90, 99, 99.9 and 99.99 are evenly spaced.
 pub fn svg(title: &str, series: &[(String, Latency)]) -> String {
-    const W: f64 = 720.0;
-    const H: f64 = 420.0;
-    const LEFT: f64 = 70.0;
-    const BOTTOM: f64 = 50.0;
-    const TOP: f64 = 40.0;
-    const RIGHT: f64 = 20.0;
-    const COLOURS: &[&str] = &["#1d4ed8", "#b91c1c", "#15803d", "#a16207", "#7c3aed"];
     let max_x = 4.0; // p99.99
     let points = |l: &Latency| -> Vec<(f64, f64)> {
         (0..=80)
@@ -100,8 +93,64 @@ pub fn svg(title: &str, series: &[(String, Latency)]) -> String {
             })
             .collect()
     };
-    let all: Vec<Vec<(f64, f64)>> = series.iter().map(|(_, l)| points(l)).collect();
-    let max_y = all.iter().flatten().map(|p| p.1).fold(0.1f64, f64::max) * 1.1;
+    let lines: Vec<(String, Vec<(f64, f64)>)> =
+        series.iter().map(|(n, l)| (n.clone(), points(l))).collect();
+    let ticks: Vec<(f64, String)> = ["0", "90", "99", "99.9", "99.99"]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as f64, l.to_string()))
+        .collect();
+    chart(title, "percentile", "latency (ms)", &ticks, &lines, None)
+}
+
+/// p99 against the delivery rate, one line per system, with the 50 ms
+/// line a rate must stay under to hold (the `compare` sweep).
+pub fn sweep_svg(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    let max_x = series
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
+        .fold(1.0f64, f64::max);
+    let ticks: Vec<(f64, String)> = (0..=5)
+        .map(|i| {
+            let x = max_x * f64::from(i) / 5.0;
+            (x, format!("{:.0}k", x / 1000.0))
+        })
+        .collect();
+    chart(
+        title,
+        "deliveries per second",
+        "p99 latency (ms)",
+        &ticks,
+        series,
+        Some(50.0),
+    )
+}
+
+/// Lines on axes: `x_ticks` name the x axis (from 0 to the last tick), the
+/// y axis runs from 0 to the highest point; `guide` draws a dashed line at
+/// that y.
+fn chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    x_ticks: &[(f64, String)],
+    series: &[(String, Vec<(f64, f64)>)],
+    guide: Option<f64>,
+) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 420.0;
+    const LEFT: f64 = 70.0;
+    const BOTTOM: f64 = 50.0;
+    const TOP: f64 = 40.0;
+    const RIGHT: f64 = 20.0;
+    const COLOURS: &[&str] = &["#1d4ed8", "#b91c1c", "#15803d", "#a16207", "#7c3aed"];
+    let max_x = x_ticks.last().map_or(1.0, |t| t.0).max(f64::MIN_POSITIVE);
+    let max_y = series
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
+        .chain(guide)
+        .fold(0.1f64, f64::max)
+        * 1.1;
     let sx = |x: f64| LEFT + x / max_x * (W - LEFT - RIGHT);
     let sy = |y: f64| H - BOTTOM - y / max_y * (H - BOTTOM - TOP);
     let mut out = format!(
@@ -110,8 +159,8 @@ pub fn svg(title: &str, series: &[(String, Latency)]) -> String {
 <text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>
 <line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="black"/>
 <line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{}" stroke="black"/>
-<text x="{}" y="{}" text-anchor="middle">percentile</text>
-<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">latency (ms)</text>
+<text x="{}" y="{}" text-anchor="middle">{}</text>
+<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">{}</text>
 "##,
         W / 2.0,
         escape(title),
@@ -121,20 +170,17 @@ pub fn svg(title: &str, series: &[(String, Latency)]) -> String {
         H - BOTTOM,
         (LEFT + W - RIGHT) / 2.0,
         H - 12.0,
+        escape(x_label),
         H / 2.0,
         H / 2.0,
+        escape(y_label),
     );
-    for (x, label) in [
-        (0.0, "0"),
-        (1.0, "90"),
-        (2.0, "99"),
-        (3.0, "99.9"),
-        (4.0, "99.99"),
-    ] {
+    for (x, label) in x_ticks {
         out += &format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n<line x1=\"{0}\" y1=\"{TOP}\" x2=\"{0}\" y2=\"{}\" stroke=\"#e5e7eb\"/>\n",
-            sx(x),
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n<line x1=\"{0}\" y1=\"{TOP}\" x2=\"{0}\" y2=\"{}\" stroke=\"#e5e7eb\"/>\n",
+            sx(*x),
             H - BOTTOM + 18.0,
+            escape(label),
             H - BOTTOM
         );
     }
@@ -146,7 +192,14 @@ pub fn svg(title: &str, series: &[(String, Latency)]) -> String {
             sy(y) + 4.0
         );
     }
-    for (i, ((name, _), pts)) in series.iter().zip(&all).enumerate() {
+    if let Some(y) = guide {
+        out += &format!(
+            "<line x1=\"{LEFT}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#6b7280\" stroke-dasharray=\"6 4\"/>\n",
+            sy(y),
+            W - RIGHT
+        );
+    }
+    for (i, (name, pts)) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         let path: Vec<String> = pts
             .iter()
@@ -159,6 +212,13 @@ pub fn svg(title: &str, series: &[(String, Latency)]) -> String {
             TOP + 16.0 * (i as f64 + 1.0),
             escape(name)
         );
+        for (x, y) in pts.iter().filter(|_| pts.len() < 30) {
+            out += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>\n",
+                sx(*x),
+                sy(*y)
+            );
+        }
     }
     out + "</svg>\n"
 }
@@ -186,6 +246,28 @@ mod tests {
         let svg = svg("a <test>", &[("confab".into(), l)]);
         assert!(
             svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("a &lt;test&gt;")
+        );
+    }
+
+    #[test]
+    fn a_sweep_plots_each_system_under_the_line() {
+        let series = vec![
+            (
+                "confab".to_owned(),
+                vec![(100_000.0, 20.0), (200_000.0, 70.0)],
+            ),
+            (
+                "redis".to_owned(),
+                vec![(100_000.0, 5.0), (400_000.0, 30.0)],
+            ),
+        ];
+        let svg = sweep_svg("sweep", &series);
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(svg.contains("stroke-dasharray"), "the 50 ms line");
+        assert!(
+            svg.contains(">400k<"),
+            "the x axis reaches the fastest point"
         );
     }
 }

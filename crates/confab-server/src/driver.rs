@@ -130,9 +130,11 @@ impl Input {
         Poll::Ready(Ok(read.filled().len()))
     }
 
-    /// Give the buffer back once everything in it is decoded.
+    /// Give the buffer back once everything in it is decoded. (An empty
+    /// `BytesMut` split from a larger one has no capacity of its own but
+    /// still holds the allocation: replace it whatever its capacity.)
     pub(crate) fn release_if_done(&mut self) {
-        if self.bytes.is_empty() && self.bytes.capacity() > 0 {
+        if self.bytes.is_empty() {
             self.bytes = BytesMut::new();
         }
     }
