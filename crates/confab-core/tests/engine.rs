@@ -16,14 +16,13 @@ use confab_proto::{Envelope, ErrorCode, Event, Message, OkBody, Request};
 
 async fn engine() -> (Chat, DynStore) {
     let store: DynStore = Arc::new(MemoryStore::new());
-    let chat = Chat::new(
-        store.clone(),
-        Arc::new(MemoryBroker::new()),
-        ChatConfig::default(),
-    )
-    .await
-    .unwrap();
-    (chat, store)
+    (engine_on(store.clone()).await, store)
+}
+
+async fn engine_on(store: DynStore) -> Chat {
+    Chat::new(store, Arc::new(MemoryBroker::new()), ChatConfig::default())
+        .await
+        .unwrap()
 }
 
 async fn call(
@@ -105,13 +104,7 @@ fn replies(rx: &mut ConnReceiver) -> Vec<Result<OkBody, ErrorCode>> {
 #[tokio::test]
 async fn sends_are_pipelined_and_answered_in_order() {
     let store = Arc::new(MemoryStore::new());
-    let chat = Chat::new(
-        store.clone(),
-        Arc::new(MemoryBroker::new()),
-        ChatConfig::default(),
-    )
-    .await
-    .unwrap();
+    let chat = engine_on(store.clone()).await;
     let (mut s, mut rx) = chat.open(Default::default());
     call(&mut s, &mut rx, guest("ann")).await.unwrap();
     call(&mut s, &mut rx, join("r")).await.unwrap();

@@ -88,13 +88,15 @@ pub(crate) trait Protocol: Send + 'static {
     /// The last bytes of an ending (after what is queued, unless evicted).
     fn farewell(&self, app: &App, end: &End<Self::Close>) -> Option<Bytes>;
     /// What the ending still needs on the socket after the farewell (the
-    /// WebSocket closing handshake, a linger).
+    /// WebSocket closing handshake, a linger); nothing by default.
     fn linger<'a, S: AsyncRead + Unpin + Send>(
         &'a mut self,
-        io: &'a mut S,
-        input: &'a mut Input,
-        end: &'a End<Self::Close>,
-    ) -> impl Future<Output = ()> + Send + 'a;
+        _io: &'a mut S,
+        _input: &'a mut Input,
+        _end: &'a End<Self::Close>,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        std::future::ready(())
+    }
 }
 
 /// What a connection has read and not decoded yet. Holds no memory unless

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::admission::{Admitted, Full};
-use crate::driver::{self, End, Input, READ_CHUNK};
+use crate::driver::{self, End, READ_CHUNK};
 use crate::http::ACCEPT_BACKOFF;
 use crate::metrics::Transport;
 use crate::proxy::{self, Client};
@@ -267,14 +267,6 @@ impl driver::Protocol for Lines {
                 CloseReason::Abuse => return None,
             },
         })
-    }
-
-    async fn linger<S: AsyncRead + Unpin + Send>(
-        &mut self,
-        _io: &mut S,
-        _input: &mut Input,
-        _end: &End<Closing>,
-    ) {
     }
 }
 
