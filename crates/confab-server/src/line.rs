@@ -50,7 +50,15 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
             _ = app.draining.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    app.tasks.spawn(handshake(app.clone(), stream, peer));
+                    let app = app.clone();
+                    app.tasks.clone().spawn(async move {
+                        // Boxed, and gone once done: what the handshake
+                        // holds (a PROXY header, TLS) is not kept for as
+                        // long as the connection lives.
+                        if let Some(connection) = Box::pin(handshake(app, stream, peer)).await {
+                            connection.await;
+                        }
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a line connection");
@@ -61,10 +69,14 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
+/// A connection ready to run, on TCP or TLS.
+type Connection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Who the client is (from a PROXY header when the peer is a trusted
-/// proxy), then TLS when configured, then serve the connection, or tell it
-/// why not. All of it within the handshake timeout.
-async fn handshake(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
+/// proxy), then TLS when configured: the connection to serve, or `None`
+/// when it is refused (and told why). All of it within the handshake
+/// timeout.
+async fn handshake(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) -> Option<Connection> {
     let _ = stream.set_nodelay(true);
     if let Err(e) = keep_alive(&stream) {
         tracing::warn!(%peer, error = %e, "cannot set TCP keepalive");
@@ -76,11 +88,11 @@ async fn handshake(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
             Ok(Ok(source)) => Client::proxied(peer, source),
             Ok(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "refused a connection from a trusted proxy");
-                return;
+                return None;
             }
             Err(_) => {
                 tracing::debug!(%peer, "no PROXY header in time");
-                return;
+                return None;
             }
         }
     } else {
@@ -93,8 +105,14 @@ async fn handshake(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) {
             let handshake = tls.acceptor.accept(stream);
             match tokio::time::timeout(config.handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => admit(app, stream, client, admitted).await,
-                Ok(Err(e)) => tracing::debug!(peer = %client, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(peer = %client, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %client, error = %e, "TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %client, "TLS handshake timed out");
+                    None
+                }
             }
         }
     }
@@ -105,9 +123,9 @@ async fn admit<S: Stream>(
     mut stream: S,
     client: Client,
     admitted: Result<Admitted, Full>,
-) {
+) -> Option<Connection> {
     match admitted {
-        Ok(admitted) => connection(app, stream, client, admitted).await,
+        Ok(admitted) => Some(Box::pin(connection(app, stream, client, admitted))),
         Err(full) => {
             let line = format!("! unavailable: {}\n", full.message());
             let refusal = async {
@@ -115,6 +133,7 @@ async fn admit<S: Stream>(
                 stream.shutdown().await
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), refusal).await;
+            None
         }
     }
 }
