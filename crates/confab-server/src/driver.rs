@@ -329,11 +329,11 @@ where
         let room = protocol.room(&input.bytes);
         // What a wake-up does (serve a frame, write, answer) is boxed: it
         // would otherwise take its room in every idle connection's future.
-        // Biased: the queue is written before more is read, and a frame
-        // already read is served before a drain is noticed. (The login
-        // deadline is checked before the protocol's timer when both are due.)
+        // Not biased: under a steady stream of events (or of requests) an
+        // arm that is always ready must not starve the others: the reads
+        // that carry the client's pongs, the timer, the drain. Frames
+        // already read are served above, before a drain can be noticed.
         tokio::select! {
-            biased;
             _ = wire.closer.closed() => return wire.ending(),
             item = wire.rx.recv() => match item {
                 Some(item) => Box::pin(wire.send::<P>(app, item)).await,
