@@ -28,8 +28,11 @@ use confab_core::{CloseReason, ConnReceiver, Outbound, Session};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
+use tracing::Instrument;
+
 use crate::admission::Admitted;
 use crate::metrics::Transport;
+use crate::proxy::Client;
 use crate::{encode, App, SLOW_CONSUMER_GRACE};
 
 /// Largest single read from a socket. It is read onto the stack, and only
@@ -235,17 +238,16 @@ async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> std:
     io.flush().await
 }
 
-/// Drive one connection to its end.
+/// A connection from `client` on `io`, speaking `protocol`: its session,
+/// its `conn` log span, and the future that drives it to its end.
 ///
-/// Not an `async fn`, and neither are the transports' `connection`s: what
-/// an async fn is given stays in its future after it is moved on, so each
-/// layer that takes the session by value and hands it down would hold it
-/// twice (400 bytes each time, in every idle connection).
+/// Not an `async fn`: what an async fn is given stays in its future after
+/// it is moved on, so a layer that took the session by value and handed it
+/// down would hold it twice (400 bytes, in every idle connection).
 pub(crate) fn run<P, S>(
     app: Arc<App>,
     io: S,
-    session: Session,
-    rx: ConnReceiver,
+    client: Client,
     protocol: P,
     admitted: Admitted,
 ) -> impl Future<Output = ()> + Send
@@ -253,6 +255,15 @@ where
     P: Protocol,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let (session, rx) = app.open(&app.config(), client.ip);
+    let span = tracing::info_span!(
+        "conn",
+        id = rx.id.0,
+        transport = P::TRANSPORT.label(),
+        peer = %client,
+        proxy = client.via.map(tracing::field::display),
+        user = tracing::field::Empty
+    );
     let wire = Wire {
         io,
         closer: rx.closer(),
@@ -261,7 +272,7 @@ where
         out: Vec::new(),
         broken: false,
     };
-    connection(app, wire, session, protocol, admitted)
+    connection(app, wire, session, protocol, admitted).instrument(span)
 }
 
 async fn connection<P, S>(
@@ -363,7 +374,7 @@ where
 }
 
 /// Sleep until the deadline; without one, forever.
-pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
+async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

@@ -19,7 +19,6 @@ use confab_proto::{Envelope, Event, Request, RequestId};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::admission::{Admitted, Full};
 use crate::driver::{self, End, READ_CHUNK};
@@ -125,7 +124,12 @@ async fn admit<S: Stream>(
     admitted: Result<Admitted, Full>,
 ) -> Option<Connection> {
     match admitted {
-        Ok(admitted) => Some(Box::pin(connection(app, stream, client, admitted))),
+        Ok(admitted) => {
+            let protocol = lines(&app);
+            Some(Box::pin(driver::run(
+                app, stream, client, protocol, admitted,
+            )))
+        }
         Err(full) => {
             let line = format!("! unavailable: {}\n", full.message());
             let refusal = async {
@@ -167,31 +171,15 @@ fn keep_alive(stream: &TcpStream) -> std::io::Result<()> {
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<S: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for S {}
 
-/// The connection's future (see [`driver::run`] on why this is not an
-/// async fn).
-fn connection<S: Stream>(
-    app: Arc<App>,
-    stream: S,
-    client: Client,
-    admitted: Admitted,
-) -> impl std::future::Future<Output = ()> + Send {
-    let (session, rx) = app.open(&app.config(), client.ip);
-    let span = tracing::info_span!(
-        "conn",
-        id = rx.id.0,
-        transport = "line",
-        peer = %client,
-        proxy = client.via.map(tracing::field::display),
-        user = tracing::field::Empty
-    );
+/// A line connection's protocol state, fresh.
+fn lines(app: &App) -> Lines {
     let config = app.config();
-    let protocol = Lines {
+    Lines {
         decoder: LineDecoder::new(config.max_line_bytes),
         current: None,
         max_line: config.max_line_bytes,
         idle: config.line_idle.map(Idle::new),
-    };
-    driver::run(app, stream, session, rx, protocol, admitted).instrument(span)
+    }
 }
 
 /// The line protocol's state: the decoder, the current room, the idle rule.

@@ -59,7 +59,7 @@ pub(crate) enum Transport {
 impl Transport {
     const ALL: [Transport; 2] = [Transport::Ws, Transport::Line];
 
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Transport::Ws => "ws",
             Transport::Line => "line",

@@ -19,9 +19,7 @@ use confab_proto::{json, Event, Limits};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncRead;
 use tokio::time::Instant;
-use tracing::Instrument;
 
-use crate::admission::Admitted;
 use crate::driver::{self, End, Input};
 use crate::metrics::Transport;
 use crate::proxy::Client;
@@ -83,7 +81,10 @@ pub(crate) async fn upgrade(
     let tracker = app.tasks.clone();
     tracker.spawn(async move {
         match upgraded.await {
-            Ok(upgraded) => connection(app, TokioIo::new(upgraded), client, admitted).await,
+            Ok(upgraded) => {
+                let protocol = WebSocket::new(&app);
+                driver::run(app, TokioIo::new(upgraded), client, protocol, admitted).await
+            }
             Err(e) => tracing::debug!(peer = %client, error = %e, "the upgrade failed"),
         }
     });
@@ -116,30 +117,6 @@ fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, (StatusCode, &'static 
     };
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     Ok(HeaderValue::from_str(&accept).expect("base64 is a valid header value"))
-}
-
-/// The connection's future (see [`driver::run`] on why this is not an
-/// async fn).
-fn connection<S>(
-    app: Arc<App>,
-    io: S,
-    client: Client,
-    admitted: Admitted,
-) -> impl std::future::Future<Output = ()> + Send
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (session, rx) = app.open(&app.config(), client.ip);
-    let span = tracing::info_span!(
-        "conn",
-        id = rx.id.0,
-        transport = "ws",
-        peer = %client,
-        proxy = client.via.map(tracing::field::display),
-        user = tracing::field::Empty
-    );
-    let protocol = WebSocket::new(&app);
-    driver::run(app, io, session, rx, protocol, admitted).instrument(span)
 }
 
 /// A close frame to send.

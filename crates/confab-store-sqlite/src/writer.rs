@@ -188,13 +188,9 @@ impl Writer {
             result: None,
             reply,
         });
-        self.jobs.send(job).await.map_err(|_| self.stopped())?;
+        self.jobs.send(job).await.map_err(|_| stopped(&self.died))?;
         let died = self.died.clone();
         Ok(async move { rx.await.map_err(|_| stopped(&died))? })
-    }
-
-    fn stopped(&self) -> StoreError {
-        stopped(&self.died)
     }
 }
 
