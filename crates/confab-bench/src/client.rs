@@ -70,3 +70,145 @@ pub fn message_seq(frame: &str) -> Option<u64> {
 pub fn split(ws: Ws) -> (SplitSink<Ws, Message>, SplitStream<Ws>) {
     ws.split()
 }
+
+/// A WebSocket client without tungstenite, for the fan-out's many
+/// subscribers: the upgrade written by hand, frames read straight from a
+/// buffered socket (the server's frames are unmasked and whole), so that
+/// reading a Confab event costs the load generator about what reading a
+/// Redis or NATS message costs it (`peers`): the same harness for all.
+pub struct Lean {
+    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    payload: Vec<u8>,
+}
+
+/// A frame the [`Lean`] client reads.
+pub enum LeanFrame<'a> {
+    Text(&'a str),
+    /// The server closed the connection (or sent a close frame).
+    Closed,
+}
+
+impl Lean {
+    /// Connect from `source` to the server at `addr`, upgrade, and read
+    /// the `hello`.
+    pub async fn connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<Lean> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let socket = TcpSocket::new_v4()?;
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .context("binding a source address")?;
+        let stream = socket.connect(addr).await.context("connecting")?;
+        stream.set_nodelay(true)?;
+        let (r, mut writer) = stream.into_split();
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        writer.write_all(request.as_bytes()).await?;
+        let mut reader = tokio::io::BufReader::with_capacity(16 * 1024, r);
+        let mut line = String::new();
+        reader.read_line(&mut line).await?;
+        if !line.starts_with("HTTP/1.1 101") {
+            bail!("WebSocket upgrade refused: {}", line.trim_end());
+        }
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).await? == 0 {
+                bail!("the connection closed during the upgrade");
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut lean = Lean {
+            reader,
+            writer,
+            payload: Vec::new(),
+        };
+        match lean.next().await? {
+            LeanFrame::Text(t) if t.contains("\"hello\"") => Ok(lean),
+            LeanFrame::Text(t) => bail!("expected hello, got {t}"),
+            LeanFrame::Closed => bail!("closed before hello"),
+        }
+    }
+
+    /// Send one text frame (masked, as a client must; the key is zero,
+    /// which leaves the payload as it is).
+    pub async fn send(&mut self, text: &str) -> anyhow::Result<()> {
+        self.write_frame(0x1, text.as_bytes()).await
+    }
+
+    async fn write_frame(&mut self, opcode: u8, payload: &[u8]) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= usize::from(u16::MAX) => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0; 4]);
+        frame.extend_from_slice(payload);
+        self.writer.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next text frame; pings are answered on the way. Not
+    /// cancel-safe (a frame half read is lost): stop reading for good.
+    pub async fn next(&mut self) -> anyhow::Result<LeanFrame<'_>> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut head = [0u8; 2];
+            if self.reader.read_exact(&mut head).await.is_err() {
+                return Ok(LeanFrame::Closed);
+            }
+            let len = match head[1] & 0x7F {
+                126 => u64::from(self.reader.read_u16().await?),
+                127 => self.reader.read_u64().await?,
+                n => u64::from(n),
+            };
+            self.payload.resize(len as usize, 0);
+            self.reader.read_exact(&mut self.payload).await?;
+            match head[0] & 0x0F {
+                0x1 => break,
+                0x8 => return Ok(LeanFrame::Closed),
+                0x9 => {
+                    let ping = std::mem::take(&mut self.payload);
+                    self.write_frame(0xA, &ping).await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(LeanFrame::Text(std::str::from_utf8(&self.payload)?))
+    }
+
+    /// Send a request and wait for its reply (skipping events); errors
+    /// become `Err`.
+    pub async fn call(&mut self, mut request: Value) -> anyhow::Result<Value> {
+        request["id"] = json!("c");
+        self.send(&request.to_string()).await?;
+        loop {
+            match self.next().await? {
+                LeanFrame::Text(t) => {
+                    if !t.contains("\"id\":\"c\"") {
+                        continue;
+                    }
+                    let v: Value = serde_json::from_str(t)?;
+                    if v["id"] == "c" {
+                        if v["type"] == "error" {
+                            bail!("{}: {}", v["code"], v["message"]);
+                        }
+                        return Ok(v);
+                    }
+                }
+                LeanFrame::Closed => bail!("the connection closed"),
+            }
+        }
+    }
+}

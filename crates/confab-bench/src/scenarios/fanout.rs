@@ -153,26 +153,22 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                 match o2.system {
                     System::Confab => {
                         let server = o2.servers[i % o2.servers.len()];
-                        let mut ws = client::connect(server, source_addr(i)).await?;
-                        client::call(
-                            &mut ws,
-                            json!({"type":"guest","user":format!("s{run_id}x{i}")}),
-                        )
-                        .await?;
-                        client::call(&mut ws, json!({"type":"join","room":room})).await?;
+                        let mut ws = client::Lean::connect(server, source_addr(i)).await?;
+                        ws.call(json!({"type":"guest","user":format!("s{run_id}x{i}")}))
+                            .await?;
+                        ws.call(json!({"type":"join","room":room})).await?;
                         ready.wait().await;
                         loop {
                             tokio::select! {
                                 _ = stop.changed() => break,
-                                frame = ws.next() => match frame {
-                                    Some(Ok(Message::Text(t))) => {
-                                        if let Some(body) = client::message_body(&t) {
+                                frame = ws.next() => match frame? {
+                                    client::LeanFrame::Text(t) => {
+                                        if let Some(body) = client::message_body(t) {
                                             seen.payload(&mut tracks, base, body);
                                             delivered.add(1);
                                         }
                                     }
-                                    Some(Ok(_)) => {}
-                                    _ => break,
+                                    client::LeanFrame::Closed => break,
                                 },
                             }
                         }
