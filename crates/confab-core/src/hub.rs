@@ -24,9 +24,12 @@
 //!
 //! Locking: one mutex over all state, never held across an `.await`; the
 //! work under it is map look-ups, `try_send`s and the broker's
-//! non-blocking subscription calls, never I/O.
+//! non-blocking subscription calls, never I/O. The maps hash with
+//! foldhash, not SipHash: a room message looks every member up. foldhash
+//! is seeded at random per process, so user names cannot be chosen to
+//! collide in advance.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,6 +41,9 @@ use crate::conn::{CloseReason, Conn, ConnId, Outbound};
 use crate::error::ChatError;
 use crate::names::{RoomName, UserName};
 use crate::store::DynStore;
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// How many messages one gap-filling read fetches at most.
 const GAP_FILL_BATCH: u32 = 500;
@@ -163,7 +169,7 @@ impl Hub {
                 name: user.clone(),
                 guest,
                 conns: vec![conn],
-                rooms: HashSet::new(),
+                rooms: HashSet::default(),
             },
         );
         self.broker.subscribe(Topic::User(user.key().to_owned()));
@@ -598,7 +604,7 @@ impl State {
             .or_insert_with(|| {
                 broker.subscribe(Topic::Room(room.clone()));
                 RoomEntry {
-                    members: HashSet::new(),
+                    members: HashSet::default(),
                     next_seq: last_seq + 1,
                     pending: BTreeMap::new(),
                     filling: false,
@@ -655,13 +661,13 @@ impl State {
             .or_insert_with(|| PresenceTold {
                 online,
                 at: now,
-                told: HashSet::new(),
+                told: HashSet::default(),
             });
         if told.online != online || now - told.at >= PRESENCE_COPIES {
             *told = PresenceTold {
                 online,
                 at: now,
-                told: HashSet::new(),
+                told: HashSet::default(),
             };
         }
         let observers: Vec<&String> = rooms

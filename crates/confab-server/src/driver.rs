@@ -17,6 +17,7 @@
 //! or for room in its own queue), the driver keeps writing what is queued:
 //! a connection never waits on itself.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -177,33 +178,61 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
             tokio::select! {
                 biased;
                 done = &mut work => return done,
-                item = self.rx.recv() => match item {
-                    Some(item) => self.send::<P>(app, item).await,
+                items = self.rx.recv_all() => match items {
+                    Some(items) => self.send::<P>(app, items).await,
                     None => self.broken = true,
                 },
             }
         }
     }
 
-    /// Write `first` and everything else queued now, in one write.
-    async fn send<P: Protocol>(&mut self, app: &App, first: Outbound) {
-        self.gather::<P>(app, Some(first));
+    /// Write what was taken from the queue, in one write.
+    async fn send<P: Protocol>(&mut self, app: &App, items: VecDeque<Outbound>) {
+        self.gather::<P>(app, items);
         self.flush().await;
     }
 
     /// Write the output unless evicted first (a write that stalls evicts),
     /// and give its buffer back.
+    ///
+    /// Most writes go at once (the socket has room): those arm no timer
+    /// and register with nothing. Only a write the socket cannot take
+    /// whole races the stall deadline and the eviction, boxed (rare, and
+    /// large next to an idle connection's future).
     async fn flush(&mut self) {
-        let write = write_out(&mut self.io, &mut self.out);
-        match crate::unless_evicted(&self.closer, self.stall, write).await {
+        if self.closer.is_closed() {
+            self.broken = true;
+            return;
+        }
+        let done = match self.write_now() {
+            Some(done) => Some(done),
+            None => {
+                let write = write_out(&mut self.io, &mut self.out);
+                Box::pin(crate::unless_evicted(&self.closer, self.stall, write)).await
+            }
+        };
+        match done {
             Some(Ok(())) => self.out = Vec::new(),
             Some(Err(_)) | None => self.broken = true,
         }
     }
 
-    /// Append `first` and what is queued now to the output, encoded.
-    fn gather<P: Protocol>(&mut self, app: &App, first: Option<Outbound>) {
-        for item in first.into_iter().chain(self.rx.take_all()) {
+    /// Write what the socket takes now, without waiting: the outcome once
+    /// all of it is written (or the write failed), `None` while some is
+    /// left (the socket is full; the rest is in `out`).
+    fn write_now(&mut self) -> Option<std::io::Result<()>> {
+        // The no-op waker is replaced by the task's own when the rest is
+        // waited for.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match pin!(write_out(&mut self.io, &mut self.out)).poll(&mut cx) {
+            Poll::Ready(done) => Some(done),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Append these items to the output, encoded.
+    fn gather<P: Protocol>(&mut self, app: &App, items: VecDeque<Outbound>) {
+        for item in items {
             match item {
                 Outbound::Raw(bytes) => self.out.extend_from_slice(&bytes),
                 item => P::wrap(&encode(app, P::TRANSPORT, item), &mut self.out),
@@ -312,6 +341,17 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let login_deadline = Instant::now() + app.config().login_timeout;
+    // The futures every wake-up waits on live as long as the loop: made
+    // anew on each turn, each would register with (and leave) the close
+    // signal, the server's drain token (shared by every connection) and
+    // the timer wheel on every event delivered. One timer (each costs its
+    // room in every idle connection): the login deadline while logged
+    // out, and the protocol's; reset only when it moves.
+    let closer = wire.closer.clone();
+    let mut closed = pin!(closer.closed());
+    let mut draining = pin!(app.draining.cancelled());
+    let mut timer = pin!(tokio::time::sleep_until(Instant::now() + NO_DEADLINE));
+    let mut timer_due = None;
     loop {
         // Serve every whole frame read so far.
         loop {
@@ -330,33 +370,40 @@ where
             }
         }
         input.release_if_done();
-        // One timer (each costs its room in every idle connection): the
-        // login deadline while logged out, and the protocol's.
         let login = (!session.logged_in()).then_some(login_deadline);
-        let timer = match (login, protocol.next_tick()) {
+        let due = match (login, protocol.next_tick()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        if due != timer_due {
+            timer
+                .as_mut()
+                .reset(due.unwrap_or_else(|| Instant::now() + NO_DEADLINE));
+            timer_due = due;
+        }
         let room = protocol.room(&input.bytes);
-        // What a wake-up does (serve a frame, write, answer) is boxed: it
-        // would otherwise take its room in every idle connection's future.
-        // Not biased: under a steady stream of events (or of requests) an
-        // arm that is always ready must not starve the others: the reads
-        // that carry the client's pongs, the timer, the drain. Frames
-        // already read are served above, before a drain can be noticed.
+        // What a wake-up does (serve a frame, answer) is boxed where it is
+        // large: it would otherwise take its room in every idle
+        // connection's future. Not biased: under a steady stream of events
+        // (or of requests) an arm that is always ready must not starve the
+        // others: the reads that carry the client's pongs, the timer, the
+        // drain. Frames already read are served above, before a drain can
+        // be noticed.
         tokio::select! {
-            _ = wire.closer.closed() => return wire.ending(),
-            item = wire.rx.recv() => match item {
-                Some(item) => Box::pin(wire.send::<P>(app, item)).await,
+            _ = &mut closed => return wire.ending(),
+            items = wire.rx.recv_all() => match items {
+                Some(items) => wire.send::<P>(app, items).await,
                 None => return End::Gone,
             },
             _ = session.stored() => Box::pin(wire.drive::<_, P>(app, session.answer())).await,
-            _ = app.draining.cancelled() => return End::Shutdown,
+            _ = &mut draining => return End::Shutdown,
             read = input.read_from(&mut wire.io, room) => match read {
                 Ok(0) | Err(_) => return End::Gone,
                 Ok(_) => protocol.heard(),
             },
-            _ = sleep_until_some(timer) => {
+            _ = &mut timer, if timer_due.is_some() => {
+                // Fired: set again on the next turn, even to the same time.
+                timer_due = None;
                 if login.is_some_and(|at| Instant::now() >= at) {
                     return End::Close(protocol.login_timeout());
                 }
@@ -373,13 +420,8 @@ where
     }
 }
 
-/// Sleep until the deadline; without one, forever.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
+/// How far away the timer is set while there is no deadline.
+const NO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(86_400 * 365);
 
 /// End a connection: answer what is in flight, end the session, write the
 /// last words, and close the socket.
@@ -421,7 +463,8 @@ async fn finish<P, S>(
         End::Shutdown | End::Close(_) => true,
     };
     if drain {
-        wire.gather::<P>(app, None);
+        let items = wire.rx.take_all();
+        wire.gather::<P>(app, items);
     }
     if let Some(words) = protocol.farewell(app, &end) {
         wire.out.extend_from_slice(&words);
