@@ -272,18 +272,26 @@ impl Conn {
     /// without reading replies only slows itself down. Cancel-safe; gives
     /// up when the connection closes.
     pub async fn send(&self, item: Outbound) {
-        let mut item = Some(item);
+        let gone = || self.shared.receiver_gone.load(Ordering::Acquire) || self.is_closed();
+        if gone() {
+            return;
+        }
+        // Mostly there is room: no waiting to register for.
+        let mut item = match self.shared.enqueue(item) {
+            Ok(()) => return,
+            Err(back) => back,
+        };
         loop {
             // Registered before the check, so a pop in between wakes it.
             let room = self.shared.room.notified();
             let mut room = std::pin::pin!(room);
             room.as_mut().enable();
-            if self.shared.receiver_gone.load(Ordering::Acquire) || self.is_closed() {
+            if gone() {
                 return;
             }
-            match self.shared.enqueue(item.take().expect("queued once")) {
+            match self.shared.enqueue(item) {
                 Ok(()) => return,
-                Err(back) => item = Some(back),
+                Err(back) => item = back,
             }
             tokio::select! {
                 _ = room => {}
