@@ -188,6 +188,14 @@ impl Lean {
         Ok(LeanFrame::Text(std::str::from_utf8(&self.payload)?))
     }
 
+    /// Close as a client does: a close frame, then the end of the stream.
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write_frame(0x8, &1000u16.to_be_bytes()).await?;
+        self.writer.shutdown().await?;
+        Ok(())
+    }
+
     /// Send a request and wait for its reply (skipping events); errors
     /// become `Err`.
     pub async fn call(&mut self, mut request: Value) -> anyhow::Result<Value> {
@@ -210,5 +218,56 @@ impl Lean {
                 LeanFrame::Closed => bail!("the connection closed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server frame: final, unmasked.
+    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode, payload.len() as u8];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn lean_client_upgrades_answers_pings_and_reads_text() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut request = vec![0; 4096];
+            let n = s.read(&mut request).await.unwrap();
+            assert!(request[..n].starts_with(b"GET /ws HTTP/1.1\r\n"));
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+                .await
+                .unwrap();
+            s.write_all(&frame(0x1, br#"{"type":"hello"}"#))
+                .await
+                .unwrap();
+            s.write_all(&frame(0x9, b"hb")).await.unwrap();
+            s.write_all(&frame(0x1, br#"{"type":"message"}"#))
+                .await
+                .unwrap();
+            // The pong: masked (with a zero key), carrying the ping's payload.
+            let mut pong = [0u8; 8];
+            s.read_exact(&mut pong).await.unwrap();
+            assert_eq!(pong, [0x8A, 0x82, 0, 0, 0, 0, b'h', b'b']);
+            s.write_all(&frame(0x8, &1000u16.to_be_bytes()))
+                .await
+                .unwrap();
+        });
+        let mut lean = Lean::connect(addr, "127.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        match lean.next().await.unwrap() {
+            LeanFrame::Text(t) => assert_eq!(t, r#"{"type":"message"}"#),
+            LeanFrame::Closed => panic!("closed early"),
+        }
+        assert!(matches!(lean.next().await.unwrap(), LeanFrame::Closed));
+        server.await.unwrap();
     }
 }

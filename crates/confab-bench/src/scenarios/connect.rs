@@ -1,5 +1,7 @@
 //! `connect`: connections plus logins per second, as guests or with
-//! `resume`; K workers, each connecting, logging in and closing in a loop.
+//! `resume`; K workers, each connecting, logging in and closing in a loop,
+//! with the lean client (`client::Lean`): the load generator shares the
+//! server's cores, and tungstenite cost it more than the server spent.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -70,13 +72,13 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                 for i in 0..share {
                     let t = Instant::now();
                     let login = async {
-                        let mut ws = client::connect(server, source_addr(w)).await?;
+                        let mut ws = client::Lean::connect(server, source_addr(w)).await?;
                         let request = match &token {
                             Some(token) => json!({"type":"resume","token":token}),
                             None => json!({"type":"guest","user":format!("g{run_id}x{w}x{i}")}),
                         };
-                        client::call(&mut ws, request).await?;
-                        let _ = ws.close(None).await;
+                        ws.call(request).await?;
+                        let _ = ws.close().await;
                         anyhow::Ok(())
                     };
                     match login.await {
