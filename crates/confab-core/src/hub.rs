@@ -22,9 +22,15 @@
 //! that moment: the registry converges on the truth whatever order changes
 //! race in.
 //!
-//! Locking: one mutex over all state, never held across an `.await`; the
-//! work under it is map look-ups, `try_send`s and the broker's
-//! non-blocking subscription calls, never I/O. The maps hash with
+//! Locking: the hub's mutex over who is connected and which rooms they are
+//! in, and one mutex per room over that room's delivery (its order, what is
+//! held back, and the connections of its members here). A room's events
+//! are delivered under the room's lock alone: publishers to different
+//! rooms do not wait for each other, and nothing waits for a fan-out but
+//! the next event of the same room. Lock order: the hub's, then a room's;
+//! never the other way. Neither is held across an `.await`; the work under
+//! them is map look-ups, queue pushes and the broker's non-blocking
+//! subscription calls, never I/O. The maps hash with
 //! foldhash, not SipHash: a room message looks every member up. foldhash
 //! is seeded at random per process, so user names cannot be chosen to
 //! collide in advance.
@@ -93,6 +99,13 @@ struct UserEntry {
 struct RoomEntry {
     /// Keys of the connected members.
     members: HashSet<String>,
+    /// The room's delivery, under its own lock.
+    fan: Arc<Mutex<RoomFan>>,
+}
+
+/// What delivering a room's events takes: kept apart from the hub's state
+/// so that a room fans out under its own lock.
+struct RoomFan {
     /// The seq of the next message to deliver.
     next_seq: Seq,
     /// Messages that arrived after a gap, waiting for it to close.
@@ -101,6 +114,14 @@ struct RoomEntry {
     filling: bool,
     /// Read the store up to its end: events may have been lost.
     catch_up: bool,
+    /// Every connection here of every member here, with its user's key.
+    conns: Vec<(String, Conn)>,
+}
+
+type Fan = Arc<Mutex<RoomFan>>;
+
+fn lock_fan(fan: &Fan) -> std::sync::MutexGuard<'_, RoomFan> {
+    fan.lock().expect("room poisoned")
 }
 
 /// A connected user, as `dm` needs to find guests.
@@ -154,13 +175,24 @@ impl Hub {
         rooms: &[(RoomName, Seq)],
     ) -> Result<bool, ChatError> {
         let mut st = self.lock();
-        if let Some(entry) = st.users.get_mut(user.key()) {
+        if let Some(entry) = st.users.get(user.key()) {
             if entry.guest || guest {
                 return Err(ChatError::conflict(format!(
                     "the name {user} is in use by a connected guest"
                 )));
             }
-            entry.conns.push(conn);
+            for room in &entry.rooms {
+                if let Some(r) = st.rooms.get(room) {
+                    lock_fan(&r.fan)
+                        .conns
+                        .push((user.key().to_owned(), conn.clone()));
+                }
+            }
+            st.users
+                .get_mut(user.key())
+                .expect("looked up")
+                .conns
+                .push(conn);
             return Ok(false);
         }
         st.users.insert(
@@ -187,6 +219,12 @@ impl Hub {
         let entry = st.users.get_mut(user.key())?;
         entry.conns.retain(|c| c.id() != conn);
         if !entry.conns.is_empty() {
+            let entry = &st.users[user.key()];
+            for room in &entry.rooms {
+                if let Some(r) = st.rooms.get(room) {
+                    lock_fan(&r.fan).conns.retain(|(_, c)| c.id() != conn);
+                }
+            }
             return None;
         }
         let entry = st.users.remove(user.key()).expect("present");
@@ -256,10 +294,10 @@ impl Hub {
     async fn fill(&self, room: RoomName) {
         loop {
             let (after, want, to_end) = {
-                let mut st = self.lock();
-                let Some(entry) = st.rooms.get_mut(&room) else {
+                let Some(fan) = self.fan(&room) else {
                     return;
                 };
+                let mut entry = lock_fan(&fan);
                 let after = entry.next_seq - 1;
                 match entry.pending.keys().next() {
                     Some(&first) => (after, (first - after - 1).min(GAP_FILL_BATCH as Seq), false),
@@ -290,26 +328,24 @@ impl Hub {
         want: Seq,
         to_end: bool,
     ) -> bool {
-        let mut st = self.lock();
-        if !st.rooms.contains_key(room) {
+        let Some(fan) = self.fan(room) else {
             return false;
-        }
+        };
+        let mut entry = lock_fan(&fan);
         match fetched {
             Ok(messages) if !messages.is_empty() => {
                 let full = messages.len() as Seq == want;
                 for m in &messages {
-                    st.message(m, None);
+                    entry.message(m, None);
                 }
                 if to_end && full {
-                    if let Some(entry) = st.rooms.get_mut(room) {
-                        entry.catch_up = true;
-                    }
+                    entry.catch_up = true;
                 }
             }
             Ok(_) if to_end => {} // caught up
             Err(e) if to_end => {
                 tracing::warn!(%room, error = %e, "catching up from storage; retrying");
-                st.rooms.get_mut(room).expect("checked").catch_up = true;
+                entry.catch_up = true;
                 return true;
             }
             outcome => {
@@ -317,14 +353,18 @@ impl Hub {
                 // committed, or cannot be read: deliver what we hold
                 // rather than stall the room. Clients see the gap in
                 // the seqs and fetch it with `history`.
-                let entry = st.rooms.get_mut(room).expect("checked");
                 let until = *entry.pending.keys().next().expect("a gap");
                 tracing::warn!(%room, after, until, ?outcome, "skipping an unfillable gap");
                 entry.next_seq = until;
-                st.drain(room);
+                entry.drain();
             }
         }
         false
+    }
+
+    /// The delivery of `room`, if it has a member here.
+    fn fan(&self, room: &RoomName) -> Option<Fan> {
+        self.lock().rooms.get(room).map(|e| e.fan.clone())
     }
 
     /// Read these rooms (every room with a member here, for `None`) to
@@ -348,7 +388,9 @@ impl Hub {
                             .iter()
                             .zip(heads)
                             .filter(|(r, head)| {
-                                st.rooms.get(*r).is_some_and(|e| *head >= e.next_seq)
+                                st.rooms
+                                    .get(*r)
+                                    .is_some_and(|e| *head >= lock_fan(&e.fan).next_seq)
                             })
                             .map(|(r, _)| r.clone())
                             .collect()
@@ -368,7 +410,8 @@ impl Hub {
         let mut st = self.lock();
         let mut start = Vec::new();
         for room in rooms {
-            if let Some(entry) = st.rooms.get_mut(&room) {
+            if let Some(e) = st.rooms.get_mut(&room) {
+                let mut entry = lock_fan(&e.fan);
                 entry.catch_up = true;
                 if !entry.filling {
                     entry.filling = true;
@@ -491,23 +534,33 @@ impl BrokerSink for Hub {
         let mut st = self.lock();
         match event {
             BrokerEvent::Message { message, accepted } => {
-                if let Some(room) = st.message(message, *accepted) {
-                    drop(st);
+                let room = RoomName::from_trusted(message.room.clone());
+                let Some(fan) = st.rooms.get(&room).map(|e| e.fan.clone()) else {
+                    return;
+                };
+                // The room's own lock from here: other rooms go on.
+                drop(st);
+                if lock_fan(&fan).message(message, *accepted) {
                     self.schedule_fill(room, self.gap_fill_delay);
                 }
             }
             BrokerEvent::Head { room, seq } => {
-                let behind = st.rooms.get(room).is_some_and(|e| *seq >= e.next_seq);
+                let behind = st
+                    .rooms
+                    .get(room)
+                    .is_some_and(|e| *seq >= lock_fan(&e.fan).next_seq);
                 drop(st);
                 if behind {
                     self.read_to_end(vec![room.clone()]);
                 }
             }
             BrokerEvent::Room { room, event, skip } => {
+                let Some(fan) = st.rooms.get(room).map(|e| e.fan.clone()) else {
+                    return;
+                };
+                drop(st);
                 let shared = Arc::new(SharedEvent::new(event.clone()));
-                if let Some(entry) = st.rooms.get(room) {
-                    fan_out(&st.users, &entry.members, &shared, skip);
-                }
+                lock_fan(&fan).fan_out(&shared, skip);
             }
             BrokerEvent::User { user, event, skip } => {
                 if let Some(u) = st.users.get(user) {
@@ -599,20 +652,23 @@ impl State {
             return;
         };
         user.rooms.insert(room.clone());
-        self.rooms
-            .entry(room.clone())
-            .or_insert_with(|| {
-                broker.subscribe(Topic::Room(room.clone()));
-                RoomEntry {
-                    members: HashSet::default(),
+        let entry = self.rooms.entry(room.clone()).or_insert_with(|| {
+            broker.subscribe(Topic::Room(room.clone()));
+            RoomEntry {
+                members: HashSet::default(),
+                fan: Arc::new(Mutex::new(RoomFan {
                     next_seq: last_seq + 1,
                     pending: BTreeMap::new(),
                     filling: false,
                     catch_up: false,
-                }
-            })
-            .members
-            .insert(user_key.to_owned());
+                    conns: Vec::new(),
+                })),
+            }
+        });
+        if entry.members.insert(user_key.to_owned()) {
+            let conns = user.conns.iter().map(|c| (user_key.to_owned(), c.clone()));
+            lock_fan(&entry.fan).conns.extend(conns);
+        }
     }
 
     fn unsubscribe(&mut self, broker: &dyn Broker, room: &RoomName, user_key: &str) {
@@ -624,7 +680,9 @@ impl State {
 
     fn unsubscribe_room(&mut self, broker: &dyn Broker, room: &RoomName, user_key: &str) {
         if let Some(entry) = self.rooms.get_mut(room) {
-            entry.members.remove(user_key);
+            if entry.members.remove(user_key) {
+                lock_fan(&entry.fan).conns.retain(|(k, _)| k != user_key);
+            }
             if entry.members.is_empty() {
                 self.rooms.remove(room);
                 broker.unsubscribe(Topic::Room(room.clone()));
@@ -689,49 +747,47 @@ impl State {
             }
         }
     }
+}
 
-    /// Deliver or hold back one message. Returns the room when a new gap
-    /// opened and needs filling.
-    fn message(&mut self, m: &Message, accepted: Option<Instant>) -> Option<RoomName> {
-        let room = RoomName::from_trusted(m.room.clone());
-        let entry = self.rooms.get_mut(&room)?;
-        if m.seq < entry.next_seq || entry.pending.contains_key(&m.seq) {
-            return None; // delivered already
+impl RoomFan {
+    /// Deliver or hold back one message. Returns whether a new gap opened
+    /// and needs filling.
+    fn message(&mut self, m: &Message, accepted: Option<Instant>) -> bool {
+        if m.seq < self.next_seq || self.pending.contains_key(&m.seq) {
+            return false; // delivered already
         }
         let shared = SharedEvent::new(Event::Message(m.clone())).accepted_at(accepted);
-        entry.pending.insert(m.seq, Arc::new(shared));
-        if m.seq > entry.next_seq {
-            if entry.filling {
-                return None;
+        self.pending.insert(m.seq, Arc::new(shared));
+        if m.seq > self.next_seq {
+            if self.filling {
+                return false;
             }
-            entry.filling = true;
-            return Some(room);
+            self.filling = true;
+            return true;
         }
-        self.drain(&room);
-        None
+        self.drain();
+        false
     }
 
     /// Deliver the held-back messages that are next in line.
-    fn drain(&mut self, room: &RoomName) {
-        let Some(entry) = self.rooms.get_mut(room) else {
-            return;
-        };
-        while let Some(shared) = entry.pending.remove(&entry.next_seq) {
-            fan_out(&self.users, &entry.members, &shared, &Skip::Nobody);
-            entry.next_seq += 1;
+    fn drain(&mut self) {
+        while let Some(shared) = self.pending.remove(&self.next_seq) {
+            self.fan_out(&shared, &Skip::Nobody);
+            self.next_seq += 1;
         }
     }
-}
 
-fn fan_out(
-    users: &HashMap<String, UserEntry>,
-    members: &HashSet<String>,
-    shared: &Arc<SharedEvent>,
-    skip: &Skip,
-) {
-    for key in members {
-        if let Some(u) = users.get(key) {
-            push_all(u, shared, skip);
+    /// Queue `shared` for every connection of the room's members here.
+    fn fan_out(&self, shared: &Arc<SharedEvent>, skip: &Skip) {
+        for (key, conn) in &self.conns {
+            let skipped = match skip {
+                Skip::Nobody => false,
+                Skip::User(k) => k == key,
+                Skip::Conn(id) => *id == conn.id(),
+            };
+            if !skipped {
+                conn.push(Outbound::Event(shared.clone()));
+            }
         }
     }
 }

@@ -262,6 +262,82 @@ async fn the_hub_delivers_in_seq_order_whatever_the_publish_order() {
 }
 
 /// A store with room "r", its member "u", and `n` messages committed.
+/// Every connection of every member gets a room's events, and only those:
+/// a user's later connections join the room's delivery, a closed one
+/// leaves it, a member who leaves takes all theirs with them; `Skip`
+/// spares the connection or the user it names.
+#[tokio::test]
+async fn a_room_delivers_to_each_connection_of_its_members_here() {
+    use confab_core::broker::Skip;
+    use confab_core::conn::{channel, ConnId};
+    let hub = Hub::new(
+        Arc::new(MemoryStore::new()),
+        Arc::new(MemoryBroker::new()),
+        Duration::from_millis(50),
+    );
+    let r = RoomName::parse("r").unwrap();
+    let (ann, bob) = (
+        UserName::parse("ann").unwrap(),
+        UserName::parse("bob").unwrap(),
+    );
+    let (a1, mut rx_a1) = channel(ConnId(1), 64, None);
+    let (a2, mut rx_a2) = channel(ConnId(2), 64, None);
+    let (b1, mut rx_b1) = channel(ConnId(3), 64, None);
+    hub.attach(&ann, false, a1, &[(r.clone(), 0)]).unwrap();
+    hub.attach(&ann, false, a2, &[(r.clone(), 0)]).unwrap();
+    hub.attach(&bob, false, b1, &[(r.clone(), 0)]).unwrap();
+    let typing = |skip: Skip| BrokerEvent::Room {
+        room: r.clone(),
+        event: Event::Typing {
+            room: "r".into(),
+            user: "ann".into(),
+        },
+        skip,
+    };
+    let count = |rx: &mut ConnReceiver| std::iter::from_fn(|| event(rx)).count();
+    let publish = |seq| {
+        hub.deliver(&BrokerEvent::Message {
+            message: message("r", seq),
+            accepted: None,
+        })
+    };
+
+    publish(1);
+    assert_eq!(
+        [count(&mut rx_a1), count(&mut rx_a2), count(&mut rx_b1)],
+        [1, 1, 1],
+        "the second connection joined the room's delivery"
+    );
+    hub.deliver(&typing(Skip::Conn(ConnId(1))));
+    assert_eq!(
+        [count(&mut rx_a1), count(&mut rx_a2), count(&mut rx_b1)],
+        [0, 1, 1]
+    );
+    hub.deliver(&typing(Skip::User("ann".into())));
+    assert_eq!(
+        [count(&mut rx_a1), count(&mut rx_a2), count(&mut rx_b1)],
+        [0, 0, 1]
+    );
+
+    assert_eq!(hub.detach(&ann, ConnId(1)), None, "ann is still here");
+    publish(2);
+    assert_eq!(
+        [count(&mut rx_a1), count(&mut rx_a2), count(&mut rx_b1)],
+        [0, 1, 1],
+        "a closed connection leaves the room's delivery"
+    );
+
+    hub.deliver(&BrokerEvent::Membership {
+        room: r.clone(),
+        user: ann.clone(),
+        joined: false,
+        last_seq: 0,
+    });
+    publish(3);
+    assert_eq!([count(&mut rx_a2), count(&mut rx_b1)], [0, 1], "ann left");
+    assert!(!hub.is_member("ann", &r));
+}
+
 async fn store_with_messages(n: usize) -> DynStore {
     let store: DynStore = Arc::new(MemoryStore::new());
     let (room, user) = (RoomName::parse("r").unwrap(), UserName::parse("u").unwrap());
