@@ -12,8 +12,9 @@
 //! ([`ConnReceiver::recv_all`]), one lock per write instead of one per
 //! item. The transport's waker is kept under that same lock, so a push is
 //! one lock and, when the transport waits, one wake: no [`Notify`] of its
-//! own to register with and leave on every wake-up (that bookkeeping was
-//! a tenth of the server's time in the fan-out profile).
+//! own to register with and leave on every wake-up (the `Notify`
+//! bookkeeping of the queue and the driver was 6.5 % of the server's
+//! samples in the fan-out profile).
 
 use std::collections::VecDeque;
 use std::net::IpAddr;

@@ -353,7 +353,9 @@ impl Hub {
                 // committed, or cannot be read: deliver what we hold
                 // rather than stall the room. Clients see the gap in
                 // the seqs and fetch it with `history`.
-                let until = *entry.pending.keys().next().expect("a gap");
+                let Some(&until) = entry.pending.keys().next() else {
+                    return false; // a late publish closed the gap meanwhile
+                };
                 tracing::warn!(%room, after, until, ?outcome, "skipping an unfillable gap");
                 entry.next_seq = until;
                 entry.drain();
