@@ -13,15 +13,21 @@ use tokio_tungstenite::WebSocketStream;
 
 pub type Ws = WebSocketStream<TcpStream>;
 
-/// Connect from `source` (a loopback address) to the server at `addr`, and
-/// read the `hello`.
-pub async fn connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<Ws> {
+/// A TCP connection from `source` (a loopback address) to `addr`.
+async fn tcp(addr: SocketAddr, source: IpAddr) -> anyhow::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket
         .bind(SocketAddr::new(source, 0))
         .context("binding a source address")?;
     let stream = socket.connect(addr).await.context("connecting")?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connect from `source` (a loopback address) to the server at `addr`, and
+/// read the `hello`.
+pub async fn connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<Ws> {
+    let stream = tcp(addr, source).await?;
     let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
         .await
         .context("WebSocket upgrade")?;
@@ -94,13 +100,7 @@ impl Lean {
     /// the `hello`.
     pub async fn connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<Lean> {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let socket = TcpSocket::new_v4()?;
-        socket
-            .bind(SocketAddr::new(source, 0))
-            .context("binding a source address")?;
-        let stream = socket.connect(addr).await.context("connecting")?;
-        stream.set_nodelay(true)?;
-        let (r, mut writer) = stream.into_split();
+        let (r, mut writer) = tcp(addr, source).await?.into_split();
         let request = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"

@@ -222,13 +222,18 @@ fn message(room: &str, seq: u64) -> Message {
     }
 }
 
-/// A hub with one connected user in room `r` (whose last seq is 0).
-fn hub_with_listener(store: DynStore) -> (Arc<Hub>, ConnReceiver) {
-    let hub = Hub::new(
+/// A hub on `store`, alone on its bus, filling gaps after 50 ms.
+fn new_hub(store: DynStore) -> Arc<Hub> {
+    Hub::new(
         store,
         Arc::new(MemoryBroker::new()),
         Duration::from_millis(50),
-    );
+    )
+}
+
+/// A hub with one connected user in room `r` (whose last seq is 0).
+fn hub_with_listener(store: DynStore) -> (Arc<Hub>, ConnReceiver) {
+    let hub = new_hub(store);
     let (conn, rx) = confab_core::conn::channel(confab_core::conn::ConnId(1), 64, None);
     let user = UserName::parse("u").unwrap();
     hub.attach(&user, false, conn, &[(RoomName::parse("r").unwrap(), 0)])
@@ -261,7 +266,6 @@ async fn the_hub_delivers_in_seq_order_whatever_the_publish_order() {
     );
 }
 
-/// A store with room "r", its member "u", and `n` messages committed.
 /// Every connection of every member gets a room's events, and only those:
 /// a user's later connections join the room's delivery, a closed one
 /// leaves it, a member who leaves takes all theirs with them; `Skip`
@@ -270,11 +274,7 @@ async fn the_hub_delivers_in_seq_order_whatever_the_publish_order() {
 async fn a_room_delivers_to_each_connection_of_its_members_here() {
     use confab_core::broker::Skip;
     use confab_core::conn::{channel, ConnId};
-    let hub = Hub::new(
-        Arc::new(MemoryStore::new()),
-        Arc::new(MemoryBroker::new()),
-        Duration::from_millis(50),
-    );
+    let hub = new_hub(Arc::new(MemoryStore::new()));
     let r = RoomName::parse("r").unwrap();
     let (ann, bob) = (
         UserName::parse("ann").unwrap(),
@@ -338,6 +338,7 @@ async fn a_room_delivers_to_each_connection_of_its_members_here() {
     assert!(!hub.is_member("ann", &r));
 }
 
+/// A store with room "r", its member "u", and `n` messages committed.
 async fn store_with_messages(n: usize) -> DynStore {
     let store: DynStore = Arc::new(MemoryStore::new());
     let (room, user) = (RoomName::parse("r").unwrap(), UserName::parse("u").unwrap());
@@ -415,11 +416,7 @@ async fn delivered_soon(rx: &mut ConnReceiver, n: usize) -> Vec<u64> {
 
 #[tokio::test]
 async fn a_node_back_from_burial_closes_its_guests_and_announces_its_users() {
-    let hub = Hub::new(
-        Arc::new(MemoryStore::new()),
-        Arc::new(MemoryBroker::new()),
-        Duration::from_millis(50),
-    );
+    let hub = new_hub(Arc::new(MemoryStore::new()));
     let room = RoomName::parse("r").unwrap();
     let mut rxs = Vec::new();
     for (i, (name, guest)) in [("gus", true), ("ann", false), ("obs", false)]
