@@ -27,8 +27,9 @@
 //! held back, and the connections of its members here). A room's events
 //! are delivered under the room's lock alone: publishers to different
 //! rooms do not wait for each other, and nothing waits for a fan-out but
-//! the next event of the same room. Lock order: the hub's, then a room's;
-//! never the other way. Neither is held across an `.await`; the work under
+//! the next event of the same room. Lock order: the hub's, then a room's,
+//! then a user's list of connections here (`Present`, shared by the user's
+//! entry and their rooms); never the other way. Neither is held across an `.await`; the work under
 //! them is map look-ups, queue pushes and the broker's non-blocking
 //! subscription calls, never I/O. The maps hash with
 //! foldhash, not SipHash: a room message looks every member up. foldhash
@@ -92,8 +93,35 @@ struct PresenceTold {
 struct UserEntry {
     name: UserName,
     guest: bool,
-    conns: Vec<Conn>,
+    here: Arc<Present>,
     rooms: HashSet<RoomName>,
+}
+
+/// A user's connections here, held by the user's entry and by every room
+/// the user is in here: a room reaches them under its own lock, and a
+/// user's second connection is one push, not one per room. Its lock is
+/// the last taken (after the hub's and a room's).
+struct Present {
+    key: String,
+    conns: Mutex<Vec<Conn>>,
+}
+
+impl Present {
+    fn conns(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.conns.lock().expect("connections poisoned")
+    }
+
+    /// Queue `shared` for each of these connections but those `skip` names.
+    fn push(&self, shared: &Arc<SharedEvent>, skip: &Skip) {
+        if matches!(skip, Skip::User(k) if *k == self.key) {
+            return;
+        }
+        for conn in self.conns().iter() {
+            if *skip != Skip::Conn(conn.id()) {
+                conn.push(Outbound::Event(shared.clone()));
+            }
+        }
+    }
 }
 
 struct RoomEntry {
@@ -114,8 +142,8 @@ struct RoomFan {
     filling: bool,
     /// Read the store up to its end: events may have been lost.
     catch_up: bool,
-    /// Every connection here of every member here, with its user's key.
-    conns: Vec<(String, Conn)>,
+    /// The members here, with their connections.
+    members: Vec<Arc<Present>>,
 }
 
 type Fan = Arc<Mutex<RoomFan>>;
@@ -181,18 +209,7 @@ impl Hub {
                     "the name {user} is in use by a connected guest"
                 )));
             }
-            for room in &entry.rooms {
-                if let Some(r) = st.rooms.get(room) {
-                    lock_fan(&r.fan)
-                        .conns
-                        .push((user.key().to_owned(), conn.clone()));
-                }
-            }
-            st.users
-                .get_mut(user.key())
-                .expect("looked up")
-                .conns
-                .push(conn);
+            entry.here.conns().push(conn);
             return Ok(false);
         }
         st.users.insert(
@@ -200,7 +217,10 @@ impl Hub {
             UserEntry {
                 name: user.clone(),
                 guest,
-                conns: vec![conn],
+                here: Arc::new(Present {
+                    key: user.key().to_owned(),
+                    conns: Mutex::new(vec![conn]),
+                }),
                 rooms: HashSet::default(),
             },
         );
@@ -216,16 +236,13 @@ impl Hub {
     /// the rooms the user was in.
     pub fn detach(&self, user: &UserName, conn: ConnId) -> Option<Vec<RoomName>> {
         let mut st = self.lock();
-        let entry = st.users.get_mut(user.key())?;
-        entry.conns.retain(|c| c.id() != conn);
-        if !entry.conns.is_empty() {
-            let entry = &st.users[user.key()];
-            for room in &entry.rooms {
-                if let Some(r) = st.rooms.get(room) {
-                    lock_fan(&r.fan).conns.retain(|(_, c)| c.id() != conn);
-                }
+        let entry = st.users.get(user.key())?;
+        {
+            let mut conns = entry.here.conns();
+            conns.retain(|c| c.id() != conn);
+            if !conns.is_empty() {
+                return None;
             }
-            return None;
         }
         let entry = st.users.remove(user.key()).expect("present");
         self.broker.unsubscribe(Topic::User(user.key().to_owned()));
@@ -253,13 +270,16 @@ impl Hub {
         let mut users: Vec<_> = st
             .users
             .values()
-            .map(|u| Connected {
-                user: OnlineUser {
-                    name: u.name.clone(),
-                    guest: u.guest,
-                },
-                connections: u.conns.len(),
-                addresses: u.conns.iter().filter_map(Conn::addr).collect(),
+            .map(|u| {
+                let conns = u.here.conns();
+                Connected {
+                    user: OnlineUser {
+                        name: u.name.clone(),
+                        guest: u.guest,
+                    },
+                    connections: conns.len(),
+                    addresses: conns.iter().filter_map(Conn::addr).collect(),
+                }
             })
             .collect();
         users.sort_by(|a, b| a.user.name.key().cmp(b.user.name.key()));
@@ -430,7 +450,7 @@ impl Hub {
     /// Close every connection of a user here.
     fn close_user(&self, key: &str, reason: CloseReason) {
         if let Some(u) = self.lock().users.get(key) {
-            for conn in &u.conns {
+            for conn in u.here.conns().iter() {
                 conn.close(reason);
             }
         }
@@ -567,7 +587,7 @@ impl BrokerSink for Hub {
             BrokerEvent::User { user, event, skip } => {
                 if let Some(u) = st.users.get(user) {
                     let shared = Arc::new(SharedEvent::new(event.clone()));
-                    push_all(u, &shared, skip);
+                    u.here.push(&shared, skip);
                 }
             }
             BrokerEvent::Membership {
@@ -588,7 +608,7 @@ impl BrokerSink for Hub {
             BrokerEvent::Everyone { event } => {
                 let shared = Arc::new(SharedEvent::new(event.clone()));
                 for u in st.users.values() {
-                    push_all(u, &shared, &Skip::Nobody);
+                    u.here.push(&shared, &Skip::Nobody);
                 }
             }
             BrokerEvent::Disconnect { user } => {
@@ -621,7 +641,7 @@ impl BrokerSink for Hub {
         let online: Vec<BrokerEvent> = {
             let st = self.lock();
             for u in st.users.values().filter(|u| u.guest) {
-                for conn in &u.conns {
+                for conn in u.here.conns().iter() {
                     conn.close(CloseReason::Stale);
                 }
             }
@@ -663,13 +683,12 @@ impl State {
                     pending: BTreeMap::new(),
                     filling: false,
                     catch_up: false,
-                    conns: Vec::new(),
+                    members: Vec::new(),
                 })),
             }
         });
         if entry.members.insert(user_key.to_owned()) {
-            let conns = user.conns.iter().map(|c| (user_key.to_owned(), c.clone()));
-            lock_fan(&entry.fan).conns.extend(conns);
+            lock_fan(&entry.fan).members.push(user.here.clone());
         }
     }
 
@@ -683,7 +702,7 @@ impl State {
     fn unsubscribe_room(&mut self, broker: &dyn Broker, room: &RoomName, user_key: &str) {
         if let Some(entry) = self.rooms.get_mut(room) {
             if entry.members.remove(user_key) {
-                lock_fan(&entry.fan).conns.retain(|(k, _)| k != user_key);
+                lock_fan(&entry.fan).members.retain(|p| p.key != user_key);
             }
             if entry.members.is_empty() {
                 self.rooms.remove(room);
@@ -745,7 +764,7 @@ impl State {
         }));
         for key in observers {
             if let Some(u) = self.users.get(key) {
-                push_all(u, &shared, &Skip::Nobody);
+                u.here.push(&shared, &Skip::Nobody);
             }
         }
     }
@@ -781,26 +800,8 @@ impl RoomFan {
 
     /// Queue `shared` for every connection of the room's members here.
     fn fan_out(&self, shared: &Arc<SharedEvent>, skip: &Skip) {
-        for (key, conn) in &self.conns {
-            let skipped = match skip {
-                Skip::Nobody => false,
-                Skip::User(k) => k == key,
-                Skip::Conn(id) => *id == conn.id(),
-            };
-            if !skipped {
-                conn.push(Outbound::Event(shared.clone()));
-            }
-        }
-    }
-}
-
-fn push_all(user: &UserEntry, shared: &Arc<SharedEvent>, skip: &Skip) {
-    if matches!(skip, Skip::User(k) if *k == user.name.key()) {
-        return;
-    }
-    for conn in &user.conns {
-        if *skip != Skip::Conn(conn.id()) {
-            conn.push(Outbound::Event(shared.clone()));
+        for member in &self.members {
+            member.push(shared, skip);
         }
     }
 }

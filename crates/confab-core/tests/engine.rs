@@ -302,6 +302,12 @@ async fn a_room_delivers_to_each_connection_of_its_members_here() {
         })
     };
 
+    let online: Vec<(String, usize)> = hub
+        .online()
+        .into_iter()
+        .map(|c| (c.user.name.as_str().to_owned(), c.connections))
+        .collect();
+    assert_eq!(online, [("ann".to_owned(), 2), ("bob".to_owned(), 1)]);
     publish(1);
     assert_eq!(
         [count(&mut rx_a1), count(&mut rx_a2), count(&mut rx_b1)],
