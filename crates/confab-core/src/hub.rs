@@ -128,7 +128,7 @@ struct RoomEntry {
     /// Keys of the connected members.
     members: HashSet<String>,
     /// The room's delivery, under its own lock.
-    fan: Arc<Mutex<RoomFan>>,
+    fan: Fan,
 }
 
 /// What delivering a room's events takes: kept apart from the hub's state
