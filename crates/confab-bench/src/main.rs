@@ -518,3 +518,50 @@ async fn wait_for(addr: SocketAddr, child: &mut tokio::process::Child) -> anyhow
     }
     anyhow::bail!("not listening after 10 s")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(p99_ms: f64, lost: u64) -> fanout::Outcome {
+        fanout::Outcome {
+            system: fanout::System::Confab,
+            rooms: 1,
+            members: 1,
+            publishers: 1,
+            rate: 1,
+            body_bytes: 1,
+            duration_s: 1.0,
+            published: 1,
+            refused: 0,
+            expected: 1,
+            delivered: 1 - lost,
+            lost,
+            duplicated: 0,
+            out_of_order: 0,
+            deliveries_per_s: 1.0,
+            latency: confab_bench::report::Percentiles {
+                count: 1,
+                mean_ms: p99_ms,
+                p50_ms: p99_ms,
+                p90_ms: p99_ms,
+                p99_ms,
+                p999_ms: p99_ms,
+                max_ms: p99_ms,
+            },
+            histogram: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_step_is_judged_by_its_median_run_unless_one_lost_anything() {
+        let median = median_run(vec![run(70.0, 0), run(20.0, 0), run(40.0, 0)]);
+        assert_eq!(median.latency.p99_ms, 40.0);
+        let faulty = median_run(vec![run(20.0, 0), run(10.0, 1), run(30.0, 0)]);
+        assert_eq!(
+            faulty.lost, 1,
+            "a loss fails the step whatever the latencies"
+        );
+        assert!(verdict(&faulty).is_err());
+    }
+}

@@ -23,15 +23,15 @@
 //! race in.
 //!
 //! Locking: the hub's mutex over who is connected and which rooms they are
-//! in, and one mutex per room over that room's delivery (its order, what is
-//! held back, and the connections of its members here). A room's events
-//! are delivered under the room's lock alone: publishers to different
-//! rooms do not wait for each other, and nothing waits for a fan-out but
-//! the next event of the same room. Lock order: the hub's, then a room's,
-//! then a user's list of connections here (`Present`, shared by the user's
-//! entry and their rooms); never the other way. Neither is held across an `.await`; the work under
-//! them is map look-ups, queue pushes and the broker's non-blocking
-//! subscription calls, never I/O. The maps hash with
+//! in; one mutex per room over that room's delivery (its order, what is
+//! held back, its members here); and one per user over their connections
+//! here (`Present`, shared by the user's entry and their rooms). A room's
+//! events are delivered under the room's lock alone: publishers to
+//! different rooms do not wait for each other, and nothing waits for a
+//! fan-out but the next event of the same room. Lock order: the hub's, a
+//! room's, a user's; never the other way. None is held across an
+//! `.await`; the work under them is map look-ups, queue pushes and the
+//! broker's non-blocking subscription calls, never I/O. The maps hash with
 //! foldhash, not SipHash: a room message looks every member up. foldhash
 //! is seeded at random per process, so user names cannot be chosen to
 //! collide in advance.
@@ -125,7 +125,8 @@ impl Present {
 }
 
 struct RoomEntry {
-    /// Keys of the connected members.
+    /// Keys of the connected members (for the hub, without the room's
+    /// lock; the same members as `RoomFan::members`).
     members: HashSet<String>,
     /// The room's delivery, under its own lock.
     fan: Fan,
@@ -429,10 +430,10 @@ impl Hub {
 
     /// Start reading these rooms to the store's end.
     fn read_to_end(&self, rooms: Vec<RoomName>) {
-        let mut st = self.lock();
+        let st = self.lock();
         let mut start = Vec::new();
         for room in rooms {
-            if let Some(e) = st.rooms.get_mut(&room) {
+            if let Some(e) = st.rooms.get(&room) {
                 let mut entry = lock_fan(&e.fan);
                 entry.catch_up = true;
                 if !entry.filling {
