@@ -231,6 +231,7 @@ pub fn message(room: &str, seq: u64) -> BrokerEvent {
             body: format!("m{seq}"),
             ts: 1,
             nonce: None,
+            ..Message::default()
         },
         accepted: Some(Instant::now()),
     }

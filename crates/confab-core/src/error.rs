@@ -64,6 +64,12 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The room has no message with this seq (or it was deleted).
+    #[error("no message {0} in the room")]
+    NoSuchMessage(u64),
+    /// Not allowed: banned, muted, someone else's message, the last owner.
+    #[error("{0}")]
+    Refused(String),
     /// A configured cap (rooms per user) would be passed.
     #[error("{0}")]
     Limit(String),
@@ -82,6 +88,8 @@ impl From<StoreError> for ChatError {
             StoreError::NotMember => ErrorCode::Forbidden,
             StoreError::Conflict(_) => ErrorCode::Conflict,
             StoreError::Invalid(_) => ErrorCode::BadRequest,
+            StoreError::NoSuchMessage(_) => ErrorCode::NotFound,
+            StoreError::Refused(_) => ErrorCode::Forbidden,
             StoreError::Limit(_) => ErrorCode::Forbidden,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Internal(_) => ErrorCode::Internal,

@@ -24,9 +24,11 @@ use std::time::Instant;
 
 use confab_proto::json::DecodeError;
 use confab_proto::{
-    Envelope, ErrorBody, Event, Member, OkBody, Reply, Request, RequestId, RoomEntry, Seq, SyncRoom,
+    Envelope, ErrorBody, Event, Member, OkBody, Reply, Request, RequestId, Role, RoomEntry,
+    SanctionKind, Seq, SyncRoom,
 };
 
+use self::authority::{need, Need, Standing};
 use crate::auth;
 use crate::broker::{BrokerEvent, Skip};
 use crate::chat::{Inner, Policy};
@@ -34,7 +36,10 @@ use crate::conn::{CloseReason, Conn, Outbound};
 use crate::error::ChatError;
 use crate::limits::{ConnLimiter, Refusal};
 use crate::names::{RoomName, UserName};
-use crate::store::{now_ms, DirectPeers, JoinRules, NewMessage, Page, TokenHash};
+use crate::store::{now_ms, Amend, DirectPeers, JoinRules, NewMessage, Page, TokenHash};
+
+mod authority;
+mod moderation;
 
 /// Page size of `history` and `sync` when the client gives none.
 pub const DEFAULT_PAGE: u32 = 50;
@@ -319,49 +324,46 @@ impl Session {
 
     /// Run a request's handler, if [`Session::check`] lets it.
     async fn execute(&mut self, request: Request) -> Later {
-        if let Err(e) = self.check(&request) {
-            return Later::now(Err(e));
-        }
+        let standing = match self.check(&request).await {
+            Ok(standing) => standing,
+            Err(e) => return Later::now(Err(e)),
+        };
         match request {
             Request::Send { room, body, nonce } => match RoomName::parse(&room) {
                 Ok(room) => self.post(room, body, nonce, None).await,
                 Err(e) => Later::now(Err(e)),
             },
-            request => Later::now(self.run(request).await),
+            request => Later::now(self.run(request, standing).await),
         }
     }
 
-    /// The command table: what each request needs before its handler runs.
-    fn check(&mut self, request: &Request) -> Result<(), ChatError> {
-        if let Request::Ping {} = request {
-            return Ok(());
+    /// The command table at work: rate limits, then what [`need`] says the
+    /// request needs. Returns the caller's standing in the request's room
+    /// when the request needs a role there (else the default).
+    async fn check(&mut self, request: &Request) -> Result<Standing, ChatError> {
+        let need = need(request);
+        if let Need::Nothing = need {
+            return Ok(Standing::default());
         }
         self.admit(request)?;
-        let logged_in = self.login.is_some();
-        match request {
-            Request::Register { .. }
-            | Request::Login { .. }
-            | Request::Guest { .. }
-            | Request::Resume { .. } => {
-                if let Some(l) = &self.login {
-                    return Err(ChatError::bad_request(format!(
-                        "already logged in as {}; log out first",
-                        l.user
-                    )));
-                }
-            }
-            _ if !logged_in => {
-                return Err(ChatError::unauthorized(
-                    "log in first: register, login, guest or resume",
-                ))
-            }
-            _ => {}
+        match (need, &self.login) {
+            (Need::LoggedOut, Some(l)) => Err(ChatError::bad_request(format!(
+                "already logged in as {}; log out first",
+                l.user
+            ))),
+            (Need::LoggedOut, None) => Ok(Standing::default()),
+            (_, None) => Err(ChatError::unauthorized(
+                "log in first: register, login, guest or resume",
+            )),
+            (Need::Login, Some(_)) => Ok(Standing::default()),
+            (Need::Rank { role, over }, Some(_)) => self.authorize(request, role, over).await,
+            (Need::Nothing, _) => unreachable!("answered above"),
         }
-        Ok(())
     }
 
-    /// The handlers of every request but `send`.
-    async fn run(&mut self, request: Request) -> Handled {
+    /// The handlers of every request but `send`. `standing` is the
+    /// caller's in the request's room, for the requests that need one.
+    async fn run(&mut self, request: Request, standing: Standing) -> Handled {
         match request {
             Request::Ping {} => Ok(Done::reply(OkBody::Pong)),
             Request::Register { user, password } => self.register(&user, password).await,
@@ -385,6 +387,51 @@ impl Session {
             Request::Sync { cursors, limit } => self.sync(cursors, limit).await,
             Request::Read { room, seq } => self.read(&room, seq).await,
             Request::Typing { room } => self.typing(&room),
+            Request::Role { room, user, role } => self.set_role(&room, &user, role).await,
+            Request::Kick { room, user, reason } => self.kick(&room, &user, reason).await,
+            Request::Ban {
+                room,
+                user,
+                reason,
+                duration_ms,
+            } => {
+                let ban = self.new_sanction(SanctionKind::Ban, &user, reason, duration_ms);
+                let ban = ban.await?;
+                self.sanction(&room, ban).await
+            }
+            Request::Mute {
+                room,
+                user,
+                reason,
+                duration_ms,
+            } => {
+                let mute = self.new_sanction(SanctionKind::Mute, &user, reason, duration_ms);
+                let mute = mute.await?;
+                self.sanction(&room, mute).await
+            }
+            Request::Unban { room, user } => self.lift(&room, &user, SanctionKind::Ban).await,
+            Request::Unmute { room, user } => self.lift(&room, &user, SanctionKind::Mute).await,
+            Request::Bans { room } => self.bans(&room).await,
+            Request::Edit {
+                room,
+                seq,
+                body,
+                nonce,
+            } => {
+                let room = RoomName::parse(&room)?;
+                let amend = Some(Amend::Edit(seq));
+                self.post_entry(room, body, nonce, None, amend).await.await
+            }
+            Request::Delete { room, seq, nonce } => {
+                let room = RoomName::parse(&room)?;
+                let amend = Some(Amend::Delete {
+                    target: seq,
+                    moderator: standing.at_least(Role::Moderator),
+                });
+                self.post_entry(room, String::new(), nonce, None, amend)
+                    .await
+                    .await
+            }
         }
     }
 
@@ -747,7 +794,7 @@ impl Session {
             self.chat.store.members(room, after, limit + 1).await?,
             limit,
         );
-        let keys: Vec<&str> = users.iter().map(|u| u.key()).collect();
+        let keys: Vec<&str> = users.iter().map(|(u, _)| u.key()).collect();
         let elsewhere = match self.chat.broker.elsewhere(&keys).await {
             Ok(flags) => flags,
             Err(_) => vec![false; keys.len()],
@@ -755,9 +802,10 @@ impl Session {
         let members = users
             .iter()
             .zip(elsewhere)
-            .map(|(u, elsewhere)| Member {
+            .map(|((u, role), elsewhere)| Member {
                 online: elsewhere || self.chat.hub.is_online(u.key()),
                 user: u.as_str().to_owned(),
+                role: *role,
             })
             .collect();
         Ok((members, more))
@@ -821,7 +869,24 @@ impl Session {
         nonce: Option<String>,
         direct: Option<DirectPeers>,
     ) -> Later {
-        if let Err(e) = self.check_body(&body) {
+        self.post_entry(room, body, nonce, direct, None).await
+    }
+
+    /// [`Session::post`] of any entry of a room's log: a message, or an
+    /// edit or deletion of one (which has no body).
+    async fn post_entry(
+        &mut self,
+        room: RoomName,
+        body: String,
+        nonce: Option<String>,
+        direct: Option<DirectPeers>,
+        amend: Option<Amend>,
+    ) -> Later {
+        let checked = match amend {
+            Some(Amend::Delete { .. }) => Ok(()),
+            _ => self.check_body(&body),
+        };
+        if let Err(e) = checked {
             return Later::now(Err(e));
         }
         if let Some(n) = &nonce {
@@ -838,6 +903,7 @@ impl Session {
             nonce,
             ts: now_ms(),
             direct,
+            amend,
         });
         let queued = match queued.await {
             Ok(queued) => queued,

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use confab_proto::{Message, Seq};
+use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
 
 use crate::error::StoreError;
 use crate::names::{RoomName, UserName};
@@ -96,6 +96,133 @@ pub struct NewMessage {
     /// For a direct message: open the conversation if needed, making both
     /// users members, instead of requiring the sender to be one.
     pub direct: Option<DirectPeers>,
+    /// An edit or a deletion of an earlier message of the room, instead
+    /// of a new one: see [`Amend`].
+    pub amend: Option<Amend>,
+}
+
+/// What an edit or deletion entry does to the message it names, in the
+/// transaction that stores the entry (after [`check_amend`]):
+///
+/// - `Edit`: the message's body becomes the entry's, its `edited_ts` the
+///   entry's `ts`.
+/// - `Delete`: the message's body, and the bodies of its earlier edit
+///   entries, are overwritten with nothing and it is marked deleted; the
+///   entry itself has no body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amend {
+    Edit(Seq),
+    Delete {
+        target: Seq,
+        /// The sender may delete other people's messages (a moderator).
+        moderator: bool,
+    },
+}
+
+impl Amend {
+    pub fn target(self) -> Seq {
+        match self {
+            Amend::Edit(seq) | Amend::Delete { target: seq, .. } => seq,
+        }
+    }
+
+    /// The entry's `edit` and `delete` fields.
+    pub fn fields(self) -> (Option<Seq>, Option<Seq>) {
+        match self {
+            Amend::Edit(seq) => (Some(seq), None),
+            Amend::Delete { target, .. } => (None, Some(target)),
+        }
+    }
+}
+
+/// The message an [`Amend`] names, as a backend reads it in its
+/// transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmendTarget {
+    pub sender_key: String,
+    /// The message is itself an edit or deletion entry.
+    pub is_amend: bool,
+    pub deleted: bool,
+}
+
+/// The rules of edits and deletions, the same in every backend: `target`
+/// is the named message (`None`: no message has that seq).
+pub fn check_amend(
+    amend: Amend,
+    sender: &UserName,
+    target: Option<&AmendTarget>,
+) -> StoreResult<()> {
+    let seq = amend.target();
+    let target = target.ok_or(StoreError::NoSuchMessage(seq))?;
+    if target.is_amend {
+        return Err(StoreError::Invalid(format!(
+            "message {seq} is an edit or deletion, which cannot be changed"
+        )));
+    }
+    if target.deleted {
+        return Err(StoreError::NoSuchMessage(seq));
+    }
+    let own = target.sender_key == sender.key();
+    match amend {
+        Amend::Edit(_) if !own => Err(StoreError::Refused(format!(
+            "message {seq} is not yours: only its author edits it"
+        ))),
+        Amend::Delete {
+            moderator: false, ..
+        } if !own => Err(StoreError::Refused(format!(
+            "message {seq} is not yours: only its author or a moderator deletes it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A ban or a mute to record; see [`Store::sanction`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSanction {
+    pub user: UserName,
+    pub kind: SanctionKind,
+    pub by: UserName,
+    pub reason: String,
+    /// When it ends by itself (Unix ms); `None`: never.
+    pub until_ts: Option<i64>,
+}
+
+impl NewSanction {
+    pub fn view(&self) -> Sanction {
+        Sanction {
+            user: self.user.as_str().to_owned(),
+            kind: self.kind,
+            by: self.by.as_str().to_owned(),
+            reason: self.reason.clone(),
+            until_ts: self.until_ts,
+        }
+    }
+}
+
+/// The refusal to take the owner role from a room's last owner.
+pub fn last_owner(user: &UserName, room: &RoomName) -> StoreError {
+    StoreError::Refused(format!(
+        "{user} is the last owner of {room}: make someone else owner first"
+    ))
+}
+
+/// Whether a sanction ending at `until_ts` still holds at `now`.
+pub fn in_force(until_ts: Option<i64>, now: i64) -> bool {
+    until_ts.is_none_or(|until| until > now)
+}
+
+/// The refusal of a banned user's `join`, or a muted user's message, the
+/// same from every backend.
+pub fn sanctioned(kind: SanctionKind, room: &RoomName, until_ts: Option<i64>) -> StoreError {
+    let what = match kind {
+        SanctionKind::Ban => "banned from",
+        SanctionKind::Mute => "muted in",
+    };
+    let until = match until_ts {
+        Some(ts) => format!(" until {ts} (Unix ms)"),
+        None => String::new(),
+    };
+    StoreError::Refused(format!("you are {what} {room}{until}"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +305,8 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()>;
 
     /// Make `user` a member of `room`, as `rules` allow. Joining a room one
-    /// is already in always succeeds.
+    /// is already in always succeeds. A user banned from the room is
+    /// refused ([`sanctioned`]). Whoever creates a room is its owner.
     async fn join(&self, room: &RoomName, user: &UserName, rules: JoinRules)
         -> StoreResult<Joined>;
     /// End a membership: `NoSuchRoom` or `NotMember` when there is none.
@@ -193,14 +321,14 @@ pub trait Store: Send + Sync + 'static {
     async fn drop_all_guests(&self) -> StoreResult<()>;
 
     /// Up to `limit` members of a room (`NoSuchRoom` if it does not exist)
-    /// in the order of their keys (names without regard to case), starting
-    /// after the key `after`.
+    /// with their roles, in the order of their keys (names without regard
+    /// to case), starting after the key `after`.
     async fn members(
         &self,
         room: &RoomName,
         after: Option<&str>,
         limit: u32,
-    ) -> StoreResult<Vec<UserName>>;
+    ) -> StoreResult<Vec<(UserName, Role)>>;
     /// Up to `limit` of the user's rooms, or with `all` of every public
     /// room, by name, starting after the name `after`.
     async fn rooms(
@@ -213,12 +341,39 @@ pub trait Store: Send + Sync + 'static {
     /// Set a room's topic; the user must be a member.
     async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()>;
 
+    /// The user's role in the room; `None` when not a member
+    /// (`NoSuchRoom` when the room does not exist).
+    async fn role(&self, room: &RoomName, user: &UserName) -> StoreResult<Option<Role>>;
+    /// Give a member a role (`NoSuchRoom`, `NotMember`). Taking the owner
+    /// role from a room's last owner is `Refused`: a room that has an
+    /// owner keeps one.
+    async fn set_role(&self, room: &RoomName, user: &UserName, role: Role) -> StoreResult<()>;
+    /// Whether the registered user is a server operator (an owner of every
+    /// room). A user that does not exist is not.
+    async fn operator(&self, user: &UserName) -> StoreResult<bool>;
+    /// Make a registered user an operator, or not (`Invalid` when there is
+    /// no such user).
+    async fn set_operator(&self, user: &UserName, operator: bool) -> StoreResult<()>;
+    /// Record a ban or a mute in a room (`NoSuchRoom`), replacing the
+    /// user's earlier one of that kind. A ban also ends the user's
+    /// membership, in the same transaction: returns whether it did.
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool>;
+    /// End a ban or a mute before its time; returns whether one was in force.
+    async fn lift(&self, room: &RoomName, user: &UserName, kind: SanctionKind)
+        -> StoreResult<bool>;
+    /// The bans and mutes in force in a room at `now` (Unix ms), by user
+    /// key and kind (`NoSuchRoom`). Ones that ended are never listed, and
+    /// never refuse anything: nothing needs to lift them.
+    async fn sanctions(&self, room: &RoomName, now: i64) -> StoreResult<Vec<Sanction>>;
+
     /// Take a message's place in the store's order and return without
     /// waiting for the commit; the [`Queued`] future resolves with its
     /// outcome once it is durable (or failed). Storing it means: allocate
     /// the room's next seq, or return the original when the sender already
     /// sent this nonce to this room. The sender must be a member, unless
-    /// `direct` opens the conversation.
+    /// `direct` opens the conversation, and not muted in the room
+    /// ([`sanctioned`]), unless the entry is a deletion. An [`Amend`] is
+    /// checked with [`check_amend`] and applied in the same transaction.
     ///
     /// Messages queued one after another (each call returned before the
     /// next was made) are stored in that order, so their seqs in a room
@@ -278,6 +433,11 @@ pub fn no_user(name: &UserName) -> StoreError {
 /// A user name read back from storage (it was valid when written).
 pub fn stored_user_name(name: String) -> StoreResult<UserName> {
     UserName::parse(&name).map_err(|_| StoreError::Internal(format!("stored user name {name:?}")))
+}
+
+/// A role read back from storage (its rank, 0 to 3).
+pub fn stored_role(rank: i64) -> StoreResult<Role> {
+    Role::from_rank(rank).ok_or_else(|| StoreError::Internal(format!("stored role {rank}")))
 }
 
 /// Now, in Unix milliseconds: the time backends stamp rows with.

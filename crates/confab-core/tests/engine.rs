@@ -219,6 +219,7 @@ fn message(room: &str, seq: u64) -> Message {
         body: format!("m{seq}"),
         ts: 0,
         nonce: None,
+        ..Message::default()
     }
 }
 
@@ -367,6 +368,7 @@ async fn commit_one(store: &DynStore) {
         nonce: None,
         ts: 0,
         direct: None,
+        amend: None,
     };
     store.append(m).await.unwrap();
 }

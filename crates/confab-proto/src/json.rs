@@ -279,11 +279,35 @@ mod tests {
             body: "hi".into(),
             ts: 1,
             nonce: Some("c-17".into()),
+            ..Message::default()
         });
         assert_eq!(
             encoded(encode_event(&msg)),
             json!({"type":"message","room":"general","seq":42,"user":"alice","body":"hi","ts":1,"nonce":"c-17"})
         );
+        // A deletion entry has no body; a deleted message says so.
+        let delete = Event::Message(Message {
+            room: "general".into(),
+            seq: 44,
+            user: "alice".into(),
+            ts: 3,
+            delete: Some(42),
+            ..Message::default()
+        });
+        assert_eq!(
+            encoded(encode_event(&delete)),
+            json!({"type":"message","room":"general","seq":44,"user":"alice","ts":3,"delete":42})
+        );
+        let gone = Message {
+            seq: 42,
+            deleted: true,
+            edited_ts: Some(2),
+            ..Message::default()
+        };
+        let v: serde_json::Value = serde_json::to_value(&gone).unwrap();
+        assert_eq!(v["deleted"], json!(true));
+        assert_eq!(v["edited_ts"], json!(2));
+        assert!(v.get("body").is_none() && v.get("edit").is_none(), "{v}");
         let hello = Event::Hello {
             server: crate::SERVER_NAME.into(),
             version: "0.1.0".into(),

@@ -17,7 +17,7 @@ use std::fmt::Write;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::types::{Event, Message, OkBody, Reply, RequestId};
+use crate::types::{Event, Message, OkBody, Reply, RequestId, Role, Seq};
 
 /// One decoded unit of input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,11 +129,63 @@ pub enum LineCommand {
     /// `/topic` shows the current room's topic, `/topic TEXT` sets it.
     Topic(Option<String>),
     History(Option<u32>),
+    /// `/edit SEQ TEXT`: replace one's message in the current room.
+    Edit {
+        seq: Seq,
+        text: String,
+    },
+    /// `/delete SEQ`: take a message of the current room back.
+    Delete(Seq),
+    /// `/role USER ROLE` in the current room.
+    Role {
+        user: String,
+        role: Role,
+    },
+    /// `/kick USER [REASON]`, `/ban USER [DURATION] [REASON]`,
+    /// `/mute USER [DURATION] [REASON]`, `/unban USER`, `/unmute USER`, in
+    /// the current room.
+    Moderate {
+        action: Moderation,
+        user: String,
+        duration_ms: Option<i64>,
+        reason: Option<String>,
+    },
+    /// `/bans`: who is banned or muted in the current room.
+    Bans,
     Quit,
     /// A plain line: a message to the current room. `//text` sends `/text`.
     Say(String),
     /// A blank line: nothing to do.
     Nothing,
+}
+
+/// What `/kick`, `/ban`, `/mute`, `/unban` and `/unmute` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moderation {
+    Kick,
+    Ban,
+    Mute,
+    Unban,
+    Unmute,
+}
+
+/// A terminal's duration: a whole number and a unit, `30s`, `10m`, `2h`,
+/// `7d`; in milliseconds. `None` when the word is not one.
+pub fn parse_duration(word: &str) -> Option<i64> {
+    let unit = word.chars().last()?;
+    let digits = &word[..word.len() - unit.len_utf8()];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: i64 = digits.parse().ok()?;
+    let ms = match unit {
+        's' => 1_000,
+        'm' => 60_000,
+        'h' => 3_600_000,
+        'd' => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(ms)
 }
 
 /// A line that is not a valid command: the text says how to use it.
@@ -154,6 +206,15 @@ pub const HELP: &str = "\
 *   /msg USER TEXT              a direct message
 *   /topic [TEXT]               show or set the current room's topic
 *   /history [N]                the last N messages of the current room (default 20)
+*   /edit SEQ TEXT              replace your message #SEQ of the current room
+*   /delete SEQ                 delete message #SEQ (yours; anyone's for moderators)
+* moderation, in the current room (moderators and up; /role: admins and owners):
+*   /kick USER [REASON]         put USER out of the room
+*   /ban USER [DURATION] [REASON]   kick and keep out; DURATION like 30s, 10m, 2h, 7d
+*   /mute USER [DURATION] [REASON]  keep USER from sending
+*   /unban USER, /unmute USER   end a ban or a mute
+*   /bans                       who is banned or muted
+*   /role USER ROLE             ROLE: member, moderator, admin or owner
 *   /quit                       leave
 *   PING [TOKEN]                answered PONG [TOKEN]
 * any other line is a message to the current room; start it with // to send a leading /
@@ -232,6 +293,78 @@ pub fn parse(line: &str) -> Result<LineCommand, Usage> {
             Ok(n) if n > 0 => Ok(LineCommand::History(Some(n))),
             _ => usage("/history [N], N a positive number"),
         },
+        "edit" if count >= 2 => {
+            let (seq, text) = rest.split_once(char::is_whitespace).expect("two words");
+            match seq.trim_start_matches('#').parse() {
+                Ok(seq) => Ok(LineCommand::Edit {
+                    seq,
+                    text: text.trim_start().to_owned(),
+                }),
+                Err(_) => usage("/edit SEQ TEXT, SEQ the number shown as #SEQ"),
+            }
+        }
+        "edit" => usage("/edit SEQ TEXT"),
+        "delete" if count == 1 => match rest.trim_start_matches('#').parse() {
+            Ok(seq) => Ok(LineCommand::Delete(seq)),
+            Err(_) => usage("/delete SEQ, SEQ the number shown as #SEQ"),
+        },
+        "delete" => usage("/delete SEQ"),
+        "role" if count == 2 => {
+            let (user, role) = (words.next().expect("two"), words.next().expect("two"));
+            match Role::parse(&role.to_ascii_lowercase()) {
+                Some(role) => Ok(LineCommand::Role {
+                    user: user.to_owned(),
+                    role,
+                }),
+                None => usage("/role USER ROLE, ROLE one of member, moderator, admin, owner"),
+            }
+        }
+        "role" => usage("/role USER ROLE"),
+        "bans" if rest.is_empty() => Ok(LineCommand::Bans),
+        "bans" => usage("/bans"),
+        "kick" | "ban" | "mute" | "unban" | "unmute" if count >= 1 => {
+            let action = match name.to_ascii_lowercase().as_str() {
+                "kick" => Moderation::Kick,
+                "ban" => Moderation::Ban,
+                "mute" => Moderation::Mute,
+                "unban" => Moderation::Unban,
+                _ => Moderation::Unmute,
+            };
+            let (user, mut rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            rest = rest.trim_start();
+            let mut duration_ms = None;
+            if matches!(action, Moderation::Ban | Moderation::Mute) {
+                let (word, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+                // A word that starts like a number is meant as a duration.
+                if word.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+') {
+                    match parse_duration(word) {
+                        Some(ms) => duration_ms = Some(ms),
+                        None => {
+                            return usage(&format!(
+                                "/{name} USER [DURATION] [REASON], DURATION a whole number \
+                                 with s, m, h or d (10m, 2h, 7d), not {word:?}"
+                            ))
+                        }
+                    }
+                    rest = after.trim_start();
+                }
+            }
+            let reason = (!rest.is_empty()).then(|| rest.to_owned());
+            match (action, reason) {
+                (Moderation::Unban | Moderation::Unmute, Some(_)) => {
+                    usage(&format!("/{name} USER"))
+                }
+                (action, reason) => Ok(LineCommand::Moderate {
+                    action,
+                    user: user.to_owned(),
+                    duration_ms,
+                    reason,
+                }),
+            }
+        }
+        "kick" => usage("/kick USER [REASON]"),
+        "ban" | "mute" => usage(&format!("/{name} USER [DURATION] [REASON]")),
+        "unban" | "unmute" => usage(&format!("/{name} USER")),
         "quit" | "exit" => Ok(LineCommand::Quit),
         _ => Err(Usage(format!("unknown command /{name}; /help lists them"))),
     }
@@ -250,18 +383,39 @@ pub mod context {
     /// A `join` of the current room, to show its topic.
     pub const TOPIC_SHOW: &str = "topic?";
     pub const HISTORY: &str = "history";
+    /// `bans` of the room named after it.
+    pub const BANS: &str = "bans";
+    /// A request whose `ok` is shown as the text after this prefix.
+    pub const DONE: &str = "done:";
 }
 
-/// A chat line for a message: `[room] user: body`, or `[dm] user: body` in
-/// a direct conversation. Each line of a multi-line body gets the prefix.
+/// A chat line for a message: `[room #seq] user: body`, or
+/// `[dm #seq] user: body` in a direct conversation; the seq is what `/edit`
+/// and `/delete` name. Each line of a multi-line body gets the prefix. An
+/// edit reads `user edited #seq: body`, a deletion `user deleted #seq`, a
+/// deleted message (in history) `user: (deleted)`.
 pub fn format_message(m: &Message, out: &mut String) {
     let room = if m.room.starts_with("dm:") {
         "dm"
     } else {
         &m.room
     };
+    let prefix = format!("[{room} #{}] {}", m.seq, m.user);
+    if let Some(seq) = m.delete {
+        let _ = writeln!(out, "{prefix} deleted #{seq}");
+        return;
+    }
+    let what = match (m.edit, m.deleted || m.body.is_empty(), m.edited_ts) {
+        (_, true, _) => {
+            let _ = writeln!(out, "{prefix}: (deleted)");
+            return;
+        }
+        (Some(seq), _, _) => format!(" edited #{seq}"),
+        (None, _, Some(_)) => " (edited)".to_owned(),
+        (None, _, None) => String::new(),
+    };
     for part in m.body.split('\n') {
-        let _ = writeln!(out, "[{room}] {}: {part}", m.user);
+        let _ = writeln!(out, "{prefix}{what}: {part}");
     }
 }
 
@@ -289,6 +443,21 @@ pub fn format_event(event: &Event) -> Bytes {
         Event::Presence { user, online } => {
             let state = if *online { "online" } else { "offline" };
             let _ = writeln!(out, "* {user} is {state}");
+        }
+        Event::Role {
+            room,
+            user,
+            role,
+            by,
+        } => {
+            let _ = writeln!(out, "* {by} made {user} {} of #{room}", role.as_str());
+        }
+        Event::Kicked { room, by, reason } => {
+            let _ = write!(out, "* {by} put you out of #{room}");
+            if !reason.is_empty() {
+                let _ = write!(out, ": {reason}");
+            }
+            out.push('\n');
         }
         Event::Shutdown {
             reason,
@@ -397,6 +566,28 @@ fn format_ok(ctx: &str, body: &OkBody, out: &mut String) {
             let room = ctx[context::LEAVE.len()..].trim();
             let _ = writeln!(out, "* you left #{room}");
         }
+        OkBody::Bans { bans } => {
+            let room = ctx.strip_prefix(context::BANS).unwrap_or("").trim();
+            if bans.is_empty() {
+                let _ = writeln!(out, "* nobody is banned or muted in #{room}");
+            }
+            for b in bans {
+                let _ = write!(out, "* {} {} by {}", b.user, b.kind.as_str(), b.by);
+                match b.until_ts {
+                    Some(ts) => {
+                        let _ = write!(out, " until {ts}");
+                    }
+                    None => out.push_str(" for good"),
+                }
+                if !b.reason.is_empty() {
+                    let _ = write!(out, ": {}", b.reason);
+                }
+                out.push('\n');
+            }
+        }
+        OkBody::Done {} if ctx.starts_with(context::DONE) => {
+            let _ = writeln!(out, "* {}", ctx[context::DONE.len()..].trim());
+        }
         // The event that follows shows these (the echo, the topic).
         OkBody::Done {} | OkBody::Sent { .. } | OkBody::Pong | OkBody::Sync { .. } => {}
     }
@@ -406,10 +597,12 @@ fn member_list(members: &[crate::types::Member]) -> String {
     members
         .iter()
         .map(|m| {
-            if m.online {
-                format!("{} (online)", m.user)
-            } else {
-                m.user.clone()
+            let role = (m.role != crate::types::Role::Member).then(|| m.role.as_str());
+            let online = m.online.then_some("online");
+            match (role, online) {
+                (None, None) => m.user.clone(),
+                (Some(a), None) | (None, Some(a)) => format!("{} ({a})", m.user),
+                (Some(role), Some(online)) => format!("{} ({role}, {online})", m.user),
             }
         })
         .collect::<Vec<_>>()
@@ -501,6 +694,29 @@ mod tests {
     }
 
     #[test]
+    fn durations_in_words() {
+        assert_eq!(parse_duration("30s"), Some(30_000));
+        assert_eq!(parse_duration("10m"), Some(600_000));
+        assert_eq!(parse_duration("2h"), Some(7_200_000));
+        assert_eq!(parse_duration("7d"), Some(604_800_000));
+        assert_eq!(parse_duration("0m"), Some(0), "the server refuses it");
+        for bad in [
+            "",
+            "m",
+            "5",
+            "5x",
+            "-",
+            "-5m",
+            "+5m",
+            "1.5h",
+            "99999999999999999d",
+            "5é",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn parses_commands() {
         use LineCommand::*;
         let cases = [
@@ -554,6 +770,75 @@ mod tests {
             ("/topic Rust and tea", Topic(Some("Rust and tea".into()))),
             ("/history", History(None)),
             ("/history 5", History(Some(5))),
+            (
+                "/edit 12 fixed  text",
+                Edit {
+                    seq: 12,
+                    text: "fixed  text".into(),
+                },
+            ),
+            (
+                "/edit #3 x",
+                Edit {
+                    seq: 3,
+                    text: "x".into(),
+                },
+            ),
+            ("/delete 7", Delete(7)),
+            ("/delete #7", Delete(7)),
+            (
+                "/role bob Moderator",
+                Role {
+                    user: "bob".into(),
+                    role: crate::types::Role::Moderator,
+                },
+            ),
+            ("/bans", Bans),
+            (
+                "/kick bob being rude",
+                Moderate {
+                    action: Moderation::Kick,
+                    user: "bob".into(),
+                    duration_ms: None,
+                    reason: Some("being rude".into()),
+                },
+            ),
+            (
+                "/ban bob 2h spam",
+                Moderate {
+                    action: Moderation::Ban,
+                    user: "bob".into(),
+                    duration_ms: Some(7_200_000),
+                    reason: Some("spam".into()),
+                },
+            ),
+            (
+                "/ban bob spam again",
+                Moderate {
+                    action: Moderation::Ban,
+                    user: "bob".into(),
+                    duration_ms: None,
+                    reason: Some("spam again".into()),
+                },
+            ),
+            (
+                "/mute bob 30s",
+                Moderate {
+                    action: Moderation::Mute,
+                    user: "bob".into(),
+                    duration_ms: Some(30_000),
+                    reason: None,
+                },
+            ),
+            (
+                "/unmute bob",
+                Moderate {
+                    action: Moderation::Unmute,
+                    user: "bob".into(),
+                    duration_ms: None,
+                    reason: None,
+                },
+            ),
             ("/quit", Quit),
             ("/quit see you", Quit),
             ("hello /world", Say("hello /world".into())),
@@ -573,6 +858,19 @@ mod tests {
             "/history 0",
             "/rooms some",
             "/frobnicate",
+            "/edit 3",
+            "/edit x text",
+            "/delete",
+            "/delete -1",
+            "/delete 1 2",
+            "/role bob",
+            "/role bob king",
+            "/kick",
+            "/ban bob -5m spam",
+            "/ban bob 10y",
+            "/mute bob 5",
+            "/unban bob because",
+            "/bans r",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
@@ -610,6 +908,7 @@ mod tests {
             body: body.into(),
             ts: 0,
             nonce: None,
+            ..Message::default()
         }
     }
 
@@ -621,15 +920,67 @@ mod tests {
     fn formats_events() {
         assert_eq!(
             text(format_event(&Event::Message(msg("general", "hello")))),
-            "[general] alice: hello\n"
+            "[general #1] alice: hello\n"
         );
         assert_eq!(
             text(format_event(&Event::Message(msg("dm:alice:bob", "hi")))),
-            "[dm] alice: hi\n"
+            "[dm #1] alice: hi\n"
         );
         assert_eq!(
             text(format_event(&Event::Message(msg("r", "one\ntwo")))),
-            "[r] alice: one\n[r] alice: two\n"
+            "[r #1] alice: one\n[r #1] alice: two\n"
+        );
+        let edit = Message {
+            seq: 2,
+            edit: Some(1),
+            ..msg("r", "fixed")
+        };
+        assert_eq!(
+            text(format_event(&Event::Message(edit))),
+            "[r #2] alice edited #1: fixed\n"
+        );
+        let delete = Message {
+            seq: 3,
+            delete: Some(1),
+            ..msg("r", "")
+        };
+        assert_eq!(
+            text(format_event(&Event::Message(delete))),
+            "[r #3] alice deleted #1\n"
+        );
+        let mut shown = String::new();
+        let edited = Message {
+            edited_ts: Some(5),
+            ..msg("r", "now")
+        };
+        format_message(&edited, &mut shown);
+        let deleted = Message {
+            deleted: true,
+            ..msg("r", "")
+        };
+        format_message(&deleted, &mut shown);
+        assert_eq!(
+            shown,
+            "[r #1] alice (edited): now\n[r #1] alice: (deleted)\n"
+        );
+        let role = Event::Role {
+            room: "r".into(),
+            user: "bob".into(),
+            role: crate::types::Role::Moderator,
+            by: "alice".into(),
+        };
+        assert_eq!(
+            text(format_event(&role)),
+            "* alice made bob moderator of #r\n"
+        );
+        let kicked = Event::Kicked {
+            room: "r".into(),
+            by: "alice".into(),
+            reason: "spam".into(),
+        };
+        assert_eq!(
+            text(format_event(&kicked)),
+            "* alice put you out of #r: spam\n"
         );
         let joined = Event::Joined {
             room: "r".into(),
@@ -662,10 +1013,12 @@ mod tests {
                     Member {
                         user: "a".into(),
                         online: true,
+                        role: crate::types::Role::Owner,
                     },
                     Member {
                         user: "b".into(),
                         online: false,
+                        role: crate::types::Role::Member,
                     },
                 ],
                 more: true,
@@ -673,7 +1026,7 @@ mod tests {
         };
         assert_eq!(
             text(format_reply(&who)),
-            "* in #r: a (online), b\n* and more: the first 2 are shown\n"
+            "* in #r: a (owner, online), b\n* and more: the first 2 are shown\n"
         );
         let rooms = Reply {
             id: Some(RequestId::Str(context::ROOMS.into())),

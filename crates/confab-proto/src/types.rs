@@ -110,6 +110,63 @@ pub enum Request {
     Typing {
         room: String,
     },
+    /// Give `user` a role in a room.
+    Role {
+        room: String,
+        user: String,
+        role: Role,
+    },
+    Kick {
+        room: String,
+        user: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Ban {
+        room: String,
+        user: String,
+        #[serde(default)]
+        reason: Option<String>,
+        /// How long the ban lasts; forever without.
+        #[serde(default)]
+        duration_ms: Option<i64>,
+    },
+    Unban {
+        room: String,
+        user: String,
+    },
+    Mute {
+        room: String,
+        user: String,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        duration_ms: Option<i64>,
+    },
+    Unmute {
+        room: String,
+        user: String,
+    },
+    /// The bans and mutes in force in a room.
+    Bans {
+        room: String,
+    },
+    /// Replace the body of one's own message: a new entry of the log.
+    Edit {
+        room: String,
+        seq: Seq,
+        body: String,
+        #[serde(default)]
+        nonce: Option<String>,
+    },
+    /// Take a message back: a new entry of the log, and the message's text
+    /// (with its earlier edits') is gone from the server.
+    Delete {
+        room: String,
+        seq: Seq,
+        #[serde(default)]
+        nonce: Option<String>,
+    },
 }
 
 impl Request {
@@ -133,8 +190,88 @@ impl Request {
             Request::Sync { .. } => "sync",
             Request::Read { .. } => "read",
             Request::Typing { .. } => "typing",
+            Request::Role { .. } => "role",
+            Request::Kick { .. } => "kick",
+            Request::Ban { .. } => "ban",
+            Request::Unban { .. } => "unban",
+            Request::Mute { .. } => "mute",
+            Request::Unmute { .. } => "unmute",
+            Request::Bans { .. } => "bans",
+            Request::Edit { .. } => "edit",
+            Request::Delete { .. } => "delete",
         }
     }
+}
+
+/// A member's standing in a room, lowest first: each may do what the ones
+/// below may, and more.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    #[default]
+    Member,
+    Moderator,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Member, Role::Moderator, Role::Admin, Role::Owner];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Moderator => "moderator",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    /// The number storage keeps (0 to 3, in rank order).
+    pub fn rank(self) -> i16 {
+        self as i16
+    }
+
+    pub fn from_rank(rank: i64) -> Option<Role> {
+        Role::ALL.get(usize::try_from(rank).ok()?).copied()
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// What a ban or a mute keeps a user from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SanctionKind {
+    /// Out of the room, and refused `join`.
+    Ban,
+    /// Refused `send` and `edit`.
+    Mute,
+}
+
+impl SanctionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SanctionKind::Ban => "ban",
+            SanctionKind::Mute => "mute",
+        }
+    }
+}
+
+/// A ban or a mute in force, as `bans` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sanction {
+    pub user: String,
+    pub kind: SanctionKind,
+    pub by: String,
+    #[serde(default)]
+    pub reason: String,
+    /// When it ends by itself (Unix ms); `None`: never.
+    pub until_ts: Option<i64>,
 }
 
 /// The stable, machine-readable error codes of the contract.
@@ -187,23 +324,48 @@ impl ErrorBody {
     }
 }
 
-/// A stored chat message, as the wire shows it (and as the `message` event).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A stored entry of a room's log, as the wire shows it (and as the
+/// `message` event): a message, or an edit or a deletion of one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Message {
     pub room: String,
     pub seq: Seq,
     pub user: String,
+    /// Empty, and then left out on the wire, exactly when there is no text:
+    /// a deletion entry, or a message that was deleted (a sent body is
+    /// never empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub body: String,
     /// Server time in Unix milliseconds when the message was accepted.
     pub ts: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// This entry replaces the body of the message with this seq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<Seq>,
+    /// This entry deletes the message with this seq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete: Option<Seq>,
+    /// In `history` and `sync`: when the message's body was last replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_ts: Option<i64>,
+    /// In `history` and `sync`: the message was deleted (its text is gone).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+impl Message {
+    /// An edit or a deletion entry (which cannot be edited or deleted).
+    pub fn amends(&self) -> Option<Seq> {
+        self.edit.or(self.delete)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Member {
     pub user: String,
     pub online: bool,
+    pub role: Role,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -269,6 +431,9 @@ pub enum OkBody {
         /// reached its total budget): sync again from the new cursors.
         more: bool,
     },
+    Bans {
+        bans: Vec<Sanction>,
+    },
 }
 
 /// The one reply every request gets.
@@ -330,6 +495,21 @@ pub enum Event {
     /// A message from the server's operators to everyone connected.
     Notice {
         text: String,
+    },
+    /// A member's role changed (to every member of the room).
+    Role {
+        room: String,
+        user: String,
+        role: Role,
+        by: String,
+    },
+    /// This user was put out of the room (to each of their connections);
+    /// the other members see `left`.
+    Kicked {
+        room: String,
+        by: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
     },
 }
 

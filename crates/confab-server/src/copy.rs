@@ -1,6 +1,7 @@
 //! `confab db copy`: a SQLite deployment moved to PostgreSQL, whole. Users
-//! keep their password hashes and tokens, rooms their topics and counters,
-//! members their read markers, messages their seqs, times and nonces, so
+//! keep their password hashes, tokens and operator flags, rooms their
+//! topics, counters, bans and mutes, members their read markers and roles,
+//! messages their seqs, times, nonces, edits and deletions, so
 //! that clients resume and sync afterwards as if nothing happened. The copy
 //! is checked (every count, and every room's last seq) before it is done.
 
@@ -80,6 +81,10 @@ pub async fn copy(
     for chunk in members.chunks(CHUNK as usize) {
         target.import_members(chunk).await?;
     }
+    let sanctions = source.sanctions().await?;
+    for chunk in sanctions.chunks(CHUNK as usize) {
+        target.import_sanctions(chunk).await?;
+    }
     let mut copied = 0;
     for room in &rooms {
         let mut after = 0;
@@ -114,6 +119,7 @@ fn differences(source: &Census, copy: &Census) -> Vec<String> {
         ("rooms", source.rooms, copy.rooms),
         ("memberships", source.members, copy.members),
         ("messages", source.messages, copy.messages),
+        ("bans and mutes", source.sanctions, copy.sanctions),
     ] {
         if a != b {
             out.push(format!("{what}: {a} in the source, {b} in the copy"));

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use confab_core::{ChatError, CloseReason, Session};
-use confab_proto::line::{self, context, LineCommand, LineDecoder, LineFrame, Usage};
+use confab_proto::line::{self, context, LineCommand, LineDecoder, LineFrame, Moderation, Usage};
 use confab_proto::{Envelope, Event, Request, RequestId};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -340,6 +340,54 @@ fn words(d: Duration) -> String {
     }
 }
 
+/// A moderation command's request, and what its `ok` reads.
+fn moderation(
+    action: Moderation,
+    room: String,
+    user: String,
+    duration_ms: Option<i64>,
+    reason: Option<String>,
+) -> (Request, String) {
+    let until = match duration_ms {
+        Some(ms) => format!(" for {}", words(Duration::from_millis(ms.max(0) as u64))),
+        None => String::new(),
+    };
+    match action {
+        Moderation::Kick => {
+            let done = format!("{user} was put out of #{room}");
+            (Request::Kick { room, user, reason }, done)
+        }
+        Moderation::Ban => {
+            let done = format!("{user} is banned from #{room}{until}");
+            let ban = Request::Ban {
+                room,
+                user,
+                reason,
+                duration_ms,
+            };
+            (ban, done)
+        }
+        Moderation::Mute => {
+            let done = format!("{user} is muted in #{room}{until}");
+            let mute = Request::Mute {
+                room,
+                user,
+                reason,
+                duration_ms,
+            };
+            (mute, done)
+        }
+        Moderation::Unban => {
+            let done = format!("{user} may join #{room} again");
+            (Request::Unban { room, user }, done)
+        }
+        Moderation::Unmute => {
+            let done = format!("{user} may speak in #{room} again");
+            (Request::Unmute { room, user }, done)
+        }
+    }
+}
+
 /// A session seen from a terminal: the current room, and commands turned
 /// into requests.
 struct Terminal<'a> {
@@ -475,6 +523,47 @@ impl Terminal<'_> {
                     };
                     self.request(context::HISTORY, history).await;
                 }
+            }
+            LineCommand::Edit { seq, text } => {
+                let room = self.room_or_current(None).await?;
+                let edit = Request::Edit {
+                    room,
+                    seq,
+                    body: text,
+                    nonce: None,
+                };
+                self.request(context::SAY, edit).await;
+            }
+            LineCommand::Delete(seq) => {
+                let room = self.room_or_current(None).await?;
+                let delete = Request::Delete {
+                    room,
+                    seq,
+                    nonce: None,
+                };
+                self.request(context::SAY, delete).await;
+            }
+            LineCommand::Role { user, role } => {
+                let room = self.room_or_current(None).await?;
+                // The `role` event tells everyone, this connection included.
+                self.request(context::SAY, Request::Role { room, user, role })
+                    .await;
+            }
+            LineCommand::Bans => {
+                let room = self.room_or_current(None).await?;
+                let ctx = format!("{} {room}", context::BANS);
+                self.request(&ctx, Request::Bans { room }).await;
+            }
+            LineCommand::Moderate {
+                action,
+                user,
+                duration_ms,
+                reason,
+            } => {
+                let room = self.room_or_current(None).await?;
+                let (request, done) = moderation(action, room, user, duration_ms, reason);
+                self.request(&format!("{}{done}", context::DONE), request)
+                    .await;
             }
             LineCommand::Say(body) => {
                 if let Some(room) = self.room_or_current(None).await {

@@ -53,6 +53,11 @@ enum UserCommand {
     List,
     /// Delete an account, its tokens and memberships (its messages stay).
     Delete { name: String },
+    /// Make an account a server operator: an owner of every room, who may
+    /// give rooms without an owner one.
+    Op { name: String },
+    /// Make an operator an ordinary account again.
+    Deop { name: String },
 }
 
 #[derive(Subcommand)]
@@ -264,12 +269,13 @@ async fn copy(from: &str, to: &str, replace: bool) -> anyhow::Result<()> {
     })
     .await?;
     println!(
-        "copied {} users, {} tokens, {} rooms, {} memberships and {} messages from {} to {}; \
-         counts and every room's last seq checked",
+        "copied {} users, {} tokens, {} rooms, {} memberships, {} bans and mutes and {} messages \
+         from {} to {}; counts and every room's last seq checked",
         census.users,
         census.tokens,
         census.rooms,
         census.members,
+        census.sanctions,
         census.messages,
         mask_password(from),
         mask_password(to)
@@ -317,6 +323,13 @@ async fn user(action: UserCommand, overrides: &Overrides) -> anyhow::Result<()> 
             let user = name(&raw)?;
             store.delete_user(&user).await?;
             println!("deleted {user}");
+        }
+        UserCommand::Op { name: ref raw } | UserCommand::Deop { name: ref raw } => {
+            let user = name(raw)?;
+            let op = matches!(action, UserCommand::Op { .. });
+            store.set_operator(&user, op).await?;
+            let now = if op { "an operator" } else { "no operator" };
+            println!("{user} is {now} now");
         }
     }
     Ok(())

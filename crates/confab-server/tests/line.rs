@@ -64,12 +64,18 @@ async fn every_command() {
     );
     assert_eq!(
         c.say("/join General").await,
-        ["* now talking in #general", "* members: Lena (online)"]
+        [
+            "* now talking in #general",
+            "* members: Lena (owner, online)"
+        ]
     );
-    assert_eq!(c.say("hello, room").await, ["[general] Lena: hello, room"]);
+    assert_eq!(
+        c.say("hello, room").await,
+        ["[general #1] Lena: hello, room"]
+    );
     assert_eq!(
         c.say("//slash at the start").await,
-        ["[general] Lena: /slash at the start"]
+        ["[general #2] Lena: /slash at the start"]
     );
     assert_eq!(c.say("/topic").await, ["* #general has no topic"]);
     assert_eq!(
@@ -77,7 +83,7 @@ async fn every_command() {
         ["* Lena set the topic of #general: Rust and tea"]
     );
     assert_eq!(c.say("/topic").await, ["* topic of #general: Rust and tea"]);
-    assert_eq!(c.say("/who").await, ["* in #general: Lena (online)"]);
+    assert_eq!(c.say("/who").await, ["* in #general: Lena (owner, online)"]);
     assert_eq!(
         c.say("/rooms").await,
         ["* #general: 1 members, 2 unread - Rust and tea"]
@@ -85,26 +91,26 @@ async fn every_command() {
     assert_eq!(
         c.say("/history").await,
         [
-            "[general] Lena: hello, room",
-            "[general] Lena: /slash at the start"
+            "[general #1] Lena: hello, room",
+            "[general #2] Lena: /slash at the start"
         ]
     );
     assert_eq!(
         c.say("/history 1").await,
         [
-            "[general] Lena: /slash at the start",
+            "[general #2] Lena: /slash at the start",
             "* older messages exist: /history N for more"
         ]
     );
     c.say("/join side").await;
     assert_eq!(
         c.say("in side").await,
-        ["[side] Lena: in side"],
+        ["[side #1] Lena: in side"],
         "/join switches rooms"
     );
     assert_eq!(
         c.say("/who general").await,
-        ["* in #general: Lena (online)"]
+        ["* in #general: Lena (owner, online)"]
     );
     assert_eq!(
         c.say("/rooms all").await,
@@ -114,7 +120,10 @@ async fn every_command() {
         ]
     );
     assert_eq!(c.say("/leave general").await, ["* you left #general"]);
-    assert_eq!(c.say("still in side").await, ["[side] Lena: still in side"]);
+    assert_eq!(
+        c.say("still in side").await,
+        ["[side #2] Lena: still in side"]
+    );
     assert_eq!(c.say("/leave").await, ["* you left #side"]);
     assert_eq!(
         c.say("nowhere").await,
@@ -152,12 +161,16 @@ async fn framing_survives_what_tcp_does() {
     for b in b"one byte at a time\r\n" {
         c.write_raw(&[*b]).await;
     }
-    assert_eq!(c.line().await, "[r] bytes: one byte at a time");
+    assert_eq!(c.line().await, "[r #1] bytes: one byte at a time");
     // Many lines in one write.
     c.write_raw(b"first\nsecond\r\nthird\n").await;
     assert_eq!(
         c.pending().await,
-        ["[r] bytes: first", "[r] bytes: second", "[r] bytes: third"]
+        [
+            "[r #2] bytes: first",
+            "[r #3] bytes: second",
+            "[r #4] bytes: third"
+        ]
     );
     // Invalid UTF-8.
     c.write_raw(b"bad \xff\xfe bytes\n").await;
@@ -176,7 +189,7 @@ async fn framing_survives_what_tcp_does() {
         c.pending().await,
         [
             "! too_large: a line has at most 8192 bytes; this one was discarded",
-            "[r] bytes: after the flood"
+            "[r #5] bytes: after the flood"
         ]
     );
     // A body over the message limit but under the line limit.
@@ -200,7 +213,7 @@ async fn line_and_websocket_users_talk() {
         term.say("/join mixed").await,
         [
             "* now talking in #mixed",
-            "* members: termy (online), webby (online)"
+            "* members: termy (online), webby (owner, online)"
         ]
     );
     assert_eq!(web.event_of("joined").await["user"], "termy");
@@ -220,7 +233,7 @@ async fn line_and_websocket_users_talk() {
     );
     assert_eq!(
         term.pending().await,
-        ["[mixed] webby: hello from a browser"]
+        ["[mixed #2] webby: hello from a browser"]
     );
     // Direct messages, both ways.
     term.say("/msg webby just you and me").await;
@@ -229,7 +242,7 @@ async fn line_and_websocket_users_talk() {
     assert_eq!(dm["body"], "just you and me");
     web.ok(json!({"type":"dm","to":"termy","body":"got it"}))
         .await;
-    assert_eq!(term.pending().await, ["[dm] webby: got it"]);
+    assert_eq!(term.pending().await, ["[dm #2] webby: got it"]);
     // Topics, typing (not shown), presence, leaves.
     web.ok(json!({"type":"topic","room":"mixed","topic":"mixed company"}))
         .await;
@@ -365,4 +378,105 @@ async fn an_idle_terminal_is_warned_then_closed_and_goes_offline() {
         (Some("dozy"), Some(false))
     );
     assert_eq!(web.event_of("left").await["user"], "dozy");
+}
+
+#[tokio::test]
+async fn terminals_edit_delete_and_moderate() {
+    let server = TestServer::spawn().await;
+    let mut boss = guest_in(&server, "boss", "den").await;
+    let mut pest = guest_in(&server, "pest", "den").await;
+    assert_eq!(boss.pending().await, ["* pest joined #den"]);
+    // Chat lines carry the seq that /edit and /delete name.
+    assert_eq!(pest.say("helo").await, ["[den #1] pest: helo"]);
+    assert_eq!(
+        pest.say("/edit 1 hello").await,
+        ["[den #2] pest edited #1: hello"]
+    );
+    assert_eq!(
+        boss.say("/edit 1 mine").await,
+        [
+            "[den #1] pest: helo",
+            "[den #2] pest edited #1: hello",
+            "! forbidden: message 1 is not yours: only its author edits it"
+        ]
+    );
+    assert_eq!(
+        pest.say("/history").await,
+        [
+            "[den #1] pest (edited): hello",
+            "[den #2] pest edited #1: hello"
+        ]
+    );
+    // The room's creator owns it: it deletes anyone's message.
+    assert_eq!(boss.say("/delete #1").await, ["[den #3] boss deleted #1"]);
+    assert_eq!(
+        pest.say("/history").await,
+        [
+            "[den #3] boss deleted #1",
+            "[den #1] pest: (deleted)",
+            "[den #2] pest: (deleted)",
+            "[den #3] boss deleted #1"
+        ]
+    );
+    assert_eq!(
+        pest.say("/mute boss").await,
+        ["! forbidden: that needs the role moderator in den or higher"]
+    );
+    assert_eq!(
+        boss.say("/mute pest 10m flooding").await,
+        ["* pest is muted in #den for 10 minutes"]
+    );
+    let refused = pest.say("quiet now?").await;
+    assert_eq!(refused.len(), 1);
+    assert!(
+        refused[0].starts_with("! forbidden: you are muted in den until "),
+        "{refused:?}"
+    );
+    let bans = boss.say("/bans").await;
+    assert_eq!(bans.len(), 1);
+    assert!(
+        bans[0].starts_with("* pest mute by boss until ") && bans[0].ends_with(": flooding"),
+        "{bans:?}"
+    );
+    assert_eq!(
+        boss.say("/unmute pest").await,
+        ["* pest may speak in #den again"]
+    );
+    assert_eq!(
+        boss.say("/role pest moderator").await,
+        ["* boss made pest moderator of #den"]
+    );
+    assert_eq!(
+        boss.say("/role pest king").await,
+        ["! bad_request: usage: /role USER ROLE, ROLE one of member, moderator, admin, owner"]
+    );
+    assert_eq!(
+        boss.say("/ban pest -5m").await,
+        [
+            "! bad_request: usage: /ban USER [DURATION] [REASON], DURATION a whole number \
+          with s, m, h or d (10m, 2h, 7d), not \"-5m\""
+        ]
+    );
+    assert_eq!(
+        boss.say("/ban pest 1d spam").await,
+        [
+            "* pest is banned from #den for 24 hours",
+            "* pest left #den"
+        ]
+    );
+    let told = pest.pending().await;
+    assert_eq!(
+        told.last().map(String::as_str),
+        Some("* boss put you out of #den: spam"),
+        "{told:?}"
+    );
+    let refused = pest.say("/join den").await;
+    assert!(
+        refused.len() == 1 && refused[0].starts_with("! forbidden: you are banned from den until "),
+        "{refused:?}"
+    );
+    assert_eq!(
+        boss.say("/kick pest").await,
+        ["! not_found: pest is not in den"]
+    );
 }

@@ -239,6 +239,19 @@ async fn a_sqlite_deployment_moves_to_postgres_and_its_clients_do_not_notice() {
         .ok(json!({"type":"dm","to":"bob","body":"psst"}))
         .await;
     bob.ok(json!({"type":"read","room":"plaza","seq":3})).await;
+    // Roles, a ban, an edit and a deletion come along too.
+    alice
+        .ok(json!({"type":"role","room":"plaza","user":"bob","role":"moderator"}))
+        .await;
+    alice
+        .ok(json!({"type":"ban","room":"plaza","user":"eve","reason":"ahead of time"}))
+        .await;
+    alice
+        .ok(json!({"type":"edit","room":"plaza","seq":2,"body":"m2 again"}))
+        .await;
+    alice
+        .ok(json!({"type":"delete","room":"plaza","seq":1}))
+        .await;
     let sqlite = format!("sqlite://{}", server.dir().join("confab.db").display());
     let dir = server.dir().to_path_buf();
     let stopped = server.stop().await;
@@ -259,7 +272,9 @@ async fn a_sqlite_deployment_moves_to_postgres_and_its_clients_do_not_notice() {
     .await;
     assert!(ok, "{text}");
     assert!(
-        text.contains("copied 2 users, 2 tokens, 2 rooms, 4 memberships and 6 messages"),
+        text.contains(
+            "copied 2 users, 2 tokens, 2 rooms, 4 memberships, 1 bans and mutes and 8 messages"
+        ),
         "{text}"
     );
     assert!(text.contains("checked"), "{text}");
@@ -294,7 +309,7 @@ async fn a_sqlite_deployment_moves_to_postgres_and_its_clients_do_not_notice() {
         rooms,
         [
             ("dm:alice:bob".to_owned(), vec![1]),
-            ("plaza".to_owned(), vec![4, 5])
+            ("plaza".to_owned(), vec![4, 5, 6, 7])
         ],
         "from the read markers, as before"
     );
@@ -305,9 +320,26 @@ async fn a_sqlite_deployment_moves_to_postgres_and_its_clients_do_not_notice() {
         .await;
     assert_eq!(again["seq"], 3, "the nonce finds the original");
     let next = alice.send("plaza", "first on postgres").await;
-    assert_eq!(next, 6);
+    assert_eq!(next, 8);
     let joined = alice.join("plaza").await;
     assert_eq!(joined["topic"], "moving day");
+    let roles: Vec<(&str, &str)> = joined["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["user"].as_str().unwrap(), m["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(roles, [("Alice", "owner"), ("bob", "moderator")]);
+    let bans = alice.ok(json!({"type":"bans","room":"plaza"})).await;
+    assert_eq!(bans["bans"][0]["user"], "eve");
+    assert_eq!(bans["bans"][0]["reason"], "ahead of time");
+    let page = alice
+        .ok(json!({"type":"history","room":"plaza","before":3}))
+        .await;
+    assert_eq!(page["messages"][0]["deleted"], true);
+    assert!(page["messages"][0].get("body").is_none());
+    assert_eq!(page["messages"][1]["body"], "m2 again");
+    assert!(page["messages"][1]["edited_ts"].is_i64());
     // Passwords too: the hashes came along.
     server.client().await.login("bob").await;
 }

@@ -35,7 +35,7 @@ async fn websocket_and_line_over_tls() {
     line.say("over tls").await;
     assert_eq!(web.event_of("message").await["body"], "over tls");
     web.send("vault", "back over tls").await;
-    assert_eq!(line.pending().await, ["[vault] secure: back over tls"]);
+    assert_eq!(line.pending().await, ["[vault #2] secure: back over tls"]);
 
     // Plain TCP is not served on a TLS listener.
     let mut plain = tokio::net::TcpStream::connect(server.line_addr)
@@ -76,7 +76,7 @@ async fn a_reload_changes_the_certificate_for_new_connections_only() {
     // Open connections were not dropped.
     old_ws.send("r", "still here").await;
     assert_eq!(old_ws.event_of("message").await["body"], "still here");
-    assert_eq!(old_line.pending().await, ["[r] stayer: still here"]);
+    assert_eq!(old_line.pending().await, ["[r #1] stayer: still here"]);
     assert_eq!(old_ws.request(json!({"type":"ping"})).await["type"], "pong");
 }
 

@@ -59,7 +59,10 @@ async fn malformed_frames_get_errors_and_keep_the_session(store: Store) {
     assert!(e["message"].as_str().unwrap().contains("binary"));
     // Still logged in as alice.
     let r = c.join("general").await;
-    assert_eq!(r["members"], json!([{"user":"alice","online":true}]));
+    assert_eq!(
+        r["members"],
+        json!([{"user":"alice","online":true,"role":"owner"}])
+    );
 }
 
 /// RFC 6455 as clients use it: a text message may come in fragments, with
@@ -255,7 +258,10 @@ async fn guests_come_and_go(store: Store) {
         json!({"type":"left","room":"lobby","user":"Visitor"})
     );
     let members = alice.ok(json!({"type":"members","room":"lobby"})).await;
-    assert_eq!(members["members"], json!([{"user":"alice","online":true}]));
+    assert_eq!(
+        members["members"],
+        json!([{"user":"alice","online":true,"role":"owner"}])
+    );
     g2.guest("visitor").await; // the name is free again
 }
 
@@ -276,7 +282,7 @@ async fn rooms_members_topics_and_their_events(store: Store) {
     let r = alice.join("General").await;
     assert_eq!(
         r,
-        json!({"type":"ok","id":2,"room":"general","topic":"","members":[{"user":"alice","online":true}],"members_more":false,"last_seq":0})
+        json!({"type":"ok","id":2,"room":"general","topic":"","members":[{"user":"alice","online":true,"role":"owner"}],"members_more":false,"last_seq":0})
     );
     alice
         .ok(json!({"type":"topic","room":"general","topic":"All things"}))
@@ -289,7 +295,7 @@ async fn rooms_members_topics_and_their_events(store: Store) {
     assert_eq!(r["topic"], "All things");
     assert_eq!(
         r["members"],
-        json!([{"user":"alice","online":true},{"user":"bob","online":true}])
+        json!([{"user":"alice","online":true,"role":"owner"},{"user":"bob","online":true,"role":"member"}])
     );
     assert_eq!(
         alice.event_of("joined").await,
@@ -317,7 +323,7 @@ async fn rooms_members_topics_and_their_events(store: Store) {
 
     assert_eq!(
         bob.ok(json!({"type":"members","room":"side"})).await["members"],
-        json!([{"user":"bob","online":true}])
+        json!([{"user":"bob","online":true,"role":"owner"}])
     );
     assert_eq!(
         bob.error(json!({"type":"members","room":"nowhere"})).await,
@@ -593,7 +599,7 @@ async fn presence_follows_first_and_last_connection(store: Store) {
     let members = alice.ok(json!({"type":"members","room":"r"})).await;
     assert_eq!(
         members["members"],
-        json!([{"user":"alice","online":true},{"user":"bob","online":true}])
+        json!([{"user":"alice","online":true,"role":"owner"},{"user":"bob","online":true,"role":"member"}])
     );
     bob.ok(json!({"type":"logout"})).await;
     assert_eq!(alice.event_of("presence").await["online"], false);

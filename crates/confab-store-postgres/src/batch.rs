@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use confab_core::store::{Appended, NewMessage, Queued, StoreResult};
+use confab_core::store::{sanctioned, Appended, NewMessage, Queued, StoreResult};
 use confab_core::StoreError;
-use confab_proto::Message;
+use confab_proto::{Message, SanctionKind};
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 
@@ -173,6 +173,7 @@ async fn store(
                 body: row.get(3),
                 ts: row.get(4),
                 nonce: row.get(5),
+                ..Message::default()
             };
             match status {
                 0 | 1 => Ok(Appended {
@@ -182,6 +183,7 @@ async fn store(
                 }),
                 2 => Err(StoreError::NoSuchRoom),
                 3 => Err(StoreError::NotMember),
+                4 => Err(sanctioned(SanctionKind::Mute, &job.message.room, None)),
                 other => Err(StoreError::Internal(format!("append status {other}"))),
             }
         })

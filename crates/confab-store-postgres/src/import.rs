@@ -2,13 +2,15 @@
 //! statement of arrays per chunk, unnested by PostgreSQL), a census to check
 //! the copy, and the emptiness check and wipe around it.
 
-use confab_core::store::transfer::{Census, MemberRow, MessageRow, RoomRow, TokenRow, UserRow};
+use confab_core::store::transfer::{
+    Census, MemberRow, MessageRow, RoomRow, SanctionRow, TokenRow, UserRow,
+};
 use confab_core::store::StoreResult;
 
 use crate::{pg_error, PgStore};
 
 /// The tables a copy fills, children first.
-const TABLES: &str = "messages, members, tokens, removed_users, rooms, users";
+const TABLES: &str = "sanctions, messages, members, tokens, removed_users, rooms, users";
 
 impl PgStore {
     /// Whether the database holds no user, room or message.
@@ -57,6 +59,7 @@ impl PgStore {
             rooms: count("rooms").await?,
             members: count("members").await?,
             messages: count("messages").await?,
+            sanctions: count("sanctions").await?,
             last_seqs: rows
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -67,15 +70,17 @@ impl PgStore {
     pub async fn import_users(&self, rows: &[UserRow]) -> StoreResult<()> {
         let col = |f: fn(&UserRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
         let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
+        let operators: Vec<bool> = rows.iter().map(|r| r.operator).collect();
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO users (key, name, password_hash, created_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[])",
+            "INSERT INTO users (key, name, password_hash, created_at, operator)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[])",
             &[
                 &col(|r| &r.key),
                 &col(|r| &r.name),
                 &col(|r| &r.password_hash),
                 &created,
+                &operators,
             ],
         )
         .await
@@ -124,14 +129,48 @@ impl PgStore {
         let names: Vec<&str> = rows.iter().map(|r| r.user_name.as_str()).collect();
         let read: Vec<i64> = rows.iter().map(|r| r.read_seq).collect();
         let joined: Vec<i64> = rows.iter().map(|r| r.joined_at).collect();
+        let roles: Vec<i16> = rows.iter().map(|r| r.role).collect();
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO members (room_id, user_key, user_name, guest, read_seq, joined_at)
-             SELECT r.id, u.user_key, u.user_name, FALSE, u.read_seq, u.joined_at
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
-                  AS u (room, user_key, user_name, read_seq, joined_at)
+            "INSERT INTO members (room_id, user_key, user_name, guest, read_seq, joined_at, role)
+             SELECT r.id, u.user_key, u.user_name, FALSE, u.read_seq, u.joined_at, u.role
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                         $6::int2[])
+                  AS u (room, user_key, user_name, read_seq, joined_at, role)
              JOIN rooms r ON r.name = u.room",
-            &[&rooms, &keys, &names, &read, &joined],
+            &[&rooms, &keys, &names, &read, &joined, &roles],
+        )
+        .await
+        .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// Bans and mutes of rooms already imported, by room name.
+    pub async fn import_sanctions(&self, rows: &[SanctionRow]) -> StoreResult<()> {
+        let col = |f: fn(&SanctionRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+        let kinds: Vec<i16> = rows.iter().map(|r| r.kind).collect();
+        let until: Vec<Option<i64>> = rows.iter().map(|r| r.until_ts).collect();
+        let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO sanctions
+             (room_id, user_key, kind, user_name, by_name, reason, until_ts, created_at)
+             SELECT r.id, u.user_key, u.kind, u.user_name, u.by_name, u.reason, u.until_ts,
+                    u.created_at
+             FROM UNNEST($1::text[], $2::text[], $3::int2[], $4::text[], $5::text[],
+                         $6::text[], $7::bigint[], $8::bigint[])
+                  AS u (room, user_key, kind, user_name, by_name, reason, until_ts, created_at)
+             JOIN rooms r ON r.name = u.room",
+            &[
+                &col(|r| &r.room),
+                &col(|r| &r.user_key),
+                &kinds,
+                &col(|r| &r.user_name),
+                &col(|r| &r.by_name),
+                &col(|r| &r.reason),
+                &until,
+                &created,
+            ],
         )
         .await
         .map_err(pg_error)?;
@@ -146,19 +185,28 @@ impl PgStore {
         let bodies: Vec<&str> = rows.iter().map(|r| r.body.as_str()).collect();
         let ts: Vec<i64> = rows.iter().map(|r| r.ts).collect();
         let nonces: Vec<Option<&str>> = rows.iter().map(|r| r.nonce.as_deref()).collect();
+        let edit_of: Vec<Option<i64>> = rows.iter().map(|r| r.edit_of).collect();
+        let delete_of: Vec<Option<i64>> = rows.iter().map(|r| r.delete_of).collect();
+        let edited: Vec<Option<i64>> = rows.iter().map(|r| r.edited_ts).collect();
+        let deleted: Vec<bool> = rows.iter().map(|r| r.deleted).collect();
         let c = self.client().await?;
         let stmt = c
             .prepare_cached(
-                "INSERT INTO messages (room_id, seq, sender_key, sender, body, ts, nonce)
+                "INSERT INTO messages (room_id, seq, sender_key, sender, body, ts, nonce,
+                                       edit_of, delete_of, edited_ts, deleted)
                  SELECT (SELECT id FROM rooms WHERE name = $1), u.*
                  FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                             $7::text[]) AS u",
+                             $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
+                             $11::bool[]) AS u",
             )
             .await
             .map_err(pg_error)?;
         c.execute(
             &stmt,
-            &[&room, &seqs, &keys, &senders, &bodies, &ts, &nonces],
+            &[
+                &room, &seqs, &keys, &senders, &bodies, &ts, &nonces, &edit_of, &delete_of,
+                &edited, &deleted,
+            ],
         )
         .await
         .map_err(pg_error)?;

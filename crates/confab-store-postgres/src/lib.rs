@@ -30,12 +30,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_core::store::{
-    no_user, now_ms, stored_user_name as user_name, too_many_rooms, Appended, DirectPeers,
-    HistoryPage, JoinRules, Joined, NewMessage, Page, Queued, RemovedUsers, RoomView, StoreResult,
-    TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
+    check_amend, in_force, last_owner, no_user, now_ms, sanctioned, stored_role,
+    stored_user_name as user_name, too_many_rooms, Amend, AmendTarget, Appended, DirectPeers,
+    HistoryPage, JoinRules, Joined, NewMessage, NewSanction, Page, Queued, RemovedUsers, RoomView,
+    StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
-use confab_proto::{Message, Seq};
+use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
@@ -48,6 +49,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("schema_1.sql"),
     include_str!("schema_2.sql"),
     include_str!("schema_3.sql"),
+    include_str!("schema_4.sql"),
 ];
 
 /// The advisory lock migrations hold, so that nodes starting together
@@ -479,22 +481,106 @@ async fn add_member(
     room_id: i64,
     user: &UserName,
     guest: bool,
+    role: Role,
 ) -> StoreResult<bool> {
     let stmt = c
         .prepare_cached(
-            "INSERT INTO members (room_id, user_key, user_name, guest, joined_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            "INSERT INTO members (room_id, user_key, user_name, guest, joined_at, role)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .await
         .map_err(pg_error)?;
     let n = c
         .execute(
             &stmt,
-            &[&room_id, &user.key(), &user.as_str(), &guest, &now_ms()],
+            &[
+                &room_id,
+                &user.key(),
+                &user.as_str(),
+                &guest,
+                &now_ms(),
+                &role.rank(),
+            ],
         )
         .await
         .map_err(pg_error)?;
     Ok(n == 1)
+}
+
+fn sanction_kind(kind: SanctionKind) -> i16 {
+    match kind {
+        SanctionKind::Ban => 0,
+        SanctionKind::Mute => 1,
+    }
+}
+
+/// Refuse a user with a ban or mute of `kind` in force in the room at `now`.
+async fn refuse_sanctioned(
+    c: &impl GenericClient,
+    room_id: i64,
+    room: &RoomName,
+    user: &UserName,
+    kind: SanctionKind,
+    now: i64,
+) -> StoreResult<()> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT until_ts FROM sanctions WHERE room_id = $1 AND user_key = $2 AND kind = $3",
+        )
+        .await
+        .map_err(pg_error)?;
+    let row = c
+        .query_opt(&stmt, &[&room_id, &user.key(), &sanction_kind(kind)])
+        .await
+        .map_err(pg_error)?;
+    match row.map(|r| r.get::<_, Option<i64>>(0)) {
+        Some(until) if in_force(until, now) => Err(sanctioned(kind, room, until)),
+        _ => Ok(()),
+    }
+}
+
+/// Check an edit or deletion of the room's message and apply it to the
+/// message (and, for a deletion, its edit entries).
+async fn apply_amend(
+    c: &impl GenericClient,
+    room_id: i64,
+    m: &NewMessage,
+    amend: Amend,
+) -> StoreResult<()> {
+    let seq = amend.target() as i64;
+    let target = c
+        .query_opt(
+            "SELECT sender_key, edit_of IS NOT NULL OR delete_of IS NOT NULL, deleted
+             FROM messages WHERE room_id = $1 AND seq = $2",
+            &[&room_id, &seq],
+        )
+        .await
+        .map_err(pg_error)?
+        .map(|r| AmendTarget {
+            sender_key: r.get(0),
+            is_amend: r.get(1),
+            deleted: r.get(2),
+        });
+    check_amend(amend, &m.sender, target.as_ref())?;
+    let changed = match amend {
+        Amend::Edit(_) => {
+            c.execute(
+                "UPDATE messages SET body = $3, edited_ts = $4 WHERE room_id = $1 AND seq = $2",
+                &[&room_id, &seq, &m.body, &m.ts],
+            )
+            .await
+        }
+        Amend::Delete { .. } => {
+            c.execute(
+                "UPDATE messages SET body = '', deleted = (seq = $2)
+                 WHERE room_id = $1 AND (seq = $2 OR edit_of = $2)",
+                &[&room_id, &seq],
+            )
+            .await
+        }
+    };
+    changed.map_err(pg_error)?;
+    Ok(())
 }
 
 /// The room's id, creating it if needed (another node may create it at the
@@ -536,7 +622,8 @@ async fn sweep_guest_rooms(c: &impl GenericClient, id: Option<i64>) -> StoreResu
     Ok(())
 }
 
-const MESSAGE_COLUMNS: &str = "seq, sender, body, ts, nonce";
+const MESSAGE_COLUMNS: &str =
+    "seq, sender, body, ts, nonce, edit_of, delete_of, edited_ts, deleted";
 
 fn message_row(room: &str, r: &Row) -> Message {
     Message {
@@ -546,6 +633,10 @@ fn message_row(room: &str, r: &Row) -> Message {
         body: r.get(2),
         ts: r.get(3),
         nonce: r.get(4),
+        edit: r.get::<_, Option<i64>>(5).map(seq),
+        delete: r.get::<_, Option<i64>>(6).map(seq),
+        edited_ts: r.get(7),
+        deleted: r.get(8),
     }
 }
 
@@ -560,25 +651,28 @@ async fn query_messages(
     Ok(rows.iter().map(|r| message_row(room, r)).collect())
 }
 
-/// A direct message, opening the conversation if needed. (Room messages
-/// go through `batch`.)
-async fn append_direct(c: &impl GenericClient, m: NewMessage) -> StoreResult<Appended> {
-    let Some(DirectPeers {
-        sender_guest,
-        peer,
-        peer_guest,
-    }) = &m.direct
-    else {
-        return Err(StoreError::Internal("not a direct message".into()));
-    };
+/// A message stored on its own, not in a batch: a direct message (opening
+/// the conversation if needed), or an edit or deletion. (Room messages go
+/// through `batch`.)
+async fn append_one(c: &impl GenericClient, m: NewMessage) -> StoreResult<Appended> {
     let mut new_members = Vec::new();
-    let room_id = create_room(c, &m.room, *sender_guest).await?;
-    if add_member(c, room_id, &m.sender, *sender_guest).await? {
-        new_members.push(m.sender.clone());
-    }
-    if add_member(c, room_id, peer, *peer_guest).await? {
-        new_members.push(peer.clone());
-    }
+    let room_id = match &m.direct {
+        Some(DirectPeers {
+            sender_guest,
+            peer,
+            peer_guest,
+        }) => {
+            let room_id = create_room(c, &m.room, *sender_guest).await?;
+            if add_member(c, room_id, &m.sender, *sender_guest, Role::Member).await? {
+                new_members.push(m.sender.clone());
+            }
+            if add_member(c, room_id, peer, *peer_guest, Role::Member).await? {
+                new_members.push(peer.clone());
+            }
+            room_id
+        }
+        None => member_room(c, &m.room, &m.sender).await?.0,
+    };
     // The room's row lock orders its appends, on every node: the nonce
     // check and the next seq are then decided by one transaction at a time.
     let last_seq: i64 = c
@@ -609,6 +703,14 @@ async fn append_direct(c: &impl GenericClient, m: NewMessage) -> StoreResult<App
             });
         }
     }
+    if !matches!(m.amend, Some(Amend::Delete { .. })) {
+        let mute = SanctionKind::Mute;
+        refuse_sanctioned(c, room_id, &m.room, &m.sender, mute, now_ms()).await?;
+    }
+    if let Some(amend) = m.amend {
+        apply_amend(c, room_id, &m, amend).await?;
+    }
+    let (edit, delete) = m.amend.map_or((None, None), Amend::fields);
     let next = last_seq + 1;
     c.execute(
         "UPDATE rooms SET last_seq = $1 WHERE id = $2",
@@ -618,11 +720,13 @@ async fn append_direct(c: &impl GenericClient, m: NewMessage) -> StoreResult<App
     .map_err(pg_error)?;
     let stmt = c
         .prepare_cached(
-            "INSERT INTO messages (room_id, seq, sender_key, sender, body, ts, nonce)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO messages
+             (room_id, seq, sender_key, sender, body, ts, nonce, edit_of, delete_of)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .await
         .map_err(pg_error)?;
+    let as_i64 = |s: Option<Seq>| s.map(|s| s as i64);
     c.execute(
         &stmt,
         &[
@@ -633,6 +737,8 @@ async fn append_direct(c: &impl GenericClient, m: NewMessage) -> StoreResult<App
             &m.body,
             &m.ts,
             &m.nonce,
+            &as_i64(edit),
+            &as_i64(delete),
         ],
     )
     .await
@@ -645,6 +751,9 @@ async fn append_direct(c: &impl GenericClient, m: NewMessage) -> StoreResult<App
             body: m.body,
             ts: m.ts,
             nonce: m.nonce,
+            edit,
+            delete,
+            ..Message::default()
         },
         duplicate: false,
         new_members,
@@ -861,11 +970,17 @@ impl Store for PgStore {
                     return Err(too_many_rooms(rules.max_rooms));
                 }
             }
-            let id = match id {
-                Some(id) => id,
-                None => create_room(&tx, room, rules.guest).await?,
+            let (id, role) = match id {
+                Some(id) => {
+                    if !member {
+                        let ban = SanctionKind::Ban;
+                        refuse_sanctioned(&tx, id, room, user, ban, now_ms()).await?;
+                    }
+                    (id, Role::Member)
+                }
+                None => (create_room(&tx, room, rules.guest).await?, Role::Owner),
             };
-            let newly_joined = add_member(&tx, id, user, rules.guest).await?;
+            let newly_joined = add_member(&tx, id, user, rules.guest, role).await?;
             let row = tx
                 .query_one("SELECT topic, last_seq FROM rooms WHERE id = $1", &[&id])
                 .await
@@ -927,14 +1042,14 @@ impl Store for PgStore {
         room: &RoomName,
         after: Option<&str>,
         limit_to: u32,
-    ) -> StoreResult<Vec<UserName>> {
+    ) -> StoreResult<Vec<(UserName, Role)>> {
         let c = self.client().await?;
         let (id, _) = room_row(&c, room.as_str())
             .await?
             .ok_or(StoreError::NoSuchRoom)?;
         let stmt = c
             .prepare_cached(
-                "SELECT user_name FROM members WHERE room_id = $1 AND user_key > $2
+                "SELECT user_name, role FROM members WHERE room_id = $1 AND user_key > $2
                  ORDER BY user_key LIMIT $3",
             )
             .await
@@ -943,7 +1058,175 @@ impl Store for PgStore {
             .query(&stmt, &[&id, &after.unwrap_or(""), &limit(limit_to)])
             .await
             .map_err(pg_error)?;
-        rows.into_iter().map(|r| user_name(r.get(0))).collect()
+        rows.into_iter()
+            .map(|r| {
+                let role = stored_role(i64::from(r.get::<_, i16>(1)))?;
+                Ok((user_name(r.get(0))?, role))
+            })
+            .collect()
+    }
+
+    async fn role(&self, room: &RoomName, user: &UserName) -> StoreResult<Option<Role>> {
+        let c = self.client().await?;
+        let (id, _) = room_row(&c, room.as_str())
+            .await?
+            .ok_or(StoreError::NoSuchRoom)?;
+        let stmt = c
+            .prepare_cached("SELECT role FROM members WHERE room_id = $1 AND user_key = $2")
+            .await
+            .map_err(pg_error)?;
+        let row = c
+            .query_opt(&stmt, &[&id, &user.key()])
+            .await
+            .map_err(pg_error)?;
+        row.map(|r| stored_role(i64::from(r.get::<_, i16>(0))))
+            .transpose()
+    }
+
+    async fn set_role(&self, room: &RoomName, user: &UserName, role: Role) -> StoreResult<()> {
+        in_transaction!(self, |tx| async {
+            let (id, _) = member_room(&tx, room, user).await?;
+            // The room's owners, locked: two demotions at once cannot
+            // leave it without one.
+            let owners: Vec<String> = tx
+                .query(
+                    "SELECT user_key FROM members WHERE room_id = $1 AND role = $2 FOR UPDATE",
+                    &[&id, &Role::Owner.rank()],
+                )
+                .await
+                .map_err(pg_error)?
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect();
+            if role != Role::Owner && owners == [user.key()] {
+                return Err(last_owner(user, room));
+            }
+            tx.execute(
+                "UPDATE members SET role = $3 WHERE room_id = $1 AND user_key = $2",
+                &[&id, &user.key(), &role.rank()],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    async fn operator(&self, user: &UserName) -> StoreResult<bool> {
+        let c = self.client().await?;
+        let stmt = c
+            .prepare_cached("SELECT operator FROM users WHERE key = $1")
+            .await
+            .map_err(pg_error)?;
+        let row = c.query_opt(&stmt, &[&user.key()]).await.map_err(pg_error)?;
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+
+    async fn set_operator(&self, user: &UserName, operator: bool) -> StoreResult<()> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "UPDATE users SET operator = $1 WHERE key = $2",
+                &[&operator, &user.key()],
+            )
+            .await
+            .map_err(pg_error)?;
+        if n == 0 {
+            return Err(no_user(user));
+        }
+        Ok(())
+    }
+
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool> {
+        in_transaction!(self, |tx| async {
+            let (id, _) = room_row(&tx, room.as_str())
+                .await?
+                .ok_or(StoreError::NoSuchRoom)?;
+            let s = &sanction;
+            tx.execute(
+                "INSERT INTO sanctions
+                 (room_id, user_key, kind, user_name, by_name, reason, until_ts, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (room_id, user_key, kind) DO UPDATE SET
+                    user_name = EXCLUDED.user_name, by_name = EXCLUDED.by_name,
+                    reason = EXCLUDED.reason, until_ts = EXCLUDED.until_ts,
+                    created_at = EXCLUDED.created_at",
+                &[
+                    &id,
+                    &s.user.key(),
+                    &sanction_kind(s.kind),
+                    &s.user.as_str(),
+                    &s.by.as_str(),
+                    &s.reason,
+                    &s.until_ts,
+                    &now_ms(),
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+            if s.kind != SanctionKind::Ban {
+                return Ok(false);
+            }
+            let ended = tx
+                .execute(
+                    "DELETE FROM members WHERE room_id = $1 AND user_key = $2",
+                    &[&id, &s.user.key()],
+                )
+                .await
+                .map_err(pg_error)?;
+            sweep_guest_rooms(&tx, Some(id)).await?;
+            Ok::<_, StoreError>(ended == 1)
+        })
+    }
+
+    async fn lift(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        kind: SanctionKind,
+    ) -> StoreResult<bool> {
+        let c = self.client().await?;
+        let (id, _) = room_row(&c, room.as_str())
+            .await?
+            .ok_or(StoreError::NoSuchRoom)?;
+        let row = c
+            .query_opt(
+                "DELETE FROM sanctions WHERE room_id = $1 AND user_key = $2 AND kind = $3
+                 RETURNING until_ts",
+                &[&id, &user.key(), &sanction_kind(kind)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.is_some_and(|r| in_force(r.get(0), now_ms())))
+    }
+
+    async fn sanctions(&self, room: &RoomName, now: i64) -> StoreResult<Vec<Sanction>> {
+        let c = self.client().await?;
+        let (id, _) = room_row(&c, room.as_str())
+            .await?
+            .ok_or(StoreError::NoSuchRoom)?;
+        let rows = c
+            .query(
+                "SELECT user_name, kind, by_name, reason, until_ts FROM sanctions
+                 WHERE room_id = $1 AND (until_ts IS NULL OR until_ts > $2)
+                 ORDER BY user_key, kind",
+                &[&id, &now],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Sanction {
+                user: r.get(0),
+                kind: if r.get::<_, i16>(1) == 0 {
+                    SanctionKind::Ban
+                } else {
+                    SanctionKind::Mute
+                },
+                by: r.get(2),
+                reason: r.get(3),
+                until_ts: r.get(4),
+            })
+            .collect())
     }
 
     async fn rooms(
@@ -994,16 +1277,15 @@ impl Store for PgStore {
     }
 
     async fn queue_append(&self, message: NewMessage) -> StoreResult<Queued> {
-        match message.direct {
-            // A direct message may open its conversation: rare, and done in
-            // a transaction of its own, committed before this returns (so
-            // it keeps its place in the caller's order).
-            Some(_) => {
-                let outcome = in_transaction!(self, |tx| append_direct(&tx, message));
-                Ok(Box::pin(std::future::ready(outcome)))
-            }
-            None => self.batcher.queue(message).await,
+        if message.direct.is_none() && message.amend.is_none() {
+            return self.batcher.queue(message).await;
         }
+        // A direct message may open its conversation, an edit or deletion
+        // changes another row: rare, and done in a transaction of its own,
+        // committed before this returns (so it keeps its place in the
+        // caller's order).
+        let outcome = in_transaction!(self, |tx| append_one(&tx, message));
+        Ok(Box::pin(std::future::ready(outcome)))
     }
 
     async fn history(
@@ -1218,6 +1500,85 @@ mod tests {
     confab_core::store_contract_tests!(optional fresh());
 
     #[tokio::test]
+    async fn a_database_from_before_roles_keeps_everything() {
+        use confab_core::store::{Amend, NewMessage, Page};
+        use confab_core::{RoomName, Store, UserName};
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        // A database as version 3 left it: a room, two members, a message.
+        let (client, conn) = tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute("CREATE TABLE confab_schema (version INTEGER NOT NULL);")
+            .await
+            .unwrap();
+        for sql in &MIGRATIONS[..3] {
+            client.batch_execute(sql).await.unwrap();
+        }
+        client
+            .batch_execute(
+                "INSERT INTO confab_schema VALUES (3);
+                 INSERT INTO users VALUES ('ann', 'Ann', 'h', 1);
+                 INSERT INTO rooms (id, name, topic, last_seq, direct, created_at)
+                     VALUES (7, 'old', 'from before', 1, FALSE, 1);
+                 INSERT INTO members VALUES (7, 'ann', 'Ann', FALSE, 1, 1),
+                                            (7, 'bob', 'bob', FALSE, 0, 1);
+                 INSERT INTO messages VALUES (7, 1, 'ann', 'Ann', 'still here', 5, 'n-1');",
+            )
+            .await
+            .unwrap();
+        let store = PgStore::open(&schema.url, 2).await.unwrap();
+        assert_eq!(store.schema_version().await.unwrap(), (4, 4));
+        let name = |n: &str| UserName::parse(n).unwrap();
+        let old = RoomName::parse("old").unwrap();
+        assert_eq!(
+            store.members(&old, None, 10).await.unwrap(),
+            vec![(name("Ann"), Role::Member), (name("bob"), Role::Member)],
+            "no owner until an operator gives one"
+        );
+        let page = store
+            .history(&old, &name("ann"), Page::Latest, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.messages,
+            vec![Message {
+                room: "old".into(),
+                seq: 1,
+                user: "Ann".into(),
+                body: "still here".into(),
+                ts: 5,
+                nonce: Some("n-1".into()),
+                ..Message::default()
+            }]
+        );
+        assert!(!store.operator(&name("ann")).await.unwrap());
+        let edit = NewMessage {
+            room: old.clone(),
+            sender: name("ann"),
+            body: "edited".into(),
+            nonce: None,
+            ts: 6,
+            direct: None,
+            amend: Some(Amend::Edit(1)),
+        };
+        assert_eq!(store.append(edit).await.unwrap().message.seq, 2);
+        let plain = NewMessage {
+            room: old.clone(),
+            sender: name("bob"),
+            body: "and on".into(),
+            nonce: None,
+            ts: 7,
+            direct: None,
+            amend: None,
+        };
+        assert_eq!(store.append(plain).await.unwrap().message.seq, 3);
+    }
+
+    #[tokio::test]
     async fn migrations_run_once_and_a_newer_schema_is_refused() {
         let Some(schema) = TestSchema::create().await else {
             return;
@@ -1274,6 +1635,7 @@ mod tests {
                             nonce: Some(format!("{i}-{j}")),
                             ts: 0,
                             direct: None,
+                            amend: None,
                         };
                         store.append(m).await.unwrap();
                     }
@@ -1321,6 +1683,7 @@ mod tests {
             nonce: Some("old".into()),
             ts: 1,
             direct: None,
+            amend: None,
         };
         store.append(old).await.unwrap();
         // Straight to the function, so that these are one batch for sure.

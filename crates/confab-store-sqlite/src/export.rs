@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use confab_core::store::transfer::{Census, MemberRow, MessageRow, RoomRow, TokenRow, UserRow};
+use confab_core::store::transfer::{
+    Census, MemberRow, MessageRow, RoomRow, SanctionRow, TokenRow, UserRow,
+};
 use confab_core::store::StoreResult;
 use confab_core::StoreError;
 use rusqlite::{params, Connection, OpenFlags};
@@ -79,6 +81,7 @@ impl SqliteExport {
                 rooms: count("SELECT COUNT(*) FROM rooms")?,
                 members: count("SELECT COUNT(*) FROM members WHERE guest = 0")?,
                 messages: count("SELECT COUNT(*) FROM messages")?,
+                sanctions: count("SELECT COUNT(*) FROM sanctions")?,
                 last_seqs,
             })
         })
@@ -87,16 +90,19 @@ impl SqliteExport {
 
     pub async fn users(&self) -> StoreResult<Vec<UserRow>> {
         self.with(|c| {
-            c.prepare("SELECT key, name, password_hash, created_at FROM users ORDER BY key")?
-                .query_map([], |r| {
-                    Ok(UserRow {
-                        key: r.get(0)?,
-                        name: r.get(1)?,
-                        password_hash: r.get(2)?,
-                        created_at: r.get(3)?,
-                    })
-                })?
-                .collect()
+            c.prepare(
+                "SELECT key, name, password_hash, created_at, operator FROM users ORDER BY key",
+            )?
+            .query_map([], |r| {
+                Ok(UserRow {
+                    key: r.get(0)?,
+                    name: r.get(1)?,
+                    password_hash: r.get(2)?,
+                    created_at: r.get(3)?,
+                    operator: r.get(4)?,
+                })
+            })?
+            .collect()
         })
         .await
     }
@@ -140,7 +146,7 @@ impl SqliteExport {
     pub async fn members(&self) -> StoreResult<Vec<MemberRow>> {
         self.with(|c| {
             c.prepare(
-                "SELECT r.name, m.user_key, m.user_name, m.read_seq, m.joined_at
+                "SELECT r.name, m.user_key, m.user_name, m.read_seq, m.joined_at, m.role
                  FROM members m JOIN rooms r ON r.id = m.room_id WHERE m.guest = 0",
             )?
             .query_map([], |r| {
@@ -150,6 +156,31 @@ impl SqliteExport {
                     user_name: r.get(2)?,
                     read_seq: r.get(3)?,
                     joined_at: r.get(4)?,
+                    role: r.get(5)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    pub async fn sanctions(&self) -> StoreResult<Vec<SanctionRow>> {
+        self.with(|c| {
+            c.prepare(
+                "SELECT r.name, s.user_key, s.kind, s.user_name, s.by_name, s.reason,
+                        s.until_ts, s.created_at
+                 FROM sanctions s JOIN rooms r ON r.id = s.room_id",
+            )?
+            .query_map([], |r| {
+                Ok(SanctionRow {
+                    room: r.get(0)?,
+                    user_key: r.get(1)?,
+                    kind: r.get(2)?,
+                    user_name: r.get(3)?,
+                    by_name: r.get(4)?,
+                    reason: r.get(5)?,
+                    until_ts: r.get(6)?,
+                    created_at: r.get(7)?,
                 })
             })?
             .collect()
@@ -167,7 +198,8 @@ impl SqliteExport {
         let room = room.to_owned();
         self.with(move |c| {
             c.prepare_cached(
-                "SELECT m.seq, m.sender_key, m.sender, m.body, m.ts, m.nonce
+                "SELECT m.seq, m.sender_key, m.sender, m.body, m.ts, m.nonce,
+                        m.edit_of, m.delete_of, m.edited_ts, m.deleted
                  FROM messages m JOIN rooms r ON r.id = m.room_id
                  WHERE r.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3",
             )?
@@ -180,6 +212,10 @@ impl SqliteExport {
                     body: r.get(3)?,
                     ts: r.get(4)?,
                     nonce: r.get(5)?,
+                    edit_of: r.get(6)?,
+                    delete_of: r.get(7)?,
+                    edited_ts: r.get(8)?,
+                    deleted: r.get(9)?,
                 })
             })?
             .collect()

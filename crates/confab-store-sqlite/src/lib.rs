@@ -23,12 +23,13 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use confab_core::store::{
-    no_user, now_ms, stored_user_name as user_name, too_many_rooms, Appended, DirectPeers,
-    HistoryPage, JoinRules, Joined, NewMessage, Page, Queued, RemovedUsers, RoomView, StoreResult,
-    TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
+    check_amend, in_force, last_owner, no_user, now_ms, sanctioned, stored_role,
+    stored_user_name as user_name, too_many_rooms, Amend, AmendTarget, Appended, DirectPeers,
+    HistoryPage, JoinRules, Joined, NewMessage, NewSanction, Page, Queued, RemovedUsers, RoomView,
+    StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
-use confab_proto::{Message, Seq};
+use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::Semaphore;
 
@@ -37,7 +38,11 @@ pub use writer::{CommitObserver, WriterStats};
 
 /// The schema, one entry per version; `PRAGMA user_version` says how many
 /// have been applied.
-pub const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("schema_2.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("schema_2.sql"),
+    include_str!("schema_3.sql"),
+];
 
 /// Reader connections kept open at most (WAL lets them read concurrently
 /// with the writer).
@@ -223,14 +228,99 @@ fn member_room(conn: &Connection, room: &RoomName, user: &UserName) -> StoreResu
 }
 
 /// Insert a membership if absent; returns whether it is new.
-fn add_member(conn: &Connection, room_id: i64, user: &UserName, guest: bool) -> StoreResult<bool> {
+fn add_member(
+    conn: &Connection,
+    room_id: i64,
+    user: &UserName,
+    guest: bool,
+    role: Role,
+) -> StoreResult<bool> {
     conn.prepare_cached(
-        "INSERT OR IGNORE INTO members (room_id, user_key, user_name, guest, joined_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT OR IGNORE INTO members (room_id, user_key, user_name, guest, joined_at, role)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
-    .and_then(|mut s| s.execute(params![room_id, user.key(), user.as_str(), guest, now_ms()]))
+    .and_then(|mut s| {
+        s.execute(params![
+            room_id,
+            user.key(),
+            user.as_str(),
+            guest,
+            now_ms(),
+            role.rank()
+        ])
+    })
     .map(|n| n == 1)
     .map_err(db_error)
+}
+
+fn sanction_kind(kind: SanctionKind) -> i64 {
+    match kind {
+        SanctionKind::Ban => 0,
+        SanctionKind::Mute => 1,
+    }
+}
+
+/// Refuse a user with a ban or mute of `kind` in force in the room.
+fn refuse_sanctioned(
+    conn: &Connection,
+    room_id: i64,
+    room: &RoomName,
+    user: &UserName,
+    kind: SanctionKind,
+) -> StoreResult<()> {
+    let until: Option<Option<i64>> = conn
+        .prepare_cached(
+            "SELECT until_ts FROM sanctions WHERE room_id = ?1 AND user_key = ?2 AND kind = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![room_id, user.key(), sanction_kind(kind)], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+        .map_err(db_error)?;
+    match until {
+        Some(until) if in_force(until, now_ms()) => Err(sanctioned(kind, room, until)),
+        _ => Ok(()),
+    }
+}
+
+/// Check an edit or deletion of the room's message and apply it to the
+/// message (and, for a deletion, its edit entries).
+fn apply_amend(conn: &Connection, room_id: i64, m: &NewMessage, amend: Amend) -> StoreResult<()> {
+    let seq = amend.target() as i64;
+    let target = conn
+        .prepare_cached(
+            "SELECT sender_key, edit_of IS NOT NULL OR delete_of IS NOT NULL, deleted
+             FROM messages WHERE room_id = ?1 AND seq = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![room_id, seq], |r| {
+                Ok(AmendTarget {
+                    sender_key: r.get(0)?,
+                    is_amend: r.get(1)?,
+                    deleted: r.get(2)?,
+                })
+            })
+            .optional()
+        })
+        .map_err(db_error)?;
+    check_amend(amend, &m.sender, target.as_ref())?;
+    let (sql, args) = match amend {
+        Amend::Edit(_) => (
+            "UPDATE messages SET body = ?3, edited_ts = ?4 WHERE room_id = ?1 AND seq = ?2",
+            params![room_id, seq, m.body, m.ts],
+        ),
+        Amend::Delete { .. } => (
+            "UPDATE messages SET body = '', deleted = (seq = ?2)
+             WHERE room_id = ?1 AND (seq = ?2 OR edit_of = ?2)",
+            params![room_id, seq],
+        ),
+    };
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute(args))
+        .map_err(db_error)?;
+    Ok(())
 }
 
 fn create_room(conn: &Connection, room: &RoomName, by_guest: bool) -> StoreResult<i64> {
@@ -247,16 +337,19 @@ fn sweep_guest_rooms(conn: &Connection, id: Option<i64>) -> StoreResult<()> {
     let empty = "SELECT id FROM rooms r WHERE r.guest_created = 1
                  AND (?1 IS NULL OR r.id = ?1)
                  AND NOT EXISTS (SELECT 1 FROM members m WHERE m.room_id = r.id)";
-    conn.prepare_cached(&format!("DELETE FROM messages WHERE room_id IN ({empty})"))
-        .and_then(|mut s| s.execute([id]))
-        .map_err(db_error)?;
+    for table in ["messages", "sanctions"] {
+        conn.prepare_cached(&format!("DELETE FROM {table} WHERE room_id IN ({empty})"))
+            .and_then(|mut s| s.execute([id]))
+            .map_err(db_error)?;
+    }
     conn.prepare_cached(&format!("DELETE FROM rooms WHERE id IN ({empty})"))
         .and_then(|mut s| s.execute([id]))
         .map_err(db_error)?;
     Ok(())
 }
 
-const MESSAGE_COLUMNS: &str = "seq, sender, body, ts, nonce";
+const MESSAGE_COLUMNS: &str =
+    "seq, sender, body, ts, nonce, edit_of, delete_of, edited_ts, deleted";
 
 fn message_row(room: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     Ok(Message {
@@ -266,6 +359,10 @@ fn message_row(room: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         body: r.get(2)?,
         ts: r.get(3)?,
         nonce: r.get(4)?,
+        edit: r.get(5)?,
+        delete: r.get(6)?,
+        edited_ts: r.get(7)?,
+        deleted: r.get(8)?,
     })
 }
 
@@ -294,10 +391,10 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
                 Some(row) => row,
                 None => (create_room(conn, &m.room, *sender_guest)?, 0),
             };
-            if add_member(conn, id, &m.sender, *sender_guest)? {
+            if add_member(conn, id, &m.sender, *sender_guest, Role::Member)? {
                 new_members.push(m.sender.clone());
             }
-            if add_member(conn, id, peer, *peer_guest)? {
+            if add_member(conn, id, peer, *peer_guest, Role::Member)? {
                 new_members.push(peer.clone());
             }
             (id, last)
@@ -323,13 +420,21 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
             });
         }
     }
+    if !matches!(m.amend, Some(Amend::Delete { .. })) {
+        refuse_sanctioned(conn, room_id, &m.room, &m.sender, SanctionKind::Mute)?;
+    }
+    if let Some(amend) = m.amend {
+        apply_amend(conn, room_id, &m, amend)?;
+    }
+    let (edit, delete) = m.amend.map_or((None, None), Amend::fields);
     let seq = last_seq + 1;
     conn.prepare_cached("UPDATE rooms SET last_seq = ?1 WHERE id = ?2")
         .and_then(|mut s| s.execute(params![seq, room_id]))
         .map_err(db_error)?;
     conn.prepare_cached(
-        "INSERT INTO messages (room_id, seq, sender_key, sender, body, ts, nonce)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO messages
+         (room_id, seq, sender_key, sender, body, ts, nonce, edit_of, delete_of)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -339,7 +444,9 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
             m.sender.as_str(),
             m.body,
             m.ts,
-            m.nonce
+            m.nonce,
+            edit,
+            delete
         ])
     })
     .map_err(db_error)?;
@@ -351,6 +458,9 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
             body: m.body,
             ts: m.ts,
             nonce: m.nonce,
+            edit,
+            delete,
+            ..Message::default()
         },
         duplicate: false,
         new_members,
@@ -576,11 +686,16 @@ impl Store for SqliteStore {
                         return Err(too_many_rooms(rules.max_rooms));
                     }
                 }
-                let id = match id {
-                    Some(id) => id,
-                    None => create_room(c, &room, rules.guest)?,
+                let (id, role) = match id {
+                    Some(id) => {
+                        if !member {
+                            refuse_sanctioned(c, id, &room, &user, SanctionKind::Ban)?;
+                        }
+                        (id, Role::Member)
+                    }
+                    None => (create_room(c, &room, rules.guest)?, Role::Owner),
                 };
-                let newly_joined = add_member(c, id, &user, rules.guest)?;
+                let newly_joined = add_member(c, id, &user, rules.guest, role)?;
                 let (topic, last_seq) = c
                     .prepare_cached("SELECT topic, last_seq FROM rooms WHERE id = ?1")
                     .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))))
@@ -647,21 +762,187 @@ impl Store for SqliteStore {
         room: &RoomName,
         after: Option<&str>,
         limit: u32,
-    ) -> StoreResult<Vec<UserName>> {
+    ) -> StoreResult<Vec<(UserName, Role)>> {
         let (room, after) = (room.clone(), after.unwrap_or("").to_owned());
         self.read(move |c| {
             let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
-            let names: Vec<String> = c
+            let rows: Vec<(String, i64)> = c
                 .prepare_cached(
-                    "SELECT user_name FROM members WHERE room_id = ?1 AND user_key > ?2
+                    "SELECT user_name, role FROM members WHERE room_id = ?1 AND user_key > ?2
                      ORDER BY user_key LIMIT ?3",
                 )
                 .and_then(|mut s| {
-                    s.query_map(params![id, after, limit], |r| r.get(0))?
+                    s.query_map(params![id, after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
                         .collect()
                 })
                 .map_err(db_error)?;
-            names.into_iter().map(user_name).collect()
+            rows.into_iter()
+                .map(|(name, role)| Ok((user_name(name)?, stored_role(role)?)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn role(&self, room: &RoomName, user: &UserName) -> StoreResult<Option<Role>> {
+        let (room, key) = (room.clone(), user.key().to_owned());
+        self.read(move |c| {
+            let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+            let role: Option<i64> = c
+                .prepare_cached("SELECT role FROM members WHERE room_id = ?1 AND user_key = ?2")
+                .and_then(|mut s| s.query_row(params![id, key], |r| r.get(0)).optional())
+                .map_err(db_error)?;
+            role.map(stored_role).transpose()
+        })
+        .await
+    }
+
+    async fn set_role(&self, room: &RoomName, user: &UserName, role: Role) -> StoreResult<()> {
+        let (room, user) = (room.clone(), user.clone());
+        self.writer
+            .run(move |c| {
+                let (id, _) = member_room(c, &room, &user)?;
+                let (now, owners): (i64, i64) = c
+                    .prepare_cached(
+                        "SELECT (SELECT role FROM members WHERE room_id = ?1 AND user_key = ?2),
+                                (SELECT COUNT(*) FROM members WHERE room_id = ?1 AND role = ?3)",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![id, user.key(), Role::Owner.rank()], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                    })
+                    .map_err(db_error)?;
+                if now == Role::Owner.rank() as i64 && role != Role::Owner && owners == 1 {
+                    return Err(last_owner(&user, &room));
+                }
+                c.prepare_cached(
+                    "UPDATE members SET role = ?3 WHERE room_id = ?1 AND user_key = ?2",
+                )
+                .and_then(|mut s| s.execute(params![id, user.key(), role.rank()]))
+                .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn operator(&self, user: &UserName) -> StoreResult<bool> {
+        let key = user.key().to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT operator FROM users WHERE key = ?1")
+                .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+                .map(|op| op.unwrap_or(false))
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn set_operator(&self, user: &UserName, operator: bool) -> StoreResult<()> {
+        let user = user.clone();
+        self.writer
+            .run(move |c| {
+                let n = c
+                    .execute(
+                        "UPDATE users SET operator = ?1 WHERE key = ?2",
+                        params![operator, user.key()],
+                    )
+                    .map_err(db_error)?;
+                if n == 0 {
+                    return Err(no_user(&user));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool> {
+        let room = room.clone();
+        self.writer
+            .run(move |c| {
+                let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+                let s = &sanction;
+                c.prepare_cached(
+                    "INSERT OR REPLACE INTO sanctions
+                     (room_id, user_key, kind, user_name, by_name, reason, until_ts, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        id,
+                        s.user.key(),
+                        sanction_kind(s.kind),
+                        s.user.as_str(),
+                        s.by.as_str(),
+                        s.reason,
+                        s.until_ts,
+                        now_ms()
+                    ])
+                })
+                .map_err(db_error)?;
+                if s.kind != SanctionKind::Ban {
+                    return Ok(false);
+                }
+                let ended = c
+                    .prepare_cached("DELETE FROM members WHERE room_id = ?1 AND user_key = ?2")
+                    .and_then(|mut st| st.execute(params![id, s.user.key()]))
+                    .map_err(db_error)?;
+                sweep_guest_rooms(c, Some(id))?;
+                Ok(ended == 1)
+            })
+            .await
+    }
+
+    async fn lift(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        kind: SanctionKind,
+    ) -> StoreResult<bool> {
+        let (room, key) = (room.clone(), user.key().to_owned());
+        self.writer
+            .run(move |c| {
+                let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+                let until: Option<Option<i64>> = c
+                    .prepare_cached(
+                        "DELETE FROM sanctions WHERE room_id = ?1 AND user_key = ?2 AND kind = ?3
+                         RETURNING until_ts",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![id, key, sanction_kind(kind)], |r| r.get(0))
+                            .optional()
+                    })
+                    .map_err(db_error)?;
+                Ok(until.is_some_and(|until| in_force(until, now_ms())))
+            })
+            .await
+    }
+
+    async fn sanctions(&self, room: &RoomName, now: i64) -> StoreResult<Vec<Sanction>> {
+        let room = room.clone();
+        self.read(move |c| {
+            let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT user_name, kind, by_name, reason, until_ts FROM sanctions
+                     WHERE room_id = ?1 AND (until_ts IS NULL OR until_ts > ?2)
+                     ORDER BY user_key, kind",
+                )
+                .map_err(db_error)?;
+            let rows = stmt
+                .query_map(params![id, now], |r| {
+                    Ok(Sanction {
+                        user: r.get(0)?,
+                        kind: if r.get::<_, i64>(1)? == 0 {
+                            SanctionKind::Ban
+                        } else {
+                            SanctionKind::Mute
+                        },
+                        by: r.get(2)?,
+                        reason: r.get(3)?,
+                        until_ts: r.get(4)?,
+                    })
+                })
+                .map_err(db_error)?;
+            rows.collect::<Result<_, _>>().map_err(db_error)
         })
         .await
     }
@@ -865,6 +1146,7 @@ mod tests {
                     nonce: Some("n".into()),
                     ts: 5,
                     direct: None,
+                    amend: None,
                 };
                 s.append(m).await.unwrap();
             }
@@ -919,6 +1201,7 @@ mod tests {
                             nonce: None,
                             ts: 0,
                             direct: None,
+                            amend: None,
                         };
                         s.append(m).await.unwrap();
                     }
@@ -1002,5 +1285,64 @@ mod tests {
             Err(StoreError::Unavailable(m)) => assert!(m.contains("newer"), "{m}"),
             other => panic!("expected a refusal, got {:?}", other.err()),
         }
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_roles_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        // A database as version 2 left it: a room, two members, a message.
+        let c = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..2] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", 2).unwrap();
+        c.execute_batch(
+            "INSERT INTO users VALUES ('ann', 'Ann', 'h', 1);
+             INSERT INTO rooms (id, name, topic, last_seq, direct, created_at)
+                 VALUES (7, 'old', 'from before', 1, 0, 1);
+             INSERT INTO members VALUES (7, 'ann', 'Ann', 0, 1, 1), (7, 'bob', 'bob', 0, 0, 1);
+             INSERT INTO messages VALUES (7, 1, 'ann', 'Ann', 'still here', 5, 'n-1');",
+        )
+        .unwrap();
+        drop(c);
+        let store: DynStore = Arc::new(SqliteStore::open(&path, Durability::Normal).await.unwrap());
+        assert_eq!(schema_version(&path).unwrap(), Some((3, 3)));
+        let old = RoomName::parse("old").unwrap();
+        let members = store.members(&old, None, 10).await.unwrap();
+        assert_eq!(
+            members,
+            vec![(name("Ann"), Role::Member), (name("bob"), Role::Member)],
+            "no owner until an operator gives one"
+        );
+        let page = store
+            .history(&old, &name("ann"), Page::Latest, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.messages,
+            vec![Message {
+                room: "old".into(),
+                seq: 1,
+                user: "Ann".into(),
+                body: "still here".into(),
+                ts: 5,
+                nonce: Some("n-1".into()),
+                ..Message::default()
+            }]
+        );
+        assert!(!store.operator(&name("ann")).await.unwrap());
+        assert!(store.sanctions(&old, 0).await.unwrap().is_empty());
+        // The room goes on: the next seq, edits of the old message.
+        let edit = NewMessage {
+            room: old.clone(),
+            sender: name("ann"),
+            body: "edited".into(),
+            nonce: None,
+            ts: 6,
+            direct: None,
+            amend: Some(Amend::Edit(1)),
+        };
+        assert_eq!(store.append(edit).await.unwrap().message.seq, 2);
     }
 }

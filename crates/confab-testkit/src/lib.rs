@@ -502,7 +502,7 @@ impl WsClient {
                 .await;
             for m in page["messages"].as_array().expect("messages") {
                 let seq = m["seq"].as_u64().expect("a seq");
-                stored.insert(seq, m["body"].as_str().expect("a body").to_owned());
+                stored.insert(seq, m["body"].as_str().unwrap_or_default().to_owned());
                 after = seq;
             }
             if page["more"] == false {

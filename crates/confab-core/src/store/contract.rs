@@ -4,6 +4,8 @@
 
 use std::collections::HashSet;
 
+use confab_proto::{Role, SanctionKind};
+
 use super::*;
 
 fn user(name: &str) -> UserName {
@@ -22,6 +24,29 @@ fn msg(r: &str, sender: &str, body: &str, nonce: Option<&str>) -> NewMessage {
         nonce: nonce.map(str::to_owned),
         ts: 1_700_000_000_000,
         direct: None,
+        amend: None,
+    }
+}
+
+fn amend(r: &str, sender: &str, body: &str, amend: Amend) -> NewMessage {
+    NewMessage {
+        amend: Some(amend),
+        ts: 1_700_000_000_500,
+        ..msg(r, sender, body, None)
+    }
+}
+
+fn delete(target: Seq, moderator: bool) -> Amend {
+    Amend::Delete { target, moderator }
+}
+
+fn ban(u: &str, kind: SanctionKind, until_ts: Option<i64>) -> NewSanction {
+    NewSanction {
+        user: user(u),
+        kind,
+        by: user("mod"),
+        reason: "spam".into(),
+        until_ts,
     }
 }
 
@@ -57,7 +82,14 @@ macro_rules! store_contract_tests {
             rooms_and_members_come_in_pages,
             last_seqs_name_each_room,
             concurrent_appends_stay_gapless,
-            queued_appends_keep_their_order);
+            queued_appends_keep_their_order,
+            creators_own_rooms_and_roles_are_kept,
+            operators_are_registered_users,
+            bans_end_membership_and_refuse_joins,
+            mutes_refuse_messages_until_they_end,
+            edits_replace_the_body_in_place,
+            deletions_leave_no_text_behind,
+            edits_and_deletions_follow_the_rules);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -203,7 +235,7 @@ pub async fn join_creates_rooms_and_memberships(s: DynStore) {
         .await
         .unwrap()
         .iter()
-        .map(|u| u.as_str().to_owned())
+        .map(|(u, _)| u.as_str().to_owned())
         .collect();
     names.sort();
     assert_eq!(names, ["Bob", "alice"]);
@@ -605,7 +637,7 @@ pub async fn rooms_and_members_come_in_pages(s: DynStore) {
                 .await
                 .unwrap()
                 .into_iter()
-                .map(|u| u.as_str().to_owned())
+                .map(|(u, _)| u.as_str().to_owned())
                 .collect::<Vec<_>>()
         }
     };
@@ -752,4 +784,295 @@ pub async fn queued_appends_keep_their_order(s: DynStore) {
         stored += messages.len();
     }
     assert_eq!(stored, CALLERS * EACH, "the unawaited messages too");
+}
+
+pub async fn creators_own_rooms_and_roles_are_kept(s: DynStore) {
+    let rules = JoinRules::open(false);
+    s.join(&room("r"), &user("Ann"), rules).await.unwrap();
+    s.join(&room("r"), &user("bob"), rules).await.unwrap();
+    let role = |u: &'static str| {
+        let s = s.clone();
+        async move { s.role(&room("r"), &user(u)).await.unwrap() }
+    };
+    assert_eq!(role("ann").await, Some(Role::Owner), "the creator owns it");
+    assert_eq!(role("bob").await, Some(Role::Member));
+    assert_eq!(role("carol").await, None, "not a member");
+    assert_eq!(
+        s.role(&room("nowhere"), &user("ann")).await.unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+    s.set_role(&room("r"), &user("BOB"), Role::Moderator)
+        .await
+        .unwrap();
+    assert_eq!(role("bob").await, Some(Role::Moderator));
+    let members = s.members(&room("r"), None, 10).await.unwrap();
+    assert_eq!(
+        members,
+        vec![(user("Ann"), Role::Owner), (user("bob"), Role::Moderator)]
+    );
+    let err = s.set_role(&room("r"), &user("carol"), Role::Admin).await;
+    assert_eq!(err.unwrap_err(), StoreError::NotMember);
+    // The last owner keeps the role until there is another.
+    let err = s.set_role(&room("r"), &user("ann"), Role::Admin).await;
+    assert!(matches!(err, Err(StoreError::Refused(_))), "{err:?}");
+    s.set_role(&room("r"), &user("bob"), Role::Owner)
+        .await
+        .unwrap();
+    s.set_role(&room("r"), &user("ann"), Role::Admin)
+        .await
+        .unwrap();
+    assert_eq!(role("ann").await, Some(Role::Admin));
+    // A role ends with the membership.
+    s.leave(&room("r"), &user("ann")).await.unwrap();
+    s.join(&room("r"), &user("ann"), rules).await.unwrap();
+    assert_eq!(role("ann").await, Some(Role::Member));
+}
+
+pub async fn operators_are_registered_users(s: DynStore) {
+    s.create_user(&user("Olga"), "h").await.unwrap();
+    assert!(!s.operator(&user("olga")).await.unwrap());
+    assert!(!s.operator(&user("nobody")).await.unwrap());
+    s.set_operator(&user("OLGA"), true).await.unwrap();
+    assert!(s.operator(&user("olga")).await.unwrap());
+    s.set_operator(&user("olga"), false).await.unwrap();
+    assert!(!s.operator(&user("olga")).await.unwrap());
+    let err = s.set_operator(&user("nobody"), true).await.unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    s.set_operator(&user("olga"), true).await.unwrap();
+    s.delete_user(&user("olga")).await.unwrap();
+    s.create_user(&user("olga"), "h").await.unwrap();
+    assert!(!s.operator(&user("olga")).await.unwrap(), "not inherited");
+}
+
+pub async fn bans_end_membership_and_refuse_joins(s: DynStore) {
+    let rules = JoinRules::open(false);
+    s.join(&room("r"), &user("mod"), rules).await.unwrap();
+    s.join(&room("r"), &user("Eve"), rules).await.unwrap();
+    let ended = s
+        .sanction(&room("r"), ban("eve", SanctionKind::Ban, None))
+        .await
+        .unwrap();
+    assert!(ended, "the ban ended a membership");
+    assert_eq!(s.role(&room("r"), &user("eve")).await.unwrap(), None);
+    let err = s.join(&room("r"), &user("EVE"), rules).await.unwrap_err();
+    assert!(matches!(err, StoreError::Refused(_)), "{err:?}");
+    // A ban of someone not in the room holds too.
+    let ended = s
+        .sanction(
+            &room("r"),
+            ban("zed", SanctionKind::Ban, Some(now_ms() + 60_000)),
+        )
+        .await
+        .unwrap();
+    assert!(!ended);
+    assert!(s.join(&room("r"), &user("zed"), rules).await.is_err());
+    let listed = s.sanctions(&room("r"), now_ms()).await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0].user, "eve");
+    assert_eq!(listed[0].by, "mod");
+    assert_eq!(listed[0].reason, "spam");
+    assert_eq!(listed[0].until_ts, None);
+    assert_eq!(listed[1].kind, SanctionKind::Ban);
+    assert!(listed[1].until_ts.is_some());
+    // Lifting: once; then the user may join again.
+    assert!(s
+        .lift(&room("r"), &user("Eve"), SanctionKind::Ban)
+        .await
+        .unwrap());
+    assert!(!s
+        .lift(&room("r"), &user("eve"), SanctionKind::Ban)
+        .await
+        .unwrap());
+    s.join(&room("r"), &user("eve"), rules).await.unwrap();
+    // A ban that has ended holds nothing, and is not listed.
+    s.sanction(
+        &room("r"),
+        ban("old", SanctionKind::Ban, Some(now_ms() - 1)),
+    )
+    .await
+    .unwrap();
+    s.join(&room("r"), &user("old"), rules).await.unwrap();
+    let listed = s.sanctions(&room("r"), now_ms()).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(!s
+        .lift(&room("r"), &user("old"), SanctionKind::Ban)
+        .await
+        .unwrap());
+    let err = s.sanctions(&room("nowhere"), 0).await.unwrap_err();
+    assert_eq!(err, StoreError::NoSuchRoom);
+    let err = s
+        .sanction(&room("nowhere"), ban("x", SanctionKind::Ban, None))
+        .await;
+    assert_eq!(err.unwrap_err(), StoreError::NoSuchRoom);
+}
+
+pub async fn mutes_refuse_messages_until_they_end(s: DynStore) {
+    let rules = JoinRules::open(false);
+    s.join(&room("r"), &user("mod"), rules).await.unwrap();
+    s.join(&room("r"), &user("Eve"), rules).await.unwrap();
+    s.append(msg("r", "eve", "before", None)).await.unwrap();
+    let ended = s
+        .sanction(&room("r"), ban("eve", SanctionKind::Mute, None))
+        .await
+        .unwrap();
+    assert!(!ended, "a mute keeps the membership");
+    let err = s.append(msg("r", "eve", "during", None)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Refused(_)), "{err:?}");
+    let edit = amend("r", "eve", "changed", Amend::Edit(1));
+    assert!(matches!(s.append(edit).await, Err(StoreError::Refused(_))));
+    // Deleting one's own message is no speech: allowed.
+    s.append(amend("r", "eve", "", delete(1, false)))
+        .await
+        .unwrap();
+    // Replacing a mute with one that has ended lets the user speak.
+    s.sanction(
+        &room("r"),
+        ban("eve", SanctionKind::Mute, Some(now_ms() - 1)),
+    )
+    .await
+    .unwrap();
+    let m = s.append(msg("r", "eve", "after", None)).await.unwrap();
+    assert_eq!(m.message.seq, 3, "refused messages took no seq");
+    s.sanction(&room("r"), ban("eve", SanctionKind::Mute, None))
+        .await
+        .unwrap();
+    assert!(s
+        .lift(&room("r"), &user("eve"), SanctionKind::Mute)
+        .await
+        .unwrap());
+    s.append(msg("r", "eve", "again", None)).await.unwrap();
+}
+
+pub async fn edits_replace_the_body_in_place(s: DynStore) {
+    s.join(&room("r"), &user("ann"), JoinRules::open(false))
+        .await
+        .unwrap();
+    s.append(msg("r", "ann", "helo", Some("n1"))).await.unwrap();
+    let first = s
+        .append(NewMessage {
+            nonce: Some("e1".into()),
+            ..amend("r", "ann", "hello", Amend::Edit(1))
+        })
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let entry = &first.message;
+    assert_eq!(
+        (entry.seq, entry.edit, entry.body.as_str()),
+        (2, Some(1), "hello")
+    );
+    // Exactly once: the same nonce is the same entry.
+    let again = s
+        .append(NewMessage {
+            nonce: Some("e1".into()),
+            ..amend("r", "ann", "hello", Amend::Edit(1))
+        })
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message, first.message);
+    s.append(amend("r", "ann", "hello!", Amend::Edit(1)))
+        .await
+        .unwrap();
+    let page = s
+        .history(&room("r"), &user("ann"), Page::Latest, 10)
+        .await
+        .unwrap();
+    let m = &page.messages;
+    assert_eq!(m.len(), 3, "the edits are entries of the log");
+    assert_eq!(m[0].body, "hello!", "the message as it is now");
+    assert_eq!(m[0].edited_ts, Some(1_700_000_000_500));
+    assert_eq!(m[0].nonce.as_deref(), Some("n1"));
+    assert_eq!((m[1].edit, m[1].body.as_str()), (Some(1), "hello"));
+    assert_eq!((m[2].edit, m[2].body.as_str()), (Some(1), "hello!"));
+    assert_eq!(m[2].edited_ts, None);
+    let after = s.messages_after(&room("r"), 0, 10).await.unwrap();
+    assert_eq!(&after, m, "the server's own reads agree");
+}
+
+pub async fn deletions_leave_no_text_behind(s: DynStore) {
+    let rules = JoinRules::open(false);
+    s.join(&room("r"), &user("ann"), rules).await.unwrap();
+    s.join(&room("r"), &user("mod"), rules).await.unwrap();
+    s.append(msg("r", "ann", "secret one", None)).await.unwrap();
+    s.append(amend("r", "ann", "secret two", Amend::Edit(1)))
+        .await
+        .unwrap();
+    s.append(msg("r", "ann", "stays", None)).await.unwrap();
+    let gone = s
+        .append(amend("r", "ann", "", delete(1, false)))
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(
+        (gone.seq, gone.delete, gone.body.as_str()),
+        (4, Some(1), "")
+    );
+    let page = s
+        .history(&room("r"), &user("ann"), Page::Latest, 10)
+        .await
+        .unwrap();
+    let m = &page.messages;
+    assert_eq!(m.len(), 4);
+    assert!(m[0].deleted && m[0].body.is_empty(), "{:?}", m[0]);
+    assert_eq!(m[1].edit, Some(1));
+    assert!(m[1].body.is_empty(), "its edits lose their text too");
+    assert!(!m[1].deleted, "the edit entry itself was not deleted");
+    assert_eq!(m[2].body, "stays");
+    assert_eq!(m[3].delete, Some(1));
+    // A moderator deletes someone else's message.
+    s.append(amend("r", "mod", "", delete(3, true)))
+        .await
+        .unwrap();
+    let all = s.messages_after(&room("r"), 0, 10).await.unwrap();
+    assert!(all[2].deleted);
+    assert!(
+        all.iter().all(|m| !m.body.contains("secret")),
+        "no text of a deleted message: {all:?}"
+    );
+}
+
+pub async fn edits_and_deletions_follow_the_rules(s: DynStore) {
+    let rules = JoinRules::open(false);
+    s.join(&room("r"), &user("ann"), rules).await.unwrap();
+    s.join(&room("r"), &user("bob"), rules).await.unwrap();
+    s.append(msg("r", "ann", "one", None)).await.unwrap();
+    s.append(amend("r", "ann", "uno", Amend::Edit(1)))
+        .await
+        .unwrap();
+    let refused = |m: NewMessage| {
+        let s = s.clone();
+        async move { s.append(m).await.unwrap_err() }
+    };
+    let e = refused(amend("r", "bob", "mine now", Amend::Edit(1))).await;
+    assert!(matches!(e, StoreError::Refused(_)), "someone else's: {e:?}");
+    let e = refused(amend("r", "bob", "", delete(1, false))).await;
+    assert!(
+        matches!(e, StoreError::Refused(_)),
+        "not a moderator: {e:?}"
+    );
+    let e = refused(amend("r", "ann", "x", Amend::Edit(2))).await;
+    assert!(matches!(e, StoreError::Invalid(_)), "an edit entry: {e:?}");
+    let e = refused(amend("r", "ann", "", delete(2, false))).await;
+    assert!(matches!(e, StoreError::Invalid(_)), "an edit entry: {e:?}");
+    for seq in [0, 3, 99] {
+        let e = refused(amend("r", "ann", "x", Amend::Edit(seq))).await;
+        assert_eq!(e, StoreError::NoSuchMessage(seq));
+    }
+    let e = refused(amend("r", "carol", "x", Amend::Edit(1))).await;
+    assert_eq!(e, StoreError::NotMember);
+    s.append(amend("r", "ann", "", delete(1, false)))
+        .await
+        .unwrap();
+    let e = refused(amend("r", "ann", "back", Amend::Edit(1))).await;
+    assert_eq!(e, StoreError::NoSuchMessage(1), "a deleted message");
+    let e = refused(amend("r", "ann", "", delete(1, false))).await;
+    assert_eq!(e, StoreError::NoSuchMessage(1), "deleted already");
+    let e = refused(amend("r", "ann", "", delete(3, false))).await;
+    assert!(
+        matches!(e, StoreError::Invalid(_)),
+        "a deletion entry: {e:?}"
+    );
+    // Nothing refused took a seq.
+    assert_eq!(s.last_seqs(&[room("r")]).await.unwrap(), vec![3]);
 }

@@ -2,11 +2,11 @@
 //! backend of the core's unit tests. Not for production: it forgets
 //! everything when the process ends.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use confab_proto::{Message, Seq};
+use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
 
 use super::*;
 
@@ -34,6 +34,8 @@ struct State {
     rooms: BTreeMap<RoomName, Room>,
     /// (cursor, user), ascending.
     removed: Vec<(u64, UserName)>,
+    /// Keys of the users who are operators.
+    operators: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -46,17 +48,66 @@ struct Room {
     members: BTreeMap<String, Membership>,
     /// (sender key, nonce) -> seq
     nonces: HashMap<(String, String), Seq>,
+    /// (user key, kind) -> the ban or mute, in force or ended.
+    sanctions: HashMap<(String, SanctionKind), Sanction>,
 }
 
 struct Membership {
     name: UserName,
     guest: bool,
     read_seq: Seq,
+    role: Role,
 }
 
 impl Room {
     fn last_seq(&self) -> Seq {
         self.messages.len() as Seq
+    }
+
+    /// The user's sanction of this kind, if in force at `now`.
+    fn sanction(&self, user: &UserName, kind: SanctionKind, now: i64) -> Option<&Sanction> {
+        self.sanctions
+            .get(&(user.key().to_owned(), kind))
+            .filter(|s| in_force(s.until_ts, now))
+    }
+
+    fn refuse_sanctioned(
+        &self,
+        name: &RoomName,
+        user: &UserName,
+        kind: SanctionKind,
+    ) -> StoreResult<()> {
+        match self.sanction(user, kind, now_ms()) {
+            Some(s) => Err(sanctioned(kind, name, s.until_ts)),
+            None => Ok(()),
+        }
+    }
+
+    /// Check and apply an edit or deletion made by `sender`.
+    fn amend(&mut self, amend: Amend, sender: &UserName, entry: &Message) -> StoreResult<()> {
+        let index = (amend.target() as usize).wrapping_sub(1);
+        let target = self.messages.get(index).map(|m| AmendTarget {
+            sender_key: m.user.to_ascii_lowercase(),
+            is_amend: m.amends().is_some(),
+            deleted: m.deleted,
+        });
+        check_amend(amend, sender, target.as_ref())?;
+        match amend {
+            Amend::Edit(_) => {
+                let m = &mut self.messages[index];
+                m.body = entry.body.clone();
+                m.edited_ts = Some(entry.ts);
+            }
+            Amend::Delete { target, .. } => {
+                for m in &mut self.messages {
+                    if m.seq == target || m.edit == Some(target) {
+                        m.body = String::new();
+                    }
+                }
+                self.messages[index].deleted = true;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -107,7 +158,7 @@ impl State {
     }
 }
 
-fn add_member(room: &mut Room, user: &UserName, guest: bool) -> bool {
+fn add_member(room: &mut Room, user: &UserName, guest: bool, role: Role) -> bool {
     if room.members.contains_key(user.key()) {
         return false;
     }
@@ -117,6 +168,7 @@ fn add_member(room: &mut Room, user: &UserName, guest: bool) -> bool {
             name: user.clone(),
             guest,
             read_seq: 0,
+            role,
         },
     );
     true
@@ -165,6 +217,7 @@ impl Store for MemoryStore {
         self.with(|s| {
             let record = s.users.remove(name.key()).ok_or_else(|| no_user(name))?;
             s.tokens.retain(|_, u| u != name);
+            s.operators.remove(name.key());
             for room in s.rooms.values_mut() {
                 room.members.remove(name.key());
             }
@@ -229,11 +282,18 @@ impl Store for MemoryStore {
                     }
                 }
             }
+            let role = match member {
+                None => Role::Owner,
+                Some(_) => Role::Member,
+            };
             let r = s.rooms.entry(room.clone()).or_insert_with(|| Room {
                 guest_created: rules.guest,
                 ..Room::default()
             });
-            let newly_joined = add_member(r, user, rules.guest);
+            if member == Some(false) {
+                r.refuse_sanctioned(room, user, SanctionKind::Ban)?;
+            }
+            let newly_joined = add_member(r, user, rules.guest, role);
             Ok(Joined {
                 topic: r.topic.clone(),
                 last_seq: r.last_seq(),
@@ -282,14 +342,14 @@ impl Store for MemoryStore {
         room: &RoomName,
         after: Option<&str>,
         limit: u32,
-    ) -> StoreResult<Vec<UserName>> {
+    ) -> StoreResult<Vec<(UserName, Role)>> {
         self.with(|s| {
             let r = s.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
             Ok(r.members
                 .iter()
                 .filter(|(key, _)| after.is_none_or(|a| key.as_str() > a))
                 .take(limit as usize)
-                .map(|(_, m)| m.name.clone())
+                .map(|(_, m)| (m.name.clone(), m.role))
                 .collect())
         })
     }
@@ -332,6 +392,82 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn role(&self, room: &RoomName, user: &UserName) -> StoreResult<Option<Role>> {
+        self.with(|s| {
+            let r = s.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
+            Ok(r.members.get(user.key()).map(|m| m.role))
+        })
+    }
+
+    async fn set_role(&self, room: &RoomName, user: &UserName, role: Role) -> StoreResult<()> {
+        self.with(|s| {
+            let r = s.member_room(room, user)?;
+            let owners = r.members.values().filter(|m| m.role == Role::Owner).count();
+            let m = r.members.get_mut(user.key()).expect("checked member");
+            if m.role == Role::Owner && role != Role::Owner && owners == 1 {
+                return Err(last_owner(user, room));
+            }
+            m.role = role;
+            Ok(())
+        })
+    }
+
+    async fn operator(&self, user: &UserName) -> StoreResult<bool> {
+        Ok(self.with(|s| s.operators.contains(user.key())))
+    }
+
+    async fn set_operator(&self, user: &UserName, operator: bool) -> StoreResult<()> {
+        self.with(|s| {
+            if !s.users.contains_key(user.key()) {
+                return Err(no_user(user));
+            }
+            if operator {
+                s.operators.insert(user.key().to_owned());
+            } else {
+                s.operators.remove(user.key());
+            }
+            Ok(())
+        })
+    }
+
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool> {
+        self.with(|s| {
+            let r = s.rooms.get_mut(room).ok_or(StoreError::NoSuchRoom)?;
+            let key = sanction.user.key().to_owned();
+            let ended = sanction.kind == SanctionKind::Ban && r.members.remove(&key).is_some();
+            r.sanctions.insert((key, sanction.kind), sanction.view());
+            s.sweep(room);
+            Ok(ended)
+        })
+    }
+
+    async fn lift(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        kind: SanctionKind,
+    ) -> StoreResult<bool> {
+        self.with(|s| {
+            let r = s.rooms.get_mut(room).ok_or(StoreError::NoSuchRoom)?;
+            let held = r.sanction(user, kind, now_ms()).is_some();
+            r.sanctions.remove(&(user.key().to_owned(), kind));
+            Ok(held)
+        })
+    }
+
+    async fn sanctions(&self, room: &RoomName, now: i64) -> StoreResult<Vec<Sanction>> {
+        self.with(|s| {
+            let r = s.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
+            let mut list: Vec<_> = r
+                .sanctions
+                .iter()
+                .filter(|(_, s)| in_force(s.until_ts, now))
+                .collect();
+            list.sort_by(|(a, _), (b, _)| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+            Ok(list.into_iter().map(|(_, s)| s.clone()).collect())
+        })
+    }
+
     async fn queue_append(&self, m: NewMessage) -> StoreResult<Queued> {
         // Stored at once, in call order; the outcome is ready unless held.
         let outcome = self.with(|s| {
@@ -342,10 +478,10 @@ impl Store for MemoryStore {
                         guest_created: d.sender_guest,
                         ..Room::default()
                     });
-                    if add_member(r, &m.sender, d.sender_guest) {
+                    if add_member(r, &m.sender, d.sender_guest, Role::Member) {
                         new_members.push(m.sender.clone());
                     }
-                    if add_member(r, &d.peer, d.peer_guest) {
+                    if add_member(r, &d.peer, d.peer_guest, Role::Member) {
                         new_members.push(d.peer.clone());
                     }
                     r
@@ -361,16 +497,29 @@ impl Store for MemoryStore {
                         new_members,
                     });
                 }
-                room.nonces.insert(key, room.last_seq() + 1);
             }
+            if !matches!(m.amend, Some(Amend::Delete { .. })) {
+                room.refuse_sanctioned(&m.room, &m.sender, SanctionKind::Mute)?;
+            }
+            let (edit, delete) = m.amend.map_or((None, None), Amend::fields);
             let message = Message {
                 room: m.room.as_str().to_owned(),
                 seq: room.last_seq() + 1,
                 user: m.sender.as_str().to_owned(),
                 body: m.body,
                 ts: m.ts,
-                nonce: m.nonce,
+                nonce: m.nonce.clone(),
+                edit,
+                delete,
+                ..Message::default()
             };
+            if let Some(amend) = m.amend {
+                room.amend(amend, &m.sender, &message)?;
+            }
+            if let Some(nonce) = m.nonce {
+                room.nonces
+                    .insert((m.sender.key().to_owned(), nonce), message.seq);
+            }
             room.messages.push(message.clone());
             Ok(Appended {
                 message,

@@ -10,6 +10,8 @@ pub struct UserRow {
     pub name: String,
     pub password_hash: String,
     pub created_at: i64,
+    /// A server operator.
+    pub operator: bool,
 }
 
 /// A session token, by its SHA-256 (copied as is: tokens stay valid).
@@ -39,6 +41,8 @@ pub struct MemberRow {
     pub user_name: String,
     pub read_seq: i64,
     pub joined_at: i64,
+    /// The role's rank, 0 (member) to 3 (owner).
+    pub role: i16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +54,23 @@ pub struct MessageRow {
     pub body: String,
     pub ts: i64,
     pub nonce: Option<String>,
+    pub edit_of: Option<i64>,
+    pub delete_of: Option<i64>,
+    pub edited_ts: Option<i64>,
+    pub deleted: bool,
+}
+
+/// A ban (kind 0) or mute (kind 1) in a room, in force or ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SanctionRow {
+    pub room: String,
+    pub user_key: String,
+    pub kind: i16,
+    pub user_name: String,
+    pub by_name: String,
+    pub reason: String,
+    pub until_ts: Option<i64>,
+    pub created_at: i64,
 }
 
 /// What a database holds, to check a copy: counts, and every room's last
@@ -61,6 +82,7 @@ pub struct Census {
     pub rooms: u64,
     pub members: u64,
     pub messages: u64,
+    pub sanctions: u64,
     /// (room, last_seq, highest stored seq), by name.
     pub last_seqs: Vec<(String, i64, i64)>,
 }

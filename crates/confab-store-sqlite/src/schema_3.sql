@@ -1,0 +1,34 @@
+-- Confab schema, version 3: roles, bans and mutes, operators, and edits
+-- and deletions as entries of a room's log.
+
+-- A member's role in the room: 0 member, 1 moderator, 2 admin, 3 owner.
+-- Rooms from before roles have no owner until an operator gives one.
+ALTER TABLE members ADD COLUMN role INTEGER NOT NULL DEFAULT 0;
+
+-- Server operators act as owners of every room.
+ALTER TABLE users ADD COLUMN operator INTEGER NOT NULL DEFAULT 0;
+
+-- Bans (kind 0) and mutes (kind 1), one of each kind per user and room.
+-- `until_ts` NULL: for good. Ones that ended refuse nothing and are never
+-- listed; the next sanction of the user replaces them.
+CREATE TABLE sanctions (
+    room_id    INTEGER NOT NULL,
+    user_key   TEXT NOT NULL,
+    kind       INTEGER NOT NULL,
+    user_name  TEXT NOT NULL,
+    by_name    TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    until_ts   INTEGER,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (room_id, user_key, kind)
+) WITHOUT ROWID;
+
+-- An edit entry names the message it changes (`edit_of`), a deletion entry
+-- the message it deletes (`delete_of`). The message itself holds its
+-- current body: `edited_ts` once edited; once deleted, `deleted` = 1 and
+-- its body, and its edit entries' bodies, are overwritten with ''.
+ALTER TABLE messages ADD COLUMN edit_of INTEGER;
+ALTER TABLE messages ADD COLUMN delete_of INTEGER;
+ALTER TABLE messages ADD COLUMN edited_ts INTEGER;
+ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX messages_by_edit ON messages (room_id, edit_of) WHERE edit_of IS NOT NULL;
