@@ -200,6 +200,65 @@ async fn everything_reaches_users_on_other_nodes() {
 }
 
 #[tokio::test]
+async fn moderation_and_edits_hold_on_every_node() {
+    let Some(cluster) = TestCluster::spawn(2).await else {
+        return;
+    };
+    let mut boss = cluster.client(0).await;
+    boss.register("boss").await;
+    boss.join("hall").await;
+    let mut eve = cluster.client(1).await;
+    eve.register("eve").await;
+    eve.join("hall").await;
+    let mut watcher = cluster.client(1).await;
+    watcher.register("watcher").await;
+    watcher.join("hall").await;
+    // An edit and a deletion made on one node arrive on the other in order.
+    let seq = boss.send("hall", "helo").await;
+    boss.ok(json!({"type":"edit","room":"hall","seq":seq,"body":"hello"}))
+        .await;
+    boss.ok(json!({"type":"delete","room":"hall","seq":seq}))
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = next_of(&mut watcher, "message").await;
+        seen.push((e["seq"].clone(), e["edit"].clone(), e["delete"].clone()));
+    }
+    assert_eq!(
+        seen,
+        [
+            (json!(1), Value::Null, Value::Null),
+            (json!(2), json!(1), Value::Null),
+            (json!(3), Value::Null, json!(1))
+        ]
+    );
+    // A mute given on node 0 holds on node 1.
+    boss.ok(json!({"type":"mute","room":"hall","user":"eve"}))
+        .await;
+    assert_eq!(
+        eve.error(json!({"type":"send","room":"hall","body":"hm"}))
+            .await,
+        "forbidden"
+    );
+    // A ban on node 0 puts eve out on node 1 at once: she hears it, her
+    // connection stops receiving the room, the others see her leave.
+    boss.ok(json!({"type":"ban","room":"hall","user":"eve","reason":"enough"}))
+        .await;
+    assert_eq!(next_of(&mut eve, "kicked").await["reason"], "enough");
+    assert_eq!(next_of(&mut watcher, "left").await["user"], "eve");
+    boss.send("hall", "eve cannot read this").await;
+    assert_eq!(
+        next_of(&mut watcher, "message").await["body"],
+        "eve cannot read this"
+    );
+    eve.assert_no_event().await;
+    assert_eq!(
+        eve.error(json!({"type":"join","room":"hall"})).await,
+        "forbidden"
+    );
+}
+
+#[tokio::test]
 async fn login_attempts_are_throttled_across_the_cluster() {
     let Some(cluster) = TestCluster::spawn(3).await else {
         return;
