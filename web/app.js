@@ -5,12 +5,16 @@ const $ = (selector) => document.querySelector(selector);
 const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
 const chat = new Confab(wsUrl);
 
-/** room name -> { room, topic, unread, lastSeq, messages: Map(seq -> msg), oldest, more, loaded } */
+/** room name -> { room, topic, unread, lastSeq, messages: Map(seq -> msg), oldest, more, loaded, members, myRole } */
 const rooms = new Map();
 let current = null;
 let readSent = new Map();
 let typingSent = 0;
 const typers = new Map();
+
+// Roles, lowest first: a member may act on those below it.
+const RANKS = ["member", "moderator", "admin", "owner"];
+const rank = (role) => RANKS.indexOf(role ?? "");
 
 // --- words for errors ---
 
@@ -211,6 +215,8 @@ async function loadOlder(name, first = false) {
   try {
     const before = state.messages.size ? Math.min(...state.messages.keys()) : undefined;
     const page = await chat.history(name, { before, limit: 50 });
+    // A page shows each message as it is now: its entries are not applied
+    // again (an older edit would undo a newer one).
     for (const m of page.messages) state.messages.set(m.seq, m);
     state.more = page.more;
     state.loaded = true;
@@ -241,7 +247,11 @@ function renderMessages() {
     list.append(start);
   }
   const seqs = [...state.messages.keys()].sort((a, b) => a - b);
-  for (const seq of seqs) list.append(messageItem(state.messages.get(seq)));
+  for (const seq of seqs) {
+    const m = state.messages.get(seq);
+    // Edit and deletion entries show in the message they change.
+    if (m.edit === undefined && m.delete === undefined) list.append(messageItem(m, state));
+  }
   for (const pending of chat.outbox) {
     const target = pending.room ?? (pending.to && dmRoom(pending.to));
     if (target === current) list.append(messageItem({ user: chat.user, body: pending.body, pending: true }));
@@ -254,9 +264,24 @@ function dmRoom(to) {
   return `dm:${pair[0]}:${pair[1]}`;
 }
 
-function messageItem(m) {
+/** Take a live entry of a room's log: an edit or a deletion changes the message it names. */
+function take(state, m) {
+  state.messages.set(m.seq, m);
+  const target = state.messages.get(m.edit ?? m.delete);
+  if (!target) return;
+  if (m.edit !== undefined) {
+    target.body = m.body;
+    target.edited_ts = m.ts;
+  } else {
+    target.deleted = true;
+    delete target.body;
+    for (const entry of state.messages.values()) if (entry.edit === m.delete) delete entry.body;
+  }
+}
+
+function messageItem(m, state) {
   const li = document.createElement("li");
-  li.className = "message" + (m.pending ? " pending" : "") + (m.user === chat.user ? " mine" : "");
+  li.className = "message" + (m.pending ? " pending" : "") + (m.user === chat.user ? " mine" : "") + (m.deleted ? " deleted" : "");
   if (m.seq) li.dataset.seq = m.seq;
   const who = document.createElement("span");
   who.className = "who";
@@ -270,9 +295,50 @@ function messageItem(m) {
   }
   const body = document.createElement("p");
   body.className = "body";
-  body.textContent = m.body;
+  body.textContent = m.deleted ? "This message was deleted." : m.body;
   li.append(who, when, body);
+  if (m.edited_ts && !m.deleted) {
+    const edited = document.createElement("span");
+    edited.className = "edited";
+    edited.textContent = "edited";
+    when.after(edited);
+  }
+  if (m.seq && !m.deleted && state) li.append(...messageActions(m, state));
   return li;
+}
+
+/** Edit for one's own messages; delete for them, and for anyone's if a moderator. */
+function messageActions(m, state) {
+  const mine = m.user === chat.user;
+  const moderator = !state.room.startsWith("dm:") && rank(state.myRole) >= rank("moderator");
+  const actions = [];
+  const action = (name, label, run) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `link ${name}`;
+    button.textContent = label;
+    button.setAttribute("aria-label", `${label} message ${m.seq}`);
+    button.addEventListener("click", run);
+    actions.push(button);
+  };
+  if (mine) {
+    action("edit", "Edit", async () => {
+      const body = prompt("Edit your message", m.body);
+      if (body === null || body === m.body || !body.trim()) return;
+      await chat.edit(state.room, m.seq, body).catch(say);
+    });
+  }
+  if (mine || moderator) {
+    action("delete", "Delete", async () => {
+      if (!confirm(mine ? "Delete your message?" : `Delete this message of ${m.user}?`)) return;
+      await chat.delete(state.room, m.seq).catch(say);
+    });
+  }
+  if (!actions.length) return [];
+  const box = document.createElement("span");
+  box.className = "actions";
+  box.append(...actions);
+  return [box];
 }
 
 $("#messages").addEventListener("scroll", () => {
@@ -300,14 +366,14 @@ chat.addEventListener("message", ({ detail: m }) => {
   const known = rooms.has(m.room);
   const state = roomState(m.room);
   if (state.messages.has(m.seq)) return;
-  state.messages.set(m.seq, m);
+  take(state, m);
   state.lastSeq = Math.max(state.lastSeq, m.seq);
   if (m.room === current) {
     renderMessages();
     const list = $("#messages");
     if (m.user === chat.user) list.scrollTop = list.scrollHeight;
     markRead();
-  } else if (m.user !== chat.user) {
+  } else if (m.user !== chat.user && m.edit === undefined && m.delete === undefined) {
     state.unread += 1;
   }
   if (!known) refreshRooms();
@@ -322,20 +388,84 @@ chat.addEventListener("error", ({ detail }) => say(detail));
 async function loadMembers(name) {
   try {
     const members = await chat.members(name);
+    const state = roomState(name);
+    state.members = members;
+    state.myRole = members.find((m) => m.user === chat.user)?.role;
     if (name !== current) return;
-    const list = $("#members-list");
-    list.replaceChildren();
-    for (const m of members) {
-      const li = document.createElement("li");
-      li.dataset.user = m.user.toLowerCase();
-      li.className = m.online ? "online" : "offline";
-      li.textContent = m.user;
-      li.title = m.online ? "online" : "offline";
-      list.append(li);
-    }
+    renderMembers(state);
+    renderMessages();
   } catch (e) {
     say(e);
   }
+}
+
+function renderMembers(state) {
+  const list = $("#members-list");
+  list.replaceChildren();
+  for (const m of state.members) {
+    const li = document.createElement("li");
+    li.dataset.user = m.user.toLowerCase();
+    li.className = m.online ? "online" : "offline";
+    li.title = m.online ? "online" : "offline";
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = m.user;
+    li.append(name);
+    if (m.role !== "member") {
+      const badge = document.createElement("span");
+      badge.className = `role ${m.role}`;
+      badge.textContent = m.role;
+      li.append(badge);
+    }
+    const menu = memberMenu(state, m);
+    if (menu) li.append(menu);
+    list.append(li);
+  }
+}
+
+/** What the caller may do to a member: nothing unless its role is higher. */
+function memberMenu(state, member) {
+  const mine = rank(state.myRole);
+  if (member.user === chat.user || state.room.startsWith("dm:")) return null;
+  if (mine < rank("moderator") || mine <= rank(member.role)) return null;
+  const choices = [
+    ["", "Moderate…"],
+    ["kick", "Kick"],
+    ["mute:600000", "Mute 10 minutes"],
+    ["mute:3600000", "Mute 1 hour"],
+    ["mute:", "Mute until unmuted"],
+    ["unmute", "Unmute"],
+    ["ban:3600000", "Ban 1 hour"],
+    ["ban:86400000", "Ban 1 day"],
+    ["ban:", "Ban for good"],
+  ];
+  if (mine >= rank("admin")) {
+    for (const role of RANKS) {
+      // An admin gives what is below it; an owner gives anything.
+      if (role !== member.role && (rank(role) < mine || mine === rank("owner"))) {
+        choices.push([`role:${role}`, `Make ${role}`]);
+      }
+    }
+  }
+  const select = document.createElement("select");
+  select.className = "moderate";
+  select.setAttribute("aria-label", `Moderate ${member.user}`);
+  for (const [value, label] of choices) select.append(new Option(label, value));
+  select.addEventListener("change", async () => {
+    const [action, arg] = select.value.split(":");
+    const label = select.selectedOptions[0].textContent;
+    select.value = "";
+    if (!action) return;
+    const options = action === "role" ? { role: arg } : { durationMs: arg ? Number(arg) : undefined };
+    try {
+      await chat.moderate(action, state.room, member.user, options);
+      toast(`${label}: ${member.user}, done.`);
+      if (action !== "role") loadMembers(state.room);
+    } catch (e) {
+      say(e);
+    }
+  });
+  return select;
 }
 
 chat.addEventListener("presence", ({ detail }) => {
@@ -355,6 +485,17 @@ for (const kind of ["joined", "left"]) {
     }
   });
 }
+
+chat.addEventListener("role", ({ detail }) => {
+  if (detail.room === current) loadMembers(current);
+});
+
+chat.addEventListener("kicked", ({ detail }) => {
+  rooms.delete(detail.room);
+  if (detail.room === current) closeRoom();
+  renderRooms();
+  toast(`${detail.by} removed you from #${detail.room}${detail.reason ? `: ${detail.reason}` : "."}`);
+});
 
 $("#members-toggle").addEventListener("click", () => {
   const open = document.body.dataset.members !== "open";
@@ -380,17 +521,23 @@ $("#leave").addEventListener("click", async () => {
   try {
     await chat.leave(current);
     rooms.delete(current);
-    current = null;
-    localStorage.removeItem("confab.room");
-    document.body.dataset.view = "rooms";
-    renderRooms();
-    renderMessages();
-    $("#room-title").textContent = "";
-    $("#topic").textContent = "";
+    closeRoom();
   } catch (e) {
     say(e);
   }
 });
+
+/** Show no room (after leaving the one shown, or being put out of it). */
+function closeRoom() {
+  current = null;
+  localStorage.removeItem("confab.room");
+  document.body.dataset.view = "rooms";
+  renderRooms();
+  renderMessages();
+  $("#members-list").replaceChildren();
+  $("#room-title").textContent = "";
+  $("#topic").textContent = "";
+}
 
 $("#back").addEventListener("click", () => (document.body.dataset.view = "rooms"));
 

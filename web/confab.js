@@ -280,6 +280,30 @@ export class Confab extends EventTarget {
     return this.request("typing", { room });
   }
 
+  // --- editing, deleting, moderating ---
+
+  /** Replace the body of one's message `seq`; a new entry of the log. */
+  edit(room, seq, body) {
+    return this.request("edit", { room, seq, body, nonce: nonce() });
+  }
+
+  /** Delete message `seq` (one's own, or anyone's for a moderator). */
+  delete(room, seq) {
+    return this.request("delete", { room, seq, nonce: nonce() });
+  }
+
+  /**
+   * A moderation request: `kick`, `ban`, `unban`, `mute`, `unmute`
+   * (`{ reason, durationMs }` where they apply), or `role` (`{ role }`).
+   */
+  moderate(action, room, user, { reason, durationMs, role } = {}) {
+    return this.request(action, { room, user, reason, duration_ms: durationMs, role });
+  }
+
+  async bans(room) {
+    return (await this.request("bans", { room })).bans;
+  }
+
   // --- messages, through the outbox ---
 
   /** Send to a room; resolves with `{ room, seq, ts }` once stored, even after a reconnect. */

@@ -233,3 +233,80 @@ test("errors are shown in words, and the page fits a phone", async () => {
   await expectMessages(erin.page, ["short and fine", "typed with the keyboard"]);
   await erin.context.close();
 });
+
+/** Open the members panel and wait for `user` to be listed. */
+async function showMembers(page, user) {
+  if ((await page.getAttribute("#members-toggle", "aria-expanded")) !== "true") {
+    await page.click("#members-toggle");
+  }
+  await page.waitForSelector(`#members-list li[data-user="${user.toLowerCase()}"]`);
+}
+
+test("a moderator gives roles and bans a member, who is put out at once", async () => {
+  const olga = await person();
+  const mike = await person();
+  const pete = await person();
+  await signUp(olga.page, "olga", "olga-password");
+  await signUp(mike.page, "mike", "mike-password");
+  await signUp(pete.page, "pete", "pete-password");
+  await join(olga.page, "garden");
+  await join(mike.page, "garden");
+  await join(pete.page, "garden");
+
+  // Olga made the room: she owns it, and makes Mike a moderator.
+  await showMembers(olga.page, "pete");
+  assert.equal(await olga.page.textContent('#members-list li[data-user="olga"] .role'), "owner");
+  await olga.page.selectOption('select[aria-label="Moderate mike"]', "role:moderator");
+  await showMembers(mike.page, "mike");
+  await mike.page.waitForSelector('#members-list li[data-user="mike"] .role.moderator');
+  // A moderator can act on members, not on the owner.
+  assert.equal(await mike.page.$('select[aria-label="Moderate olga"]'), null);
+  await shot(mike.page, "moderator-menu");
+
+  await say(pete.page, "buy cheap stuff");
+  await expectMessages(mike.page, ["buy cheap stuff"]);
+  await mike.page.selectOption('select[aria-label="Moderate pete"]', "ban:86400000");
+  // Pete is told, and the room leaves his page.
+  await pete.page.waitForFunction(() => /mike removed you from #garden/.test(document.querySelector("#toast").textContent));
+  await pete.page.waitForFunction(() => !document.querySelector('#rooms button[data-room="garden"]'));
+  await olga.page.waitForFunction(() => !document.querySelector('#members-list li[data-user="pete"]'));
+  // He cannot come back while the ban holds.
+  await pete.page.fill("#join-name", "garden");
+  await pete.page.press("#join-name", "Enter");
+  await pete.page.waitForFunction(() => /Not allowed: you are banned from garden/.test(document.querySelector("#toast").textContent));
+  for (const p of [olga, mike, pete]) await p.context.close();
+});
+
+test("people edit and delete their messages; moderators delete others'", async () => {
+  const nina = await person();
+  const omar = await person();
+  await signUp(nina.page, "nina", "nina-password");
+  await signUp(omar.page, "omar", "omar-password");
+  await join(nina.page, "notes");
+  await join(omar.page, "notes");
+  await say(nina.page, "helo everyone");
+  await say(omar.page, "hi nina");
+  await expectMessages(omar.page, ["helo everyone", "hi nina"]);
+
+  // Nina fixes her typo: both pages show the new text, marked edited.
+  nina.page.once("dialog", (d) => d.accept("hello everyone"));
+  await nina.page.click('#messages button[aria-label="Edit message 1"]');
+  await expectMessages(omar.page, ["hello everyone", "hi nina"]);
+  await omar.page.waitForSelector('#messages li[data-seq="1"] .edited');
+  // Omar may not edit or delete hers.
+  assert.equal(await omar.page.$('#messages li[data-seq="1"] .actions'), null);
+  await shot(nina.page, "edited");
+
+  // Omar deletes his own message; Nina, owning the room, could too.
+  omar.page.once("dialog", (d) => d.accept());
+  await omar.page.click('#messages button[aria-label="Delete message 2"]');
+  await expectMessages(nina.page, ["hello everyone", "This message was deleted."]);
+  await nina.page.waitForSelector('#messages li[data-seq="2"].deleted');
+  // After a reload the page shows the room as it is now, from history.
+  await omar.page.reload();
+  await omar.page.waitForSelector("#chat:not([hidden])");
+  await expectMessages(omar.page, ["hello everyone", "This message was deleted."]);
+  assert.ok(await omar.page.$('#messages li[data-seq="1"] .edited'));
+  await nina.context.close();
+  await omar.context.close();
+});
