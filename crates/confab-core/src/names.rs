@@ -67,7 +67,10 @@ impl fmt::Display for UserName {
 }
 
 /// A room name, always lowercase: a public room (`^[a-z0-9][a-z0-9_-]{0,63}$`
-/// after lowercasing) or a direct conversation `dm:a:b` with `a < b`.
+/// after lowercasing), a hub's channel `hub/channel` (each part of that
+/// syntax), or a direct conversation `dm:a:b` with `a < b`. Internally a
+/// hub itself is the room `hub/` ([`RoomName::hub_room`]): its members,
+/// roles and bans are the hub's. No client can name that room.
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -94,16 +97,14 @@ impl RoomName {
         Self::parse_public(raw)
     }
 
-    /// Parse the name of a public room; `dm:` names are refused.
+    /// Parse the name of a public room or a channel; `dm:` names are
+    /// refused.
     pub fn parse_public(raw: &str) -> Result<Self, ChatError> {
         let lower = raw.to_ascii_lowercase();
-        let bytes = lower.as_bytes();
-        let valid = !bytes.is_empty()
-            && bytes.len() <= Self::MAX_LEN
-            && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-            && bytes[1..]
-                .iter()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+        let valid = match lower.split_once('/') {
+            Some((hub, channel)) => simple_name(hub) && simple_name(channel),
+            None => simple_name(&lower),
+        };
         if !valid {
             return Err(Self::invalid(raw));
         }
@@ -112,8 +113,36 @@ impl RoomName {
 
     fn invalid(raw: &str) -> ChatError {
         ChatError::bad_request(format!(
-            "invalid room name {raw:?}: a letter or digit, then up to 63 letters, digits, '_' or '-'"
+            "invalid room name {raw:?}: a letter or digit, then up to 63 letters, digits, '_' \
+             or '-' (a hub's channel: HUB/CHANNEL, each part so)"
         ))
+    }
+
+    /// A hub's channel: `hub/channel`.
+    pub fn channel(hub: &HubName, channel: &str) -> Result<Self, ChatError> {
+        if !simple_name(&channel.to_ascii_lowercase()) {
+            return Err(ChatError::bad_request(format!(
+                "invalid channel name {channel:?}: a letter or digit, then up to 63 letters, \
+                 digits, '_' or '-'"
+            )));
+        }
+        Ok(RoomName(format!("{hub}/{}", channel.to_ascii_lowercase())))
+    }
+
+    /// The room that holds a hub's members, roles and bans: `hub/`.
+    pub fn hub_room(hub: &HubName) -> Self {
+        RoomName(format!("{hub}/"))
+    }
+
+    /// The hub of a channel (or of a hub's own room).
+    pub fn hub(&self) -> Option<HubName> {
+        let (hub, _) = self.0.split_once('/')?;
+        Some(HubName(hub.to_owned()))
+    }
+
+    /// Whether this is a hub's own room (`hub/`), not a room or channel.
+    pub fn is_hub_room(&self) -> bool {
+        self.0.ends_with('/')
     }
 
     /// The conversation between two users: `dm:A:B`, keys in byte order.
@@ -145,6 +174,44 @@ impl RoomName {
     }
 }
 
+/// `^[a-z0-9][a-z0-9_-]{0,63}$`: a room's, a hub's or a channel's name.
+fn simple_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= RoomName::MAX_LEN
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes[1..]
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+}
+
+/// A hub's name, lowercase, with the syntax of a room's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HubName(String);
+
+impl HubName {
+    pub fn parse(raw: &str) -> Result<Self, ChatError> {
+        let lower = raw.to_ascii_lowercase();
+        if !simple_name(&lower) {
+            return Err(ChatError::bad_request(format!(
+                "invalid hub name {raw:?}: a letter or digit, then up to 63 letters, digits, \
+                 '_' or '-'"
+            )));
+        }
+        Ok(HubName(lower))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HubName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl fmt::Display for RoomName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -169,7 +236,11 @@ impl From<UserName> for String {
 impl TryFrom<String> for RoomName {
     type Error = ChatError;
     fn try_from(raw: String) -> Result<Self, ChatError> {
-        RoomName::parse(&raw)
+        // Between nodes a hub's own room travels too.
+        match raw.strip_suffix('/') {
+            Some(hub) => Ok(RoomName::hub_room(&HubName::parse(hub)?)),
+            None => RoomName::parse(&raw),
+        }
     }
 }
 
@@ -223,5 +294,25 @@ mod tests {
         assert!(RoomName::parse("dm:bob:alice").is_err());
         assert!(RoomName::parse("dm:bob").is_err());
         assert!(RoomName::parse_public("dm:alice:bob").is_err());
+    }
+
+    #[test]
+    fn channels_and_hubs() {
+        let channel = RoomName::parse("Rust/General").unwrap();
+        assert_eq!(channel.as_str(), "rust/general");
+        let hub = HubName::parse("RUST").unwrap();
+        assert_eq!(channel.hub(), Some(hub.clone()));
+        assert_eq!(RoomName::channel(&hub, "General").unwrap(), channel);
+        assert_eq!(RoomName::hub_room(&hub).as_str(), "rust/");
+        assert!(RoomName::hub_room(&hub).is_hub_room());
+        assert!(!channel.is_hub_room());
+        assert_eq!(RoomName::parse("general").unwrap().hub(), None);
+        for bad in ["rust/", "/general", "a/b/c", "rust/gen eral", "rust/-x"] {
+            assert!(RoomName::parse(bad).is_err(), "{bad}");
+        }
+        assert!(HubName::parse("a/b").is_err());
+        let between_nodes: RoomName = "rust/".to_owned().try_into().unwrap();
+        assert!(between_nodes.is_hub_room());
+        assert!(RoomName::channel(&hub, "a/b").is_err());
     }
 }

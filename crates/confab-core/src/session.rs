@@ -35,10 +35,11 @@ use crate::chat::{Inner, Policy};
 use crate::conn::{CloseReason, Conn, Outbound};
 use crate::error::ChatError;
 use crate::limits::{ConnLimiter, Refusal};
-use crate::names::{RoomName, UserName};
+use crate::names::{HubName, RoomName, UserName};
 use crate::store::{now_ms, Amend, DirectPeers, JoinRules, NewMessage, Page, TokenHash};
 
 mod authority;
+mod hubs;
 mod moderation;
 
 /// Page size of `history` and `sync` when the client gives none.
@@ -371,7 +372,7 @@ impl Session {
             Request::Guest { user } => self.guest(&user).await,
             Request::Resume { token } => self.resume(&token).await,
             Request::Logout {} => self.logout().await,
-            Request::Join { room } => self.join(&room).await,
+            Request::Join { room, invite } => self.join(&room, invite).await,
             Request::Leave { room } => self.leave(&room).await,
             Request::Rooms { all, after, limit } => self.rooms(all, after, limit).await,
             Request::Members { room, after, limit } => self.members(&room, after, limit).await,
@@ -387,31 +388,55 @@ impl Session {
             Request::Sync { cursors, limit } => self.sync(cursors, limit).await,
             Request::Read { room, seq } => self.read(&room, seq).await,
             Request::Typing { room } => self.typing(&room),
-            Request::Role { room, user, role } => self.set_role(&room, &user, role).await,
-            Request::Kick { room, user, reason } => self.kick(&room, &user, reason).await,
+            Request::Role { place, user, role } => self.set_role(&place, &user, role).await,
+            Request::Kick {
+                place,
+                user,
+                reason,
+            } => self.kick(&place, &user, reason).await,
             Request::Ban {
-                room,
+                place,
                 user,
                 reason,
                 duration_ms,
             } => {
                 let ban = self.new_sanction(SanctionKind::Ban, &user, reason, duration_ms);
                 let ban = ban.await?;
-                self.sanction(&room, ban).await
+                self.sanction(&place, ban).await
             }
             Request::Mute {
-                room,
+                place,
                 user,
                 reason,
                 duration_ms,
             } => {
                 let mute = self.new_sanction(SanctionKind::Mute, &user, reason, duration_ms);
                 let mute = mute.await?;
-                self.sanction(&room, mute).await
+                self.sanction(&place, mute).await
             }
-            Request::Unban { room, user } => self.lift(&room, &user, SanctionKind::Ban).await,
-            Request::Unmute { room, user } => self.lift(&room, &user, SanctionKind::Mute).await,
-            Request::Bans { room } => self.bans(&room).await,
+            Request::Unban { place, user } => self.lift(&place, &user, SanctionKind::Ban).await,
+            Request::Unmute { place, user } => self.lift(&place, &user, SanctionKind::Mute).await,
+            Request::Bans { place } => self.bans(&place).await,
+            Request::HubCreate {
+                hub,
+                title,
+                private,
+            } => self.hub_create(&hub, title, private).await,
+            Request::HubJoin { hub, invite } => self.hub_join(&hub, invite).await,
+            Request::HubLeave { hub } => self.hub_leave(&hub).await,
+            Request::Hubs { all } => self.hubs(all).await,
+            Request::Hub { hub } => self.hub_snapshot(&HubName::parse(&hub)?).await,
+            Request::ChannelCreate {
+                hub,
+                channel,
+                private,
+                topic,
+            } => self.channel_create(&hub, &channel, private, topic).await,
+            Request::Invite {
+                place,
+                user,
+                expires_ms,
+            } => self.invite(&place, user, expires_ms).await,
             Request::Edit {
                 room,
                 seq,
@@ -680,17 +705,22 @@ impl Session {
 
     // --- rooms ----------------------------------------------------------
 
-    async fn join(&mut self, room: &str) -> Handled {
+    async fn join(&mut self, room: &str, invite: Option<String>) -> Handled {
         let room = RoomName::parse_public(room)?;
         let me = self.me();
         let user = me.user.clone();
         let mut rules = JoinRules {
             guest: me.guest,
             create: false,
+            invite,
             max_rooms: self.policy.config.max_rooms_per_user,
         };
         let store = self.chat.store.clone();
-        let joined = match store.join(&room, &user, rules).await {
+        let joined = match store.join(&room, &user, rules.clone()).await {
+            // Channels are made by `channel_create`, never by a join.
+            Err(crate::StoreError::NoSuchRoom) if room.hub().is_some() => {
+                return Err(authority::no_such(&room))
+            }
             // A new room: its creation counts against the user's hourly
             // allowance first.
             Err(crate::StoreError::NoSuchRoom) => {
@@ -757,6 +787,8 @@ impl Session {
         );
         let rooms = views
             .into_iter()
+            // A hub's own room holds its members; the hub is no room.
+            .filter(|v| !v.room.is_hub_room())
             .map(|v| RoomEntry {
                 room: v.room.as_str().to_owned(),
                 topic: v.topic,
@@ -794,21 +826,30 @@ impl Session {
             self.chat.store.members(room, after, limit + 1).await?,
             limit,
         );
-        let keys: Vec<&str> = users.iter().map(|(u, _)| u.key()).collect();
-        let elsewhere = match self.chat.broker.elsewhere(&keys).await {
-            Ok(flags) => flags,
-            Err(_) => vec![false; keys.len()],
-        };
+        let online = self.online(users.iter().map(|(u, _)| u)).await;
         let members = users
             .iter()
-            .zip(elsewhere)
-            .map(|((u, role), elsewhere)| Member {
-                online: elsewhere || self.chat.hub.is_online(u.key()),
+            .zip(online)
+            .map(|((u, role), online)| Member {
+                online,
                 user: u.as_str().to_owned(),
                 role: *role,
             })
             .collect();
         Ok((members, more))
+    }
+
+    /// Whether each user is connected, here or on another node.
+    async fn online<'a>(&self, users: impl Iterator<Item = &'a UserName>) -> Vec<bool> {
+        let keys: Vec<&str> = users.map(|u| u.key()).collect();
+        let elsewhere = match self.chat.broker.elsewhere(&keys).await {
+            Ok(flags) => flags,
+            Err(_) => vec![false; keys.len()],
+        };
+        keys.iter()
+            .zip(elsewhere)
+            .map(|(key, elsewhere)| elsewhere || self.chat.hub.is_online(key))
+            .collect()
     }
 
     async fn topic(&mut self, room: &str, topic: String) -> Handled {
@@ -1060,13 +1101,23 @@ impl Session {
     }
 }
 
+/// `left` to a room's members, or `hub_left` to a hub's when the room is
+/// a hub's own.
 fn left_event(room: &RoomName, user: &UserName, skip: Skip) -> BrokerEvent {
+    let user = user.as_str().to_owned();
+    let event = match room.hub() {
+        Some(hub) if room.is_hub_room() => Event::HubLeft {
+            hub: hub.to_string(),
+            user,
+        },
+        _ => Event::Left {
+            room: room.as_str().to_owned(),
+            user,
+        },
+    };
     BrokerEvent::Room {
         room: room.clone(),
-        event: Event::Left {
-            room: room.as_str().to_owned(),
-            user: user.as_str().to_owned(),
-        },
+        event,
         skip,
     }
 }

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
 
 use crate::error::StoreError;
-use crate::names::{RoomName, UserName};
+use crate::names::{HubName, RoomName, UserName};
 
 pub mod memory;
 pub mod transfer;
@@ -42,16 +42,136 @@ pub struct UserRecord {
 }
 
 /// How a [`Store::join`] may go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinRules {
     /// A guest's membership, which ends with [`Store::drop_guest`]; a room
     /// a guest creates is removed once it has no members.
     pub guest: bool,
     /// Create the room if it does not exist (else `NoSuchRoom`).
     pub create: bool,
+    /// An invite code (for a private channel).
+    pub invite: Option<String>,
     /// The most public rooms the user may be a member of: joining one more
     /// is `Limit`. Direct conversations do not count.
     pub max_rooms: u32,
+}
+
+/// A hub to create: see [`Store::create_hub`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewHub {
+    pub hub: HubName,
+    pub title: String,
+    pub private: bool,
+    pub owner: UserName,
+}
+
+/// The channel every hub starts with.
+pub const FIRST_CHANNEL: &str = "general";
+
+/// The result of [`Store::join_hub`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HubJoined {
+    /// False when the user was already a member.
+    pub newly_joined: bool,
+    /// The channels this made the user a member of, with their last seq.
+    pub channels: Vec<(RoomName, Seq)>,
+}
+
+/// A hub as [`Store::hubs`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubView {
+    pub hub: HubName,
+    pub title: String,
+    pub private: bool,
+    pub member_count: u64,
+    /// The caller's role; `None` when not a member.
+    pub role: Option<Role>,
+}
+
+/// A channel as a hub's detail shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelView {
+    pub room: RoomName,
+    pub topic: String,
+    pub private: bool,
+    pub last_seq: Seq,
+    /// The caller's read marker; `None` when not a member.
+    pub read_seq: Option<Seq>,
+}
+
+/// A hub as [`Store::hub`] shows it to one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubDetail {
+    pub title: String,
+    pub private: bool,
+    /// The caller's role; `None` when not a member.
+    pub role: Option<Role>,
+    /// Public channels, and the private ones the caller is in, by name.
+    pub channels: Vec<ChannelView>,
+    /// By key.
+    pub members: Vec<(UserName, Role)>,
+}
+
+/// An invite to record: see [`Store::create_invite`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInvite {
+    pub code: String,
+    /// A hub's room ([`RoomName::hub_room`]) or a private channel.
+    pub place: RoomName,
+    /// For this user only, and used once; `None`: for whoever has the code,
+    /// until it expires.
+    pub user: Option<UserName>,
+    pub expires_ts: Option<i64>,
+    pub by: UserName,
+}
+
+/// The refusal of an invite that is unknown, expired, used, for someone
+/// else, or for another place: one answer for all, so that codes cannot
+/// be probed.
+pub fn bad_invite() -> StoreError {
+    StoreError::Refused("the invite is not valid here: unknown, expired, used, or not yours".into())
+}
+
+/// An invite as a backend reads it, checked by [`check_invite`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InviteRow {
+    pub room: RoomName,
+    pub user_key: Option<String>,
+    pub expires_ts: Option<i64>,
+}
+
+/// Whether `invite` lets `user` into `place` at `now`; returns whether it
+/// is used up by this (a single user's invite is).
+pub fn check_invite(
+    invite: Option<&InviteRow>,
+    place: &RoomName,
+    user: &UserName,
+    now: i64,
+) -> StoreResult<bool> {
+    let invite = invite.ok_or_else(bad_invite)?;
+    let usable = invite.room == *place
+        && invite.user_key.as_deref().is_none_or(|k| k == user.key())
+        && in_force(invite.expires_ts, now);
+    if !usable {
+        return Err(bad_invite());
+    }
+    Ok(invite.user_key.is_some())
+}
+
+/// The refusals of the hub rules, the same from every backend.
+pub fn not_in_hub(hub: &HubName) -> StoreError {
+    StoreError::Refused(format!("join the hub {hub} first"))
+}
+
+pub fn private_place(place: &RoomName) -> StoreError {
+    match place.hub() {
+        Some(hub) if place.is_hub_room() => {
+            StoreError::Refused(format!("the hub {hub} is private: it takes an invite"))
+        }
+        _ => StoreError::Refused(format!(
+            "the channel {place} is private: it takes an invite"
+        )),
+    }
 }
 
 impl JoinRules {
@@ -60,6 +180,7 @@ impl JoinRules {
         JoinRules {
             guest,
             create: true,
+            invite: None,
             max_rooms: u32::MAX,
         }
     }
@@ -305,8 +426,11 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()>;
 
     /// Make `user` a member of `room`, as `rules` allow. Joining a room one
-    /// is already in always succeeds. A user banned from the room is
-    /// refused ([`sanctioned`]). Whoever creates a room is its owner.
+    /// is already in always succeeds. A user banned from the room (or from
+    /// its hub) is refused ([`sanctioned`]). Whoever creates a room is its
+    /// owner. A channel is never created this way, and takes a member of
+    /// its hub ([`not_in_hub`]); a private one takes an invite
+    /// ([`private_place`], [`check_invite`]).
     async fn join(&self, room: &RoomName, user: &UserName, rules: JoinRules)
         -> StoreResult<Joined>;
     /// End a membership: `NoSuchRoom` or `NotMember` when there is none.
@@ -342,11 +466,12 @@ pub trait Store: Send + Sync + 'static {
     async fn set_topic(&self, room: &RoomName, user: &UserName, topic: &str) -> StoreResult<()>;
 
     /// The user's role in the room; `None` when not a member
-    /// (`NoSuchRoom` when the room does not exist).
+    /// (`NoSuchRoom` when the room does not exist). In a channel: the
+    /// user's role in its hub (a hub's roles apply in all its channels).
     async fn role(&self, room: &RoomName, user: &UserName) -> StoreResult<Option<Role>>;
-    /// Give a member a role (`NoSuchRoom`, `NotMember`). Taking the owner
-    /// role from a room's last owner is `Refused`: a room that has an
-    /// owner keeps one.
+    /// Give a member a role (`NoSuchRoom`, `NotMember`); in a channel, the
+    /// role in its hub. Taking the owner role from a room's last owner is
+    /// `Refused`: a room that has an owner keeps one.
     async fn set_role(&self, room: &RoomName, user: &UserName, role: Role) -> StoreResult<()>;
     /// Whether the registered user is a server operator (an owner of every
     /// room). A user that does not exist is not.
@@ -356,8 +481,9 @@ pub trait Store: Send + Sync + 'static {
     async fn set_operator(&self, user: &UserName, operator: bool) -> StoreResult<()>;
     /// Record a ban or a mute in a room (`NoSuchRoom`), replacing the
     /// user's earlier one of that kind. A ban also ends the user's
-    /// membership, in the same transaction: returns whether it did.
-    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool>;
+    /// membership, in the same transaction (of a hub: with its channels'):
+    /// returns the rooms it ended.
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<Vec<RoomName>>;
     /// End a ban or a mute before its time; returns whether one was in force.
     async fn lift(&self, room: &RoomName, user: &UserName, kind: SanctionKind)
         -> StoreResult<bool>;
@@ -365,6 +491,40 @@ pub trait Store: Send + Sync + 'static {
     /// key and kind (`NoSuchRoom`). Ones that ended are never listed, and
     /// never refuse anything: nothing needs to lift them.
     async fn sanctions(&self, room: &RoomName, now: i64) -> StoreResult<Vec<Sanction>>;
+
+    /// Create a hub (`Conflict` when the name is taken) with its channel
+    /// [`FIRST_CHANNEL`], the owner a member of both.
+    async fn create_hub(&self, hub: NewHub) -> StoreResult<()>;
+    /// Make a user a member of a hub and of each of its public channels
+    /// (`NoSuchRoom`; banned: [`sanctioned`]; a private hub takes an
+    /// invite). Joining a hub one is in changes nothing.
+    async fn join_hub(
+        &self,
+        hub: &HubName,
+        user: &UserName,
+        guest: bool,
+        invite: Option<&str>,
+    ) -> StoreResult<HubJoined>;
+    /// End a hub membership and the user's channel memberships in it;
+    /// returns the channels left. `NotMember`; the last owner is refused.
+    async fn leave_hub(&self, hub: &HubName, user: &UserName) -> StoreResult<Vec<RoomName>>;
+    /// The user's hubs, or with `all` every public hub, by name.
+    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>>;
+    /// A hub as `user` sees it (`NoSuchRoom`; a private hub to someone not
+    /// in it: `Refused`).
+    async fn hub(&self, hub: &HubName, user: &UserName) -> StoreResult<HubDetail>;
+    /// Create a channel of its hub (`NoSuchRoom` without the hub,
+    /// `Conflict` when it exists). A public channel has every member of
+    /// the hub as a member; a private one its creator. Returns the members.
+    async fn create_channel(
+        &self,
+        channel: &RoomName,
+        private: bool,
+        topic: &str,
+        by: &UserName,
+    ) -> StoreResult<Vec<UserName>>;
+    /// Record an invite (`NoSuchRoom` when its place does not exist).
+    async fn create_invite(&self, invite: NewInvite) -> StoreResult<()>;
 
     /// Take a message's place in the store's order and return without
     /// waiting for the commit; the [`Queued`] future resolves with its

@@ -49,7 +49,10 @@ fn guest(name: &str) -> Request {
     Request::Guest { user: name.into() }
 }
 fn join(room: &str) -> Request {
-    Request::Join { room: room.into() }
+    Request::Join {
+        room: room.into(),
+        invite: None,
+    }
 }
 fn send(room: &str, body: &str) -> Request {
     Request::Send {

@@ -445,15 +445,39 @@ pub fn format_event(event: &Event) -> Bytes {
             let _ = writeln!(out, "* {user} is {state}");
         }
         Event::Role {
-            room,
+            place,
             user,
             role,
             by,
         } => {
-            let _ = writeln!(out, "* {by} made {user} {} of #{room}", role.as_str());
+            let _ = writeln!(
+                out,
+                "* {by} made {user} {} of {}",
+                role.as_str(),
+                place.label()
+            );
         }
-        Event::Kicked { room, by, reason } => {
-            let _ = write!(out, "* {by} put you out of #{room}");
+        Event::HubJoined { hub, user } => {
+            let _ = writeln!(out, "* {user} joined hub {hub}");
+        }
+        Event::HubLeft { hub, user } => {
+            let _ = writeln!(out, "* {user} left hub {hub}");
+        }
+        Event::Channel {
+            room,
+            topic,
+            private,
+            ..
+        } => {
+            let private = if *private { "private " } else { "" };
+            let _ = write!(out, "* new {private}channel #{room}");
+            if !topic.is_empty() {
+                let _ = write!(out, ": {topic}");
+            }
+            out.push('\n');
+        }
+        Event::Kicked { place, by, reason } => {
+            let _ = write!(out, "* {by} put you out of {}", place.label());
             if !reason.is_empty() {
                 let _ = write!(out, ": {reason}");
             }
@@ -584,6 +608,65 @@ fn format_ok(ctx: &str, body: &OkBody, out: &mut String) {
                 }
                 out.push('\n');
             }
+        }
+        OkBody::Hub(h) => {
+            let private = if h.private { " (private)" } else { "" };
+            let _ = write!(out, "* hub {}{private}", h.hub);
+            if !h.title.is_empty() {
+                let _ = write!(out, " - {}", h.title);
+            }
+            if let Some(role) = h.role {
+                let _ = write!(out, "; you are {}", role.as_str());
+            }
+            out.push('\n');
+            let channels: Vec<String> = h
+                .channels
+                .iter()
+                .map(|c| match c.unread {
+                    Some(n) if n > 0 => format!("#{} ({n} unread)", c.room),
+                    Some(_) => format!("#{}", c.room),
+                    None => format!("#{} (not joined)", c.room),
+                })
+                .collect();
+            let _ = writeln!(out, "* channels: {}", channels.join(", "));
+            let members: Vec<crate::types::Member> = h
+                .members
+                .iter()
+                .map(|m| crate::types::Member {
+                    user: m.user.clone(),
+                    online: m.online,
+                    role: m.role,
+                })
+                .collect();
+            let _ = writeln!(out, "* members: {}", member_list(&members));
+        }
+        OkBody::Hubs { hubs } => {
+            if hubs.is_empty() {
+                let _ = writeln!(out, "* no hubs yet: /hub create NAME makes one");
+            }
+            for h in hubs {
+                let _ = write!(out, "* hub {}: {} members", h.hub, h.member_count);
+                if h.private {
+                    out.push_str(", private");
+                }
+                if let Some(role) = h.role {
+                    let _ = write!(out, ", you are {}", role.as_str());
+                }
+                if !h.title.is_empty() {
+                    let _ = write!(out, " - {}", h.title);
+                }
+                out.push('\n');
+            }
+        }
+        OkBody::Invite { code, expires_ts } => {
+            let _ = write!(out, "* invite code: {code}");
+            if let Some(ts) = expires_ts {
+                let _ = write!(out, " (expires at {ts}, Unix ms)");
+            }
+            out.push('\n');
+        }
+        OkBody::Channel { room } => {
+            let _ = writeln!(out, "* created #{room}");
         }
         OkBody::Done {} if ctx.starts_with(context::DONE) => {
             let _ = writeln!(out, "* {}", ctx[context::DONE.len()..].trim());
@@ -964,7 +1047,7 @@ mod tests {
             "[r #1] alice (edited): now\n[r #1] alice: (deleted)\n"
         );
         let role = Event::Role {
-            room: "r".into(),
+            place: crate::types::Place::room("r"),
             user: "bob".into(),
             role: crate::types::Role::Moderator,
             by: "alice".into(),
@@ -974,13 +1057,32 @@ mod tests {
             "* alice made bob moderator of #r\n"
         );
         let kicked = Event::Kicked {
-            room: "r".into(),
+            place: crate::types::Place::room("r"),
             by: "alice".into(),
             reason: "spam".into(),
         };
         assert_eq!(
             text(format_event(&kicked)),
             "* alice put you out of #r: spam\n"
+        );
+        let from_hub = Event::Kicked {
+            place: crate::types::Place::hub("rust"),
+            by: "alice".into(),
+            reason: String::new(),
+        };
+        assert_eq!(
+            text(format_event(&from_hub)),
+            "* alice put you out of hub rust\n"
+        );
+        let channel = Event::Channel {
+            hub: "rust".into(),
+            room: "rust/dev".into(),
+            private: false,
+            topic: "hacking".into(),
+        };
+        assert_eq!(
+            text(format_event(&channel)),
+            "* new channel #rust/dev: hacking\n"
         );
         let joined = Event::Joined {
             room: "r".into(),

@@ -51,6 +51,9 @@ pub enum Request {
     Ping {},
     Join {
         room: String,
+        /// An invite code, for a private channel.
+        #[serde(default)]
+        invite: Option<String>,
     },
     Leave {
         room: String,
@@ -110,20 +113,23 @@ pub enum Request {
     Typing {
         room: String,
     },
-    /// Give `user` a role in a room.
+    /// Give `user` a role in a hub or a room.
     Role {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         user: String,
         role: Role,
     },
     Kick {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         user: String,
         #[serde(default)]
         reason: Option<String>,
     },
     Ban {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         user: String,
         #[serde(default)]
         reason: Option<String>,
@@ -132,11 +138,13 @@ pub enum Request {
         duration_ms: Option<i64>,
     },
     Unban {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         user: String,
     },
     Mute {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         user: String,
         #[serde(default)]
         reason: Option<String>,
@@ -144,12 +152,55 @@ pub enum Request {
         duration_ms: Option<i64>,
     },
     Unmute {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         user: String,
     },
-    /// The bans and mutes in force in a room.
+    /// The bans and mutes in force in a hub or a room.
     Bans {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
+    },
+    HubCreate {
+        hub: String,
+        #[serde(default)]
+        title: Option<String>,
+        #[serde(default)]
+        private: bool,
+    },
+    HubJoin {
+        hub: String,
+        #[serde(default)]
+        invite: Option<String>,
+    },
+    HubLeave {
+        hub: String,
+    },
+    Hubs {
+        #[serde(default)]
+        all: bool,
+    },
+    /// A hub's snapshot.
+    Hub {
+        hub: String,
+    },
+    ChannelCreate {
+        hub: String,
+        channel: String,
+        #[serde(default)]
+        private: bool,
+        #[serde(default)]
+        topic: Option<String>,
+    },
+    /// An invite code to a hub or a private channel: for one user, or for
+    /// anyone who has it; until it expires.
+    Invite {
+        #[serde(flatten)]
+        place: Place,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        expires_ms: Option<i64>,
     },
     /// Replace the body of one's own message: a new entry of the log.
     Edit {
@@ -197,8 +248,50 @@ impl Request {
             Request::Mute { .. } => "mute",
             Request::Unmute { .. } => "unmute",
             Request::Bans { .. } => "bans",
+            Request::HubCreate { .. } => "hub_create",
+            Request::HubJoin { .. } => "hub_join",
+            Request::HubLeave { .. } => "hub_leave",
+            Request::Hubs { .. } => "hubs",
+            Request::Hub { .. } => "hub",
+            Request::ChannelCreate { .. } => "channel_create",
+            Request::Invite { .. } => "invite",
             Request::Edit { .. } => "edit",
             Request::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// Where a request acts, or an event happened: a hub (and with it its
+/// channels) or a room. A request names exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Place {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+}
+
+impl Place {
+    pub fn room(room: impl Into<String>) -> Place {
+        Place {
+            room: Some(room.into()),
+            hub: None,
+        }
+    }
+
+    pub fn hub(hub: impl Into<String>) -> Place {
+        Place {
+            hub: Some(hub.into()),
+            room: None,
+        }
+    }
+
+    /// `#room` or `hub NAME`, for people.
+    pub fn label(&self) -> String {
+        match (&self.hub, &self.room) {
+            (Some(hub), _) => format!("hub {hub}"),
+            (None, Some(room)) => format!("#{room}"),
+            (None, None) => String::new(),
         }
     }
 }
@@ -434,6 +527,58 @@ pub enum OkBody {
     Bans {
         bans: Vec<Sanction>,
     },
+    Hub(HubSnapshot),
+    Hubs {
+        hubs: Vec<HubEntry>,
+    },
+    Invite {
+        code: String,
+        expires_ts: Option<i64>,
+    },
+    /// `channel_create`'s answer.
+    Channel {
+        room: String,
+    },
+}
+
+/// A hub as `hub`, `hub_create` and `hub_join` show it to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HubSnapshot {
+    pub hub: String,
+    pub title: String,
+    pub private: bool,
+    /// The caller's role; `None` when not a member.
+    pub role: Option<Role>,
+    pub channels: Vec<ChannelEntry>,
+    pub members: Vec<HubMember>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChannelEntry {
+    pub room: String,
+    pub topic: String,
+    pub private: bool,
+    pub last_seq: Seq,
+    /// Messages after the caller's read marker; `None` when not a member.
+    pub unread: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HubMember {
+    pub user: String,
+    pub role: Role,
+    pub online: bool,
+}
+
+/// A hub as `hubs` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HubEntry {
+    pub hub: String,
+    pub title: String,
+    pub private: bool,
+    pub member_count: u64,
+    /// The caller's role; `None` when not a member.
+    pub role: Option<Role>,
 }
 
 /// The one reply every request gets.
@@ -496,20 +641,37 @@ pub enum Event {
     Notice {
         text: String,
     },
-    /// A member's role changed (to every member of the room).
+    /// A member's role changed (to every member of the hub or room).
     Role {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         user: String,
         role: Role,
         by: String,
     },
-    /// This user was put out of the room (to each of their connections);
-    /// the other members see `left`.
+    /// This user was put out of the hub or room (to each of their
+    /// connections); the other members see `left` / `hub_left`.
     Kicked {
-        room: String,
+        #[serde(flatten)]
+        place: Place,
         by: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]
         reason: String,
+    },
+    HubJoined {
+        hub: String,
+        user: String,
+    },
+    HubLeft {
+        hub: String,
+        user: String,
+    },
+    /// A channel was created (to the hub's members who can see it).
+    Channel {
+        hub: String,
+        room: String,
+        private: bool,
+        topic: String,
     },
 }
 

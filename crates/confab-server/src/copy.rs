@@ -1,6 +1,7 @@
 //! `confab db copy`: a SQLite deployment moved to PostgreSQL, whole. Users
 //! keep their password hashes, tokens and operator flags, rooms their
-//! topics, counters, bans and mutes, members their read markers and roles,
+//! topics, counters, hubs, bans, mutes and invites, members their read
+//! markers and roles,
 //! messages their seqs, times, nonces, edits and deletions, so
 //! that clients resume and sync afterwards as if nothing happened. The copy
 //! is checked (every count, and every room's last seq) before it is done.
@@ -74,8 +75,12 @@ pub async fn copy(
         target.import_tokens(chunk).await?;
     }
     let rooms = source.rooms().await?;
-    for chunk in rooms.chunks(CHUNK as usize) {
-        target.import_rooms(chunk).await?;
+    // Hubs' own rooms before the channels that name them.
+    let (channels, others): (Vec<_>, Vec<_>) = rooms.iter().cloned().partition(|r| r.hub.is_some());
+    for part in [others, channels] {
+        for chunk in part.chunks(CHUNK as usize) {
+            target.import_rooms(chunk).await?;
+        }
     }
     let members = source.members().await?;
     for chunk in members.chunks(CHUNK as usize) {
@@ -84,6 +89,10 @@ pub async fn copy(
     let sanctions = source.sanctions().await?;
     for chunk in sanctions.chunks(CHUNK as usize) {
         target.import_sanctions(chunk).await?;
+    }
+    let invites = source.invites().await?;
+    for chunk in invites.chunks(CHUNK as usize) {
+        target.import_invites(chunk).await?;
     }
     let mut copied = 0;
     for room in &rooms {
@@ -120,6 +129,7 @@ fn differences(source: &Census, copy: &Census) -> Vec<String> {
         ("memberships", source.members, copy.members),
         ("messages", source.messages, copy.messages),
         ("bans and mutes", source.sanctions, copy.sanctions),
+        ("invites", source.invites, copy.invites),
     ] {
         if a != b {
             out.push(format!("{what}: {a} in the source, {b} in the copy"));

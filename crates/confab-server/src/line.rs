@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use confab_core::{ChatError, CloseReason, Session};
 use confab_proto::line::{self, context, LineCommand, LineDecoder, LineFrame, Moderation, Usage};
-use confab_proto::{Envelope, Event, Request, RequestId};
+use confab_proto::{Envelope, Event, Place, Request, RequestId};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -355,12 +355,20 @@ fn moderation(
     match action {
         Moderation::Kick => {
             let done = format!("{user} was put out of #{room}");
-            (Request::Kick { room, user, reason }, done)
+            let place = Place::room(room);
+            (
+                Request::Kick {
+                    place,
+                    user,
+                    reason,
+                },
+                done,
+            )
         }
         Moderation::Ban => {
             let done = format!("{user} is banned from #{room}{until}");
             let ban = Request::Ban {
-                room,
+                place: Place::room(room),
                 user,
                 reason,
                 duration_ms,
@@ -370,7 +378,7 @@ fn moderation(
         Moderation::Mute => {
             let done = format!("{user} is muted in #{room}{until}");
             let mute = Request::Mute {
-                room,
+                place: Place::room(room),
                 user,
                 reason,
                 duration_ms,
@@ -379,11 +387,13 @@ fn moderation(
         }
         Moderation::Unban => {
             let done = format!("{user} may join #{room} again");
-            (Request::Unban { room, user }, done)
+            let place = Place::room(room);
+            (Request::Unban { place, user }, done)
         }
         Moderation::Unmute => {
             let done = format!("{user} may speak in #{room} again");
-            (Request::Unmute { room, user }, done)
+            let place = Place::room(room);
+            (Request::Unmute { place, user }, done)
         }
     }
 }
@@ -454,7 +464,13 @@ impl Terminal<'_> {
             LineCommand::Join(room) => {
                 let room = room.to_ascii_lowercase();
                 if self
-                    .request(context::JOIN, Request::Join { room: room.clone() })
+                    .request(
+                        context::JOIN,
+                        Request::Join {
+                            room: room.clone(),
+                            invite: None,
+                        },
+                    )
                     .await
                 {
                     *self.current = Some(room);
@@ -508,7 +524,7 @@ impl Terminal<'_> {
                     // Joining the current room again changes nothing and
                     // answers with its topic.
                     None => {
-                        self.request(context::TOPIC_SHOW, Request::Join { room })
+                        self.request(context::TOPIC_SHOW, Request::Join { room, invite: None })
                             .await;
                     }
                 }
@@ -546,13 +562,15 @@ impl Terminal<'_> {
             LineCommand::Role { user, role } => {
                 let room = self.room_or_current(None).await?;
                 // The `role` event tells everyone, this connection included.
-                self.request(context::SAY, Request::Role { room, user, role })
+                let place = Place::room(room);
+                self.request(context::SAY, Request::Role { place, user, role })
                     .await;
             }
             LineCommand::Bans => {
                 let room = self.room_or_current(None).await?;
                 let ctx = format!("{} {room}", context::BANS);
-                self.request(&ctx, Request::Bans { room }).await;
+                let place = Place::room(room);
+                self.request(&ctx, Request::Bans { place }).await;
             }
             LineCommand::Moderate {
                 action,

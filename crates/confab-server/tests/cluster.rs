@@ -259,6 +259,30 @@ async fn moderation_and_edits_hold_on_every_node() {
 }
 
 #[tokio::test]
+async fn hubs_span_the_nodes() {
+    let Some(cluster) = TestCluster::spawn(2).await else {
+        return;
+    };
+    let mut ann = cluster.client(0).await;
+    ann.register("ann").await;
+    ann.ok(json!({"type":"hub_create","hub":"far"})).await;
+    let mut bob = cluster.client(1).await;
+    bob.register("bob").await;
+    bob.ok(json!({"type":"hub_join","hub":"far"})).await;
+    assert_eq!(next_of(&mut ann, "hub_joined").await["user"], "bob");
+    ann.ok(json!({"type":"channel_create","hub":"far","channel":"news"}))
+        .await;
+    assert_eq!(next_of(&mut bob, "channel").await["room"], "far/news");
+    ann.send("far/news", "across").await;
+    assert_eq!(next_of(&mut bob, "message").await["body"], "across");
+    // A ban from the hub given on node 0 puts bob out on node 1.
+    ann.ok(json!({"type":"ban","hub":"far","user":"bob"})).await;
+    assert_eq!(next_of(&mut bob, "kicked").await["hub"], "far");
+    ann.send("far/news", "not for bob").await;
+    bob.assert_no_event().await;
+}
+
+#[tokio::test]
 async fn login_attempts_are_throttled_across_the_cluster() {
     let Some(cluster) = TestCluster::spawn(3).await else {
         return;

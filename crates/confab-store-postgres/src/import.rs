@@ -3,14 +3,14 @@
 //! the copy, and the emptiness check and wipe around it.
 
 use confab_core::store::transfer::{
-    Census, MemberRow, MessageRow, RoomRow, SanctionRow, TokenRow, UserRow,
+    Census, InviteRow, MemberRow, MessageRow, RoomRow, SanctionRow, TokenRow, UserRow,
 };
 use confab_core::store::StoreResult;
 
 use crate::{pg_error, PgStore};
 
 /// The tables a copy fills, children first.
-const TABLES: &str = "sanctions, messages, members, tokens, removed_users, rooms, users";
+const TABLES: &str = "invites, sanctions, messages, members, tokens, removed_users, rooms, users";
 
 impl PgStore {
     /// Whether the database holds no user, room or message.
@@ -60,6 +60,7 @@ impl PgStore {
             members: count("members").await?,
             messages: count("messages").await?,
             sanctions: count("sanctions").await?,
+            invites: count("invites").await?,
             last_seqs: rows
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -110,12 +111,48 @@ impl PgStore {
         let direct: Vec<bool> = rows.iter().map(|r| r.direct).collect();
         let guest: Vec<bool> = rows.iter().map(|r| r.guest_created).collect();
         let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
+        let hubs: Vec<Option<&str>> = rows.iter().map(|r| r.hub.as_deref()).collect();
+        let private: Vec<bool> = rows.iter().map(|r| r.private).collect();
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO rooms (name, topic, last_seq, direct, guest_created, created_at)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bool[],
-                                  $5::bool[], $6::bigint[])",
-            &[&names, &topics, &last, &direct, &guest, &created],
+            "INSERT INTO rooms (name, topic, last_seq, direct, guest_created, created_at,
+                               hub_id, private)
+             SELECT u.name, u.topic, u.last_seq, u.direct, u.guest_created, u.created_at,
+                    (SELECT h.id FROM rooms h WHERE h.name = u.hub), u.private
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bool[], $5::bool[],
+                         $6::bigint[], $7::text[], $8::bool[])
+                  AS u (name, topic, last_seq, direct, guest_created, created_at, hub, private)",
+            &[
+                &names, &topics, &last, &direct, &guest, &created, &hubs, &private,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// Invites to rooms already imported, by room name.
+    pub async fn import_invites(&self, rows: &[InviteRow]) -> StoreResult<()> {
+        let col = |f: fn(&InviteRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+        let users: Vec<Option<&str>> = rows.iter().map(|r| r.user_key.as_deref()).collect();
+        let expires: Vec<Option<i64>> = rows.iter().map(|r| r.expires_ts).collect();
+        let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO invites (code, room_id, user_key, expires_ts, by_name, created_at)
+             SELECT u.code, r.id, u.user_key, u.expires_ts, u.by_name, u.created_at
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                         $6::bigint[])
+                  AS u (code, room, user_key, expires_ts, by_name, created_at)
+             JOIN rooms r ON r.name = u.room",
+            &[
+                &col(|r| &r.code),
+                &col(|r| &r.room),
+                &users,
+                &expires,
+                &col(|r| &r.by_name),
+                &created,
+            ],
         )
         .await
         .map_err(pg_error)?;

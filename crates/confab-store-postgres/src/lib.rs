@@ -29,11 +29,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use confab_core::names::HubName;
 use confab_core::store::{
-    check_amend, in_force, last_owner, no_user, now_ms, sanctioned, stored_role,
-    stored_user_name as user_name, too_many_rooms, Amend, AmendTarget, Appended, DirectPeers,
-    HistoryPage, JoinRules, Joined, NewMessage, NewSanction, Page, Queued, RemovedUsers, RoomView,
-    StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
+    check_amend, check_invite, in_force, last_owner, no_user, not_in_hub, now_ms, private_place,
+    sanctioned, stored_role, stored_user_name as user_name, too_many_rooms, Amend, AmendTarget,
+    Appended, ChannelView, DirectPeers, HistoryPage, HubDetail, HubJoined, HubView, InviteRow,
+    JoinRules, Joined, NewHub, NewInvite, NewMessage, NewSanction, Page, Queued, RemovedUsers,
+    RoomView, StoreResult, TokenHash, UserRecord, FIRST_CHANNEL, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
@@ -514,29 +516,136 @@ fn sanction_kind(kind: SanctionKind) -> i16 {
     }
 }
 
-/// Refuse a user with a ban or mute of `kind` in force in the room at `now`.
+/// Refuse a user with a ban or mute of `kind` in force in the room, or in
+/// its hub.
 async fn refuse_sanctioned(
     c: &impl GenericClient,
     room_id: i64,
     room: &RoomName,
     user: &UserName,
     kind: SanctionKind,
-    now: i64,
 ) -> StoreResult<()> {
     let stmt = c
         .prepare_cached(
-            "SELECT until_ts FROM sanctions WHERE room_id = $1 AND user_key = $2 AND kind = $3",
+            "SELECT s.until_ts FROM sanctions s
+             WHERE s.room_id IN (SELECT id FROM rooms WHERE id = $1
+                                 UNION SELECT hub_id FROM rooms WHERE id = $1)
+               AND s.user_key = $2 AND s.kind = $3",
         )
         .await
         .map_err(pg_error)?;
-    let row = c
-        .query_opt(&stmt, &[&room_id, &user.key(), &sanction_kind(kind)])
+    let rows = c
+        .query(&stmt, &[&room_id, &user.key(), &sanction_kind(kind)])
         .await
         .map_err(pg_error)?;
-    match row.map(|r| r.get::<_, Option<i64>>(0)) {
-        Some(until) if in_force(until, now) => Err(sanctioned(kind, room, until)),
-        _ => Ok(()),
+    let now = now_ms();
+    for until in rows.iter().map(|r| r.get::<_, Option<i64>>(0)) {
+        if in_force(until, now) {
+            return Err(sanctioned(kind, room, until));
+        }
     }
+    Ok(())
+}
+
+/// A room's hub (the id of the hub's own room), for a channel, and whether
+/// the room is private.
+async fn hub_of(c: &impl GenericClient, room_id: i64) -> StoreResult<(Option<i64>, bool)> {
+    let stmt = c
+        .prepare_cached("SELECT hub_id, private FROM rooms WHERE id = $1")
+        .await
+        .map_err(pg_error)?;
+    let row = c.query_one(&stmt, &[&room_id]).await.map_err(pg_error)?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// The room whose roles count in `room_id` too: its hub's.
+async fn authority(c: &impl GenericClient, room_id: i64) -> StoreResult<i64> {
+    Ok(hub_of(c, room_id).await?.0.unwrap_or(room_id))
+}
+
+/// Let `user` into `place` with the invite `code`, spending it if it is a
+/// single user's.
+async fn redeem(
+    c: &impl GenericClient,
+    code: Option<&str>,
+    place: &RoomName,
+    user: &UserName,
+) -> StoreResult<()> {
+    let code = code.ok_or_else(|| private_place(place))?;
+    let row = c
+        .query_opt(
+            "SELECT r.name, i.user_key, i.expires_ts FROM invites i
+             JOIN rooms r ON r.id = i.room_id WHERE i.code = $1 FOR UPDATE OF i",
+            &[&code],
+        )
+        .await
+        .map_err(pg_error)?
+        .map(|r| InviteRow {
+            room: RoomName::from_trusted(r.get(0)),
+            user_key: r.get(1),
+            expires_ts: r.get(2),
+        });
+    if check_invite(row.as_ref(), place, user, now_ms())? {
+        c.execute("DELETE FROM invites WHERE code = $1", &[&code])
+            .await
+            .map_err(pg_error)?;
+    }
+    Ok(())
+}
+
+/// Remove `user` from the room `room_id` and, for a hub's room, from its
+/// channels; returns the rooms left, the hub's own first.
+async fn remove_member(
+    c: &impl GenericClient,
+    room_id: i64,
+    user: &UserName,
+) -> StoreResult<Vec<RoomName>> {
+    let rows = c
+        .query(
+            "DELETE FROM members m USING rooms r
+             WHERE r.id = m.room_id AND (r.id = $1 OR r.hub_id = $1) AND m.user_key = $2
+             RETURNING r.name",
+            &[&room_id, &user.key()],
+        )
+        .await
+        .map_err(pg_error)?;
+    let mut rooms: Vec<RoomName> = rows
+        .into_iter()
+        .map(|r| RoomName::from_trusted(r.get(0)))
+        .collect();
+    rooms.sort_by_key(|r| !r.is_hub_room());
+    Ok(rooms)
+}
+
+/// Refuse to take the owner role from a room's only owner (the owners'
+/// rows locked, so that two demotions at once cannot both pass).
+async fn keep_an_owner(
+    c: &impl GenericClient,
+    room_id: i64,
+    room: &RoomName,
+    user: &UserName,
+) -> StoreResult<()> {
+    let owners: Vec<String> = c
+        .query(
+            "SELECT user_key FROM members WHERE room_id = $1 AND role = $2 FOR UPDATE",
+            &[&room_id, &Role::Owner.rank()],
+        )
+        .await
+        .map_err(pg_error)?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    if owners == [user.key()] {
+        return Err(last_owner(user, room));
+    }
+    Ok(())
+}
+
+/// A hub's name from its room's name (`hub/`), as stored.
+fn stored_hub(room: &str) -> StoreResult<HubName> {
+    room.strip_suffix('/')
+        .and_then(|hub| HubName::parse(hub).ok())
+        .ok_or_else(|| StoreError::Internal(format!("stored hub room {room:?}")))
 }
 
 /// Check an edit or deletion of the room's message and apply it to the
@@ -704,8 +813,7 @@ async fn append_one(c: &impl GenericClient, m: NewMessage) -> StoreResult<Append
         }
     }
     if !matches!(m.amend, Some(Amend::Delete { .. })) {
-        let mute = SanctionKind::Mute;
-        refuse_sanctioned(c, room_id, &m.room, &m.sender, mute, now_ms()).await?;
+        refuse_sanctioned(c, room_id, &m.room, &m.sender, SanctionKind::Mute).await?;
     }
     if let Some(amend) = m.amend {
         apply_amend(c, room_id, &m, amend).await?;
@@ -949,7 +1057,8 @@ impl Store for PgStore {
         in_transaction!(self, |tx| async {
             let id = match room_row(&tx, room.as_str()).await? {
                 Some((id, _)) => Some(id),
-                None if rules.create => None,
+                // Channels are made by create_channel only.
+                None if rules.create && room.hub().is_none() => None,
                 None => return Err(StoreError::NoSuchRoom),
             };
             let member = match id {
@@ -973,8 +1082,15 @@ impl Store for PgStore {
             let (id, role) = match id {
                 Some(id) => {
                     if !member {
-                        let ban = SanctionKind::Ban;
-                        refuse_sanctioned(&tx, id, room, user, ban, now_ms()).await?;
+                        refuse_sanctioned(&tx, id, room, user, SanctionKind::Ban).await?;
+                        if let (Some(hub), private) = hub_of(&tx, id).await? {
+                            if !is_member(&tx, hub, user).await? {
+                                return Err(not_in_hub(&room.hub().expect("a channel")));
+                            }
+                            if private {
+                                redeem(&tx, rules.invite.as_deref(), room, user).await?;
+                            }
+                        }
                     }
                     (id, Role::Member)
                 }
@@ -1047,15 +1163,22 @@ impl Store for PgStore {
         let (id, _) = room_row(&c, room.as_str())
             .await?
             .ok_or(StoreError::NoSuchRoom)?;
+        // In a channel, the roles are the hub's.
+        let roles = authority(&c, id).await?;
         let stmt = c
             .prepare_cached(
-                "SELECT user_name, role FROM members WHERE room_id = $1 AND user_key > $2
-                 ORDER BY user_key LIMIT $3",
+                "SELECT m.user_name, COALESCE(h.role, m.role) FROM members m
+                 LEFT JOIN members h ON h.room_id = $4 AND h.user_key = m.user_key
+                 WHERE m.room_id = $1 AND m.user_key > $2
+                 ORDER BY m.user_key LIMIT $3",
             )
             .await
             .map_err(pg_error)?;
         let rows = c
-            .query(&stmt, &[&id, &after.unwrap_or(""), &limit(limit_to)])
+            .query(
+                &stmt,
+                &[&id, &after.unwrap_or(""), &limit(limit_to), &roles],
+            )
             .await
             .map_err(pg_error)?;
         rows.into_iter()
@@ -1071,6 +1194,7 @@ impl Store for PgStore {
         let (id, _) = room_row(&c, room.as_str())
             .await?
             .ok_or(StoreError::NoSuchRoom)?;
+        let id = authority(&c, id).await?;
         let stmt = c
             .prepare_cached("SELECT role FROM members WHERE room_id = $1 AND user_key = $2")
             .await
@@ -1085,21 +1209,15 @@ impl Store for PgStore {
 
     async fn set_role(&self, room: &RoomName, user: &UserName, role: Role) -> StoreResult<()> {
         in_transaction!(self, |tx| async {
-            let (id, _) = member_room(&tx, room, user).await?;
-            // The room's owners, locked: two demotions at once cannot
-            // leave it without one.
-            let owners: Vec<String> = tx
-                .query(
-                    "SELECT user_key FROM members WHERE room_id = $1 AND role = $2 FOR UPDATE",
-                    &[&id, &Role::Owner.rank()],
-                )
-                .await
-                .map_err(pg_error)?
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect();
-            if role != Role::Owner && owners == [user.key()] {
-                return Err(last_owner(user, room));
+            let (id, _) = room_row(&tx, room.as_str())
+                .await?
+                .ok_or(StoreError::NoSuchRoom)?;
+            let id = authority(&tx, id).await?;
+            if !is_member(&tx, id, user).await? {
+                return Err(StoreError::NotMember);
+            }
+            if role != Role::Owner {
+                keep_an_owner(&tx, id, room, user).await?;
             }
             tx.execute(
                 "UPDATE members SET role = $3 WHERE room_id = $1 AND user_key = $2",
@@ -1136,7 +1254,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool> {
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<Vec<RoomName>> {
         in_transaction!(self, |tx| async {
             let (id, _) = room_row(&tx, room.as_str())
                 .await?
@@ -1164,17 +1282,11 @@ impl Store for PgStore {
             .await
             .map_err(pg_error)?;
             if s.kind != SanctionKind::Ban {
-                return Ok(false);
+                return Ok(Vec::new());
             }
-            let ended = tx
-                .execute(
-                    "DELETE FROM members WHERE room_id = $1 AND user_key = $2",
-                    &[&id, &s.user.key()],
-                )
-                .await
-                .map_err(pg_error)?;
+            let ended = remove_member(&tx, id, &s.user).await?;
             sweep_guest_rooms(&tx, Some(id)).await?;
-            Ok::<_, StoreError>(ended == 1)
+            Ok::<_, StoreError>(ended)
         })
     }
 
@@ -1241,7 +1353,9 @@ impl Store for PgStore {
             "SELECT r.name, r.topic, r.last_seq, m.read_seq,
                     (SELECT count(*) FROM members x WHERE x.room_id = r.id)
              FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = $1
-             WHERE NOT r.direct AND r.name > $2 ORDER BY r.name LIMIT $3"
+             WHERE NOT r.direct AND NOT r.private AND r.name NOT LIKE '%/'
+               AND NOT EXISTS (SELECT 1 FROM rooms h WHERE h.id = r.hub_id AND h.private)
+               AND r.name > $2 ORDER BY r.name LIMIT $3"
         } else {
             "SELECT r.name, r.topic, r.last_seq, m.read_seq,
                     (SELECT count(*) FROM members x WHERE x.room_id = r.id)
@@ -1274,6 +1388,253 @@ impl Store for PgStore {
                 .map_err(pg_error)?;
             Ok(())
         })
+    }
+
+    async fn create_hub(&self, hub: NewHub) -> StoreResult<()> {
+        in_transaction!(self, |tx| async {
+            let room = RoomName::hub_room(&hub.hub);
+            let now = now_ms();
+            let created = tx
+                .query_opt(
+                    "INSERT INTO rooms (name, topic, direct, private, created_at)
+                     VALUES ($1, $2, FALSE, $3, $4) ON CONFLICT (name) DO NOTHING RETURNING id",
+                    &[&room.as_str(), &hub.title, &hub.private, &now],
+                )
+                .await
+                .map_err(pg_error)?;
+            let Some(id) = created.map(|r| r.get::<_, i64>(0)) else {
+                return Err(StoreError::Conflict(format!("hub name {}", hub.hub)));
+            };
+            add_member(&tx, id, &hub.owner, false, Role::Owner).await?;
+            let general = RoomName::channel(&hub.hub, FIRST_CHANNEL)
+                .map_err(|e| StoreError::Internal(e.message))?;
+            let channel: i64 = tx
+                .query_one(
+                    "INSERT INTO rooms (name, direct, hub_id, created_at)
+                     VALUES ($1, FALSE, $2, $3) RETURNING id",
+                    &[&general.as_str(), &id, &now],
+                )
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            add_member(&tx, channel, &hub.owner, false, Role::Member).await?;
+            Ok::<_, StoreError>(())
+        })
+    }
+
+    async fn join_hub(
+        &self,
+        hub: &HubName,
+        user: &UserName,
+        guest: bool,
+        invite: Option<&str>,
+    ) -> StoreResult<HubJoined> {
+        let room = RoomName::hub_room(hub);
+        in_transaction!(self, |tx| async {
+            let (id, _) = room_row(&tx, room.as_str())
+                .await?
+                .ok_or(StoreError::NoSuchRoom)?;
+            if is_member(&tx, id, user).await? {
+                return Ok(HubJoined::default());
+            }
+            refuse_sanctioned(&tx, id, &room, user, SanctionKind::Ban).await?;
+            if hub_of(&tx, id).await?.1 {
+                redeem(&tx, invite, &room, user).await?;
+            }
+            add_member(&tx, id, user, guest, Role::Member).await?;
+            // Every public channel, but those the user is banned from.
+            let open = tx
+                .query(
+                    "SELECT r.id, r.name, r.last_seq FROM rooms r
+                     WHERE r.hub_id = $1 AND NOT r.private
+                       AND NOT EXISTS (SELECT 1 FROM sanctions s
+                           WHERE s.room_id = r.id AND s.user_key = $2 AND s.kind = 0
+                             AND (s.until_ts IS NULL OR s.until_ts > $3))
+                     ORDER BY r.name",
+                    &[&id, &user.key(), &now_ms()],
+                )
+                .await
+                .map_err(pg_error)?;
+            let mut channels = Vec::new();
+            for row in open {
+                if add_member(&tx, row.get(0), user, guest, Role::Member).await? {
+                    channels.push((RoomName::from_trusted(row.get(1)), seq(row.get(2))));
+                }
+            }
+            Ok::<_, StoreError>(HubJoined {
+                newly_joined: true,
+                channels,
+            })
+        })
+    }
+
+    async fn leave_hub(&self, hub: &HubName, user: &UserName) -> StoreResult<Vec<RoomName>> {
+        let room = RoomName::hub_room(hub);
+        in_transaction!(self, |tx| async {
+            let (id, _) = member_room(&tx, &room, user).await?;
+            keep_an_owner(&tx, id, &room, user).await?;
+            let mut left = remove_member(&tx, id, user).await?;
+            left.retain(|r| !r.is_hub_room());
+            Ok::<_, StoreError>(left)
+        })
+    }
+
+    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>> {
+        let c = self.client().await?;
+        let sql = if all {
+            "SELECT r.name, r.topic, r.private, m.role,
+                    (SELECT count(*) FROM members x WHERE x.room_id = r.id)
+             FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = $1
+             WHERE r.name LIKE '%/' AND NOT r.private ORDER BY r.name"
+        } else {
+            "SELECT r.name, r.topic, r.private, m.role,
+                    (SELECT count(*) FROM members x WHERE x.room_id = r.id)
+             FROM members m JOIN rooms r ON r.id = m.room_id
+             WHERE m.user_key = $1 AND r.name LIKE '%/' ORDER BY r.name"
+        };
+        let rows = c.query(sql, &[&user.key()]).await.map_err(pg_error)?;
+        rows.into_iter()
+            .map(|r| {
+                let role: Option<i16> = r.get(3);
+                Ok(HubView {
+                    hub: stored_hub(r.get(0))?,
+                    title: r.get(1),
+                    private: r.get(2),
+                    member_count: r.get::<_, i64>(4) as u64,
+                    role: role.map(|n| stored_role(i64::from(n))).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn hub(&self, hub: &HubName, user: &UserName) -> StoreResult<HubDetail> {
+        let room = RoomName::hub_room(hub);
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT id, topic, private FROM rooms WHERE name = $1",
+                &[&room.as_str()],
+            )
+            .await
+            .map_err(pg_error)?
+            .ok_or(StoreError::NoSuchRoom)?;
+        let (id, title, private): (i64, String, bool) = (row.get(0), row.get(1), row.get(2));
+        let members = c
+            .query(
+                "SELECT user_name, role, user_key FROM members WHERE room_id = $1
+                 ORDER BY user_key",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?;
+        let role = members
+            .iter()
+            .find(|r| r.get::<_, &str>(2) == user.key())
+            .map(|r| stored_role(i64::from(r.get::<_, i16>(1))))
+            .transpose()?;
+        if private && role.is_none() {
+            return Err(private_place(&room));
+        }
+        let channels = c
+            .query(
+                "SELECT r.name, r.topic, r.private, r.last_seq, m.read_seq FROM rooms r
+                 LEFT JOIN members m ON m.room_id = r.id AND m.user_key = $2
+                 WHERE r.hub_id = $1 AND (NOT r.private OR m.user_key IS NOT NULL)
+                 ORDER BY r.name",
+                &[&id, &user.key()],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(HubDetail {
+            title,
+            private,
+            role,
+            channels: channels
+                .into_iter()
+                .map(|r| ChannelView {
+                    room: RoomName::from_trusted(r.get(0)),
+                    topic: r.get(1),
+                    private: r.get(2),
+                    last_seq: seq(r.get(3)),
+                    read_seq: r.get::<_, Option<i64>>(4).map(seq),
+                })
+                .collect(),
+            members: members
+                .into_iter()
+                .map(|r| {
+                    Ok((
+                        user_name(r.get(0))?,
+                        stored_role(i64::from(r.get::<_, i16>(1)))?,
+                    ))
+                })
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn create_channel(
+        &self,
+        channel: &RoomName,
+        private: bool,
+        topic: &str,
+        by: &UserName,
+    ) -> StoreResult<Vec<UserName>> {
+        in_transaction!(self, |tx| async {
+            let hub = channel.hub().ok_or(StoreError::NoSuchRoom)?;
+            let (hub_id, _) = room_row(&tx, RoomName::hub_room(&hub).as_str())
+                .await?
+                .ok_or(StoreError::NoSuchRoom)?;
+            let now = now_ms();
+            let created = tx
+                .query_opt(
+                    "INSERT INTO rooms (name, topic, direct, hub_id, private, created_at)
+                     VALUES ($1, $2, FALSE, $3, $4, $5) ON CONFLICT (name) DO NOTHING
+                     RETURNING id",
+                    &[&channel.as_str(), &topic, &hub_id, &private, &now],
+                )
+                .await
+                .map_err(pg_error)?;
+            let Some(id) = created.map(|r| r.get::<_, i64>(0)) else {
+                return Err(StoreError::Conflict(format!("channel name {channel}")));
+            };
+            if private {
+                add_member(&tx, id, by, false, Role::Member).await?;
+                return Ok(vec![by.clone()]);
+            }
+            let rows = tx
+                .query(
+                    "INSERT INTO members (room_id, user_key, user_name, guest, joined_at, role)
+                     SELECT $1, user_key, user_name, guest, $3, 0 FROM members
+                     WHERE room_id = $2 RETURNING user_name",
+                    &[&id, &hub_id, &now],
+                )
+                .await
+                .map_err(pg_error)?;
+            rows.into_iter()
+                .map(|r| user_name(r.get(0)))
+                .collect::<StoreResult<Vec<_>>>()
+        })
+    }
+
+    async fn create_invite(&self, invite: NewInvite) -> StoreResult<()> {
+        let c = self.client().await?;
+        let (id, _) = room_row(&c, invite.place.as_str())
+            .await?
+            .ok_or(StoreError::NoSuchRoom)?;
+        c.execute(
+            "INSERT INTO invites (code, room_id, user_key, expires_ts, by_name, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &invite.code,
+                &id,
+                &invite.user.as_ref().map(|u| u.key()),
+                &invite.expires_ts,
+                &invite.by.as_str(),
+                &now_ms(),
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        Ok(())
     }
 
     async fn queue_append(&self, message: NewMessage) -> StoreResult<Queued> {

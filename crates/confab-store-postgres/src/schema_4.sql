@@ -1,6 +1,6 @@
 -- Confab schema on PostgreSQL, version 4: roles, bans and mutes,
--- operators, and edits and deletions as entries of a room's log (the same
--- as SQLite's version 3).
+-- operators, edits and deletions as entries of a room's log, hubs and
+-- their channels (the same as SQLite's version 3).
 
 -- A member's role in the room: 0 member, 1 moderator, 2 admin, 3 owner.
 -- Rooms from before roles have no owner until an operator gives one.
@@ -35,8 +35,27 @@ ALTER TABLE messages
     ADD COLUMN deleted BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE INDEX messages_by_edit ON messages (room_id, edit_of) WHERE edit_of IS NOT NULL;
 
+-- Hubs. A hub is the room named `HUB/`: its members are the hub's members,
+-- with their hub roles, and its bans and mutes hold in all its channels.
+-- A channel is a room `HUB/CHANNEL` whose `hub_id` is that room's id.
+ALTER TABLE rooms
+    ADD COLUMN hub_id BIGINT REFERENCES rooms (id) ON DELETE CASCADE,
+    ADD COLUMN private BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX rooms_by_hub ON rooms (hub_id) WHERE hub_id IS NOT NULL;
+
+-- Invite codes to a hub (its room) or a private channel: for one user and
+-- used once (`user_key`), or for whoever has the code; until `expires_ts`.
+CREATE TABLE invites (
+    code       TEXT PRIMARY KEY,
+    room_id    BIGINT NOT NULL REFERENCES rooms (id) ON DELETE CASCADE,
+    user_key   TEXT COLLATE "C",
+    expires_ts BIGINT,
+    by_name    TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+
 -- confab_append_batch as in version 3, and status 4: the sender is muted
--- in the room (a mute in force now, by the database's clock). Edits and deletions
+-- in the room or in its hub (a mute in force now, by the database's clock). Edits and deletions
 -- do not come this way: they are stored one at a time (lib.rs).
 CREATE OR REPLACE FUNCTION confab_append_batch(
     p_rooms       TEXT[],
@@ -68,7 +87,8 @@ BEGIN
                     WHERE m.room_id = r.id AND m.user_key = i.sender_key)) AS member,
                EXISTS (
                    SELECT 1 FROM sanctions s
-                    WHERE s.room_id = r.id AND s.user_key = i.sender_key AND s.kind = 1
+                    WHERE s.room_id IN (r.id, r.hub_id) AND s.user_key = i.sender_key
+                      AND s.kind = 1
                       AND (s.until_ts IS NULL
                            OR s.until_ts > (extract(epoch FROM now()) * 1000)::BIGINT)
                ) AS muted,

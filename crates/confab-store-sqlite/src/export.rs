@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use confab_core::store::transfer::{
-    Census, MemberRow, MessageRow, RoomRow, SanctionRow, TokenRow, UserRow,
+    Census, InviteRow, MemberRow, MessageRow, RoomRow, SanctionRow, TokenRow, UserRow,
 };
 use confab_core::store::StoreResult;
 use confab_core::StoreError;
@@ -82,6 +82,7 @@ impl SqliteExport {
                 members: count("SELECT COUNT(*) FROM members WHERE guest = 0")?,
                 messages: count("SELECT COUNT(*) FROM messages")?,
                 sanctions: count("SELECT COUNT(*) FROM sanctions")?,
+                invites: count("SELECT COUNT(*) FROM invites")?,
                 last_seqs,
             })
         })
@@ -125,8 +126,9 @@ impl SqliteExport {
     pub async fn rooms(&self) -> StoreResult<Vec<RoomRow>> {
         self.with(|c| {
             c.prepare(
-                "SELECT name, topic, last_seq, direct, guest_created, created_at
-                 FROM rooms ORDER BY name",
+                "SELECT r.name, r.topic, r.last_seq, r.direct, r.guest_created, r.created_at,
+                        (SELECT h.name FROM rooms h WHERE h.id = r.hub_id), r.private
+                 FROM rooms r ORDER BY r.name",
             )?
             .query_map([], |r| {
                 Ok(RoomRow {
@@ -136,6 +138,8 @@ impl SqliteExport {
                     direct: r.get(3)?,
                     guest_created: r.get(4)?,
                     created_at: r.get(5)?,
+                    hub: r.get(6)?,
+                    private: r.get(7)?,
                 })
             })?
             .collect()
@@ -157,6 +161,27 @@ impl SqliteExport {
                     read_seq: r.get(3)?,
                     joined_at: r.get(4)?,
                     role: r.get(5)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    pub async fn invites(&self) -> StoreResult<Vec<InviteRow>> {
+        self.with(|c| {
+            c.prepare(
+                "SELECT i.code, r.name, i.user_key, i.expires_ts, i.by_name, i.created_at
+                 FROM invites i JOIN rooms r ON r.id = i.room_id",
+            )?
+            .query_map([], |r| {
+                Ok(InviteRow {
+                    code: r.get(0)?,
+                    room: r.get(1)?,
+                    user_key: r.get(2)?,
+                    expires_ts: r.get(3)?,
+                    by_name: r.get(4)?,
+                    created_at: r.get(5)?,
                 })
             })?
             .collect()

@@ -22,11 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use confab_core::names::HubName;
 use confab_core::store::{
-    check_amend, in_force, last_owner, no_user, now_ms, sanctioned, stored_role,
-    stored_user_name as user_name, too_many_rooms, Amend, AmendTarget, Appended, DirectPeers,
-    HistoryPage, JoinRules, Joined, NewMessage, NewSanction, Page, Queued, RemovedUsers, RoomView,
-    StoreResult, TokenHash, UserRecord, REMOVED_USERS_KEPT_MS,
+    check_amend, check_invite, in_force, last_owner, no_user, not_in_hub, now_ms, private_place,
+    sanctioned, stored_role, stored_user_name as user_name, too_many_rooms, Amend, AmendTarget,
+    Appended, ChannelView, DirectPeers, HistoryPage, HubDetail, HubJoined, HubView, InviteRow,
+    JoinRules, Joined, NewHub, NewInvite, NewMessage, NewSanction, Page, Queued, RemovedUsers,
+    RoomView, StoreResult, TokenHash, UserRecord, FIRST_CHANNEL, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
@@ -194,6 +196,13 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// A hub's name from its room's name (`hub/`), as stored.
+fn stored_hub(room: &str) -> StoreResult<HubName> {
+    room.strip_suffix('/')
+        .and_then(|hub| HubName::parse(hub).ok())
+        .ok_or_else(|| StoreError::Internal(format!("stored hub room {room:?}")))
+}
+
 pub(crate) fn db_error(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
     match e.sqlite_error_code() {
@@ -283,6 +292,114 @@ fn refuse_sanctioned(
         Some(until) if in_force(until, now_ms()) => Err(sanctioned(kind, room, until)),
         _ => Ok(()),
     }
+}
+
+/// A room's hub (the id of the hub's own room), for a channel.
+fn hub_of(conn: &Connection, room_id: i64) -> StoreResult<Option<i64>> {
+    conn.prepare_cached("SELECT hub_id FROM rooms WHERE id = ?1")
+        .and_then(|mut s| s.query_row([room_id], |r| r.get(0)))
+        .map_err(db_error)
+}
+
+/// The room whose roles and bans count in `room_id` too: its hub's.
+fn authority(conn: &Connection, room_id: i64) -> StoreResult<i64> {
+    Ok(hub_of(conn, room_id)?.unwrap_or(room_id))
+}
+
+/// Refuse a user banned or muted (`kind`) in the room or in its hub.
+fn refuse_here_or_in_hub(
+    conn: &Connection,
+    room_id: i64,
+    room: &RoomName,
+    user: &UserName,
+    kind: SanctionKind,
+) -> StoreResult<()> {
+    refuse_sanctioned(conn, room_id, room, user, kind)?;
+    match hub_of(conn, room_id)? {
+        Some(hub) => refuse_sanctioned(conn, hub, room, user, kind),
+        None => Ok(()),
+    }
+}
+
+fn is_member(conn: &Connection, room_id: i64, user: &UserName) -> StoreResult<bool> {
+    conn.prepare_cached("SELECT 1 FROM members WHERE room_id = ?1 AND user_key = ?2")
+        .and_then(|mut s| s.exists(params![room_id, user.key()]))
+        .map_err(db_error)
+}
+
+/// Let `user` into `place` with the invite `code`, spending it if it is a
+/// single user's.
+fn redeem(
+    conn: &Connection,
+    code: Option<&str>,
+    place: &RoomName,
+    user: &UserName,
+) -> StoreResult<()> {
+    let code = code.ok_or_else(|| private_place(place))?;
+    let row = conn
+        .prepare_cached(
+            "SELECT r.name, i.user_key, i.expires_ts FROM invites i
+             JOIN rooms r ON r.id = i.room_id WHERE i.code = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([code], |r| {
+                Ok(InviteRow {
+                    room: RoomName::from_trusted(r.get(0)?),
+                    user_key: r.get(1)?,
+                    expires_ts: r.get(2)?,
+                })
+            })
+            .optional()
+        })
+        .map_err(db_error)?;
+    if check_invite(row.as_ref(), place, user, now_ms())? {
+        conn.execute("DELETE FROM invites WHERE code = ?1", [code])
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// Remove `user` from the room `room_id` and, for a hub's room, from its
+/// channels; returns the rooms left, the hub's own first.
+fn remove_member(conn: &Connection, room_id: i64, user: &UserName) -> StoreResult<Vec<RoomName>> {
+    let names: Vec<String> = conn
+        .prepare_cached(
+            "DELETE FROM members WHERE user_key = ?2
+               AND room_id IN (SELECT id FROM rooms WHERE id = ?1 OR hub_id = ?1)
+             RETURNING (SELECT name FROM rooms WHERE id = room_id)",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![room_id, user.key()], |r| r.get(0))?
+                .collect()
+        })
+        .map_err(db_error)?;
+    let mut rooms: Vec<RoomName> = names.into_iter().map(RoomName::from_trusted).collect();
+    rooms.sort_by_key(|r| !r.is_hub_room());
+    Ok(rooms)
+}
+
+/// Refuse to take the owner role from a room's only owner.
+fn keep_an_owner(
+    conn: &Connection,
+    room_id: i64,
+    room: &RoomName,
+    user: &UserName,
+) -> StoreResult<()> {
+    let (now, owners): (Option<i64>, i64) = conn
+        .prepare_cached(
+            "SELECT (SELECT role FROM members WHERE room_id = ?1 AND user_key = ?2),
+                    (SELECT COUNT(*) FROM members WHERE room_id = ?1 AND role = ?3)",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![room_id, user.key(), Role::Owner.rank()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+        })
+        .map_err(db_error)?;
+    if now == Some(Role::Owner.rank() as i64) && owners == 1 {
+        return Err(last_owner(user, room));
+    }
+    Ok(())
 }
 
 /// Check an edit or deletion of the room's message and apply it to the
@@ -421,7 +538,7 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
         }
     }
     if !matches!(m.amend, Some(Amend::Delete { .. })) {
-        refuse_sanctioned(conn, room_id, &m.room, &m.sender, SanctionKind::Mute)?;
+        refuse_here_or_in_hub(conn, room_id, &m.room, &m.sender, SanctionKind::Mute)?;
     }
     if let Some(amend) = m.amend {
         apply_amend(conn, room_id, &m, amend)?;
@@ -662,7 +779,8 @@ impl Store for SqliteStore {
             .run(move |c| {
                 let id = match room_row(c, room.as_str())? {
                     Some((id, _)) => Some(id),
-                    None if rules.create => None,
+                    // Channels are made by create_channel only.
+                    None if rules.create && room.hub().is_none() => None,
                     None => return Err(StoreError::NoSuchRoom),
                 };
                 let member = match id {
@@ -689,7 +807,22 @@ impl Store for SqliteStore {
                 let (id, role) = match id {
                     Some(id) => {
                         if !member {
-                            refuse_sanctioned(c, id, &room, &user, SanctionKind::Ban)?;
+                            refuse_here_or_in_hub(c, id, &room, &user, SanctionKind::Ban)?;
+                            if let Some(hub) = hub_of(c, id)? {
+                                if !is_member(c, hub, &user)? {
+                                    return Err(not_in_hub(&room.hub().expect("a channel")));
+                                }
+                                let private: bool = c
+                                    .query_row(
+                                        "SELECT private FROM rooms WHERE id = ?1",
+                                        [id],
+                                        |r| r.get(0),
+                                    )
+                                    .map_err(db_error)?;
+                                if private {
+                                    redeem(c, rules.invite.as_deref(), &room, &user)?;
+                                }
+                            }
                         }
                         (id, Role::Member)
                     }
@@ -766,14 +899,20 @@ impl Store for SqliteStore {
         let (room, after) = (room.clone(), after.unwrap_or("").to_owned());
         self.read(move |c| {
             let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+            // In a channel, the roles are the hub's.
+            let roles = authority(c, id)?;
             let rows: Vec<(String, i64)> = c
                 .prepare_cached(
-                    "SELECT user_name, role FROM members WHERE room_id = ?1 AND user_key > ?2
-                     ORDER BY user_key LIMIT ?3",
+                    "SELECT m.user_name, COALESCE(h.role, m.role) FROM members m
+                     LEFT JOIN members h ON h.room_id = ?4 AND h.user_key = m.user_key
+                     WHERE m.room_id = ?1 AND m.user_key > ?2
+                     ORDER BY m.user_key LIMIT ?3",
                 )
                 .and_then(|mut s| {
-                    s.query_map(params![id, after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect()
+                    s.query_map(params![id, after, limit, roles], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect()
                 })
                 .map_err(db_error)?;
             rows.into_iter()
@@ -787,6 +926,7 @@ impl Store for SqliteStore {
         let (room, key) = (room.clone(), user.key().to_owned());
         self.read(move |c| {
             let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+            let id = authority(c, id)?;
             let role: Option<i64> = c
                 .prepare_cached("SELECT role FROM members WHERE room_id = ?1 AND user_key = ?2")
                 .and_then(|mut s| s.query_row(params![id, key], |r| r.get(0)).optional())
@@ -800,20 +940,13 @@ impl Store for SqliteStore {
         let (room, user) = (room.clone(), user.clone());
         self.writer
             .run(move |c| {
-                let (id, _) = member_room(c, &room, &user)?;
-                let (now, owners): (i64, i64) = c
-                    .prepare_cached(
-                        "SELECT (SELECT role FROM members WHERE room_id = ?1 AND user_key = ?2),
-                                (SELECT COUNT(*) FROM members WHERE room_id = ?1 AND role = ?3)",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(params![id, user.key(), Role::Owner.rank()], |r| {
-                            Ok((r.get(0)?, r.get(1)?))
-                        })
-                    })
-                    .map_err(db_error)?;
-                if now == Role::Owner.rank() as i64 && role != Role::Owner && owners == 1 {
-                    return Err(last_owner(&user, &room));
+                let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+                let id = authority(c, id)?;
+                if !is_member(c, id, &user)? {
+                    return Err(StoreError::NotMember);
+                }
+                if role != Role::Owner {
+                    keep_an_owner(c, id, &room, &user)?;
                 }
                 c.prepare_cached(
                     "UPDATE members SET role = ?3 WHERE room_id = ?1 AND user_key = ?2",
@@ -854,7 +987,7 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool> {
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<Vec<RoomName>> {
         let room = room.clone();
         self.writer
             .run(move |c| {
@@ -879,14 +1012,11 @@ impl Store for SqliteStore {
                 })
                 .map_err(db_error)?;
                 if s.kind != SanctionKind::Ban {
-                    return Ok(false);
+                    return Ok(Vec::new());
                 }
-                let ended = c
-                    .prepare_cached("DELETE FROM members WHERE room_id = ?1 AND user_key = ?2")
-                    .and_then(|mut st| st.execute(params![id, s.user.key()]))
-                    .map_err(db_error)?;
+                let ended = remove_member(c, id, &s.user)?;
                 sweep_guest_rooms(c, Some(id))?;
-                Ok(ended == 1)
+                Ok(ended)
             })
             .await
     }
@@ -961,7 +1091,9 @@ impl Store for SqliteStore {
                 "SELECT r.name, r.topic, r.last_seq, m.read_seq,
                         (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
                  FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = ?1
-                 WHERE r.direct = 0 AND r.name > ?2 ORDER BY r.name LIMIT ?3"
+                 WHERE r.direct = 0 AND r.private = 0 AND r.name NOT LIKE '%/'
+                   AND NOT EXISTS (SELECT 1 FROM rooms h WHERE h.id = r.hub_id AND h.private)
+                   AND r.name > ?2 ORDER BY r.name LIMIT ?3"
             } else {
                 "SELECT r.name, r.topic, r.last_seq, m.read_seq,
                         (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
@@ -993,6 +1125,281 @@ impl Store for SqliteStore {
                 c.prepare_cached("UPDATE rooms SET topic = ?1 WHERE id = ?2")
                     .and_then(|mut s| s.execute(params![topic, id]))
                     .map_err(db_error)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn create_hub(&self, hub: NewHub) -> StoreResult<()> {
+        self.writer
+            .run(move |c| {
+                let room = RoomName::hub_room(&hub.hub);
+                if room_row(c, room.as_str())?.is_some() {
+                    return Err(StoreError::Conflict(format!("hub name {}", hub.hub)));
+                }
+                let now = now_ms();
+                let id = c
+                    .prepare_cached(
+                        "INSERT INTO rooms (name, topic, direct, private, created_at)
+                         VALUES (?1, ?2, 0, ?3, ?4)",
+                    )
+                    .and_then(|mut s| s.insert(params![room.as_str(), hub.title, hub.private, now]))
+                    .map_err(db_error)?;
+                add_member(c, id, &hub.owner, false, Role::Owner)?;
+                let general = RoomName::channel(&hub.hub, FIRST_CHANNEL)
+                    .map_err(|e| StoreError::Internal(e.message))?;
+                let channel = c
+                    .prepare_cached(
+                        "INSERT INTO rooms (name, direct, hub_id, created_at) VALUES (?1, 0, ?2, ?3)",
+                    )
+                    .and_then(|mut s| s.insert(params![general.as_str(), id, now]))
+                    .map_err(db_error)?;
+                add_member(c, channel, &hub.owner, false, Role::Member)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn join_hub(
+        &self,
+        hub: &HubName,
+        user: &UserName,
+        guest: bool,
+        invite: Option<&str>,
+    ) -> StoreResult<HubJoined> {
+        let (room, user, invite) = (
+            RoomName::hub_room(hub),
+            user.clone(),
+            invite.map(str::to_owned),
+        );
+        self.writer
+            .run(move |c| {
+                let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+                if is_member(c, id, &user)? {
+                    return Ok(HubJoined::default());
+                }
+                refuse_sanctioned(c, id, &room, &user, SanctionKind::Ban)?;
+                let private: bool = c
+                    .query_row("SELECT private FROM rooms WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                    .map_err(db_error)?;
+                if private {
+                    redeem(c, invite.as_deref(), &room, &user)?;
+                }
+                add_member(c, id, &user, guest, Role::Member)?;
+                // Every public channel, but those the user is banned from.
+                let open: Vec<(i64, String, Seq)> = c
+                    .prepare_cached(
+                        "SELECT r.id, r.name, r.last_seq FROM rooms r
+                         WHERE r.hub_id = ?1 AND r.private = 0
+                           AND NOT EXISTS (SELECT 1 FROM sanctions s
+                               WHERE s.room_id = r.id AND s.user_key = ?2 AND s.kind = 0
+                                 AND (s.until_ts IS NULL OR s.until_ts > ?3))
+                         ORDER BY r.name",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![id, user.key(), now_ms()], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })?
+                        .collect()
+                    })
+                    .map_err(db_error)?;
+                let mut channels = Vec::new();
+                for (channel, name, last_seq) in open {
+                    if add_member(c, channel, &user, guest, Role::Member)? {
+                        channels.push((RoomName::from_trusted(name), last_seq));
+                    }
+                }
+                Ok(HubJoined {
+                    newly_joined: true,
+                    channels,
+                })
+            })
+            .await
+    }
+
+    async fn leave_hub(&self, hub: &HubName, user: &UserName) -> StoreResult<Vec<RoomName>> {
+        let (room, user) = (RoomName::hub_room(hub), user.clone());
+        self.writer
+            .run(move |c| {
+                let (id, _) = member_room(c, &room, &user)?;
+                keep_an_owner(c, id, &room, &user)?;
+                let mut left = remove_member(c, id, &user)?;
+                left.retain(|r| !r.is_hub_room());
+                Ok(left)
+            })
+            .await
+    }
+
+    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>> {
+        let key = user.key().to_owned();
+        self.read(move |c| {
+            let sql = if all {
+                "SELECT r.name, r.topic, r.private, m.role,
+                        (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
+                 FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = ?1
+                 WHERE r.name LIKE '%/' AND r.private = 0 ORDER BY r.name"
+            } else {
+                "SELECT r.name, r.topic, r.private, m.role,
+                        (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
+                 FROM members m JOIN rooms r ON r.id = m.room_id
+                 WHERE m.user_key = ?1 AND r.name LIKE '%/' ORDER BY r.name"
+            };
+            let rows: Vec<(String, String, bool, Option<i64>, u64)> = c
+                .prepare_cached(sql)
+                .and_then(|mut s| {
+                    s.query_map([key], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
+                    .collect()
+                })
+                .map_err(db_error)?;
+            rows.into_iter()
+                .map(|(name, title, private, role, member_count)| {
+                    Ok(HubView {
+                        hub: stored_hub(&name)?,
+                        title,
+                        private,
+                        member_count,
+                        role: role.map(stored_role).transpose()?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn hub(&self, hub: &HubName, user: &UserName) -> StoreResult<HubDetail> {
+        let (room, key) = (RoomName::hub_room(hub), user.key().to_owned());
+        self.read(move |c| {
+            let (id, title, private): (i64, String, bool) = c
+                .prepare_cached("SELECT id, topic, private FROM rooms WHERE name = ?1")
+                .and_then(|mut s| {
+                    s.query_row([room.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()
+                })
+                .map_err(db_error)?
+                .ok_or(StoreError::NoSuchRoom)?;
+            let members: Vec<(String, i64, String)> = c
+                .prepare_cached(
+                    "SELECT user_name, role, user_key FROM members WHERE room_id = ?1
+                     ORDER BY user_key",
+                )
+                .and_then(|mut s| {
+                    s.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect()
+                })
+                .map_err(db_error)?;
+            let role = members
+                .iter()
+                .find(|(_, _, k)| *k == key)
+                .map(|(_, role, _)| stored_role(*role))
+                .transpose()?;
+            if private && role.is_none() {
+                return Err(private_place(&room));
+            }
+            let channels: Vec<(String, String, bool, Seq, Option<Seq>)> = c
+                .prepare_cached(
+                    "SELECT r.name, r.topic, r.private, r.last_seq, m.read_seq FROM rooms r
+                     LEFT JOIN members m ON m.room_id = r.id AND m.user_key = ?2
+                     WHERE r.hub_id = ?1 AND (r.private = 0 OR m.user_key IS NOT NULL)
+                     ORDER BY r.name",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![id, key], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
+                    .collect()
+                })
+                .map_err(db_error)?;
+            Ok(HubDetail {
+                title,
+                private,
+                role,
+                channels: channels
+                    .into_iter()
+                    .map(|(name, topic, private, last_seq, read_seq)| ChannelView {
+                        room: RoomName::from_trusted(name),
+                        topic,
+                        private,
+                        last_seq,
+                        read_seq,
+                    })
+                    .collect(),
+                members: members
+                    .into_iter()
+                    .map(|(name, role, _)| Ok((user_name(name)?, stored_role(role)?)))
+                    .collect::<StoreResult<_>>()?,
+            })
+        })
+        .await
+    }
+
+    async fn create_channel(
+        &self,
+        channel: &RoomName,
+        private: bool,
+        topic: &str,
+        by: &UserName,
+    ) -> StoreResult<Vec<UserName>> {
+        let (channel, topic, by) = (channel.clone(), topic.to_owned(), by.clone());
+        self.writer
+            .run(move |c| {
+                let hub = channel.hub().ok_or(StoreError::NoSuchRoom)?;
+                let (hub_id, _) = room_row(c, RoomName::hub_room(&hub).as_str())?
+                    .ok_or(StoreError::NoSuchRoom)?;
+                if room_row(c, channel.as_str())?.is_some() {
+                    return Err(StoreError::Conflict(format!("channel name {channel}")));
+                }
+                let id = c
+                    .prepare_cached(
+                        "INSERT INTO rooms (name, topic, direct, hub_id, private, created_at)
+                         VALUES (?1, ?2, 0, ?3, ?4, ?5)",
+                    )
+                    .and_then(|mut s| {
+                        s.insert(params![channel.as_str(), topic, hub_id, private, now_ms()])
+                    })
+                    .map_err(db_error)?;
+                if private {
+                    add_member(c, id, &by, false, Role::Member)?;
+                    return Ok(vec![by]);
+                }
+                let members: Vec<String> = c
+                    .prepare_cached(
+                        "INSERT INTO members (room_id, user_key, user_name, guest, joined_at, role)
+                         SELECT ?1, user_key, user_name, guest, ?3, 0 FROM members
+                         WHERE room_id = ?2 RETURNING user_name",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![id, hub_id, now_ms()], |r| r.get(0))?
+                            .collect()
+                    })
+                    .map_err(db_error)?;
+                members.into_iter().map(user_name).collect()
+            })
+            .await
+    }
+
+    async fn create_invite(&self, invite: NewInvite) -> StoreResult<()> {
+        self.writer
+            .run(move |c| {
+                let (id, _) = room_row(c, invite.place.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+                c.prepare_cached(
+                    "INSERT INTO invites (code, room_id, user_key, expires_ts, by_name, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        invite.code,
+                        id,
+                        invite.user.as_ref().map(|u| u.key().to_owned()),
+                        invite.expires_ts,
+                        invite.by.as_str(),
+                        now_ms()
+                    ])
+                })
+                .map_err(db_error)?;
                 Ok(())
             })
             .await

@@ -4,12 +4,12 @@
 //! rule that depends on the message itself (a deletion by its author or
 //! by a moderator) is passed down as the caller's [`Standing`].
 
-use confab_proto::{Request, Role};
+use confab_proto::{Place, Request, Role};
 use Role::{Admin, Member, Moderator};
 
 use super::Session;
 use crate::error::ChatError;
-use crate::names::{RoomName, UserName};
+use crate::names::{HubName, RoomName, UserName};
 
 /// What a request needs before its handler runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +35,14 @@ pub(crate) fn need(request: &Request) -> Need {
     match request {
         Ping {} => Need::Nothing,
         Register { .. } | Login { .. } | Guest { .. } | Resume { .. } => Need::LoggedOut,
-        Logout {} | Join { .. } | Leave { .. } | Rooms { .. } | Members { .. } | Topic { .. } => {
+        Logout {} | Join { .. } | Leave { .. } | Rooms { .. } | Members { .. } => Need::Login,
+        // In a hub's channel, moderators set topics; in a room, everyone.
+        Topic { room, .. } if room.contains('/') => rank(Moderator, false),
+        Topic { .. } => Need::Login,
+        HubCreate { .. } | HubJoin { .. } | HubLeave { .. } | Hubs { .. } | Hub { .. } => {
             Need::Login
         }
+        ChannelCreate { .. } | Invite { .. } => rank(Admin, false),
         Send { .. } | Dm { .. } | History { .. } | Sync { .. } | Read { .. } | Typing { .. } => {
             Need::Login
         }
@@ -76,20 +81,32 @@ impl Standing {
     }
 }
 
-/// The room a [`Need::Rank`] request names, the user it acts on, and
-/// whether the room may be a direct conversation.
-fn scope(request: &Request) -> Option<(&str, Option<&str>, bool)> {
+/// The room a [`Need::Rank`] request acts in (a hub's own room for a
+/// hub), and the user it acts on.
+fn scope(request: &Request) -> Result<(RoomName, Option<&str>), ChatError> {
     use Request::*;
     match request {
-        Delete { room, .. } => Some((room, None, true)),
-        Bans { room } => Some((room, None, false)),
-        Kick { room, user, .. }
-        | Ban { room, user, .. }
-        | Unban { room, user }
-        | Mute { room, user, .. }
-        | Unmute { room, user }
-        | Role { room, user, .. } => Some((room, Some(user), false)),
-        _ => None,
+        // Direct conversations too: an author deletes there.
+        Delete { room, .. } => Ok((RoomName::parse(room)?, None)),
+        Topic { room, .. } => Ok((RoomName::parse_public(room)?, None)),
+        ChannelCreate { hub, .. } => Ok((RoomName::hub_room(&HubName::parse(hub)?), None)),
+        Bans { place } | Invite { place, .. } => Ok((place_room(place)?, None)),
+        Kick { place, user, .. }
+        | Ban { place, user, .. }
+        | Unban { place, user }
+        | Mute { place, user, .. }
+        | Unmute { place, user }
+        | Role { place, user, .. } => Ok((place_room(place)?, Some(user))),
+        _ => unreachable!("only ranked requests have a scope"),
+    }
+}
+
+/// The room a request's `hub` or `room` names: a hub's own room for a hub.
+pub(crate) fn place_room(place: &Place) -> Result<RoomName, ChatError> {
+    match (&place.hub, &place.room) {
+        (Some(hub), None) => Ok(RoomName::hub_room(&HubName::parse(hub)?)),
+        (None, Some(room)) => RoomName::parse_public(room),
+        _ => Err(ChatError::bad_request("name a hub or a room (one of them)")),
     }
 }
 
@@ -102,19 +119,15 @@ impl Session {
         role: Role,
         over: bool,
     ) -> Result<Standing, ChatError> {
-        let (room, target, direct_ok) = scope(request).expect("a ranked request names a room");
-        let room = if direct_ok {
-            RoomName::parse(room)?
-        } else {
-            RoomName::parse_public(room)?
-        };
+        let (room, target) = scope(request)?;
         let me = self.me().user.clone();
         let mine = self.standing(&room, &me).await?;
         if !mine.at_least(role) {
+            let place = shown(&room);
             return Err(match mine.role {
-                None => ChatError::forbidden(format!("you are not a member of {room}")),
+                None => ChatError::forbidden(format!("you are not a member of {place}")),
                 Some(_) => ChatError::forbidden(format!(
-                    "that needs the role {} in {room} or higher",
+                    "that needs the role {} in {place} or higher",
                     role.as_str()
                 )),
             });
@@ -124,8 +137,9 @@ impl Session {
             let theirs = self.standing(&room, &target).await?;
             if theirs.rank() >= mine.rank() {
                 return Err(ChatError::forbidden(format!(
-                    "{target} is {} of {room}: you act only on those below you",
-                    theirs.rank().unwrap_or_default().as_str()
+                    "{target} is {} of {}: you act only on those below you",
+                    theirs.rank().unwrap_or_default().as_str(),
+                    shown(&room)
                 )));
             }
             if let Request::Role { role: given, .. } = request {
@@ -144,7 +158,7 @@ impl Session {
     async fn standing(&self, room: &RoomName, user: &UserName) -> Result<Standing, ChatError> {
         let store = &self.chat.store;
         let role = store.role(room, user).await.map_err(|e| match e {
-            crate::StoreError::NoSuchRoom => ChatError::not_found(format!("no room named {room}")),
+            crate::StoreError::NoSuchRoom => no_such(room),
             e => e.into(),
         })?;
         // Guests are never operators: no need to ask.
@@ -155,5 +169,22 @@ impl Session {
             .is_some_and(|u| u.guest);
         let operator = !guest && store.operator(user).await?;
         Ok(Standing { role, operator })
+    }
+}
+
+/// A room or hub as people read it: `general`, `rust/general`, `hub rust`.
+pub(crate) fn shown(room: &RoomName) -> String {
+    match room.hub() {
+        Some(hub) if room.is_hub_room() => format!("hub {hub}"),
+        _ => room.to_string(),
+    }
+}
+
+/// `not_found` for a room or hub that does not exist.
+pub(crate) fn no_such(room: &RoomName) -> ChatError {
+    match room.hub() {
+        Some(hub) if room.is_hub_room() => ChatError::not_found(format!("no hub named {hub}")),
+        Some(_) => ChatError::not_found(format!("no channel named {room}")),
+        None => ChatError::not_found(format!("no room named {room}")),
     }
 }

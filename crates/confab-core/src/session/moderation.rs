@@ -2,8 +2,9 @@
 //! command table before these run (see [`super::authority`]); what is left
 //! is checking the input and acting.
 
-use confab_proto::{Event, OkBody, Role, SanctionKind};
+use confab_proto::{Event, OkBody, Place, Role, SanctionKind};
 
+use super::authority::{place_room, shown};
 use super::{check_text, left_event, Done, Handled, Session};
 use crate::broker::{BrokerEvent, Skip};
 use crate::error::ChatError;
@@ -15,8 +16,14 @@ use crate::store::{now_ms, NewSanction};
 pub const MAX_SANCTION_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
 
 impl Session {
-    pub(super) async fn set_role(&mut self, room: &str, user: &str, role: Role) -> Handled {
-        let room = RoomName::parse_public(room)?;
+    pub(super) async fn set_role(&mut self, place: &Place, user: &str, role: Role) -> Handled {
+        // A role in a channel is the role in its hub.
+        let room = match place_room(place)? {
+            channel if channel.hub().is_some() => {
+                RoomName::hub_room(&channel.hub().expect("a channel"))
+            }
+            room => room,
+        };
         let user = self.known_name(user).await?;
         self.chat
             .store
@@ -26,7 +33,7 @@ impl Session {
         let by = self.me().user.as_str().to_owned();
         Ok(Done::empty().then(BrokerEvent::Room {
             event: Event::Role {
-                room: room.as_str().to_owned(),
+                place: place_of(&room),
                 user: user.as_str().to_owned(),
                 role,
                 by,
@@ -36,16 +43,28 @@ impl Session {
         }))
     }
 
-    pub(super) async fn kick(&mut self, room: &str, user: &str, reason: Option<String>) -> Handled {
-        let room = RoomName::parse_public(room)?;
+    pub(super) async fn kick(
+        &mut self,
+        place: &Place,
+        user: &str,
+        reason: Option<String>,
+    ) -> Handled {
+        let room = place_room(place)?;
         let user = self.known_name(user).await?;
         let reason = self.reason(reason)?;
-        self.chat
-            .store
-            .leave(&room, &user)
-            .await
-            .map_err(|e| not_in(e, &user, &room))?;
-        Ok(self.put_out(Done::empty(), room, user, reason))
+        let store = &self.chat.store;
+        let ended = match room.hub() {
+            Some(hub) if room.is_hub_room() => {
+                let mut ended = store.leave_hub(&hub, &user).await;
+                if let Ok(channels) = &mut ended {
+                    channels.insert(0, room.clone());
+                }
+                ended
+            }
+            _ => store.leave(&room, &user).await.map(|()| vec![room.clone()]),
+        };
+        let ended = ended.map_err(|e| not_in(e, &user, &room))?;
+        Ok(self.put_out(Done::empty(), &room, ended, user, reason))
     }
 
     /// A ban or mute from a request's fields, checked.
@@ -75,62 +94,73 @@ impl Session {
         })
     }
 
-    pub(super) async fn sanction(&mut self, room: &str, sanction: NewSanction) -> Handled {
-        let room = RoomName::parse_public(room)?;
+    pub(super) async fn sanction(&mut self, place: &Place, sanction: NewSanction) -> Handled {
+        let room = place_room(place)?;
         let (user, reason) = (sanction.user.clone(), sanction.reason.clone());
         let ended = self.chat.store.sanction(&room, sanction).await?;
-        let done = Done::empty();
-        Ok(if ended {
-            self.put_out(done, room, user, reason)
-        } else {
-            done
-        })
+        Ok(self.put_out(Done::empty(), &room, ended, user, reason))
     }
 
-    pub(super) async fn lift(&mut self, room: &str, user: &str, kind: SanctionKind) -> Handled {
-        let room = RoomName::parse_public(room)?;
+    pub(super) async fn lift(&mut self, place: &Place, user: &str, kind: SanctionKind) -> Handled {
+        let room = place_room(place)?;
         let user = UserName::parse(user)?;
         if !self.chat.store.lift(&room, &user, kind).await? {
             return Err(ChatError::not_found(format!(
-                "{user} has no {} in force in {room}",
-                kind.as_str()
+                "{user} has no {} in force in {}",
+                kind.as_str(),
+                shown(&room)
             )));
         }
         Ok(Done::empty())
     }
 
-    pub(super) async fn bans(&mut self, room: &str) -> Handled {
-        let room = RoomName::parse_public(room)?;
+    pub(super) async fn bans(&mut self, place: &Place) -> Handled {
+        let room = place_room(place)?;
         let bans = self.chat.store.sanctions(&room, now_ms()).await?;
         Ok(Done::reply(OkBody::Bans { bans }))
     }
 
-    /// The events of a membership ended by a moderator: `kicked` to each
-    /// of the user's connections, `left` to the other members, and the
-    /// user's connections stop receiving the room, on every node.
-    fn put_out(&self, done: Done, room: RoomName, user: UserName, reason: String) -> Done {
+    /// The events of memberships a moderator ended (`ended`: the rooms, a
+    /// hub's own first, then its channels): `kicked` once to each of the
+    /// user's connections, `left` / `hub_left` to the other members, and
+    /// the user's connections stop receiving each room, on every node.
+    fn put_out(
+        &self,
+        mut done: Done,
+        place: &RoomName,
+        ended: Vec<RoomName>,
+        user: UserName,
+        reason: String,
+    ) -> Done {
+        if ended.is_empty() {
+            return done;
+        }
         let by = self.me().user.as_str().to_owned();
-        done.then(BrokerEvent::User {
+        done = done.then(BrokerEvent::User {
             user: user.key().to_owned(),
             event: Event::Kicked {
-                room: room.as_str().to_owned(),
+                place: place_of(place),
                 by,
                 reason,
             },
             skip: Skip::Nobody,
-        })
-        .then(left_event(&room, &user, Skip::User(user.key().to_owned())))
-        .then(BrokerEvent::Membership {
-            room,
-            user,
-            joined: false,
-            last_seq: 0,
-        })
+        });
+        for room in ended {
+            done = done
+                .then(left_event(&room, &user, Skip::User(user.key().to_owned())))
+                .then(BrokerEvent::Membership {
+                    room,
+                    user: user.clone(),
+                    joined: false,
+                    last_seq: 0,
+                });
+        }
+        done
     }
 
     /// A user name as the user spells it: a registered user's, a
     /// connected guest's, or as given (someone not here now, banned ahead).
-    async fn known_name(&self, raw: &str) -> Result<UserName, ChatError> {
+    pub(super) async fn known_name(&self, raw: &str) -> Result<UserName, ChatError> {
         let name = UserName::parse(raw)?;
         if let Some(record) = self.chat.store.user(&name).await? {
             return Ok(record.name);
@@ -152,12 +182,22 @@ impl Session {
     }
 }
 
+/// A room as an event names it: `hub` for a hub's own room.
+pub(super) fn place_of(room: &RoomName) -> Place {
+    match room.hub() {
+        Some(hub) if room.is_hub_room() => Place::hub(hub.as_str()),
+        _ => Place::room(room.as_str()),
+    }
+}
+
 /// A store's "not a member" about someone else, as the client should read
 /// it: that user is not in the room.
 fn not_in(e: crate::StoreError, user: &UserName, room: &RoomName) -> ChatError {
     match e {
-        crate::StoreError::NotMember => ChatError::not_found(format!("{user} is not in {room}")),
-        crate::StoreError::NoSuchRoom => ChatError::not_found(format!("no room named {room}")),
+        crate::StoreError::NotMember => {
+            ChatError::not_found(format!("{user} is not in {}", shown(room)))
+        }
+        crate::StoreError::NoSuchRoom => super::authority::no_such(room),
         e => e.into(),
     }
 }

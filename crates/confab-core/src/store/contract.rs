@@ -6,6 +6,8 @@ use std::collections::HashSet;
 
 use confab_proto::{Role, SanctionKind};
 
+use crate::names::HubName;
+
 use super::*;
 
 fn user(name: &str) -> UserName {
@@ -89,7 +91,10 @@ macro_rules! store_contract_tests {
             mutes_refuse_messages_until_they_end,
             edits_replace_the_body_in_place,
             deletions_leave_no_text_behind,
-            edits_and_deletions_follow_the_rules);
+            edits_and_deletions_follow_the_rules,
+            hubs_hold_channels_and_members,
+            private_hubs_and_channels_take_invites,
+            hub_bans_and_mutes_reach_its_channels);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -556,12 +561,13 @@ pub async fn rooms_created_by_guests_go_when_empty(s: DynStore) {
 pub async fn joins_follow_their_rules(s: DynStore) {
     let a = user("alice");
     let strict = JoinRules {
+        invite: None,
         guest: false,
         create: false,
         max_rooms: 2,
     };
     assert_eq!(
-        s.join(&room("new"), &a, strict).await.unwrap_err(),
+        s.join(&room("new"), &a, strict.clone()).await.unwrap_err(),
         StoreError::NoSuchRoom,
         "no creating"
     );
@@ -570,14 +576,19 @@ pub async fn joins_follow_their_rules(s: DynStore) {
             .await
             .unwrap();
     }
-    s.join(&room("one"), &a, strict).await.unwrap();
-    s.join(&room("two"), &a, strict).await.unwrap();
+    s.join(&room("one"), &a, strict.clone()).await.unwrap();
+    s.join(&room("two"), &a, strict.clone()).await.unwrap();
     assert!(matches!(
-        s.join(&room("three"), &a, strict).await.unwrap_err(),
+        s.join(&room("three"), &a, strict.clone())
+            .await
+            .unwrap_err(),
         StoreError::Limit(_)
     ));
     assert!(
-        !s.join(&room("two"), &a, strict).await.unwrap().newly_joined,
+        !s.join(&room("two"), &a, strict.clone())
+            .await
+            .unwrap()
+            .newly_joined,
         "joining a room one is in passes the cap"
     );
     let mut dm = msg("dm:alice:owner", "owner", "hi", None);
@@ -788,8 +799,12 @@ pub async fn queued_appends_keep_their_order(s: DynStore) {
 
 pub async fn creators_own_rooms_and_roles_are_kept(s: DynStore) {
     let rules = JoinRules::open(false);
-    s.join(&room("r"), &user("Ann"), rules).await.unwrap();
-    s.join(&room("r"), &user("bob"), rules).await.unwrap();
+    s.join(&room("r"), &user("Ann"), rules.clone())
+        .await
+        .unwrap();
+    s.join(&room("r"), &user("bob"), rules.clone())
+        .await
+        .unwrap();
     let role = |u: &'static str| {
         let s = s.clone();
         async move { s.role(&room("r"), &user(u)).await.unwrap() }
@@ -824,7 +839,9 @@ pub async fn creators_own_rooms_and_roles_are_kept(s: DynStore) {
     assert_eq!(role("ann").await, Some(Role::Admin));
     // A role ends with the membership.
     s.leave(&room("r"), &user("ann")).await.unwrap();
-    s.join(&room("r"), &user("ann"), rules).await.unwrap();
+    s.join(&room("r"), &user("ann"), rules.clone())
+        .await
+        .unwrap();
     assert_eq!(role("ann").await, Some(Role::Member));
 }
 
@@ -846,15 +863,22 @@ pub async fn operators_are_registered_users(s: DynStore) {
 
 pub async fn bans_end_membership_and_refuse_joins(s: DynStore) {
     let rules = JoinRules::open(false);
-    s.join(&room("r"), &user("mod"), rules).await.unwrap();
-    s.join(&room("r"), &user("Eve"), rules).await.unwrap();
+    s.join(&room("r"), &user("mod"), rules.clone())
+        .await
+        .unwrap();
+    s.join(&room("r"), &user("Eve"), rules.clone())
+        .await
+        .unwrap();
     let ended = s
         .sanction(&room("r"), ban("eve", SanctionKind::Ban, None))
         .await
         .unwrap();
-    assert!(ended, "the ban ended a membership");
+    assert_eq!(ended, vec![room("r")], "the ban ended a membership");
     assert_eq!(s.role(&room("r"), &user("eve")).await.unwrap(), None);
-    let err = s.join(&room("r"), &user("EVE"), rules).await.unwrap_err();
+    let err = s
+        .join(&room("r"), &user("EVE"), rules.clone())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Refused(_)), "{err:?}");
     // A ban of someone not in the room holds too.
     let ended = s
@@ -864,8 +888,11 @@ pub async fn bans_end_membership_and_refuse_joins(s: DynStore) {
         )
         .await
         .unwrap();
-    assert!(!ended);
-    assert!(s.join(&room("r"), &user("zed"), rules).await.is_err());
+    assert!(ended.is_empty());
+    assert!(s
+        .join(&room("r"), &user("zed"), rules.clone())
+        .await
+        .is_err());
     let listed = s.sanctions(&room("r"), now_ms()).await.unwrap();
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert_eq!(listed[0].user, "eve");
@@ -883,7 +910,9 @@ pub async fn bans_end_membership_and_refuse_joins(s: DynStore) {
         .lift(&room("r"), &user("eve"), SanctionKind::Ban)
         .await
         .unwrap());
-    s.join(&room("r"), &user("eve"), rules).await.unwrap();
+    s.join(&room("r"), &user("eve"), rules.clone())
+        .await
+        .unwrap();
     // A ban that has ended holds nothing, and is not listed.
     s.sanction(
         &room("r"),
@@ -891,7 +920,9 @@ pub async fn bans_end_membership_and_refuse_joins(s: DynStore) {
     )
     .await
     .unwrap();
-    s.join(&room("r"), &user("old"), rules).await.unwrap();
+    s.join(&room("r"), &user("old"), rules.clone())
+        .await
+        .unwrap();
     let listed = s.sanctions(&room("r"), now_ms()).await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert!(!s
@@ -908,14 +939,18 @@ pub async fn bans_end_membership_and_refuse_joins(s: DynStore) {
 
 pub async fn mutes_refuse_messages_until_they_end(s: DynStore) {
     let rules = JoinRules::open(false);
-    s.join(&room("r"), &user("mod"), rules).await.unwrap();
-    s.join(&room("r"), &user("Eve"), rules).await.unwrap();
+    s.join(&room("r"), &user("mod"), rules.clone())
+        .await
+        .unwrap();
+    s.join(&room("r"), &user("Eve"), rules.clone())
+        .await
+        .unwrap();
     s.append(msg("r", "eve", "before", None)).await.unwrap();
     let ended = s
         .sanction(&room("r"), ban("eve", SanctionKind::Mute, None))
         .await
         .unwrap();
-    assert!(!ended, "a mute keeps the membership");
+    assert!(ended.is_empty(), "a mute keeps the membership");
     let err = s.append(msg("r", "eve", "during", None)).await.unwrap_err();
     assert!(matches!(err, StoreError::Refused(_)), "{err:?}");
     let edit = amend("r", "eve", "changed", Amend::Edit(1));
@@ -992,8 +1027,12 @@ pub async fn edits_replace_the_body_in_place(s: DynStore) {
 
 pub async fn deletions_leave_no_text_behind(s: DynStore) {
     let rules = JoinRules::open(false);
-    s.join(&room("r"), &user("ann"), rules).await.unwrap();
-    s.join(&room("r"), &user("mod"), rules).await.unwrap();
+    s.join(&room("r"), &user("ann"), rules.clone())
+        .await
+        .unwrap();
+    s.join(&room("r"), &user("mod"), rules.clone())
+        .await
+        .unwrap();
     s.append(msg("r", "ann", "secret one", None)).await.unwrap();
     s.append(amend("r", "ann", "secret two", Amend::Edit(1)))
         .await
@@ -1034,8 +1073,12 @@ pub async fn deletions_leave_no_text_behind(s: DynStore) {
 
 pub async fn edits_and_deletions_follow_the_rules(s: DynStore) {
     let rules = JoinRules::open(false);
-    s.join(&room("r"), &user("ann"), rules).await.unwrap();
-    s.join(&room("r"), &user("bob"), rules).await.unwrap();
+    s.join(&room("r"), &user("ann"), rules.clone())
+        .await
+        .unwrap();
+    s.join(&room("r"), &user("bob"), rules.clone())
+        .await
+        .unwrap();
     s.append(msg("r", "ann", "one", None)).await.unwrap();
     s.append(amend("r", "ann", "uno", Amend::Edit(1)))
         .await
@@ -1075,4 +1118,346 @@ pub async fn edits_and_deletions_follow_the_rules(s: DynStore) {
     );
     // Nothing refused took a seq.
     assert_eq!(s.last_seqs(&[room("r")]).await.unwrap(), vec![3]);
+}
+
+fn hub(name: &str) -> HubName {
+    HubName::parse(name).unwrap()
+}
+
+async fn new_hub(s: &DynStore, name: &str, owner: &str, private: bool) {
+    s.create_user(&user(owner), "h").await.ok();
+    s.create_hub(NewHub {
+        hub: hub(name),
+        title: format!("{name} people"),
+        private,
+        owner: user(owner),
+    })
+    .await
+    .unwrap();
+}
+
+fn invite(
+    code: &str,
+    place: RoomName,
+    for_user: Option<&str>,
+    expires_ts: Option<i64>,
+) -> NewInvite {
+    NewInvite {
+        code: code.into(),
+        place,
+        user: for_user.map(user),
+        expires_ts,
+        by: user("ann"),
+    }
+}
+
+pub async fn hubs_hold_channels_and_members(s: DynStore) {
+    new_hub(&s, "rust", "ann", false).await;
+    let hub_room = RoomName::hub_room(&hub("rust"));
+    assert_eq!(
+        s.role(&hub_room, &user("ann")).await.unwrap(),
+        Some(Role::Owner)
+    );
+    assert_eq!(
+        s.role(&room("rust/general"), &user("ann")).await.unwrap(),
+        Some(Role::Owner),
+        "a hub's roles count in its channels"
+    );
+    let again = s
+        .create_hub(NewHub {
+            hub: hub("RUST"),
+            title: String::new(),
+            private: false,
+            owner: user("bob"),
+        })
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+
+    let joined = s
+        .join_hub(&hub("rust"), &user("Bob"), false, None)
+        .await
+        .unwrap();
+    assert!(joined.newly_joined);
+    assert_eq!(joined.channels, vec![(room("rust/general"), 0)]);
+    let again = s
+        .join_hub(&hub("rust"), &user("bob"), false, None)
+        .await
+        .unwrap();
+    assert_eq!(again, HubJoined::default());
+    assert_eq!(
+        s.role(&room("rust/general"), &user("bob")).await.unwrap(),
+        Some(Role::Member)
+    );
+    let members = s
+        .create_channel(&room("rust/dev"), false, "hacking", &user("ann"))
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 2, "every member of the hub: {members:?}");
+    let secret = s
+        .create_channel(&room("rust/secret"), true, "", &user("ann"))
+        .await
+        .unwrap();
+    assert_eq!(secret, vec![user("ann")]);
+    let dup = s
+        .create_channel(&room("rust/dev"), false, "", &user("ann"))
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let none = s
+        .create_channel(&room("go/dev"), false, "", &user("ann"))
+        .await;
+    assert_eq!(none.unwrap_err(), StoreError::NoSuchRoom);
+    // Channels are rooms: messages, history, members with the hub's roles.
+    s.append(msg("rust/dev", "bob", "hi", None)).await.unwrap();
+    let members = s.members(&room("rust/dev"), None, 10).await.unwrap();
+    assert_eq!(
+        members,
+        vec![(user("ann"), Role::Owner), (user("Bob"), Role::Member)]
+    );
+
+    let mine = s.hubs(&user("bob"), false).await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        (
+            mine[0].hub.as_str(),
+            mine[0].title.as_str(),
+            mine[0].member_count,
+            mine[0].role
+        ),
+        ("rust", "rust people", 2, Some(Role::Member))
+    );
+    let all = s.hubs(&user("carol"), true).await.unwrap();
+    assert_eq!((all.len(), all[0].role), (1, None));
+    assert!(s.hubs(&user("carol"), false).await.unwrap().is_empty());
+
+    let seen = s.hub(&hub("rust"), &user("bob")).await.unwrap();
+    let channels: Vec<(&str, Option<Seq>, Seq)> = seen
+        .channels
+        .iter()
+        .map(|c| (c.room.as_str(), c.read_seq, c.last_seq))
+        .collect();
+    assert_eq!(
+        channels,
+        [("rust/dev", Some(0), 1), ("rust/general", Some(0), 0)],
+        "not the private channel bob is not in"
+    );
+    assert_eq!(seen.role, Some(Role::Member));
+    assert_eq!(seen.members.len(), 2);
+    let owner_sees = s.hub(&hub("rust"), &user("ann")).await.unwrap();
+    assert_eq!(owner_sees.channels.len(), 3);
+    let stranger = s.hub(&hub("rust"), &user("carol")).await.unwrap();
+    assert_eq!((stranger.role, stranger.channels[0].read_seq), (None, None));
+    assert_eq!(
+        s.hub(&hub("nowhere"), &user("ann")).await.unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+
+    // Every public room lists public channels, never a hub's own room or
+    // a private channel.
+    let listed: Vec<String> = s
+        .rooms(&user("carol"), true, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.room.as_str().to_owned())
+        .collect();
+    assert_eq!(listed, ["rust/dev", "rust/general"]);
+    // Channels take the hub first, and are never made by a join.
+    let rules = JoinRules::open(false);
+    let e = s
+        .join(&room("rust/dev"), &user("carol"), rules.clone())
+        .await;
+    assert!(matches!(e, Err(StoreError::Refused(_))), "{e:?}");
+    let e = s
+        .join(&room("rust/nope"), &user("ann"), rules.clone())
+        .await;
+    assert_eq!(e.unwrap_err(), StoreError::NoSuchRoom);
+    // A hub role given in a channel is the hub's.
+    s.set_role(&room("rust/dev"), &user("bob"), Role::Moderator)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.role(&hub_room, &user("bob")).await.unwrap(),
+        Some(Role::Moderator)
+    );
+
+    // Leaving the hub leaves its channels; its last owner stays.
+    let mut left = s.leave_hub(&hub("rust"), &user("bob")).await.unwrap();
+    left.sort();
+    assert_eq!(left, vec![room("rust/dev"), room("rust/general")]);
+    assert_eq!(s.role(&room("rust/dev"), &user("bob")).await.unwrap(), None);
+    assert!(s
+        .history(&room("rust/dev"), &user("bob"), Page::Latest, 5)
+        .await
+        .is_err());
+    let e = s.leave_hub(&hub("rust"), &user("ann")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Refused(_)), "{e:?}");
+    let e = s.leave_hub(&hub("rust"), &user("bob")).await.unwrap_err();
+    assert_eq!(e, StoreError::NotMember);
+}
+
+pub async fn private_hubs_and_channels_take_invites(s: DynStore) {
+    new_hub(&s, "club", "ann", true).await;
+    let club = RoomName::hub_room(&hub("club"));
+    let refused = |e: StoreResult<HubJoined>| matches!(e, Err(StoreError::Refused(_)));
+    assert!(refused(
+        s.join_hub(&hub("club"), &user("carol"), false, None).await
+    ));
+    assert!(
+        s.hubs(&user("carol"), true).await.unwrap().is_empty(),
+        "not listed"
+    );
+    assert!(matches!(
+        s.hub(&hub("club"), &user("carol")).await,
+        Err(StoreError::Refused(_))
+    ));
+    assert!(s
+        .rooms(&user("carol"), true, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // A single user's invite: for that user, once.
+    s.create_invite(invite("for-carol", club.clone(), Some("carol"), None))
+        .await
+        .unwrap();
+    assert!(refused(
+        s.join_hub(&hub("club"), &user("dave"), false, Some("for-carol"))
+            .await
+    ));
+    let joined = s
+        .join_hub(&hub("club"), &user("Carol"), false, Some("for-carol"))
+        .await
+        .unwrap();
+    assert!(joined.newly_joined);
+    s.leave_hub(&hub("club"), &user("carol")).await.unwrap();
+    assert!(refused(
+        s.join_hub(&hub("club"), &user("carol"), false, Some("for-carol"))
+            .await
+    ));
+    // A shareable one until it expires; an expired one, an unknown one,
+    // one for another place: refused alike.
+    s.create_invite(invite("open", club.clone(), None, Some(now_ms() + 60_000)))
+        .await
+        .unwrap();
+    s.create_invite(invite("old", club.clone(), None, Some(now_ms() - 1)))
+        .await
+        .unwrap();
+    for u in ["carol", "dave"] {
+        s.join_hub(&hub("club"), &user(u), false, Some("open"))
+            .await
+            .unwrap();
+    }
+    for code in ["old", "nope"] {
+        assert!(refused(
+            s.join_hub(&hub("club"), &user("erin"), false, Some(code))
+                .await
+        ));
+    }
+    let e = s
+        .create_invite(invite("x", room("nowhere"), None, None))
+        .await;
+    assert_eq!(e.unwrap_err(), StoreError::NoSuchRoom);
+
+    // A private channel: hub members join with an invite to it.
+    s.create_channel(&room("club/inner"), true, "", &user("ann"))
+        .await
+        .unwrap();
+    let mut rules = JoinRules::open(false);
+    let e = s
+        .join(&room("club/inner"), &user("carol"), rules.clone())
+        .await;
+    assert!(matches!(e, Err(StoreError::Refused(_))), "{e:?}");
+    s.create_invite(invite("inner", room("club/inner"), None, None))
+        .await
+        .unwrap();
+    rules.invite = Some("open".into());
+    let e = s
+        .join(&room("club/inner"), &user("carol"), rules.clone())
+        .await;
+    assert!(
+        matches!(e, Err(StoreError::Refused(_))),
+        "the hub's invite: {e:?}"
+    );
+    rules.invite = Some("inner".into());
+    s.join(&room("club/inner"), &user("carol"), rules.clone())
+        .await
+        .unwrap();
+    let seen = s.hub(&hub("club"), &user("carol")).await.unwrap();
+    assert!(seen
+        .channels
+        .iter()
+        .any(|c| c.room == room("club/inner") && c.private));
+}
+
+pub async fn hub_bans_and_mutes_reach_its_channels(s: DynStore) {
+    new_hub(&s, "town", "ann", false).await;
+    let town = RoomName::hub_room(&hub("town"));
+    for u in ["eve", "mo"] {
+        s.join_hub(&hub("town"), &user(u), false, None)
+            .await
+            .unwrap();
+    }
+    s.create_channel(&room("town/square"), false, "", &user("ann"))
+        .await
+        .unwrap();
+    // A ban from the hub ends the membership of the hub and its channels.
+    let ban = NewSanction {
+        user: user("eve"),
+        kind: SanctionKind::Ban,
+        by: user("ann"),
+        reason: String::new(),
+        until_ts: None,
+    };
+    let mut ended = s.sanction(&town, ban.clone()).await.unwrap();
+    ended.sort();
+    assert_eq!(
+        ended,
+        vec![town.clone(), room("town/general"), room("town/square")]
+    );
+    let e = s.join_hub(&hub("town"), &user("eve"), false, None).await;
+    assert!(matches!(e, Err(StoreError::Refused(_))), "{e:?}");
+    // A mute in the hub holds in every channel.
+    s.sanction(
+        &town,
+        NewSanction {
+            user: user("mo"),
+            kind: SanctionKind::Mute,
+            ..ban.clone()
+        },
+    )
+    .await
+    .unwrap();
+    for r in ["town/general", "town/square"] {
+        let e = s.append(msg(r, "mo", "hm", None)).await.unwrap_err();
+        assert!(matches!(e, StoreError::Refused(_)), "{r}: {e:?}");
+    }
+    assert!(s
+        .lift(&town, &user("mo"), SanctionKind::Mute)
+        .await
+        .unwrap());
+    s.append(msg("town/square", "mo", "free", None))
+        .await
+        .unwrap();
+    // A ban from one channel keeps the hub and the other channels.
+    let ended = s
+        .sanction(
+            &room("town/square"),
+            NewSanction {
+                user: user("mo"),
+                ..ban
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended, vec![room("town/square")]);
+    assert_eq!(
+        s.role(&town, &user("mo")).await.unwrap(),
+        Some(Role::Member)
+    );
+    let e = s
+        .join(&room("town/square"), &user("mo"), JoinRules::open(false))
+        .await;
+    assert!(matches!(e, Err(StoreError::Refused(_))), "{e:?}");
+    s.append(msg("town/general", "mo", "still here", None))
+        .await
+        .unwrap();
 }

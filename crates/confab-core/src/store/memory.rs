@@ -36,6 +36,8 @@ struct State {
     removed: Vec<(u64, UserName)>,
     /// Keys of the users who are operators.
     operators: HashSet<String>,
+    /// code -> invite
+    invites: HashMap<String, InviteRow>,
 }
 
 #[derive(Default)]
@@ -50,6 +52,10 @@ struct Room {
     nonces: HashMap<(String, String), Seq>,
     /// (user key, kind) -> the ban or mute, in force or ended.
     sanctions: HashMap<(String, SanctionKind), Sanction>,
+    /// A channel's hub (its room, `hub/`).
+    hub: Option<RoomName>,
+    /// A private channel, or hub.
+    private: bool,
 }
 
 struct Membership {
@@ -147,6 +153,43 @@ impl State {
             .iter()
             .filter(|(name, r)| !name.is_direct() && r.members.contains_key(user.key()))
             .count()
+    }
+
+    /// The room whose roles count in `room`: its hub's for a channel.
+    fn authority(&self, room: &RoomName) -> StoreResult<RoomName> {
+        let r = self.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
+        Ok(r.hub.clone().unwrap_or_else(|| room.clone()))
+    }
+
+    /// A ban or mute of `kind` in the hub of `room`, if it has one.
+    fn refuse_in_hub(
+        &self,
+        room: &RoomName,
+        user: &UserName,
+        kind: SanctionKind,
+    ) -> StoreResult<()> {
+        match self.rooms.get(room).and_then(|r| r.hub.as_ref()) {
+            Some(hub) => self.rooms[hub].refuse_sanctioned(hub, user, kind),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a room is listed to everyone by `rooms` with `all`.
+    fn listed(&self, name: &RoomName, r: &Room) -> bool {
+        !name.is_direct()
+            && !name.is_hub_room()
+            && !r.private
+            && r.hub.as_ref().is_none_or(|h| !self.rooms[h].private)
+    }
+
+    /// Use `code` to let `user` into `place`, spending it if it is a
+    /// single user's.
+    fn redeem(&mut self, code: Option<&str>, place: &RoomName, user: &UserName) -> StoreResult<()> {
+        let code = code.ok_or_else(|| private_place(place))?;
+        if check_invite(self.invites.get(code), place, user, now_ms())? {
+            self.invites.remove(code);
+        }
+        Ok(())
     }
 
     fn member_room(&mut self, room: &RoomName, user: &UserName) -> StoreResult<&mut Room> {
@@ -283,16 +326,27 @@ impl Store for MemoryStore {
                 }
             }
             let role = match member {
+                None if room.hub().is_some() => return Err(StoreError::NoSuchRoom),
                 None => Role::Owner,
                 Some(_) => Role::Member,
             };
+            if member == Some(false) {
+                s.rooms[room].refuse_sanctioned(room, user, SanctionKind::Ban)?;
+                s.refuse_in_hub(room, user, SanctionKind::Ban)?;
+                let r = &s.rooms[room];
+                if let Some(hub) = r.hub.clone() {
+                    if !s.rooms[&hub].members.contains_key(user.key()) {
+                        return Err(not_in_hub(&room.hub().expect("a channel")));
+                    }
+                    if r.private {
+                        s.redeem(rules.invite.as_deref(), room, user)?;
+                    }
+                }
+            }
             let r = s.rooms.entry(room.clone()).or_insert_with(|| Room {
                 guest_created: rules.guest,
                 ..Room::default()
             });
-            if member == Some(false) {
-                r.refuse_sanctioned(room, user, SanctionKind::Ban)?;
-            }
             let newly_joined = add_member(r, user, rules.guest, role);
             Ok(Joined {
                 topic: r.topic.clone(),
@@ -345,11 +399,13 @@ impl Store for MemoryStore {
     ) -> StoreResult<Vec<(UserName, Role)>> {
         self.with(|s| {
             let r = s.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
+            // In a channel, the roles are the hub's.
+            let roles = &s.rooms[&s.authority(room)?].members;
             Ok(r.members
                 .iter()
                 .filter(|(key, _)| after.is_none_or(|a| key.as_str() > a))
                 .take(limit as usize)
-                .map(|(_, m)| (m.name.clone(), m.role))
+                .map(|(key, m)| (m.name.clone(), roles.get(key).map_or(m.role, |h| h.role)))
                 .collect())
         })
     }
@@ -368,7 +424,7 @@ impl Store for MemoryStore {
                 .filter_map(|(name, r)| {
                     let read_seq = r.members.get(user.key()).map(|m| m.read_seq);
                     let listed = if all {
-                        !name.is_direct()
+                        s.listed(name, r)
                     } else {
                         read_seq.is_some()
                     };
@@ -394,13 +450,14 @@ impl Store for MemoryStore {
 
     async fn role(&self, room: &RoomName, user: &UserName) -> StoreResult<Option<Role>> {
         self.with(|s| {
-            let r = s.rooms.get(room).ok_or(StoreError::NoSuchRoom)?;
+            let r = &s.rooms[&s.authority(room)?];
             Ok(r.members.get(user.key()).map(|m| m.role))
         })
     }
 
     async fn set_role(&self, room: &RoomName, user: &UserName, role: Role) -> StoreResult<()> {
         self.with(|s| {
+            let room = &s.authority(room)?;
             let r = s.member_room(room, user)?;
             let owners = r.members.values().filter(|m| m.role == Role::Owner).count();
             let m = r.members.get_mut(user.key()).expect("checked member");
@@ -430,12 +487,23 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<bool> {
+    async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<Vec<RoomName>> {
         self.with(|s| {
             let r = s.rooms.get_mut(room).ok_or(StoreError::NoSuchRoom)?;
             let key = sanction.user.key().to_owned();
-            let ended = sanction.kind == SanctionKind::Ban && r.members.remove(&key).is_some();
-            r.sanctions.insert((key, sanction.kind), sanction.view());
+            r.sanctions
+                .insert((key.clone(), sanction.kind), sanction.view());
+            if sanction.kind != SanctionKind::Ban {
+                return Ok(Vec::new());
+            }
+            // Out of the room, and of a hub's channels with it.
+            let mut ended = Vec::new();
+            for (name, r) in s.rooms.iter_mut() {
+                let within = name == room || r.hub.as_ref() == Some(room);
+                if within && r.members.remove(&key).is_some() {
+                    ended.push(name.clone());
+                }
+            }
             s.sweep(room);
             Ok(ended)
         })
@@ -468,9 +536,202 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn create_hub(&self, hub: NewHub) -> StoreResult<()> {
+        self.with(|s| {
+            let room = RoomName::hub_room(&hub.hub);
+            if s.rooms.contains_key(&room) {
+                return Err(StoreError::Conflict(format!("hub name {}", hub.hub)));
+            }
+            let mut r = Room {
+                topic: hub.title,
+                private: hub.private,
+                ..Room::default()
+            };
+            add_member(&mut r, &hub.owner, false, Role::Owner);
+            let general = RoomName::channel(&hub.hub, FIRST_CHANNEL).expect("a valid name");
+            let mut channel = Room {
+                hub: Some(room.clone()),
+                ..Room::default()
+            };
+            add_member(&mut channel, &hub.owner, false, Role::Member);
+            s.rooms.insert(room, r);
+            s.rooms.insert(general, channel);
+            Ok(())
+        })
+    }
+
+    async fn join_hub(
+        &self,
+        hub: &HubName,
+        user: &UserName,
+        guest: bool,
+        invite: Option<&str>,
+    ) -> StoreResult<HubJoined> {
+        self.with(|s| {
+            let room = RoomName::hub_room(hub);
+            let r = s.rooms.get(&room).ok_or(StoreError::NoSuchRoom)?;
+            if r.members.contains_key(user.key()) {
+                return Ok(HubJoined::default());
+            }
+            r.refuse_sanctioned(&room, user, SanctionKind::Ban)?;
+            if r.private {
+                s.redeem(invite, &room, user)?;
+            }
+            add_member(
+                s.rooms.get_mut(&room).expect("found"),
+                user,
+                guest,
+                Role::Member,
+            );
+            let mut channels = Vec::new();
+            for (name, c) in s.rooms.iter_mut() {
+                let open = c.hub.as_ref() == Some(&room) && !c.private;
+                if open && c.sanction(user, SanctionKind::Ban, now_ms()).is_none() {
+                    add_member(c, user, guest, Role::Member);
+                    channels.push((name.clone(), c.last_seq()));
+                }
+            }
+            Ok(HubJoined {
+                newly_joined: true,
+                channels,
+            })
+        })
+    }
+
+    async fn leave_hub(&self, hub: &HubName, user: &UserName) -> StoreResult<Vec<RoomName>> {
+        self.with(|s| {
+            let room = RoomName::hub_room(hub);
+            let r = s.member_room(&room, user)?;
+            let owners = r.members.values().filter(|m| m.role == Role::Owner).count();
+            if r.members[user.key()].role == Role::Owner && owners == 1 {
+                return Err(last_owner(user, &room));
+            }
+            r.members.remove(user.key());
+            let mut left = Vec::new();
+            for (name, c) in s.rooms.iter_mut() {
+                if c.hub.as_ref() == Some(&room) && c.members.remove(user.key()).is_some() {
+                    left.push(name.clone());
+                }
+            }
+            Ok(left)
+        })
+    }
+
+    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>> {
+        Ok(self.with(|s| {
+            s.rooms
+                .iter()
+                .filter(|(name, _)| name.is_hub_room())
+                .filter_map(|(name, r)| {
+                    let role = r.members.get(user.key()).map(|m| m.role);
+                    let listed = if all { !r.private } else { role.is_some() };
+                    listed.then(|| HubView {
+                        hub: name.hub().expect("a hub"),
+                        title: r.topic.clone(),
+                        private: r.private,
+                        member_count: r.members.len() as u64,
+                        role,
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    async fn hub(&self, hub: &HubName, user: &UserName) -> StoreResult<HubDetail> {
+        self.with(|s| {
+            let room = RoomName::hub_room(hub);
+            let r = s.rooms.get(&room).ok_or(StoreError::NoSuchRoom)?;
+            let role = r.members.get(user.key()).map(|m| m.role);
+            if r.private && role.is_none() {
+                return Err(private_place(&room));
+            }
+            let channels = s
+                .rooms
+                .iter()
+                .filter(|(_, c)| c.hub.as_ref() == Some(&room))
+                .filter_map(|(name, c)| {
+                    let read_seq = c.members.get(user.key()).map(|m| m.read_seq);
+                    (!c.private || read_seq.is_some()).then(|| ChannelView {
+                        room: name.clone(),
+                        topic: c.topic.clone(),
+                        private: c.private,
+                        last_seq: c.last_seq(),
+                        read_seq,
+                    })
+                })
+                .collect();
+            Ok(HubDetail {
+                title: r.topic.clone(),
+                private: r.private,
+                role,
+                channels,
+                members: r
+                    .members
+                    .values()
+                    .map(|m| (m.name.clone(), m.role))
+                    .collect(),
+            })
+        })
+    }
+
+    async fn create_channel(
+        &self,
+        channel: &RoomName,
+        private: bool,
+        topic: &str,
+        by: &UserName,
+    ) -> StoreResult<Vec<UserName>> {
+        self.with(|s| {
+            let hub = RoomName::hub_room(&channel.hub().ok_or(StoreError::NoSuchRoom)?);
+            let h = s.rooms.get(&hub).ok_or(StoreError::NoSuchRoom)?;
+            if s.rooms.contains_key(channel) {
+                return Err(StoreError::Conflict(format!("channel name {channel}")));
+            }
+            let mut c = Room {
+                hub: Some(hub.clone()),
+                private,
+                topic: topic.to_owned(),
+                ..Room::default()
+            };
+            let members: Vec<(UserName, bool)> = if private {
+                vec![(by.clone(), false)]
+            } else {
+                h.members
+                    .values()
+                    .map(|m| (m.name.clone(), m.guest))
+                    .collect()
+            };
+            for (user, guest) in &members {
+                add_member(&mut c, user, *guest, Role::Member);
+            }
+            s.rooms.insert(channel.clone(), c);
+            Ok(members.into_iter().map(|(u, _)| u).collect())
+        })
+    }
+
+    async fn create_invite(&self, invite: NewInvite) -> StoreResult<()> {
+        self.with(|s| {
+            if !s.rooms.contains_key(&invite.place) {
+                return Err(StoreError::NoSuchRoom);
+            }
+            let row = InviteRow {
+                room: invite.place,
+                user_key: invite.user.map(|u| u.key().to_owned()),
+                expires_ts: invite.expires_ts,
+            };
+            s.invites.insert(invite.code, row);
+            Ok(())
+        })
+    }
+
     async fn queue_append(&self, m: NewMessage) -> StoreResult<Queued> {
         // Stored at once, in call order; the outcome is ready unless held.
         let outcome = self.with(|s| {
+            let speaks = !matches!(m.amend, Some(Amend::Delete { .. }));
+            let hub_mute = match speaks {
+                true => s.refuse_in_hub(&m.room, &m.sender, SanctionKind::Mute),
+                false => Ok(()),
+            };
             let mut new_members = Vec::new();
             let room = match &m.direct {
                 Some(d) => {
@@ -498,8 +759,9 @@ impl Store for MemoryStore {
                     });
                 }
             }
-            if !matches!(m.amend, Some(Amend::Delete { .. })) {
+            if speaks {
                 room.refuse_sanctioned(&m.room, &m.sender, SanctionKind::Mute)?;
+                hub_mute?;
             }
             let (edit, delete) = m.amend.map_or((None, None), Amend::fields);
             let message = Message {

@@ -30,6 +30,20 @@ pub struct RoomRow {
     pub direct: bool,
     pub guest_created: bool,
     pub created_at: i64,
+    /// A channel's hub: the name of the hub's own room (`hub/`).
+    pub hub: Option<String>,
+    pub private: bool,
+}
+
+/// An invite code to a hub's room or a private channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InviteRow {
+    pub code: String,
+    pub room: String,
+    pub user_key: Option<String>,
+    pub expires_ts: Option<i64>,
+    pub by_name: String,
+    pub created_at: i64,
 }
 
 /// A registered user's membership, with its read marker. (Guest
@@ -83,6 +97,7 @@ pub struct Census {
     pub members: u64,
     pub messages: u64,
     pub sanctions: u64,
+    pub invites: u64,
     /// (room, last_seq, highest stored seq), by name.
     pub last_seqs: Vec<(String, i64, i64)>,
 }
