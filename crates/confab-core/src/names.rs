@@ -140,6 +140,15 @@ impl RoomName {
         Some(HubName(hub.to_owned()))
     }
 
+    /// The room as people read it: `general`, `rust/general`, or `hub rust`
+    /// for a hub's own room.
+    pub fn shown(&self) -> String {
+        match self.0.strip_suffix('/') {
+            Some(hub) => format!("hub {hub}"),
+            None => self.0.clone(),
+        }
+    }
+
     /// Whether this is a hub's own room (`hub/`), not a room or channel.
     pub fn is_hub_room(&self) -> bool {
         self.0.ends_with('/')

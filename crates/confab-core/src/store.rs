@@ -323,7 +323,8 @@ impl NewSanction {
 /// The refusal to take the owner role from a room's last owner.
 pub fn last_owner(user: &UserName, room: &RoomName) -> StoreError {
     StoreError::Refused(format!(
-        "{user} is the last owner of {room}: make someone else owner first"
+        "{user} is the last owner of {}: make someone else owner first",
+        room.shown()
     ))
 }
 
@@ -343,7 +344,7 @@ pub fn sanctioned(kind: SanctionKind, room: &RoomName, until_ts: Option<i64>) ->
         Some(ts) => format!(" until {ts} (Unix ms)"),
         None => String::new(),
     };
-    StoreError::Refused(format!("you are {what} {room}{until}"))
+    StoreError::Refused(format!("you are {what} {}{until}", room.shown()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -116,7 +116,8 @@ pub enum LineCommand {
         user: String,
         password: String,
     },
-    Join(String),
+    /// `/join ROOM [CODE]` (CODE: an invite to a private channel).
+    Join(String, Option<String>),
     Leave(Option<String>),
     Rooms {
         all: bool,
@@ -136,22 +137,55 @@ pub enum LineCommand {
     },
     /// `/delete SEQ`: take a message of the current room back.
     Delete(Seq),
-    /// `/role USER ROLE` in the current room.
+    /// `/role USER ROLE` in the current room, or `/hub role HUB USER ROLE`.
     Role {
+        hub: Option<String>,
         user: String,
         role: Role,
     },
     /// `/kick USER [REASON]`, `/ban USER [DURATION] [REASON]`,
     /// `/mute USER [DURATION] [REASON]`, `/unban USER`, `/unmute USER`, in
-    /// the current room.
+    /// the current room; the same after `/hub … HUB` in a hub.
     Moderate {
+        hub: Option<String>,
         action: Moderation,
         user: String,
         duration_ms: Option<i64>,
         reason: Option<String>,
     },
-    /// `/bans`: who is banned or muted in the current room.
-    Bans,
+    /// `/bans`: who is banned or muted in the current room; `/hub bans
+    /// HUB`: in a hub.
+    Bans(Option<String>),
+    /// `/hubs [all]`.
+    Hubs {
+        all: bool,
+    },
+    /// `/hub HUB`: its channels and members.
+    HubShow(String),
+    /// `/hub create HUB [private] [TITLE]`.
+    HubCreate {
+        hub: String,
+        private: bool,
+        title: Option<String>,
+    },
+    /// `/hub join HUB [CODE]`.
+    HubJoin {
+        hub: String,
+        invite: Option<String>,
+    },
+    /// `/hub leave HUB`.
+    HubLeave(String),
+    /// `/channel HUB/CHANNEL [private] [TOPIC]`.
+    ChannelCreate {
+        room: String,
+        private: bool,
+        topic: Option<String>,
+    },
+    /// `/invite HUB [USER]` or `/invite HUB/CHANNEL [USER]`.
+    Invite {
+        place: String,
+        user: Option<String>,
+    },
     Quit,
     /// A plain line: a message to the current room. `//text` sends `/text`.
     Say(String),
@@ -215,6 +249,16 @@ pub const HELP: &str = "\
 *   /unban USER, /unmute USER   end a ban or a mute
 *   /bans                       who is banned or muted
 *   /role USER ROLE             ROLE: member, moderator, admin or owner
+* hubs (communities of channels, HUB/CHANNEL, joined like rooms):
+*   /hubs [all]                 your hubs, or every public hub
+*   /hub HUB                    its channels and members
+*   /hub create HUB [private] [TITLE]
+*   /hub join HUB [CODE]        (CODE: an invite, for a private hub)
+*   /hub leave HUB
+*   /channel HUB/CHANNEL [private] [TOPIC]   a new channel (admins and owners)
+*   /invite HUB|HUB/CHANNEL [USER]           an invite code (for USER only, once)
+*   /hub kick|ban|mute|unban|unmute HUB USER …, /hub bans HUB, /hub role HUB USER ROLE
+*   /join HUB/CHANNEL [CODE]    a channel (CODE: an invite to a private one)
 *   /quit                       leave
 *   PING [TOKEN]                answered PONG [TOKEN]
 * any other line is a message to the current room; start it with // to send a leading /
@@ -265,7 +309,10 @@ pub fn parse(line: &str) -> Result<LineCommand, Usage> {
         }
         "register" => usage("/register NAME PASSWORD"),
         "login" => usage("/login NAME PASSWORD"),
-        "join" if count == 1 => Ok(LineCommand::Join(rest.to_owned())),
+        "join" if count == 1 || count == 2 => Ok(LineCommand::Join(
+            words.next().expect("one").to_owned(),
+            words.next().map(str::to_owned),
+        )),
         "join" => usage("/join ROOM"),
         "leave" | "part" if count <= 1 => Ok(LineCommand::Leave(words.next().map(str::to_owned))),
         "leave" | "part" => usage("/leave [ROOM]"),
@@ -309,64 +356,155 @@ pub fn parse(line: &str) -> Result<LineCommand, Usage> {
             Err(_) => usage("/delete SEQ, SEQ the number shown as #SEQ"),
         },
         "delete" => usage("/delete SEQ"),
-        "role" if count == 2 => {
-            let (user, role) = (words.next().expect("two"), words.next().expect("two"));
-            match Role::parse(&role.to_ascii_lowercase()) {
-                Some(role) => Ok(LineCommand::Role {
-                    user: user.to_owned(),
-                    role,
-                }),
-                None => usage("/role USER ROLE, ROLE one of member, moderator, admin, owner"),
-            }
-        }
+        "role" if count == 2 => role(None, &mut words),
         "role" => usage("/role USER ROLE"),
-        "bans" if rest.is_empty() => Ok(LineCommand::Bans),
-        "bans" => usage("/bans"),
-        "kick" | "ban" | "mute" | "unban" | "unmute" if count >= 1 => {
-            let action = match name.to_ascii_lowercase().as_str() {
-                "kick" => Moderation::Kick,
-                "ban" => Moderation::Ban,
-                "mute" => Moderation::Mute,
-                "unban" => Moderation::Unban,
-                _ => Moderation::Unmute,
-            };
-            let (user, mut rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-            rest = rest.trim_start();
-            let mut duration_ms = None;
-            if matches!(action, Moderation::Ban | Moderation::Mute) {
-                let (word, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-                // A word that starts like a number is meant as a duration.
-                if word.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+') {
-                    match parse_duration(word) {
-                        Some(ms) => duration_ms = Some(ms),
-                        None => {
-                            return usage(&format!(
-                                "/{name} USER [DURATION] [REASON], DURATION a whole number \
-                                 with s, m, h or d (10m, 2h, 7d), not {word:?}"
-                            ))
-                        }
-                    }
-                    rest = after.trim_start();
-                }
-            }
-            let reason = (!rest.is_empty()).then(|| rest.to_owned());
-            match (action, reason) {
-                (Moderation::Unban | Moderation::Unmute, Some(_)) => {
-                    usage(&format!("/{name} USER"))
-                }
-                (action, reason) => Ok(LineCommand::Moderate {
-                    action,
-                    user: user.to_owned(),
-                    duration_ms,
-                    reason,
-                }),
-            }
+        "bans" if rest.is_empty() => Ok(LineCommand::Bans(None)),
+        "hubs" if rest.is_empty() => Ok(LineCommand::Hubs { all: false }),
+        "hubs" if rest == "all" => Ok(LineCommand::Hubs { all: true }),
+        "hubs" => usage("/hubs [all]"),
+        "hub" => hub_command(rest),
+        "channel" if count >= 1 => {
+            let (room, rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            let (private, topic) = private_then_text(rest);
+            Ok(LineCommand::ChannelCreate {
+                room: room.to_owned(),
+                private,
+                topic,
+            })
         }
+        "channel" => usage("/channel HUB/CHANNEL [private] [TOPIC]"),
+        "invite" if (1..=2).contains(&count) => Ok(LineCommand::Invite {
+            place: words.next().expect("one").to_owned(),
+            user: words.next().map(str::to_owned),
+        }),
+        "invite" => usage("/invite HUB or HUB/CHANNEL [USER]"),
+        "bans" => usage("/bans"),
+        "kick" | "ban" | "mute" | "unban" | "unmute" if count >= 1 => moderate(name, rest, None),
         "kick" => usage("/kick USER [REASON]"),
         "ban" | "mute" => usage(&format!("/{name} USER [DURATION] [REASON]")),
         "unban" | "unmute" => usage(&format!("/{name} USER")),
         "quit" | "exit" => Ok(LineCommand::Quit),
         _ => Err(Usage(format!("unknown command /{name}; /help lists them"))),
+    }
+}
+
+/// `/role USER ROLE`'s words (after `/hub role HUB` for a hub).
+fn role<'a>(
+    hub: Option<String>,
+    words: &mut impl Iterator<Item = &'a str>,
+) -> Result<LineCommand, Usage> {
+    let (Some(user), Some(role), None) = (words.next(), words.next(), words.next()) else {
+        return Err(Usage("usage: /role USER ROLE".into()));
+    };
+    match Role::parse(&role.to_ascii_lowercase()) {
+        Some(role) => Ok(LineCommand::Role {
+            hub,
+            user: user.to_owned(),
+            role,
+        }),
+        None => Err(Usage(
+            "usage: /role USER ROLE, ROLE one of member, moderator, admin, owner".into(),
+        )),
+    }
+}
+
+/// `/kick`, `/ban`, `/mute`, `/unban`, `/unmute`: `rest` is `USER
+/// [DURATION] [REASON]`, in the current room or (`hub`) in a hub.
+fn moderate(name: &str, rest: &str, hub: Option<String>) -> Result<LineCommand, Usage> {
+    let usage = |u: &str| Err(Usage(format!("usage: {u}")));
+    let action = match name.to_ascii_lowercase().as_str() {
+        "kick" => Moderation::Kick,
+        "ban" => Moderation::Ban,
+        "mute" => Moderation::Mute,
+        "unban" => Moderation::Unban,
+        _ => Moderation::Unmute,
+    };
+    let (user, mut rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    rest = rest.trim_start();
+    let mut duration_ms = None;
+    if matches!(action, Moderation::Ban | Moderation::Mute) {
+        let (word, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        // A word that starts like a number is meant as a duration.
+        if word.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+') {
+            match parse_duration(word) {
+                Some(ms) => duration_ms = Some(ms),
+                None => {
+                    return usage(&format!(
+                        "/{name} USER [DURATION] [REASON], DURATION a whole number \
+                         with s, m, h or d (10m, 2h, 7d), not {word:?}"
+                    ))
+                }
+            }
+            rest = after.trim_start();
+        }
+    }
+    let reason = (!rest.is_empty()).then(|| rest.to_owned());
+    match (action, reason) {
+        (Moderation::Unban | Moderation::Unmute, Some(_)) => usage(&format!("/{name} USER")),
+        (action, reason) => Ok(LineCommand::Moderate {
+            hub,
+            action,
+            user: user.to_owned(),
+            duration_ms,
+            reason,
+        }),
+    }
+}
+
+/// `[private] [TEXT]`: whether the first word is `private`, and the text.
+fn private_then_text(rest: &str) -> (bool, Option<String>) {
+    let rest = rest.trim();
+    let (first, after) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let (private, text) = if first.eq_ignore_ascii_case("private") {
+        (true, after.trim())
+    } else {
+        (false, rest)
+    };
+    (private, (!text.is_empty()).then(|| text.to_owned()))
+}
+
+/// `/hub HUB`, `/hub create|join|leave HUB …`, and moderation in a hub:
+/// `/hub kick|ban|mute|unban|unmute|bans|role HUB …`.
+fn hub_command(rest: &str) -> Result<LineCommand, Usage> {
+    let usage = |u: &str| Err(Usage(format!("usage: {u}")));
+    let mut words = rest.split_whitespace();
+    let (Some(first), second) = (words.next(), words.next()) else {
+        return usage("/hub HUB, or /hub create|join|leave HUB; /help lists the rest");
+    };
+    let after_hub = || {
+        let rest = rest.trim_start()[first.len()..].trim_start();
+        rest.split_once(char::is_whitespace)
+            .map_or("", |(_, r)| r.trim_start())
+    };
+    let hub = second.map(str::to_owned);
+    match (first.to_ascii_lowercase().as_str(), hub) {
+        (name, None) if !["create", "join", "leave", "bans"].contains(&name) => {
+            Ok(LineCommand::HubShow(first.to_owned()))
+        }
+        ("create", Some(hub)) => {
+            let (private, title) = private_then_text(after_hub());
+            Ok(LineCommand::HubCreate {
+                hub,
+                private,
+                title,
+            })
+        }
+        ("join", Some(hub)) => match words.next() {
+            invite if words.next().is_none() => Ok(LineCommand::HubJoin {
+                hub,
+                invite: invite.map(str::to_owned),
+            }),
+            _ => usage("/hub join HUB [CODE]"),
+        },
+        ("leave", Some(hub)) if words.next().is_none() => Ok(LineCommand::HubLeave(hub)),
+        ("bans", Some(hub)) if words.next().is_none() => Ok(LineCommand::Bans(Some(hub))),
+        ("role", Some(hub)) => role(Some(hub), &mut words),
+        (action @ ("kick" | "ban" | "mute" | "unban" | "unmute"), Some(hub))
+            if !after_hub().is_empty() =>
+        {
+            moderate(action, after_hub(), Some(hub))
+        }
+        (action, _) => usage(&format!("/hub {action} HUB …; /help lists the forms")),
     }
 }
 
@@ -383,7 +521,7 @@ pub mod context {
     /// A `join` of the current room, to show its topic.
     pub const TOPIC_SHOW: &str = "topic?";
     pub const HISTORY: &str = "history";
-    /// `bans` of the room named after it.
+    /// `bans` of the place (`#room`, `hub NAME`) named after it.
     pub const BANS: &str = "bans";
     /// A request whose `ok` is shown as the text after this prefix.
     pub const DONE: &str = "done:";
@@ -591,9 +729,9 @@ fn format_ok(ctx: &str, body: &OkBody, out: &mut String) {
             let _ = writeln!(out, "* you left #{room}");
         }
         OkBody::Bans { bans } => {
-            let room = ctx.strip_prefix(context::BANS).unwrap_or("").trim();
+            let place = ctx.strip_prefix(context::BANS).unwrap_or("").trim();
             if bans.is_empty() {
-                let _ = writeln!(out, "* nobody is banned or muted in #{room}");
+                let _ = writeln!(out, "* nobody is banned or muted in {place}");
             }
             for b in bans {
                 let _ = write!(out, "* {} {} by {}", b.user, b.kind.as_str(), b.by);
@@ -835,7 +973,72 @@ mod tests {
                     password: " two spaces ".into(),
                 },
             ),
-            ("/join general", Join("general".into())),
+            ("/join general", Join("general".into(), None)),
+            (
+                "/join club/inner c0de",
+                Join("club/inner".into(), Some("c0de".into())),
+            ),
+            ("/hubs", Hubs { all: false }),
+            ("/hubs all", Hubs { all: true }),
+            ("/hub rust", HubShow("rust".into())),
+            (
+                "/hub create rust private Rust people",
+                HubCreate {
+                    hub: "rust".into(),
+                    private: true,
+                    title: Some("Rust people".into()),
+                },
+            ),
+            (
+                "/hub create rust",
+                HubCreate {
+                    hub: "rust".into(),
+                    private: false,
+                    title: None,
+                },
+            ),
+            (
+                "/hub join club c0de",
+                HubJoin {
+                    hub: "club".into(),
+                    invite: Some("c0de".into()),
+                },
+            ),
+            ("/hub leave rust", HubLeave("rust".into())),
+            ("/hub bans rust", Bans(Some("rust".into()))),
+            (
+                "/hub ban rust eve 1d spam",
+                Moderate {
+                    hub: Some("rust".into()),
+                    action: Moderation::Ban,
+                    user: "eve".into(),
+                    duration_ms: Some(86_400_000),
+                    reason: Some("spam".into()),
+                },
+            ),
+            (
+                "/hub role rust bob admin",
+                Role {
+                    hub: Some("rust".into()),
+                    user: "bob".into(),
+                    role: crate::types::Role::Admin,
+                },
+            ),
+            (
+                "/channel rust/dev private Secret plans",
+                ChannelCreate {
+                    room: "rust/dev".into(),
+                    private: true,
+                    topic: Some("Secret plans".into()),
+                },
+            ),
+            (
+                "/invite rust bob",
+                Invite {
+                    place: "rust".into(),
+                    user: Some("bob".into()),
+                },
+            ),
             ("/leave", Leave(None)),
             ("/leave x", Leave(Some("x".into()))),
             ("/rooms", Rooms { all: false }),
@@ -872,14 +1075,16 @@ mod tests {
             (
                 "/role bob Moderator",
                 Role {
+                    hub: None,
                     user: "bob".into(),
                     role: crate::types::Role::Moderator,
                 },
             ),
-            ("/bans", Bans),
+            ("/bans", Bans(None)),
             (
                 "/kick bob being rude",
                 Moderate {
+                    hub: None,
                     action: Moderation::Kick,
                     user: "bob".into(),
                     duration_ms: None,
@@ -889,6 +1094,7 @@ mod tests {
             (
                 "/ban bob 2h spam",
                 Moderate {
+                    hub: None,
                     action: Moderation::Ban,
                     user: "bob".into(),
                     duration_ms: Some(7_200_000),
@@ -898,6 +1104,7 @@ mod tests {
             (
                 "/ban bob spam again",
                 Moderate {
+                    hub: None,
                     action: Moderation::Ban,
                     user: "bob".into(),
                     duration_ms: None,
@@ -907,6 +1114,7 @@ mod tests {
             (
                 "/mute bob 30s",
                 Moderate {
+                    hub: None,
                     action: Moderation::Mute,
                     user: "bob".into(),
                     duration_ms: Some(30_000),
@@ -916,6 +1124,7 @@ mod tests {
             (
                 "/unmute bob",
                 Moderate {
+                    hub: None,
                     action: Moderation::Unmute,
                     user: "bob".into(),
                     duration_ms: None,
@@ -934,7 +1143,6 @@ mod tests {
         }
         for bad in [
             "/join",
-            "/join a b",
             "/nick",
             "/msg bob",
             "/history x",
@@ -954,6 +1162,16 @@ mod tests {
             "/mute bob 5",
             "/unban bob because",
             "/bans r",
+            "/hub",
+            "/hub join",
+            "/hub create",
+            "/hub ban rust",
+            "/hub leave a b",
+            "/hub role rust bob",
+            "/channel",
+            "/invite",
+            "/invite a b c",
+            "/join a b c",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

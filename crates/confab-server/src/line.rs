@@ -343,7 +343,7 @@ fn words(d: Duration) -> String {
 /// A moderation command's request, and what its `ok` reads.
 fn moderation(
     action: Moderation,
-    room: String,
+    place: Place,
     user: String,
     duration_ms: Option<i64>,
     reason: Option<String>,
@@ -352,50 +352,44 @@ fn moderation(
         Some(ms) => format!(" for {}", words(Duration::from_millis(ms.max(0) as u64))),
         None => String::new(),
     };
-    match action {
-        Moderation::Kick => {
-            let done = format!("{user} was put out of #{room}");
-            let place = Place::room(room);
-            (
-                Request::Kick {
-                    place,
-                    user,
-                    reason,
-                },
-                done,
-            )
-        }
-        Moderation::Ban => {
-            let done = format!("{user} is banned from #{room}{until}");
-            let ban = Request::Ban {
-                place: Place::room(room),
+    let at = place.label();
+    let (done, request) = match action {
+        Moderation::Kick => (
+            format!("{user} was put out of {at}"),
+            Request::Kick {
+                place,
+                user,
+                reason,
+            },
+        ),
+        Moderation::Ban => (
+            format!("{user} is banned from {at}{until}"),
+            Request::Ban {
+                place,
                 user,
                 reason,
                 duration_ms,
-            };
-            (ban, done)
-        }
-        Moderation::Mute => {
-            let done = format!("{user} is muted in #{room}{until}");
-            let mute = Request::Mute {
-                place: Place::room(room),
+            },
+        ),
+        Moderation::Mute => (
+            format!("{user} is muted in {at}{until}"),
+            Request::Mute {
+                place,
                 user,
                 reason,
                 duration_ms,
-            };
-            (mute, done)
-        }
-        Moderation::Unban => {
-            let done = format!("{user} may join #{room} again");
-            let place = Place::room(room);
-            (Request::Unban { place, user }, done)
-        }
-        Moderation::Unmute => {
-            let done = format!("{user} may speak in #{room} again");
-            let place = Place::room(room);
-            (Request::Unmute { place, user }, done)
-        }
-    }
+            },
+        ),
+        Moderation::Unban => (
+            format!("{user} may join {at} again"),
+            Request::Unban { place, user },
+        ),
+        Moderation::Unmute => (
+            format!("{user} may speak in {at} again"),
+            Request::Unmute { place, user },
+        ),
+    };
+    (request, done)
 }
 
 /// A session seen from a terminal: the current room, and commands turned
@@ -461,14 +455,14 @@ impl Terminal<'_> {
                 self.request(context::AUTH, Request::Login { user, password })
                     .await;
             }
-            LineCommand::Join(room) => {
+            LineCommand::Join(room, invite) => {
                 let room = room.to_ascii_lowercase();
                 if self
                     .request(
                         context::JOIN,
                         Request::Join {
                             room: room.clone(),
-                            invite: None,
+                            invite,
                         },
                     )
                     .await
@@ -559,29 +553,95 @@ impl Terminal<'_> {
                 };
                 self.request(context::SAY, delete).await;
             }
-            LineCommand::Role { user, role } => {
-                let room = self.room_or_current(None).await?;
+            LineCommand::Role { hub, user, role } => {
+                let place = self.place(hub).await?;
                 // The `role` event tells everyone, this connection included.
-                let place = Place::room(room);
                 self.request(context::SAY, Request::Role { place, user, role })
                     .await;
             }
-            LineCommand::Bans => {
-                let room = self.room_or_current(None).await?;
-                let ctx = format!("{} {room}", context::BANS);
-                let place = Place::room(room);
+            LineCommand::Bans(hub) => {
+                let place = self.place(hub).await?;
+                let ctx = format!("{} {}", context::BANS, place.label());
                 self.request(&ctx, Request::Bans { place }).await;
             }
             LineCommand::Moderate {
+                hub,
                 action,
                 user,
                 duration_ms,
                 reason,
             } => {
-                let room = self.room_or_current(None).await?;
-                let (request, done) = moderation(action, room, user, duration_ms, reason);
+                let place = self.place(hub).await?;
+                let (request, done) = moderation(action, place, user, duration_ms, reason);
                 self.request(&format!("{}{done}", context::DONE), request)
                     .await;
+            }
+            LineCommand::Hubs { all } => {
+                self.request(context::SAY, Request::Hubs { all }).await;
+            }
+            LineCommand::HubShow(hub) => {
+                self.request(context::SAY, Request::Hub { hub }).await;
+            }
+            LineCommand::HubCreate {
+                hub,
+                private,
+                title,
+            } => {
+                let create = Request::HubCreate {
+                    hub: hub.clone(),
+                    title,
+                    private,
+                };
+                self.enter_hub(hub, create).await;
+            }
+            LineCommand::HubJoin { hub, invite } => {
+                let join = Request::HubJoin {
+                    hub: hub.clone(),
+                    invite,
+                };
+                self.enter_hub(hub, join).await;
+            }
+            LineCommand::HubLeave(hub) => {
+                let ctx = format!("{}you left hub {hub}", context::DONE);
+                let prefix = format!("{}/", hub.to_ascii_lowercase());
+                if self.request(&ctx, Request::HubLeave { hub }).await
+                    && self
+                        .current
+                        .as_ref()
+                        .is_some_and(|c| c.starts_with(&prefix))
+                {
+                    *self.current = None;
+                }
+            }
+            LineCommand::ChannelCreate {
+                room,
+                private,
+                topic,
+            } => {
+                let Some((hub, channel)) = room.split_once('/') else {
+                    let e = ChatError::bad_request("usage: /channel HUB/CHANNEL [private] [TOPIC]");
+                    self.session.refuse(None, e).await;
+                    return None;
+                };
+                let create = Request::ChannelCreate {
+                    hub: hub.to_owned(),
+                    channel: channel.to_owned(),
+                    private,
+                    topic,
+                };
+                self.request(context::SAY, create).await;
+            }
+            LineCommand::Invite { place, user } => {
+                let place = match place.contains('/') {
+                    true => Place::room(place),
+                    false => Place::hub(place),
+                };
+                let invite = Request::Invite {
+                    place,
+                    user,
+                    expires_ms: None,
+                };
+                self.request(context::SAY, invite).await;
             }
             LineCommand::Say(body) => {
                 if let Some(room) = self.room_or_current(None).await {
@@ -595,6 +655,25 @@ impl Terminal<'_> {
             }
         }
         None
+    }
+
+    /// A hub named, or else the current room.
+    async fn place(&mut self, hub: Option<String>) -> Option<Place> {
+        match hub {
+            Some(hub) => Some(Place::hub(hub)),
+            None => self.room_or_current(None).await.map(Place::room),
+        }
+    }
+
+    /// Create or join a hub; once in, its first channel is the current room.
+    async fn enter_hub(&mut self, hub: String, request: Request) {
+        if self.request(context::SAY, request).await {
+            *self.current = Some(format!(
+                "{}/{}",
+                hub.to_ascii_lowercase(),
+                confab_core::store::FIRST_CHANNEL
+            ));
+        }
     }
 
     /// The room named, or the current one; without either, says so.

@@ -480,3 +480,113 @@ async fn terminals_edit_delete_and_moderate() {
         ["! not_found: pest is not in den"]
     );
 }
+
+#[tokio::test]
+async fn terminals_make_and_moderate_hubs() {
+    let server = TestServer::spawn().await;
+    let mut ann = server.line_client().await;
+    ann.say("/register ann secret-pw").await;
+    let mut bob = server.line_client().await;
+    bob.say("/register bob secret-pw").await;
+    assert_eq!(
+        ann.say("/hubs all").await,
+        ["* no hubs yet: /hub create NAME makes one"]
+    );
+    assert_eq!(ann.say("/hub create rust Rust people").await.len(), 3);
+    // The hub's first channel is the current room.
+    assert_eq!(
+        ann.say("hello hub").await,
+        ["[rust/general #1] ann: hello hub"]
+    );
+    assert_eq!(
+        ann.say("/channel rust/dev hacking").await,
+        ["* created #rust/dev", "* new channel #rust/dev: hacking"]
+    );
+    assert_eq!(
+        bob.say("/hubs all").await,
+        ["* hub rust: 1 members - Rust people"]
+    );
+    assert_eq!(
+        bob.say("/hub join rust").await,
+        [
+            "* hub rust - Rust people; you are member",
+            "* channels: #rust/dev, #rust/general (1 unread)",
+            "* members: ann (owner, online), bob (online)"
+        ]
+    );
+    assert_eq!(
+        bob.say("in the hub").await,
+        ["[rust/general #2] bob: in the hub"]
+    );
+    let seen = ann.pending().await;
+    assert!(
+        seen.contains(&"* bob joined hub rust".to_owned()),
+        "{seen:?}"
+    );
+    assert_eq!(
+        ann.say("/hub role rust bob moderator").await,
+        ["* ann made bob moderator of hub rust"]
+    );
+    assert_eq!(
+        ann.say("/hub mute rust bob 10m").await,
+        ["* bob is muted in hub rust for 10 minutes"]
+    );
+    let refused = bob.say("quiet?").await;
+    assert!(
+        refused
+            .last()
+            .is_some_and(|l| l.starts_with("! forbidden: you are muted in rust/general until ")),
+        "{refused:?}"
+    );
+    let bans = ann.say("/hub bans rust").await;
+    assert!(
+        bans.len() == 1 && bans[0].starts_with("* bob mute by ann until "),
+        "{bans:?}"
+    );
+    assert_eq!(
+        ann.say("/hub unmute rust bob").await,
+        ["* bob may speak in hub rust again"]
+    );
+    // A private hub: an invite code lets bob in.
+    ann.say("/hub create club private").await;
+    let refused = bob.say("/hub join club").await;
+    assert_eq!(
+        refused,
+        ["! forbidden: the hub club is private: it takes an invite"]
+    );
+    let invite = ann.say("/invite club bob").await;
+    let code = invite[0]
+        .strip_prefix("* invite code: ")
+        .unwrap()
+        .to_owned();
+    assert_eq!(bob.say(&format!("/hub join club {code}")).await.len(), 3);
+    assert_eq!(
+        ann.pending().await,
+        ["* bob joined hub club", "* bob joined #club/general"]
+    );
+    assert_eq!(
+        ann.say("/hub kick club bob").await,
+        [
+            "* bob was put out of hub club",
+            "* bob left hub club",
+            "* bob left #club/general"
+        ]
+    );
+    assert_eq!(
+        bob.pending().await.last().map(String::as_str),
+        Some("* ann put you out of hub club")
+    );
+    assert_eq!(bob.say("/hub leave rust").await, ["* you left hub rust"]);
+    assert_eq!(
+        ann.pending().await,
+        [
+            "* bob left hub rust",
+            "* bob left #rust/dev",
+            "* bob left #rust/general"
+        ]
+    );
+    assert_eq!(
+        ann.say("/hub leave rust").await,
+        ["! forbidden: ann is the last owner of hub rust: make someone else owner first"]
+    );
+}

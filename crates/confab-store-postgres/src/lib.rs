@@ -613,7 +613,7 @@ async fn remove_member(
         .into_iter()
         .map(|r| RoomName::from_trusted(r.get(0)))
         .collect();
-    rooms.sort_by_key(|r| !r.is_hub_room());
+    rooms.sort_by(|a, b| (!a.is_hub_room(), a).cmp(&(!b.is_hub_room(), b)));
     Ok(rooms)
 }
 

@@ -374,7 +374,7 @@ fn remove_member(conn: &Connection, room_id: i64, user: &UserName) -> StoreResul
         })
         .map_err(db_error)?;
     let mut rooms: Vec<RoomName> = names.into_iter().map(RoomName::from_trusted).collect();
-    rooms.sort_by_key(|r| !r.is_hub_room());
+    rooms.sort_by(|a, b| (!a.is_hub_room(), a).cmp(&(!b.is_hub_room(), b)));
     Ok(rooms)
 }
 

@@ -174,10 +174,7 @@ impl Session {
 
 /// A room or hub as people read it: `general`, `rust/general`, `hub rust`.
 pub(crate) fn shown(room: &RoomName) -> String {
-    match room.hub() {
-        Some(hub) if room.is_hub_room() => format!("hub {hub}"),
-        _ => room.to_string(),
-    }
+    room.shown()
 }
 
 /// `not_found` for a room or hub that does not exist.
