@@ -7,6 +7,8 @@ const chat = new Confab(wsUrl);
 
 /** room name -> { room, topic, unread, lastSeq, messages: Map(seq -> msg), oldest, more, loaded, members, myRole } */
 const rooms = new Map();
+/** hub name -> its snapshot (`{ hub, title, private, role, channels, members }`) */
+const hubs = new Map();
 let current = null;
 let readSent = new Map();
 let typingSent = 0;
@@ -98,6 +100,8 @@ async function showChat() {
   $("#chat").hidden = false;
   $("#me").textContent = chat.user;
   await refreshRooms();
+  await refreshHubs();
+  if (await followInviteLink()) return;
   const wanted = localStorage.getItem("confab.room");
   const first = rooms.has(wanted) ? wanted : rooms.keys().next().value;
   if (first && current !== first) openRoom(first);
@@ -138,7 +142,8 @@ function renderRooms() {
   for (const [list, direct] of [[$("#rooms"), false], [$("#dms"), true]]) {
     list.replaceChildren();
     for (const r of rooms.values()) {
-      if (r.room.startsWith("dm:") !== direct) continue;
+      // Channels are listed under their hub.
+      if (r.room.startsWith("dm:") !== direct || r.room.includes("/")) continue;
       const li = document.createElement("li");
       const button = document.createElement("button");
       button.type = "button";
@@ -158,6 +163,165 @@ function renderRooms() {
       list.append(li);
     }
   }
+  renderHubs();
+}
+
+// --- hubs ---
+
+async function refreshHubs() {
+  try {
+    const mine = await chat.hubs();
+    hubs.clear();
+    for (const h of mine) hubs.set(h.hub, await chat.hub(h.hub));
+    renderHubs();
+  } catch (e) {
+    say(e);
+  }
+}
+
+function renderHubs() {
+  const box = $("#hubs");
+  box.replaceChildren();
+  for (const h of hubs.values()) {
+    const section = document.createElement("section");
+    section.className = "hub";
+    section.dataset.hub = h.hub;
+    const header = document.createElement("header");
+    const name = document.createElement("strong");
+    name.textContent = h.title ? `${h.hub} · ${h.title}` : h.hub;
+    header.append(name);
+    const admin = rank(h.role) >= rank("admin");
+    const tool = (label, title, run) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "link";
+      button.textContent = label;
+      button.setAttribute("aria-label", `${title} ${h.hub}`);
+      button.addEventListener("click", run);
+      header.append(button);
+    };
+    if (admin) {
+      tool("+ channel", "New channel in", () => newChannel(h.hub));
+      tool("invite", "Invite to", () => inviteTo(h.hub));
+    }
+    tool("leave", "Leave", () => leaveHub(h.hub));
+    const list = document.createElement("ul");
+    for (const c of h.channels) {
+      if (c.unread === null) continue; // a channel of the hub this user is not in
+      const r = roomState(c.room);
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "room" + (c.room === current ? " current" : "");
+      button.dataset.room = c.room;
+      button.textContent = `#${c.room.slice(h.hub.length + 1)}${c.private ? " 🔒" : ""}`;
+      if (r.unread > 0) {
+        const badge = document.createElement("span");
+        badge.className = "unread";
+        badge.textContent = r.unread;
+        badge.setAttribute("aria-label", `${r.unread} unread`);
+        button.append(badge);
+      }
+      button.addEventListener("click", () => openRoom(c.room));
+      li.append(button);
+      list.append(li);
+    }
+    section.append(header, list);
+    box.append(section);
+  }
+}
+
+/** Join a hub (or create it), then open its first channel. */
+async function enterHub(action, name, options = {}) {
+  const h = action === "create" ? await chat.hubCreate(name, options) : await chat.hubJoin(name, options.invite);
+  hubs.set(h.hub, h);
+  await refreshRooms();
+  openRoom(`${h.hub}/general`);
+  return h;
+}
+
+$("#hub-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const action = event.submitter?.value ?? "join";
+  const input = $("#hub-name");
+  try {
+    await enterHub(action, input.value.trim(), { private: $("#hub-private").checked });
+    input.value = "";
+    $("#hub-private").checked = false;
+  } catch (e) {
+    say(e);
+  }
+});
+
+async function newChannel(hub) {
+  const name = prompt(`New channel in ${hub}`);
+  if (!name) return;
+  try {
+    const r = await chat.channelCreate(hub, name.trim());
+    await refreshRooms();
+    await refreshHubs();
+    openRoom(r.room);
+  } catch (e) {
+    say(e);
+  }
+}
+
+/** A link that joins the hub: shown to copy, good for a week. */
+async function inviteTo(hub) {
+  try {
+    const { code } = await chat.invite({ hub }, { expiresMs: 7 * 24 * 3600 * 1000 });
+    const link = `${location.origin}${location.pathname}#hub=${encodeURIComponent(hub)}&invite=${code}`;
+    prompt(`Send this link to invite someone to ${hub} (it works for a week)`, link);
+  } catch (e) {
+    say(e);
+  }
+}
+
+async function leaveHub(hub) {
+  if (!confirm(`Leave ${hub} and all its channels?`)) return;
+  try {
+    await chat.hubLeave(hub);
+    forgetHub(hub);
+  } catch (e) {
+    say(e);
+  }
+}
+
+/** Drop a hub and its channels from the page. */
+function forgetHub(hub) {
+  hubs.delete(hub);
+  for (const name of [...rooms.keys()]) if (name.startsWith(`${hub}/`)) rooms.delete(name);
+  if (current?.startsWith(`${hub}/`)) closeRoom();
+  renderRooms();
+}
+
+/** An invite link (`#hub=NAME&invite=CODE`) opened this page: join. */
+async function followInviteLink() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const hub = params.get("hub");
+  if (!hub) return false;
+  history.replaceState(null, "", location.pathname);
+  try {
+    await enterHub("join", hub, { invite: params.get("invite") ?? undefined });
+    toast(`Welcome to ${hub}.`);
+  } catch (e) {
+    say(e);
+  }
+  return true;
+}
+
+// An invite link opened in a tab already signed in.
+window.addEventListener("hashchange", () => {
+  if (chat.state === "online") followInviteLink();
+});
+
+for (const kind of ["hub_joined", "hub_left", "channel"]) {
+  chat.addEventListener(kind, async ({ detail }) => {
+    if (kind === "channel") await refreshRooms();
+    if (!hubs.has(detail.hub)) return;
+    hubs.set(detail.hub, await chat.hub(detail.hub).catch(() => hubs.get(detail.hub)));
+    renderHubs();
+  });
 }
 
 $("#join-form").addEventListener("submit", async (event) => {
@@ -486,15 +650,26 @@ for (const kind of ["joined", "left"]) {
   });
 }
 
-chat.addEventListener("role", ({ detail }) => {
-  if (detail.room === current) loadMembers(current);
+chat.addEventListener("role", async ({ detail }) => {
+  // A hub's roles are its channels' roles.
+  const inHub = detail.hub && current?.startsWith(`${detail.hub}/`);
+  if (detail.room === current || inHub) loadMembers(current);
+  if (detail.hub && hubs.has(detail.hub)) {
+    hubs.set(detail.hub, await chat.hub(detail.hub).catch(() => hubs.get(detail.hub)));
+    renderHubs();
+  }
 });
 
 chat.addEventListener("kicked", ({ detail }) => {
-  rooms.delete(detail.room);
-  if (detail.room === current) closeRoom();
-  renderRooms();
-  toast(`${detail.by} removed you from #${detail.room}${detail.reason ? `: ${detail.reason}` : "."}`);
+  if (detail.hub) {
+    forgetHub(detail.hub);
+  } else {
+    rooms.delete(detail.room);
+    if (detail.room === current) closeRoom();
+    renderRooms();
+  }
+  const where = detail.hub ? `the hub ${detail.hub}` : `#${detail.room}`;
+  toast(`${detail.by} removed you from ${where}${detail.reason ? `: ${detail.reason}` : "."}`);
 });
 
 $("#members-toggle").addEventListener("click", () => {

@@ -304,6 +304,41 @@ export class Confab extends EventTarget {
     return (await this.request("bans", { room })).bans;
   }
 
+  // --- hubs ---
+
+  /** Create a hub; resolves with its snapshot (`{ hub, title, private, role, channels, members }`). */
+  hubCreate(hub, { title, private: isPrivate } = {}) {
+    return this.request("hub_create", { hub, title, private: isPrivate });
+  }
+
+  /** Join a hub (with an invite code for a private one); resolves with its snapshot. */
+  hubJoin(hub, invite) {
+    return this.request("hub_join", { hub, invite });
+  }
+
+  hubLeave(hub) {
+    return this.request("hub_leave", { hub });
+  }
+
+  /** The caller's hubs, or with `all` every public hub. */
+  async hubs(all = false) {
+    return (await this.request("hubs", { all })).hubs;
+  }
+
+  /** A hub's snapshot. */
+  hub(hub) {
+    return this.request("hub", { hub });
+  }
+
+  channelCreate(hub, channel, { private: isPrivate, topic } = {}) {
+    return this.request("channel_create", { hub, channel, private: isPrivate, topic });
+  }
+
+  /** An invite code to a hub (`{ hub }`) or a private channel (`{ room }`): `{ code, expires_ts }`. */
+  invite(place, { user, expiresMs } = {}) {
+    return this.request("invite", { ...place, user, expires_ms: expiresMs });
+  }
+
   // --- messages, through the outbox ---
 
   /** Send to a room; resolves with `{ room, seq, ts }` once stored, even after a reconnect. */

@@ -310,3 +310,54 @@ test("people edit and delete their messages; moderators delete others'", async (
   await nina.context.close();
   await omar.context.close();
 });
+
+test("a person creates a private hub, invites a friend with a link, gives a role, adds a channel", async () => {
+  const hana = await person();
+  const ivan = await person();
+  await signUp(hana.page, "hana", "hana-password");
+  await hana.page.fill("#hub-name", "crew");
+  await hana.page.check("#hub-private");
+  await hana.page.click("#hub-create");
+  await hana.page.waitForFunction(() => document.querySelector("#room-title").textContent === "#crew/general");
+  await hana.page.waitForSelector('#hubs section[data-hub="crew"] button[data-room="crew/general"]');
+  await say(hana.page, "welcome aboard");
+
+  // Without the link the private hub is closed to Ivan.
+  await signUp(ivan.page, "ivan", "ivan-password");
+  await ivan.page.fill("#hub-name", "crew");
+  await ivan.page.click("#hub-join");
+  await ivan.page.waitForFunction(() => /Not allowed: the hub crew is private/.test(document.querySelector("#toast").textContent));
+
+  // Hana makes an invite link; Ivan opens it and is in.
+  const shown = new Promise((resolve) =>
+    hana.page.once("dialog", (d) => {
+      resolve(d.defaultValue());
+      d.accept();
+    }),
+  );
+  await hana.page.click('button[aria-label="Invite to crew"]');
+  const link = await shown;
+  assert.match(link, /#hub=crew&invite=[0-9a-f]+$/);
+  await ivan.page.goto(link);
+  await ivan.page.waitForFunction(() => document.querySelector("#room-title").textContent === "#crew/general");
+  await expectMessages(ivan.page, ["welcome aboard"]);
+  assert.equal(await ivan.page.$('button[aria-label="Invite to crew"]'), null, "members do not invite");
+
+  // Hana makes Ivan a moderator of the hub from the member list.
+  await showMembers(hana.page, "ivan");
+  await hana.page.selectOption('select[aria-label="Moderate ivan"]', "role:moderator");
+  await showMembers(ivan.page, "ivan");
+  await ivan.page.waitForSelector('#members-list li[data-user="ivan"] .role.moderator');
+
+  // A new channel reaches Ivan's sidebar.
+  hana.page.once("dialog", (d) => d.accept("plans"));
+  await hana.page.click('button[aria-label="New channel in crew"]');
+  await ivan.page.waitForSelector('#hubs button[data-room="crew/plans"]');
+  await ivan.page.click('#hubs button[data-room="crew/plans"]');
+  await say(ivan.page, "first plan");
+  await hana.page.waitForFunction(() => document.querySelector("#room-title").textContent === "#crew/plans");
+  await expectMessages(hana.page, ["first plan"]);
+  await shot(hana.page, "hubs");
+  await hana.context.close();
+  await ivan.context.close();
+});
