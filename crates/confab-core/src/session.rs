@@ -42,6 +42,8 @@ mod authority;
 mod hubs;
 mod moderation;
 
+pub use moderation::MAX_SANCTION_MS;
+
 /// Page size of `history` and `sync` when the client gives none.
 pub const DEFAULT_PAGE: u32 = 50;
 /// Largest page a client may ask for.
@@ -540,7 +542,9 @@ impl Session {
         if !self.chat.passwords.verify(password, hash).await? {
             return Err(ChatError::unauthorized("unknown user or wrong password"));
         }
-        self.start_with_token(record.expect("verified").name).await
+        let record = record.expect("verified");
+        refuse_banned(&record)?;
+        self.start_with_token(record.name).await
     }
 
     /// The cluster-wide bucket of password attempts on one account (each
@@ -615,10 +619,11 @@ impl Session {
 
     async fn resume(&mut self, token: &str) -> Handled {
         let hash = auth::token_hash(token);
-        let Some(name) = self.chat.store.token_user(&hash).await? else {
+        let Some(record) = self.chat.store.token_user(&hash).await? else {
             return Err(ChatError::unauthorized("invalid or revoked token"));
         };
-        self.start(name, false, Some(hash)).await
+        refuse_banned(&record)?;
+        self.start(record.name, false, Some(hash)).await
     }
 
     /// Log this connection in: attach it to the hub with the user's rooms;
@@ -1098,6 +1103,25 @@ impl Session {
             room,
             skip: Skip::User(user.key().to_owned()),
         }))
+    }
+}
+
+/// A user banned from the whole server may not log in.
+fn refuse_banned(record: &crate::store::UserRecord) -> Result<(), ChatError> {
+    match &record.banned {
+        Some(ban) if ban.in_force(now_ms()) => {
+            let until = ban
+                .until_ts
+                .map_or(String::new(), |ts| format!(" until {ts} (Unix ms)"));
+            let reason = match ban.reason.as_str() {
+                "" => String::new(),
+                r => format!(": {r}"),
+            };
+            Err(ChatError::forbidden(format!(
+                "you are banned from this server{until}{reason}"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

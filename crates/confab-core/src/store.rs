@@ -39,6 +39,23 @@ pub struct UserRecord {
     pub name: UserName,
     /// An argon2 hash in PHC string form.
     pub password_hash: String,
+    /// A ban from the whole server, if one was given (it may have ended:
+    /// see [`ServerBan::in_force`]).
+    pub banned: Option<ServerBan>,
+}
+
+/// A user's ban from the whole server: no login while it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerBan {
+    pub reason: String,
+    /// When it ends by itself (Unix ms); `None`: never.
+    pub until_ts: Option<i64>,
+}
+
+impl ServerBan {
+    pub fn in_force(&self, now: i64) -> bool {
+        in_force(self.until_ts, now)
+    }
 }
 
 /// How a [`Store::join`] may go.
@@ -423,7 +440,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_token(&self, user: &UserName, token: &TokenHash) -> StoreResult<()>;
     /// The user a live token belongs to.
-    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>>;
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserRecord>>;
+    /// Ban a registered user from the whole server (`Invalid` when there is
+    /// no such user), replacing an earlier ban. Logins are refused while it
+    /// holds; closing the user's connections is the caller's part.
+    async fn ban_user(&self, user: &UserName, ban: ServerBan) -> StoreResult<()>;
+    /// Lift a server ban; returns whether one was in force.
+    async fn unban_user(&self, user: &UserName) -> StoreResult<bool>;
     async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()>;
 
     /// Make `user` a member of `room`, as `rules` allow. Joining a room one

@@ -11,6 +11,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use confab_core::session::MAX_SANCTION_MS;
+use confab_core::store::{now_ms, ServerBan};
 use confab_core::UserName;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -55,6 +57,8 @@ pub(crate) fn routes() -> Router<Arc<App>> {
         .route("/admin/users", get(users))
         .route("/admin/rooms", get(rooms))
         .route("/admin/users/{name}/disconnect", post(disconnect))
+        .route("/admin/users/{name}/ban", post(ban))
+        .route("/admin/users/{name}/unban", post(unban))
         .route("/admin/notice", post(notice))
 }
 
@@ -161,6 +165,106 @@ async fn disconnect(_: Admin, State(app): State<Arc<App>>, Path(name): Path<Stri
     }
     tracing::info!(user = %user, connections, "an administrator disconnected a user");
     Json(json!({ "user": user.as_str(), "connections": connections })).into_response()
+}
+
+/// What `POST /admin/users/NAME/ban` may carry; an empty body bans for
+/// good with no reason.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Ban {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    duration_ms: Option<i64>,
+}
+
+/// Ban a registered user from the whole server: logins are refused while
+/// it holds, and every connection of the user closes now, on every node.
+async fn ban(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(user) = UserName::parse(&name) else {
+        return error(StatusCode::BAD_REQUEST, "not a valid user name");
+    };
+    let ban: Ban = if body.is_empty() {
+        Ban::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(ban) => ban,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "expected {\"reason\": \"...\", \"duration_ms\": N}, both optional",
+                )
+            }
+        }
+    };
+    let until_ts = match ban.duration_ms {
+        None => None,
+        Some(ms @ 1..=MAX_SANCTION_MS) => Some(now_ms() + ms),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "duration_ms is 1 to 315360000000 (ten years); leave it out for good",
+            )
+        }
+    };
+    if ban.reason.chars().count() > MAX_NOTICE_BYTES || ban.reason.chars().any(char::is_control) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the reason is one line of at most 4096 characters",
+        );
+    }
+    let server_ban = ServerBan {
+        reason: ban.reason,
+        until_ts,
+    };
+    let user = match registered(&app, &user).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    if let Err(e) = app.chat.store().ban_user(&user, server_ban).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
+    if let Err(e) = app.chat.disconnect(&user).await {
+        // Stored: no login from now on; connections on other nodes close
+        // when they next log in.
+        tracing::warn!(error = %e, user = %user, "closing a banned user's connections");
+    }
+    tracing::info!(user = %user, until_ts, "an administrator banned a user from the server");
+    Json(json!({ "user": user.as_str(), "until_ts": until_ts })).into_response()
+}
+
+async fn unban(_: Admin, State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    let Ok(user) = UserName::parse(&name) else {
+        return error(StatusCode::BAD_REQUEST, "not a valid user name");
+    };
+    let user = match registered(&app, &user).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    match app.chat.store().unban_user(&user).await {
+        Ok(was_banned) => {
+            tracing::info!(user = %user, was_banned, "an administrator lifted a server ban");
+            Json(json!({ "user": user.as_str(), "was_banned": was_banned })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// A registered user's name as registered, or the response to give.
+async fn registered(app: &App, user: &UserName) -> Result<UserName, Response> {
+    match app.chat.store().user(user).await {
+        Ok(Some(record)) => Ok(record.name),
+        Ok(None) => Err(error(
+            StatusCode::NOT_FOUND,
+            &format!("no user named {user}"),
+        )),
+        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())),
+    }
 }
 
 #[derive(Deserialize)]

@@ -307,6 +307,78 @@ async fn admins_see_users_and_rooms_disconnect_users_and_send_notices() {
     );
 }
 
+#[tokio::test]
+async fn admins_ban_users_from_the_whole_server() {
+    let server = admin_server().await;
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let mut vic = server.client().await;
+    let token = vic.register("Vic").await;
+    let mut vic_line = server.line_client().await;
+    vic_line.say("/login vic password-Vic").await;
+    let ban = |body: &'static str| http(server.addr, "POST", "/admin/users/vic/ban", &auth, body);
+
+    // Bad input changes nothing.
+    for body in [
+        r#"{"duration_ms":-1}"#,
+        r#"{"duration_ms":"soon"}"#,
+        r#"{"until":1}"#,
+    ] {
+        assert_eq!(ban(body).await.0, 400, "{body}");
+    }
+    let (status, _) = http(server.addr, "POST", "/admin/users/ghost/ban", &auth, "").await;
+    assert_eq!(status, 404, "no such user");
+    vic.assert_no_event().await;
+
+    // A ban: every connection closes now, and no way back in.
+    let (status, body) = ban(r#"{"reason":"spam","duration_ms":3600000}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["user"], "Vic");
+    assert!(reply["until_ts"].as_i64().unwrap() > 0);
+    assert_eq!(
+        vic.closed().await,
+        (1008, "disconnected by an administrator".into())
+    );
+    assert_eq!(
+        vic_line.until_closed().await,
+        ["! disconnected by an administrator"]
+    );
+    let mut again = server.client().await;
+    let refused = again
+        .request(json!({"type":"login","user":"vic","password":"password-Vic"}))
+        .await;
+    assert_eq!(refused["code"], "forbidden");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("you are banned from this server until "),
+        "{refused}"
+    );
+    assert!(refused["message"].as_str().unwrap().ends_with(": spam"));
+    assert_eq!(
+        again.error(json!({"type":"resume","token":token})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        again.error(json!({"type":"guest","user":"vic"})).await,
+        "conflict",
+        "the name stays registered"
+    );
+    // Lifted: back in; lifting again says there was nothing.
+    let unban = || http(server.addr, "POST", "/admin/users/vic/unban", &auth, "");
+    assert_eq!(
+        unban().await,
+        (200, r#"{"user":"Vic","was_banned":true}"#.into())
+    );
+    assert_eq!(
+        unban().await,
+        (200, r#"{"user":"Vic","was_banned":false}"#.into())
+    );
+    again.login("Vic").await;
+}
+
 fn confab() -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
     for (k, _) in std::env::vars() {

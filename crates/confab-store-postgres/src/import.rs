@@ -72,16 +72,24 @@ impl PgStore {
         let col = |f: fn(&UserRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
         let created: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
         let operators: Vec<bool> = rows.iter().map(|r| r.operator).collect();
+        let banned: Vec<bool> = rows.iter().map(|r| r.banned).collect();
+        let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.ban_reason.as_deref()).collect();
+        let until: Vec<Option<i64>> = rows.iter().map(|r| r.ban_until).collect();
         let c = self.client().await?;
         c.execute(
-            "INSERT INTO users (key, name, password_hash, created_at, operator)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[])",
+            "INSERT INTO users (key, name, password_hash, created_at, operator, banned,
+                               ban_reason, ban_until)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[],
+                                  $6::bool[], $7::text[], $8::bigint[])",
             &[
                 &col(|r| &r.key),
                 &col(|r| &r.name),
                 &col(|r| &r.password_hash),
                 &created,
                 &operators,
+                &banned,
+                &reasons,
+                &until,
             ],
         )
         .await

@@ -35,7 +35,7 @@ use confab_core::store::{
     sanctioned, stored_role, stored_user_name as user_name, too_many_rooms, Amend, AmendTarget,
     Appended, ChannelView, DirectPeers, HistoryPage, HubDetail, HubJoined, HubView, InviteRow,
     JoinRules, Joined, NewHub, NewInvite, NewMessage, NewSanction, Page, Queued, RemovedUsers,
-    RoomView, StoreResult, TokenHash, UserRecord, FIRST_CHANNEL, REMOVED_USERS_KEPT_MS,
+    RoomView, ServerBan, StoreResult, TokenHash, UserRecord, FIRST_CHANNEL, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
@@ -641,6 +641,30 @@ async fn keep_an_owner(
     Ok(())
 }
 
+/// The columns [`user_record`] reads, of `users u`.
+const USER_COLUMNS: &str = "u.name, u.password_hash, u.banned, u.ban_reason, u.ban_until";
+
+/// The one user a query of [`USER_COLUMNS`] finds.
+async fn user_record(
+    c: &impl GenericClient,
+    sql: &str,
+    key: &(dyn ToSql + Sync),
+) -> StoreResult<Option<UserRecord>> {
+    let stmt = c.prepare_cached(sql).await.map_err(pg_error)?;
+    let row = c.query_opt(&stmt, &[key]).await.map_err(pg_error)?;
+    row.map(|r| {
+        Ok(UserRecord {
+            name: user_name(r.get(0))?,
+            password_hash: r.get(1),
+            banned: r.get::<_, bool>(2).then(|| ServerBan {
+                reason: r.get::<_, Option<String>>(3).unwrap_or_default(),
+                until_ts: r.get(4),
+            }),
+        })
+    })
+    .transpose()
+}
+
 /// A hub's name from its room's name (`hub/`), as stored.
 fn stored_hub(room: &str) -> StoreResult<HubName> {
     room.strip_suffix('/')
@@ -899,19 +923,8 @@ impl Store for PgStore {
     }
 
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
-        let c = self.client().await?;
-        let stmt = c
-            .prepare_cached("SELECT name, password_hash FROM users WHERE key = $1")
-            .await
-            .map_err(pg_error)?;
-        let row = c.query_opt(&stmt, &[&name.key()]).await.map_err(pg_error)?;
-        row.map(|r| {
-            Ok(UserRecord {
-                name: user_name(r.get(0))?,
-                password_hash: r.get(1),
-            })
-        })
-        .transpose()
+        let sql = format!("SELECT {USER_COLUMNS} FROM users u WHERE u.key = $1");
+        user_record(&self.client().await?, &sql, &name.key()).await
     }
 
     async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
@@ -1025,19 +1038,42 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>> {
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserRecord>> {
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM tokens t JOIN users u ON u.key = t.user_key
+             WHERE t.hash = $1"
+        );
+        user_record(&self.client().await?, &sql, &&token[..]).await
+    }
+
+    async fn ban_user(&self, user: &UserName, ban: ServerBan) -> StoreResult<()> {
         let c = self.client().await?;
-        let stmt = c
-            .prepare_cached(
-                "SELECT u.name FROM tokens t JOIN users u ON u.key = t.user_key WHERE t.hash = $1",
+        let n = c
+            .execute(
+                "UPDATE users SET banned = TRUE, ban_reason = $2, ban_until = $3 WHERE key = $1",
+                &[&user.key(), &ban.reason, &ban.until_ts],
             )
             .await
             .map_err(pg_error)?;
-        c.query_opt(&stmt, &[&&token[..]])
+        if n == 0 {
+            return Err(no_user(user));
+        }
+        Ok(())
+    }
+
+    async fn unban_user(&self, user: &UserName) -> StoreResult<bool> {
+        let c = self.client().await?;
+        // The old row's ban_until, returned by the update.
+        let row = c
+            .query_opt(
+                "UPDATE users u SET banned = FALSE, ban_reason = NULL, ban_until = NULL
+                 FROM users old WHERE u.key = $1 AND old.key = u.key AND old.banned
+                 RETURNING old.ban_until",
+                &[&user.key()],
+            )
             .await
-            .map_err(pg_error)?
-            .map(|r| user_name(r.get(0)))
-            .transpose()
+            .map_err(pg_error)?;
+        Ok(row.is_some_and(|r| in_force(r.get(0), now_ms())))
     }
 
     async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()> {

@@ -9,6 +9,13 @@ ALTER TABLE members ADD COLUMN role SMALLINT NOT NULL DEFAULT 0;
 -- Server operators act as owners of every room.
 ALTER TABLE users ADD COLUMN operator BOOLEAN NOT NULL DEFAULT FALSE;
 
+-- A ban from the whole server (the admin API): no login while it holds
+-- (`ban_until` NULL: for good).
+ALTER TABLE users
+    ADD COLUMN banned BOOLEAN NOT NULL DEFAULT FALSE,
+    ADD COLUMN ban_reason TEXT,
+    ADD COLUMN ban_until BIGINT;
+
 -- Bans (kind 0) and mutes (kind 1), one of each kind per user and room.
 -- `until_ts` NULL: for good. Ones that ended refuse nothing and are never
 -- listed; the next sanction of the user replaces them.

@@ -92,7 +92,9 @@ impl SqliteExport {
     pub async fn users(&self) -> StoreResult<Vec<UserRow>> {
         self.with(|c| {
             c.prepare(
-                "SELECT key, name, password_hash, created_at, operator FROM users ORDER BY key",
+                "SELECT key, name, password_hash, created_at, operator, banned, ban_reason,
+                        ban_until
+                 FROM users ORDER BY key",
             )?
             .query_map([], |r| {
                 Ok(UserRow {
@@ -101,6 +103,9 @@ impl SqliteExport {
                     password_hash: r.get(2)?,
                     created_at: r.get(3)?,
                     operator: r.get(4)?,
+                    banned: r.get(5)?,
+                    ban_reason: r.get(6)?,
+                    ban_until: r.get(7)?,
                 })
             })?
             .collect()

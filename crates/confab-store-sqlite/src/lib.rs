@@ -28,7 +28,7 @@ use confab_core::store::{
     sanctioned, stored_role, stored_user_name as user_name, too_many_rooms, Amend, AmendTarget,
     Appended, ChannelView, DirectPeers, HistoryPage, HubDetail, HubJoined, HubView, InviteRow,
     JoinRules, Joined, NewHub, NewInvite, NewMessage, NewSanction, Page, Queued, RemovedUsers,
-    RoomView, StoreResult, TokenHash, UserRecord, FIRST_CHANNEL, REMOVED_USERS_KEPT_MS,
+    RoomView, ServerBan, StoreResult, TokenHash, UserRecord, FIRST_CHANNEL, REMOVED_USERS_KEPT_MS,
 };
 use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
@@ -194,6 +194,38 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
         tracing::info!(version = i + 1, "applied migration");
     }
     Ok(())
+}
+
+/// The columns [`user_record`] reads, of `users u`.
+const USER_COLUMNS: &str = "u.name, u.password_hash, u.banned, u.ban_reason, u.ban_until";
+
+/// The one user a query of [`USER_COLUMNS`] finds.
+fn user_record(
+    conn: &Connection,
+    sql: &str,
+    key: impl rusqlite::ToSql,
+) -> StoreResult<Option<UserRecord>> {
+    type Row = (String, String, bool, Option<String>, Option<i64>);
+    let row: Option<Row> = conn
+        .prepare_cached(sql)
+        .and_then(|mut s| {
+            s.query_row([key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()
+        })
+        .map_err(db_error)?;
+    row.map(|(name, password_hash, banned, reason, until_ts)| {
+        Ok(UserRecord {
+            name: user_name(name)?,
+            password_hash,
+            banned: banned.then(|| ServerBan {
+                reason: reason.unwrap_or_default(),
+                until_ts,
+            }),
+        })
+    })
+    .transpose()
 }
 
 /// A hub's name from its room's name (`hub/`), as stored.
@@ -608,20 +640,8 @@ impl Store for SqliteStore {
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
         let key = name.key().to_owned();
         self.read(move |c| {
-            let row: Option<(String, String)> = c
-                .prepare_cached("SELECT name, password_hash FROM users WHERE key = ?1")
-                .and_then(|mut s| {
-                    s.query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()
-                })
-                .map_err(db_error)?;
-            row.map(|(name, password_hash)| {
-                Ok(UserRecord {
-                    name: user_name(name)?,
-                    password_hash,
-                })
-            })
-            .transpose()
+            let sql = format!("SELECT {USER_COLUMNS} FROM users u WHERE u.key = ?1");
+            user_record(c, &sql, &key)
         })
         .await
     }
@@ -741,19 +761,52 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>> {
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserRecord>> {
         let token = *token;
         self.read(move |c| {
-            let name: Option<String> = c
-                .prepare_cached(
-                    "SELECT u.name FROM tokens t JOIN users u ON u.key = t.user_key
-                     WHERE t.hash = ?1",
-                )
-                .and_then(|mut s| s.query_row([&token[..]], |r| r.get(0)).optional())
-                .map_err(db_error)?;
-            name.map(user_name).transpose()
+            let sql = format!(
+                "SELECT {USER_COLUMNS} FROM tokens t JOIN users u ON u.key = t.user_key
+                 WHERE t.hash = ?1"
+            );
+            user_record(c, &sql, &token[..])
         })
         .await
+    }
+
+    async fn ban_user(&self, user: &UserName, ban: ServerBan) -> StoreResult<()> {
+        let user = user.clone();
+        self.writer
+            .run(move |c| {
+                let n = c
+                    .execute(
+                        "UPDATE users SET banned = 1, ban_reason = ?2, ban_until = ?3 WHERE key = ?1",
+                        params![user.key(), ban.reason, ban.until_ts],
+                    )
+                    .map_err(db_error)?;
+                if n == 0 {
+                    return Err(no_user(&user));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn unban_user(&self, user: &UserName) -> StoreResult<bool> {
+        let user = user.clone();
+        self.writer
+            .run(move |c| {
+                let until: Option<Option<i64>> = c
+                    .query_row(
+                        "UPDATE users SET banned = 0, ban_reason = NULL, ban_until = NULL
+                         WHERE key = ?1 AND banned = 1 RETURNING ban_until",
+                        [user.key()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db_error)?;
+                Ok(until.is_some_and(|until| in_force(until, now_ms())))
+            })
+            .await
     }
 
     async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()> {

@@ -8,6 +8,12 @@ ALTER TABLE members ADD COLUMN role INTEGER NOT NULL DEFAULT 0;
 -- Server operators act as owners of every room.
 ALTER TABLE users ADD COLUMN operator INTEGER NOT NULL DEFAULT 0;
 
+-- A ban from the whole server (the admin API): no login while it holds
+-- (`ban_until` NULL: for good).
+ALTER TABLE users ADD COLUMN banned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN ban_reason TEXT;
+ALTER TABLE users ADD COLUMN ban_until INTEGER;
+
 -- Bans (kind 0) and mutes (kind 1), one of each kind per user and room.
 -- `until_ts` NULL: for good. Ones that ended refuse nothing and are never
 -- listed; the next sanction of the user replaces them.

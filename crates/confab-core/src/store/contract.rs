@@ -94,7 +94,8 @@ macro_rules! store_contract_tests {
             edits_and_deletions_follow_the_rules,
             hubs_hold_channels_and_members,
             private_hubs_and_channels_take_invites,
-            hub_bans_and_mutes_reach_its_channels);
+            hub_bans_and_mutes_reach_its_channels,
+            server_bans_are_kept_with_the_user);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -128,7 +129,10 @@ pub async fn tokens_resolve_until_revoked(s: DynStore) {
     let (t1, t2) = ([1u8; 32], [2u8; 32]);
     s.create_token(&user("Alice"), &t1).await.unwrap();
     s.create_token(&user("Alice"), &t2).await.unwrap();
-    assert_eq!(s.token_user(&t1).await.unwrap().unwrap().as_str(), "Alice");
+    assert_eq!(
+        s.token_user(&t1).await.unwrap().unwrap().name.as_str(),
+        "Alice"
+    );
     s.revoke_token(&t1).await.unwrap();
     assert_eq!(s.token_user(&t1).await.unwrap(), None);
     assert!(
@@ -1460,4 +1464,37 @@ pub async fn hub_bans_and_mutes_reach_its_channels(s: DynStore) {
     s.append(msg("town/general", "mo", "still here", None))
         .await
         .unwrap();
+}
+
+pub async fn server_bans_are_kept_with_the_user(s: DynStore) {
+    s.create_user(&user("Vic"), "h").await.unwrap();
+    let token = [9; 32];
+    s.create_token(&user("vic"), &token).await.unwrap();
+    assert_eq!(s.user(&user("vic")).await.unwrap().unwrap().banned, None);
+    let ban = ServerBan {
+        reason: "spam".into(),
+        until_ts: Some(now_ms() + 60_000),
+    };
+    s.ban_user(&user("VIC"), ban.clone()).await.unwrap();
+    let record = s.user(&user("vic")).await.unwrap().unwrap();
+    assert_eq!(record.banned, Some(ban.clone()));
+    let by_token = s.token_user(&token).await.unwrap().unwrap();
+    assert_eq!(
+        (by_token.name.as_str(), by_token.banned),
+        ("Vic", Some(ban))
+    );
+    assert!(s.unban_user(&user("vic")).await.unwrap());
+    assert!(!s.unban_user(&user("vic")).await.unwrap());
+    assert_eq!(s.user(&user("vic")).await.unwrap().unwrap().banned, None);
+    let e = s
+        .ban_user(
+            &user("nobody"),
+            ServerBan {
+                reason: String::new(),
+                until_ts: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Invalid(_)), "{e:?}");
 }

@@ -229,6 +229,7 @@ impl Store for MemoryStore {
                 UserRecord {
                     name: name.clone(),
                     password_hash: password_hash.to_owned(),
+                    banned: None,
                 },
             );
             Ok(())
@@ -296,8 +297,26 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserName>> {
-        Ok(self.with(|s| s.tokens.get(token).cloned()))
+    async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserRecord>> {
+        Ok(self.with(|s| {
+            let user = s.tokens.get(token)?;
+            s.users.get(user.key()).cloned()
+        }))
+    }
+
+    async fn ban_user(&self, user: &UserName, ban: ServerBan) -> StoreResult<()> {
+        self.with(|s| {
+            let record = s.users.get_mut(user.key()).ok_or_else(|| no_user(user))?;
+            record.banned = Some(ban);
+            Ok(())
+        })
+    }
+
+    async fn unban_user(&self, user: &UserName) -> StoreResult<bool> {
+        Ok(self.with(|s| {
+            let ban = s.users.get_mut(user.key()).and_then(|r| r.banned.take());
+            ban.is_some_and(|b| b.in_force(now_ms()))
+        }))
     }
 
     async fn revoke_token(&self, token: &TokenHash) -> StoreResult<()> {

@@ -12,6 +12,10 @@ pub struct UserRow {
     pub created_at: i64,
     /// A server operator.
     pub operator: bool,
+    /// A ban from the whole server: its reason and end, when banned.
+    pub banned: bool,
+    pub ban_reason: Option<String>,
+    pub ban_until: Option<i64>,
 }
 
 /// A session token, by its SHA-256 (copied as is: tokens stay valid).
