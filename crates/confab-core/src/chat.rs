@@ -223,6 +223,48 @@ impl Chat {
             .await
     }
 
+    /// Delete a hub with its channels and their history (the operators'
+    /// tool): every member is told (`kicked`, by "an administrator") and
+    /// stops receiving them, on every node. Returns how many members the
+    /// hub had. What cannot be published is logged: the hub is gone either
+    /// way, and clients find it gone at their next request.
+    pub async fn delete_hub(&self, hub: &crate::names::HubName) -> Result<usize, StoreError> {
+        let gone = self.inner.store.delete_hub(hub).await?;
+        let members = gone.first().map_or(0, |(_, users)| users.len());
+        let mut events = Vec::new();
+        for user in gone
+            .first()
+            .map(|(_, users)| users.as_slice())
+            .unwrap_or(&[])
+        {
+            events.push(BrokerEvent::User {
+                user: user.key().to_owned(),
+                event: Event::Kicked {
+                    place: confab_proto::Place::hub(hub.as_str()),
+                    by: "an administrator".into(),
+                    reason: "the hub was deleted".into(),
+                },
+                skip: crate::broker::Skip::Nobody,
+            });
+        }
+        for (room, users) in gone {
+            for user in users {
+                events.push(BrokerEvent::Membership {
+                    room: room.clone(),
+                    user,
+                    joined: false,
+                    last_seq: 0,
+                });
+            }
+        }
+        for event in events {
+            if let Err(e) = self.inner.broker.publish(event).await {
+                tracing::warn!(error = %e, hub = %hub, "telling the members of a deleted hub");
+            }
+        }
+        Ok(members)
+    }
+
     /// Close every connection of `user`, on every node.
     pub async fn disconnect(&self, user: &UserName) -> Result<(), BrokerError> {
         let user = user.key().to_owned();

@@ -532,8 +532,13 @@ pub trait Store: Send + Sync + 'static {
     /// End a hub membership and the user's channel memberships in it;
     /// returns the channels left. `NotMember`; the last owner is refused.
     async fn leave_hub(&self, hub: &HubName, user: &UserName) -> StoreResult<Vec<RoomName>>;
-    /// The user's hubs, or with `all` every public hub, by name.
-    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>>;
+    /// The user's hubs, or with `all` every public hub, by name; with no
+    /// user, every hub, private ones included (for operators' tools).
+    async fn hubs(&self, user: Option<&UserName>, all: bool) -> StoreResult<Vec<HubView>>;
+    /// Remove a hub with its channels, their history, memberships, bans
+    /// and invites (`NoSuchRoom`). Returns each room that went, the hub's
+    /// own first, with who was in it.
+    async fn delete_hub(&self, hub: &HubName) -> StoreResult<Vec<(RoomName, Vec<UserName>)>>;
     /// A hub as `user` sees it (`NoSuchRoom`; a private hub to someone not
     /// in it: `Refused`).
     async fn hub(&self, hub: &HubName, user: &UserName) -> StoreResult<HubDetail>;

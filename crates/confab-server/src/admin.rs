@@ -11,9 +11,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use confab_core::names::HubName;
 use confab_core::session::MAX_SANCTION_MS;
 use confab_core::store::{now_ms, ServerBan};
-use confab_core::UserName;
+use confab_core::{StoreError, UserName};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -60,6 +61,8 @@ pub(crate) fn routes() -> Router<Arc<App>> {
         .route("/admin/users/{name}/ban", post(ban))
         .route("/admin/users/{name}/unban", post(unban))
         .route("/admin/notice", post(notice))
+        .route("/admin/hubs", get(hubs))
+        .route("/admin/hubs/{name}/delete", post(delete_hub))
 }
 
 /// Proof that the request carries the admin token.
@@ -165,6 +168,37 @@ async fn disconnect(_: Admin, State(app): State<Arc<App>>, Path(name): Path<Stri
     }
     tracing::info!(user = %user, connections, "an administrator disconnected a user");
     Json(json!({ "user": user.as_str(), "connections": connections })).into_response()
+}
+
+async fn hubs(_: Admin, State(app): State<Arc<App>>) -> Response {
+    match app.chat.store().hubs(None, true).await {
+        Ok(hubs) => {
+            let hubs: Vec<Value> = hubs
+                .into_iter()
+                .map(|h| {
+                    json!({"hub": h.hub.as_str(), "title": h.title, "private": h.private,
+                           "member_count": h.member_count})
+                })
+                .collect();
+            Json(json!({ "hubs": hubs })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// Delete a hub with its channels and their history.
+async fn delete_hub(_: Admin, State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    let Ok(hub) = HubName::parse(&name) else {
+        return error(StatusCode::BAD_REQUEST, "not a valid hub name");
+    };
+    match app.chat.delete_hub(&hub).await {
+        Ok(members) => {
+            tracing::info!(hub = %hub, members, "an administrator deleted a hub");
+            Json(json!({ "hub": hub.as_str(), "members": members })).into_response()
+        }
+        Err(StoreError::NoSuchRoom) => error(StatusCode::NOT_FOUND, &format!("no hub named {hub}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 /// What `POST /admin/users/NAME/ban` may carry; an empty body bans for

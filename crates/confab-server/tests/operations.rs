@@ -379,6 +379,60 @@ async fn admins_ban_users_from_the_whole_server() {
     again.login("Vic").await;
 }
 
+#[tokio::test]
+async fn admins_list_and_delete_hubs() {
+    let server = admin_server().await;
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let mut ann = server.client().await;
+    ann.register("ann").await;
+    ann.ok(json!({"type":"hub_create","hub":"open"})).await;
+    ann.ok(json!({"type":"hub_create","hub":"hidden","private":true}))
+        .await;
+    let mut bob = server.client().await;
+    bob.register("bob").await;
+    bob.ok(json!({"type":"hub_join","hub":"open"})).await;
+    bob.send("open/general", "soon gone").await;
+
+    let (status, body) = http(server.addr, "GET", "/admin/hubs", &auth, "").await;
+    assert_eq!(status, 200);
+    let hubs: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        hubs["hubs"],
+        json!([{"hub":"hidden","title":"","private":true,"member_count":1},
+               {"hub":"open","title":"","private":false,"member_count":2}]),
+        "private hubs too"
+    );
+    let (status, body) = http(server.addr, "POST", "/admin/hubs/open/delete", &auth, "").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"hub":"open","members":2}"#)
+    );
+    let kicked = loop {
+        let e = bob.event().await;
+        if e["type"] == "kicked" {
+            break e;
+        }
+    };
+    assert_eq!(
+        kicked,
+        json!({"type":"kicked","hub":"open","by":"an administrator","reason":"the hub was deleted"})
+    );
+    assert_eq!(bob.ok(json!({"type":"rooms"})).await["rooms"], json!([]));
+    assert_eq!(
+        bob.error(json!({"type":"history","room":"open/general"}))
+            .await,
+        "not_found"
+    );
+    let (status, _) = http(server.addr, "POST", "/admin/hubs/open/delete", &auth, "").await;
+    assert_eq!(status, 404);
+    let (status, _) = http(server.addr, "POST", "/admin/hubs/a%20b/delete", &auth, "").await;
+    assert_eq!(status, 400);
+    // The name can be used again, from nothing.
+    let fresh = bob.ok(json!({"type":"hub_create","hub":"open"})).await;
+    assert_eq!(fresh["channels"][0]["last_seq"], 0);
+}
+
 fn confab() -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
     for (k, _) in std::env::vars() {

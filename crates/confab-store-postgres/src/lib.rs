@@ -1515,9 +1515,14 @@ impl Store for PgStore {
         })
     }
 
-    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>> {
+    async fn hubs(&self, user: Option<&UserName>, all: bool) -> StoreResult<Vec<HubView>> {
         let c = self.client().await?;
-        let sql = if all {
+        let key = user.map_or("", |u| u.key());
+        let sql = if user.is_none() {
+            "SELECT r.name, r.topic, r.private, NULL::SMALLINT,
+                    (SELECT count(*) FROM members x WHERE x.room_id = r.id)
+             FROM rooms r WHERE r.name LIKE '%/' AND $1 = '' ORDER BY r.name"
+        } else if all {
             "SELECT r.name, r.topic, r.private, m.role,
                     (SELECT count(*) FROM members x WHERE x.room_id = r.id)
              FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = $1
@@ -1528,7 +1533,7 @@ impl Store for PgStore {
              FROM members m JOIN rooms r ON r.id = m.room_id
              WHERE m.user_key = $1 AND r.name LIKE '%/' ORDER BY r.name"
         };
-        let rows = c.query(sql, &[&user.key()]).await.map_err(pg_error)?;
+        let rows = c.query(sql, &[&key]).await.map_err(pg_error)?;
         rows.into_iter()
             .map(|r| {
                 let role: Option<i16> = r.get(3);
@@ -1604,6 +1609,42 @@ impl Store for PgStore {
                     ))
                 })
                 .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn delete_hub(&self, hub: &HubName) -> StoreResult<Vec<(RoomName, Vec<UserName>)>> {
+        let room = RoomName::hub_room(hub);
+        in_transaction!(self, |tx| async {
+            let (id, _) = room_row(&tx, room.as_str())
+                .await?
+                .ok_or(StoreError::NoSuchRoom)?;
+            let rooms = tx
+                .query(
+                    "SELECT id, name FROM rooms WHERE id = $1 OR hub_id = $1 ORDER BY name",
+                    &[&id],
+                )
+                .await
+                .map_err(pg_error)?;
+            let mut gone = Vec::new();
+            for row in rooms {
+                let members = tx
+                    .query(
+                        "SELECT user_name FROM members WHERE room_id = $1 ORDER BY user_key",
+                        &[&row.get::<_, i64>(0)],
+                    )
+                    .await
+                    .map_err(pg_error)?
+                    .into_iter()
+                    .map(|r| user_name(r.get(0)))
+                    .collect::<StoreResult<Vec<_>>>()?;
+                gone.push((RoomName::from_trusted(row.get(1)), members));
+            }
+            // Channels, memberships, messages, bans and invites go with the
+            // hub's room (ON DELETE CASCADE).
+            tx.execute("DELETE FROM rooms WHERE id = $1", &[&id])
+                .await
+                .map_err(pg_error)?;
+            Ok::<_, StoreError>(gone)
         })
     }
 

@@ -1285,10 +1285,15 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>> {
-        let key = user.key().to_owned();
+    async fn hubs(&self, user: Option<&UserName>, all: bool) -> StoreResult<Vec<HubView>> {
+        let key = user.map_or(String::new(), |u| u.key().to_owned());
+        let every = user.is_none();
         self.read(move |c| {
-            let sql = if all {
+            let sql = if every {
+                "SELECT r.name, r.topic, r.private, NULL,
+                        (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
+                 FROM rooms r WHERE r.name LIKE '%/' AND ?1 = '' ORDER BY r.name"
+            } else if all {
                 "SELECT r.name, r.topic, r.private, m.role,
                         (SELECT COUNT(*) FROM members x WHERE x.room_id = r.id)
                  FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_key = ?1
@@ -1387,6 +1392,44 @@ impl Store for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn delete_hub(&self, hub: &HubName) -> StoreResult<Vec<(RoomName, Vec<UserName>)>> {
+        let room = RoomName::hub_room(hub);
+        self.writer
+            .run(move |c| {
+                let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
+                let rooms: Vec<(i64, String)> = c
+                    .prepare_cached("SELECT id, name FROM rooms WHERE id = ?1 OR hub_id = ?1")
+                    .and_then(|mut s| s.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                    .map_err(db_error)?;
+                let mut gone = Vec::new();
+                for (room_id, name) in rooms {
+                    let members: Vec<String> = c
+                        .prepare_cached(
+                            "DELETE FROM members WHERE room_id = ?1 RETURNING user_name",
+                        )
+                        .and_then(|mut s| s.query_map([room_id], |r| r.get(0))?.collect())
+                        .map_err(db_error)?;
+                    for table in ["messages", "sanctions", "invites"] {
+                        c.prepare_cached(&format!("DELETE FROM {table} WHERE room_id = ?1"))
+                            .and_then(|mut s| s.execute([room_id]))
+                            .map_err(db_error)?;
+                    }
+                    c.prepare_cached("DELETE FROM rooms WHERE id = ?1")
+                        .and_then(|mut s| s.execute([room_id]))
+                        .map_err(db_error)?;
+                    let mut members = members
+                        .into_iter()
+                        .map(user_name)
+                        .collect::<StoreResult<Vec<_>>>()?;
+                    members.sort_by(|a, b| a.key().cmp(b.key()));
+                    gone.push((RoomName::from_trusted(name), members));
+                }
+                gone.sort_by(|(a, _), (b, _)| a.cmp(b));
+                Ok(gone)
+            })
+            .await
     }
 
     async fn create_channel(

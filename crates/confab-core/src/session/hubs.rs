@@ -128,7 +128,7 @@ impl Session {
     }
 
     pub(super) async fn hubs(&mut self, all: bool) -> Handled {
-        let hubs = self.chat.store.hubs(&self.me().user, all).await?;
+        let hubs = self.chat.store.hubs(Some(&self.me().user), all).await?;
         let hubs = hubs
             .into_iter()
             .map(|h| HubEntry {

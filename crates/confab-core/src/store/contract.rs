@@ -95,7 +95,8 @@ macro_rules! store_contract_tests {
             hubs_hold_channels_and_members,
             private_hubs_and_channels_take_invites,
             hub_bans_and_mutes_reach_its_channels,
-            server_bans_are_kept_with_the_user);
+            server_bans_are_kept_with_the_user,
+            deleting_a_hub_removes_everything_of_it);
     };
     (@each $make:expr; $($name:ident),*) => {
         $(
@@ -1218,7 +1219,7 @@ pub async fn hubs_hold_channels_and_members(s: DynStore) {
         vec![(user("ann"), Role::Owner), (user("Bob"), Role::Member)]
     );
 
-    let mine = s.hubs(&user("bob"), false).await.unwrap();
+    let mine = s.hubs(Some(&user("bob")), false).await.unwrap();
     assert_eq!(mine.len(), 1);
     assert_eq!(
         (
@@ -1229,9 +1230,13 @@ pub async fn hubs_hold_channels_and_members(s: DynStore) {
         ),
         ("rust", "rust people", 2, Some(Role::Member))
     );
-    let all = s.hubs(&user("carol"), true).await.unwrap();
+    let all = s.hubs(Some(&user("carol")), true).await.unwrap();
     assert_eq!((all.len(), all[0].role), (1, None));
-    assert!(s.hubs(&user("carol"), false).await.unwrap().is_empty());
+    assert!(s
+        .hubs(Some(&user("carol")), false)
+        .await
+        .unwrap()
+        .is_empty());
 
     let seen = s.hub(&hub("rust"), &user("bob")).await.unwrap();
     let channels: Vec<(&str, Option<Seq>, Seq)> = seen
@@ -1307,7 +1312,7 @@ pub async fn private_hubs_and_channels_take_invites(s: DynStore) {
         s.join_hub(&hub("club"), &user("carol"), false, None).await
     ));
     assert!(
-        s.hubs(&user("carol"), true).await.unwrap().is_empty(),
+        s.hubs(Some(&user("carol")), true).await.unwrap().is_empty(),
         "not listed"
     );
     assert!(matches!(
@@ -1497,4 +1502,42 @@ pub async fn server_bans_are_kept_with_the_user(s: DynStore) {
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::Invalid(_)), "{e:?}");
+}
+
+pub async fn deleting_a_hub_removes_everything_of_it(s: DynStore) {
+    new_hub(&s, "gone", "ann", true).await;
+    new_hub(&s, "stays", "ann", false).await;
+    s.create_channel(&room("gone/x"), false, "", &user("ann"))
+        .await
+        .unwrap();
+    s.append(msg("gone/x", "ann", "bye", None)).await.unwrap();
+    let every = s.hubs(None, false).await.unwrap();
+    let names: Vec<&str> = every.iter().map(|h| h.hub.as_str()).collect();
+    assert_eq!(names, ["gone", "stays"], "private hubs too, for operators");
+    let gone = RoomName::hub_room(&hub("gone"));
+    s.create_invite(invite("code", gone.clone(), None, None))
+        .await
+        .unwrap();
+    let removed = s.delete_hub(&hub("gone")).await.unwrap();
+    let rooms: Vec<&str> = removed.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(rooms, ["gone/", "gone/general", "gone/x"]);
+    assert_eq!(removed[0].1, vec![user("ann")]);
+    assert_eq!(
+        s.hub(&hub("gone"), &user("ann")).await.unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+    assert_eq!(s.last_seqs(&[room("gone/x")]).await.unwrap(), vec![0]);
+    assert!(s
+        .messages_after(&room("gone/x"), 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.delete_hub(&hub("gone")).await.unwrap_err(),
+        StoreError::NoSuchRoom
+    );
+    // The name is free again, with nothing of the old hub in it.
+    new_hub(&s, "gone", "bob", false).await;
+    assert_eq!(s.role(&gone, &user("ann")).await.unwrap(), None);
+    assert_eq!(s.hubs(None, false).await.unwrap().len(), 2);
 }

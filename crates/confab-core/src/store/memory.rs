@@ -636,14 +636,18 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn hubs(&self, user: &UserName, all: bool) -> StoreResult<Vec<HubView>> {
+    async fn hubs(&self, user: Option<&UserName>, all: bool) -> StoreResult<Vec<HubView>> {
         Ok(self.with(|s| {
             s.rooms
                 .iter()
                 .filter(|(name, _)| name.is_hub_room())
                 .filter_map(|(name, r)| {
-                    let role = r.members.get(user.key()).map(|m| m.role);
-                    let listed = if all { !r.private } else { role.is_some() };
+                    let role = user.and_then(|u| r.members.get(u.key()).map(|m| m.role));
+                    let listed = match user {
+                        None => true,
+                        Some(_) if all => !r.private,
+                        Some(_) => role.is_some(),
+                    };
                     listed.then(|| HubView {
                         hub: name.hub().expect("a hub"),
                         title: r.topic.clone(),
@@ -690,6 +694,30 @@ impl Store for MemoryStore {
                     .map(|m| (m.name.clone(), m.role))
                     .collect(),
             })
+        })
+    }
+
+    async fn delete_hub(&self, hub: &HubName) -> StoreResult<Vec<(RoomName, Vec<UserName>)>> {
+        self.with(|s| {
+            let room = RoomName::hub_room(hub);
+            if !s.rooms.contains_key(&room) {
+                return Err(StoreError::NoSuchRoom);
+            }
+            let gone: Vec<RoomName> = s
+                .rooms
+                .iter()
+                .filter(|(name, r)| **name == room || r.hub.as_ref() == Some(&room))
+                .map(|(name, _)| name.clone())
+                .collect();
+            s.invites.retain(|_, i| !gone.contains(&i.room));
+            Ok(gone
+                .into_iter()
+                .map(|name| {
+                    let r = s.rooms.remove(&name).expect("listed");
+                    let members = r.members.into_values().map(|m| m.name).collect();
+                    (name, members)
+                })
+                .collect())
         })
     }
 
