@@ -265,6 +265,52 @@ impl Chat {
         Ok(members)
     }
 
+    /// Delete a message as the operator `by` (the operators' tool): the
+    /// deletion is an entry of the room's log in `by`'s name, delivered to
+    /// the members like any. Refused (`forbidden`) when `by` is no
+    /// operator; `not_found` for no such room or message.
+    pub async fn delete_message(
+        &self,
+        room: &crate::names::RoomName,
+        seq: confab_proto::Seq,
+        by: &UserName,
+    ) -> Result<confab_proto::Message, crate::ChatError> {
+        let store = &self.inner.store;
+        // The entry names the operator as registered.
+        let by = match store.user(by).await? {
+            Some(record) if store.operator(&record.name).await? => record.name,
+            _ => return Err(crate::ChatError::forbidden(format!("{by} is no operator"))),
+        };
+        let entry = crate::store::NewMessage {
+            room: room.clone(),
+            sender: by,
+            body: String::new(),
+            nonce: None,
+            ts: crate::store::now_ms(),
+            direct: None,
+            amend: Some(crate::store::Amend::Delete {
+                target: seq,
+                moderator: true,
+            }),
+        };
+        let stored = store.append(entry).await.map_err(|e| match e {
+            StoreError::NoSuchRoom => {
+                crate::ChatError::not_found(format!("no room named {}", room.shown()))
+            }
+            e => e.into(),
+        })?;
+        let message = stored.message.clone();
+        let event = BrokerEvent::Message {
+            message: stored.message,
+            accepted: None,
+        };
+        if let Err(e) = self.inner.broker.publish(event).await {
+            // Stored: members catch up with `sync`.
+            tracing::warn!(error = %e, "publishing a deletion");
+        }
+        Ok(message)
+    }
+
     /// Close every connection of `user`, on every node.
     pub async fn disconnect(&self, user: &UserName) -> Result<(), BrokerError> {
         let user = user.key().to_owned();

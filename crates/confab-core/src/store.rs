@@ -258,6 +258,19 @@ pub enum Amend {
 }
 
 impl Amend {
+    /// A moderator's deletion, which needs no membership of the room (a
+    /// hub's moderator outside one of its channels, an operator anywhere):
+    /// the command table checked the role.
+    pub fn by_moderator(amend: Option<Amend>) -> bool {
+        matches!(
+            amend,
+            Some(Amend::Delete {
+                moderator: true,
+                ..
+            })
+        )
+    }
+
     pub fn target(self) -> Seq {
         match self {
             Amend::Edit(seq) | Amend::Delete { target: seq, .. } => seq,
@@ -560,7 +573,8 @@ pub trait Store: Send + Sync + 'static {
     /// outcome once it is durable (or failed). Storing it means: allocate
     /// the room's next seq, or return the original when the sender already
     /// sent this nonce to this room. The sender must be a member, unless
-    /// `direct` opens the conversation, and not muted in the room
+    /// `direct` opens the conversation or a moderator deletes
+    /// ([`Amend::by_moderator`]), and not muted in the room
     /// ([`sanctioned`]), unless the entry is a deletion. An [`Amend`] is
     /// checked with [`check_amend`] and applied in the same transaction.
     ///

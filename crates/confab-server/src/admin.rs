@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use confab_core::names::HubName;
 use confab_core::session::MAX_SANCTION_MS;
 use confab_core::store::{now_ms, ServerBan};
-use confab_core::{StoreError, UserName};
+use confab_core::{RoomName, StoreError, UserName};
+use confab_proto::ErrorCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -63,6 +64,10 @@ pub(crate) fn routes() -> Router<Arc<App>> {
         .route("/admin/notice", post(notice))
         .route("/admin/hubs", get(hubs))
         .route("/admin/hubs/{name}/delete", post(delete_hub))
+        .route(
+            "/admin/rooms/{room}/messages/{seq}/delete",
+            post(delete_message),
+        )
 }
 
 /// Proof that the request carries the admin token.
@@ -198,6 +203,46 @@ async fn delete_hub(_: Admin, State(app): State<Arc<App>>, Path(name): Path<Stri
         }
         Err(StoreError::NoSuchRoom) => error(StatusCode::NOT_FOUND, &format!("no hub named {hub}")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteMessage {
+    /// The operator in whose name the deletion is logged.
+    by: String,
+}
+
+/// Delete a message in an operator's name: `{"by": OPERATOR}`.
+async fn delete_message(
+    _: Admin,
+    State(app): State<Arc<App>>,
+    Path((room, seq)): Path<(String, u64)>,
+    body: Result<Json<DeleteMessage>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(DeleteMessage { by })) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected {\"by\": \"OPERATOR\"}: the deletion is logged in an operator's name",
+        );
+    };
+    let (Ok(room), Ok(by)) = (RoomName::parse(&room), UserName::parse(&by)) else {
+        return error(StatusCode::BAD_REQUEST, "not a valid room or user name");
+    };
+    match app.chat.delete_message(&room, seq, &by).await {
+        Ok(entry) => {
+            tracing::info!(room = %room, seq, by = %by, "an operator deleted a message");
+            Json(json!({ "room": entry.room, "seq": entry.seq, "delete": seq })).into_response()
+        }
+        Err(e) => {
+            let status = match e.code {
+                ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            error(status, &e.message)
+        }
     }
 }
 

@@ -433,6 +433,62 @@ async fn admins_list_and_delete_hubs() {
     assert_eq!(fresh["channels"][0]["last_seq"], 0);
 }
 
+#[tokio::test]
+async fn operators_delete_messages_through_the_admin_api() {
+    let server = admin_server().await;
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let mut ann = server.client().await;
+    ann.register("ann").await;
+    ann.join("room").await;
+    let seq = ann.send("room", "regrettable").await;
+    let _ = ann.event_of("message").await;
+    let mut olga = server.client().await;
+    olga.register("Olga").await;
+    let delete = |body: &'static str| {
+        http(
+            server.addr,
+            "POST",
+            "/admin/rooms/room/messages/1/delete",
+            &auth,
+            body,
+        )
+    };
+    assert_eq!(delete(r#"{"by":"olga"}"#).await.0, 403, "no operator yet");
+    assert_eq!(delete("{}").await.0, 400);
+    let store = confab_testkit::confab_server::open_store(&server.config)
+        .await
+        .unwrap();
+    let olga_name = confab_core::UserName::parse("olga").unwrap();
+    store.set_operator(&olga_name, true).await.unwrap();
+    let (status, body) = delete(r#"{"by":"olga"}"#).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"delete":1,"room":"room","seq":2}"#)
+    );
+    let entry = ann.event_of("message").await;
+    assert_eq!(
+        (&entry["user"], &entry["delete"]),
+        (&json!("Olga"), &json!(seq))
+    );
+    let page = ann.ok(json!({"type":"history","room":"room"})).await;
+    assert!(!page.to_string().contains("regrettable"));
+    assert_eq!(delete(r#"{"by":"olga"}"#).await.0, 404, "deleted already");
+    let (status, _) = http(
+        server.addr,
+        "POST",
+        "/admin/rooms/nowhere/messages/1/delete",
+        &auth,
+        r#"{"by":"olga"}"#,
+    )
+    .await;
+    assert_eq!(status, 404);
+    // Over the protocol too, an operator deletes in a room it is not in.
+    let other = ann.send("room", "another").await;
+    olga.ok(json!({"type":"delete","room":"room","seq":other}))
+        .await;
+}
+
 fn confab() -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab"));
     for (k, _) in std::env::vars() {
@@ -484,6 +540,16 @@ async fn user_commands_then_a_login_over_websocket() {
         user_command(&db, &["list"], "").await,
         (true, "Carol\nerin\n".into())
     );
+    assert_eq!(
+        user_command(&db, &["op", "carol"], "").await,
+        (true, "carol is an operator now\n".into())
+    );
+    assert_eq!(
+        user_command(&db, &["deop", "carol"], "").await,
+        (true, "carol is no operator now\n".into())
+    );
+    let (ok, text) = user_command(&db, &["op", "nobody"], "").await;
+    assert!(!ok && text.contains("no user named nobody"), "{text}");
 
     let server = TestServer::with_config(|c| {
         c.database = confab_testkit::confab_server::Database::parse(&db).unwrap();

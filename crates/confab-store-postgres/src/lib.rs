@@ -804,6 +804,12 @@ async fn append_one(c: &impl GenericClient, m: NewMessage) -> StoreResult<Append
             }
             room_id
         }
+        None if Amend::by_moderator(m.amend) => {
+            room_row(c, m.room.as_str())
+                .await?
+                .ok_or(StoreError::NoSuchRoom)?
+                .0
+        }
         None => member_room(c, &m.room, &m.sender).await?.0,
     };
     // The room's row lock orders its appends, on every node: the nonce

@@ -548,6 +548,9 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
             }
             (id, last)
         }
+        None if Amend::by_moderator(m.amend) => {
+            room_row(conn, m.room.as_str())?.ok_or(StoreError::NoSuchRoom)?
+        }
         None => member_room(conn, &m.room, &m.sender)?,
     };
     if let Some(nonce) = &m.nonce {

@@ -1068,8 +1068,15 @@ pub async fn deletions_leave_no_text_behind(s: DynStore) {
     s.append(amend("r", "mod", "", delete(3, true)))
         .await
         .unwrap();
+    // So does one who is not in the room (an operator, a hub's moderator).
+    s.append(msg("r", "ann", "more", None)).await.unwrap();
+    s.append(amend("r", "op", "", delete(6, true)))
+        .await
+        .unwrap();
+    let e = s.append(amend("r", "op", "", delete(2, false))).await;
+    assert_eq!(e.unwrap_err(), StoreError::NotMember, "not as an author");
     let all = s.messages_after(&room("r"), 0, 10).await.unwrap();
-    assert!(all[2].deleted);
+    assert!(all[2].deleted && all[5].deleted);
     assert!(
         all.iter().all(|m| !m.body.contains("secret")),
         "no text of a deleted message: {all:?}"

@@ -794,6 +794,9 @@ impl Store for MemoryStore {
                     }
                     r
                 }
+                None if Amend::by_moderator(m.amend) => {
+                    s.rooms.get_mut(&m.room).ok_or(StoreError::NoSuchRoom)?
+                }
                 None => s.member_room(&m.room, &m.sender)?,
             };
             if let Some(nonce) = &m.nonce {
