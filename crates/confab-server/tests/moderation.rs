@@ -93,7 +93,17 @@ fn allowed(actor: Actor, action: &str, target: usize) -> bool {
 }
 
 async fn every_moderation_request_by_every_role_on_every_role(store: Store) {
-    // 168 rooms, made by one user.
+    role_matrix(store, "room").await;
+}
+
+async fn the_same_in_hubs(store: Store) {
+    role_matrix(store, "hub").await;
+}
+
+/// Every moderation request by every role on every role, in rooms or (the
+/// `scope` being "hub") in hubs, where the same roles are the hub's.
+async fn role_matrix(store: Store, scope: &str) {
+    // 168 rooms or hubs, made by one user.
     let server = store
         .with_config(|c| c.chat.rate_limits = confab_core::RateLimits::off())
         .await;
@@ -115,36 +125,46 @@ async fn every_moderation_request_by_every_role_on_every_role(store: Store) {
                 // The owner creates the room; everyone with a role joins
                 // and gets it from the owner (the operator is no member).
                 let owner = 4;
-                actors[owner].join(&room).await;
+                let enter = match scope {
+                    "hub" => json!({"type":"hub_join","hub":room}),
+                    _ => json!({"type":"join","room":room}),
+                };
+                if scope == "hub" {
+                    actors[owner]
+                        .ok(json!({"type":"hub_create","hub":room}))
+                        .await;
+                } else {
+                    actors[owner].join(&room).await;
+                }
+                // `{"room": …}` or `{"hub": …}` with the rest of a request.
+                let at = |mut request: Value| {
+                    request[scope] = json!(room);
+                    request
+                };
                 for (i, role) in ["member", "moderator", "admin"].iter().enumerate() {
-                    actors[i + 1].join(&room).await;
+                    actors[i + 1].ok(enter.clone()).await;
                     if *role != "member" {
+                        let user = ACTORS[i + 1].user();
                         actors[owner]
-                            .ok(json!({"type":"role","room":room,"user":ACTORS[i + 1].user(),"role":role}))
+                            .ok(at(json!({"type":"role","user":user,"role":role})))
                             .await;
                     }
                 }
-                targets[t].join(&room).await;
+                targets[t].ok(enter.clone()).await;
                 if *target_role != "member" {
                     actors[owner]
-                        .ok(json!({"type":"role","room":room,"user":target,"role":target_role}))
+                        .ok(at(json!({"type":"role","user":target,"role":target_role})))
                         .await;
                 }
                 match *action {
-                    "unban" => {
-                        actors[5]
-                            .ok(json!({"type":"ban","room":room,"user":target}))
-                            .await;
-                    }
-                    "unmute" => {
-                        actors[5]
-                            .ok(json!({"type":"mute","room":room,"user":target}))
-                            .await;
+                    "unban" | "unmute" => {
+                        let kind = if *action == "unban" { "ban" } else { "mute" };
+                        actors[5].ok(at(json!({"type":kind,"user":target}))).await;
                     }
                     _ => {}
                 }
                 let request = match *action {
-                    "bans" => json!({"type":"bans","room":room}),
+                    "bans" => at(json!({"type":"bans"})),
                     // A role the admins may give, other than the target's.
                     "role" => {
                         let given = if *target_role == "member" {
@@ -152,9 +172,9 @@ async fn every_moderation_request_by_every_role_on_every_role(store: Store) {
                         } else {
                             "member"
                         };
-                        json!({"type":"role","room":room,"user":target,"role":given})
+                        at(json!({"type":"role","user":target,"role":given}))
                     }
-                    action => json!({"type":action,"room":room,"user":target}),
+                    action => at(json!({"type":action,"user":target})),
                 };
                 let reply = actors[a].request(request.clone()).await;
                 let expected = allowed(*actor, action, t);
@@ -537,6 +557,7 @@ async fn edits_and_deletions_in_direct_conversations(store: Store) {
 
 confab_testkit::on_each_store!(
     every_moderation_request_by_every_role_on_every_role,
+    the_same_in_hubs,
     kicks_bans_and_mutes_hold_and_end,
     roles_are_given_by_the_rules,
     edits_and_deletions_are_entries_of_the_log,
