@@ -144,26 +144,31 @@ function renderRooms() {
     for (const r of rooms.values()) {
       // Channels are listed under their hub.
       if (r.room.startsWith("dm:") !== direct || r.room.includes("/")) continue;
-      const li = document.createElement("li");
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "room" + (r.room === current ? " current" : "");
-      button.dataset.room = r.room;
-      button.textContent = label(r.room);
-      if (r.room === current) button.setAttribute("aria-current", "true");
-      if (r.unread > 0) {
-        const badge = document.createElement("span");
-        badge.className = "unread";
-        badge.textContent = r.unread;
-        badge.setAttribute("aria-label", `${r.unread} unread`);
-        button.append(badge);
-      }
-      button.addEventListener("click", () => openRoom(r.room));
-      li.append(button);
-      list.append(li);
+      list.append(roomItem(r, label(r.room)));
     }
   }
   renderHubs();
+}
+
+/** A room's entry in the sidebar: its name, its unread count; opens it. */
+function roomItem(r, name) {
+  const li = document.createElement("li");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "room" + (r.room === current ? " current" : "");
+  button.dataset.room = r.room;
+  button.textContent = name;
+  if (r.room === current) button.setAttribute("aria-current", "true");
+  if (r.unread > 0) {
+    const badge = document.createElement("span");
+    badge.className = "unread";
+    badge.textContent = r.unread;
+    badge.setAttribute("aria-label", `${r.unread} unread`);
+    button.append(badge);
+  }
+  button.addEventListener("click", () => openRoom(r.room));
+  li.append(button);
+  return li;
 }
 
 // --- hubs ---
@@ -208,23 +213,8 @@ function renderHubs() {
     const list = document.createElement("ul");
     for (const c of h.channels) {
       if (c.unread === null) continue; // a channel of the hub this user is not in
-      const r = roomState(c.room);
-      const li = document.createElement("li");
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "room" + (c.room === current ? " current" : "");
-      button.dataset.room = c.room;
-      button.textContent = `#${c.room.slice(h.hub.length + 1)}${c.private ? " 🔒" : ""}`;
-      if (r.unread > 0) {
-        const badge = document.createElement("span");
-        badge.className = "unread";
-        badge.textContent = r.unread;
-        badge.setAttribute("aria-label", `${r.unread} unread`);
-        button.append(badge);
-      }
-      button.addEventListener("click", () => openRoom(c.room));
-      li.append(button);
-      list.append(li);
+      const name = `#${c.room.slice(h.hub.length + 1)}${c.private ? " 🔒" : ""}`;
+      list.append(roomItem(roomState(c.room), name));
     }
     section.append(header, list);
     box.append(section);

@@ -1945,8 +1945,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_database_from_before_roles_keeps_everything() {
-        use confab_core::store::{Amend, NewMessage, Page};
-        use confab_core::{RoomName, Store, UserName};
         let Some(schema) = TestSchema::create().await else {
             return;
         };
@@ -1976,50 +1974,7 @@ mod tests {
             .unwrap();
         let store = PgStore::open(&schema.url, 2).await.unwrap();
         assert_eq!(store.schema_version().await.unwrap(), (4, 4));
-        let name = |n: &str| UserName::parse(n).unwrap();
-        let old = RoomName::parse("old").unwrap();
-        assert_eq!(
-            store.members(&old, None, 10).await.unwrap(),
-            vec![(name("Ann"), Role::Member), (name("bob"), Role::Member)],
-            "no owner until an operator gives one"
-        );
-        let page = store
-            .history(&old, &name("ann"), Page::Latest, 10)
-            .await
-            .unwrap();
-        assert_eq!(
-            page.messages,
-            vec![Message {
-                room: "old".into(),
-                seq: 1,
-                user: "Ann".into(),
-                body: "still here".into(),
-                ts: 5,
-                nonce: Some("n-1".into()),
-                ..Message::default()
-            }]
-        );
-        assert!(!store.operator(&name("ann")).await.unwrap());
-        let edit = NewMessage {
-            room: old.clone(),
-            sender: name("ann"),
-            body: "edited".into(),
-            nonce: None,
-            ts: 6,
-            direct: None,
-            amend: Some(Amend::Edit(1)),
-        };
-        assert_eq!(store.append(edit).await.unwrap().message.seq, 2);
-        let plain = NewMessage {
-            room: old.clone(),
-            sender: name("bob"),
-            body: "and on".into(),
-            nonce: None,
-            ts: 7,
-            direct: None,
-            amend: None,
-        };
-        assert_eq!(store.append(plain).await.unwrap().message.seq, 3);
+        confab_core::store::contract::keeps_a_database_from_before_roles(Arc::new(store)).await;
     }
 
     #[tokio::test]

@@ -196,6 +196,19 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// Change a user's row (`Invalid` when there is no such user).
+fn update_user(
+    conn: &Connection,
+    user: &UserName,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> StoreResult<()> {
+    match conn.execute(sql, args).map_err(db_error)? {
+        0 => Err(no_user(user)),
+        _ => Ok(()),
+    }
+}
+
 /// The columns [`user_record`] reads, of `users u`.
 const USER_COLUMNS: &str = "u.name, u.password_hash, u.banned, u.ban_reason, u.ban_until";
 
@@ -301,7 +314,8 @@ fn sanction_kind(kind: SanctionKind) -> i64 {
     }
 }
 
-/// Refuse a user with a ban or mute of `kind` in force in the room.
+/// Refuse a user with a ban or mute of `kind` in force in the room or in
+/// its hub: one statement, as it is in every message's path.
 fn refuse_sanctioned(
     conn: &Connection,
     room_id: i64,
@@ -309,20 +323,22 @@ fn refuse_sanctioned(
     user: &UserName,
     kind: SanctionKind,
 ) -> StoreResult<()> {
-    let until: Option<Option<i64>> = conn
+    let ends: Vec<Option<i64>> = conn
         .prepare_cached(
-            "SELECT until_ts FROM sanctions WHERE room_id = ?1 AND user_key = ?2 AND kind = ?3",
+            "SELECT until_ts FROM sanctions WHERE user_key = ?2 AND kind = ?3
+               AND room_id IN (?1, (SELECT hub_id FROM rooms WHERE id = ?1))",
         )
         .and_then(|mut s| {
-            s.query_row(params![room_id, user.key(), sanction_kind(kind)], |r| {
+            s.query_map(params![room_id, user.key(), sanction_kind(kind)], |r| {
                 r.get(0)
-            })
-            .optional()
+            })?
+            .collect()
         })
         .map_err(db_error)?;
-    match until {
-        Some(until) if in_force(until, now_ms()) => Err(sanctioned(kind, room, until)),
-        _ => Ok(()),
+    let now = now_ms();
+    match ends.into_iter().find(|until| in_force(*until, now)) {
+        Some(until) => Err(sanctioned(kind, room, until)),
+        None => Ok(()),
     }
 }
 
@@ -336,21 +352,6 @@ fn hub_of(conn: &Connection, room_id: i64) -> StoreResult<Option<i64>> {
 /// The room whose roles and bans count in `room_id` too: its hub's.
 fn authority(conn: &Connection, room_id: i64) -> StoreResult<i64> {
     Ok(hub_of(conn, room_id)?.unwrap_or(room_id))
-}
-
-/// Refuse a user banned or muted (`kind`) in the room or in its hub.
-fn refuse_here_or_in_hub(
-    conn: &Connection,
-    room_id: i64,
-    room: &RoomName,
-    user: &UserName,
-    kind: SanctionKind,
-) -> StoreResult<()> {
-    refuse_sanctioned(conn, room_id, room, user, kind)?;
-    match hub_of(conn, room_id)? {
-        Some(hub) => refuse_sanctioned(conn, hub, room, user, kind),
-        None => Ok(()),
-    }
 }
 
 fn is_member(conn: &Connection, room_id: i64, user: &UserName) -> StoreResult<bool> {
@@ -573,7 +574,7 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
         }
     }
     if !matches!(m.amend, Some(Amend::Delete { .. })) {
-        refuse_here_or_in_hub(conn, room_id, &m.room, &m.sender, SanctionKind::Mute)?;
+        refuse_sanctioned(conn, room_id, &m.room, &m.sender, SanctionKind::Mute)?;
     }
     if let Some(amend) = m.amend {
         apply_amend(conn, room_id, &m, amend)?;
@@ -653,15 +654,12 @@ impl Store for SqliteStore {
         let (name, hash) = (name.clone(), password_hash.to_owned());
         self.writer
             .run(move |c| {
-                let n = c
-                    .execute(
-                        "UPDATE users SET password_hash = ?1 WHERE key = ?2",
-                        params![hash, name.key()],
-                    )
-                    .map_err(db_error)?;
-                if n == 0 {
-                    return Err(no_user(&name));
-                }
+                update_user(
+                    c,
+                    &name,
+                    "UPDATE users SET password_hash = ?2 WHERE key = ?1",
+                    params![name.key(), hash],
+                )?;
                 c.execute("DELETE FROM tokens WHERE user_key = ?1", [name.key()])
                     .map_err(db_error)?;
                 Ok(())
@@ -780,16 +778,12 @@ impl Store for SqliteStore {
         let user = user.clone();
         self.writer
             .run(move |c| {
-                let n = c
-                    .execute(
-                        "UPDATE users SET banned = 1, ban_reason = ?2, ban_until = ?3 WHERE key = ?1",
-                        params![user.key(), ban.reason, ban.until_ts],
-                    )
-                    .map_err(db_error)?;
-                if n == 0 {
-                    return Err(no_user(&user));
-                }
-                Ok(())
+                update_user(
+                    c,
+                    &user,
+                    "UPDATE users SET banned = 1, ban_reason = ?2, ban_until = ?3 WHERE key = ?1",
+                    params![user.key(), ban.reason, ban.until_ts],
+                )
             })
             .await
     }
@@ -863,7 +857,7 @@ impl Store for SqliteStore {
                 let (id, role) = match id {
                     Some(id) => {
                         if !member {
-                            refuse_here_or_in_hub(c, id, &room, &user, SanctionKind::Ban)?;
+                            refuse_sanctioned(c, id, &room, &user, SanctionKind::Ban)?;
                             if let Some(hub) = hub_of(c, id)? {
                                 if !is_member(c, hub, &user)? {
                                     return Err(not_in_hub(&room.hub().expect("a channel")));
@@ -1029,16 +1023,12 @@ impl Store for SqliteStore {
         let user = user.clone();
         self.writer
             .run(move |c| {
-                let n = c
-                    .execute(
-                        "UPDATE users SET operator = ?1 WHERE key = ?2",
-                        params![operator, user.key()],
-                    )
-                    .map_err(db_error)?;
-                if n == 0 {
-                    return Err(no_user(&user));
-                }
-                Ok(())
+                update_user(
+                    c,
+                    &user,
+                    "UPDATE users SET operator = ?2 WHERE key = ?1",
+                    params![user.key(), operator],
+                )
             })
             .await
     }
@@ -1814,41 +1804,6 @@ mod tests {
         drop(c);
         let store: DynStore = Arc::new(SqliteStore::open(&path, Durability::Normal).await.unwrap());
         assert_eq!(schema_version(&path).unwrap(), Some((3, 3)));
-        let old = RoomName::parse("old").unwrap();
-        let members = store.members(&old, None, 10).await.unwrap();
-        assert_eq!(
-            members,
-            vec![(name("Ann"), Role::Member), (name("bob"), Role::Member)],
-            "no owner until an operator gives one"
-        );
-        let page = store
-            .history(&old, &name("ann"), Page::Latest, 10)
-            .await
-            .unwrap();
-        assert_eq!(
-            page.messages,
-            vec![Message {
-                room: "old".into(),
-                seq: 1,
-                user: "Ann".into(),
-                body: "still here".into(),
-                ts: 5,
-                nonce: Some("n-1".into()),
-                ..Message::default()
-            }]
-        );
-        assert!(!store.operator(&name("ann")).await.unwrap());
-        assert!(store.sanctions(&old, 0).await.unwrap().is_empty());
-        // The room goes on: the next seq, edits of the old message.
-        let edit = NewMessage {
-            room: old.clone(),
-            sender: name("ann"),
-            body: "edited".into(),
-            nonce: None,
-            ts: 6,
-            direct: None,
-            amend: Some(Amend::Edit(1)),
-        };
-        assert_eq!(store.append(edit).await.unwrap().message.seq, 2);
+        confab_core::store::contract::keeps_a_database_from_before_roles(store).await;
     }
 }

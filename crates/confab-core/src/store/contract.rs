@@ -1548,3 +1548,42 @@ pub async fn deleting_a_hub_removes_everything_of_it(s: DynStore) {
     assert_eq!(s.role(&gone, &user("ann")).await.unwrap(), None);
     assert_eq!(s.hubs(None, false).await.unwrap().len(), 2);
 }
+
+/// A database from before roles and hubs, once its backend migrated it:
+/// what each backend's migration test seeded in the old schema (the
+/// registered user `Ann`, the room `old` with members Ann and bob, and
+/// message 1 of Ann, `still here`, ts 5, nonce `n-1`) is all there, the
+/// room has no owner, and the room goes on.
+pub async fn keeps_a_database_from_before_roles(s: DynStore) {
+    let old = room("old");
+    assert_eq!(
+        s.members(&old, None, 10).await.unwrap(),
+        vec![(user("Ann"), Role::Member), (user("bob"), Role::Member)],
+        "no owner until an operator gives one"
+    );
+    let page = s
+        .history(&old, &user("ann"), Page::Latest, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages,
+        vec![Message {
+            room: "old".into(),
+            seq: 1,
+            user: "Ann".into(),
+            body: "still here".into(),
+            ts: 5,
+            nonce: Some("n-1".into()),
+            ..Message::default()
+        }]
+    );
+    assert!(!s.operator(&user("ann")).await.unwrap());
+    assert_eq!(s.user(&user("ann")).await.unwrap().unwrap().banned, None);
+    assert!(s.sanctions(&old, 0).await.unwrap().is_empty());
+    assert!(s.hubs(None, false).await.unwrap().is_empty());
+    // The room goes on: edits of the old message, new messages.
+    let edit = amend("old", "ann", "edited", Amend::Edit(1));
+    assert_eq!(s.append(edit).await.unwrap().message.seq, 2);
+    let more = s.append(msg("old", "bob", "and on", None)).await.unwrap();
+    assert_eq!(more.message.seq, 3);
+}
