@@ -813,6 +813,18 @@ impl Session {
                 return Err(ChatError::forbidden("not your conversation"));
             }
         }
+        // A channel's members are for those who can see the channel: not
+        // outsiders of a private hub, nor of a private channel.
+        if let Some(hub) = room.hub() {
+            let seen = self.chat.store.hub(&hub, &self.me().user).await;
+            let seen = seen.map_err(|e| match e {
+                crate::StoreError::NoSuchRoom => authority::no_such(&room),
+                e => e.into(),
+            })?;
+            if !seen.channels.iter().any(|c| c.room == room) {
+                return Err(ChatError::forbidden(format!("{room} is private")));
+            }
+        }
         let after = after.map(|a| a.to_ascii_lowercase());
         let (members, more) = self
             .member_page(&room, after.as_deref(), list_limit(limit)?)

@@ -240,6 +240,20 @@ async fn private_hubs_and_channels_take_invites(store: Store) {
         .await;
     let seen = carol.ok(json!({"type":"hub","hub":"club"})).await;
     assert_eq!(names(&seen["channels"], "room"), ["club/general"]);
+    // Who is in a private channel, or a private hub, is not for outsiders.
+    assert_eq!(
+        carol.error(json!({"type":"members","room":"club/inner"})).await,
+        "forbidden"
+    );
+    let mut erin = registered(&server, "erin").await;
+    assert_eq!(
+        erin.error(json!({"type":"members","room":"club/general"})).await,
+        "forbidden"
+    );
+    assert_eq!(
+        erin.error(json!({"type":"members","room":"nohub/general"})).await,
+        "not_found"
+    );
     assert_eq!(
         carol
             .error(json!({"type":"join","room":"club/inner"}))

@@ -529,8 +529,35 @@ fn query_messages(
     rows.collect::<Result<_, _>>().map_err(db_error)
 }
 
+/// What a message's append reads of its room in one statement (it is in
+/// every message's path): the room's id and last seq, whether the sender
+/// is a member, and the latest end of a mute of the sender in the room or
+/// its hub (`i64::MAX` for one without an end).
+fn sender_room(
+    conn: &Connection,
+    room: &RoomName,
+    user: &UserName,
+) -> StoreResult<(i64, Seq, bool, Option<i64>)> {
+    conn.prepare_cached(
+        "SELECT r.id, r.last_seq,
+                EXISTS (SELECT 1 FROM members m WHERE m.room_id = r.id AND m.user_key = ?2),
+                (SELECT MAX(COALESCE(s.until_ts, 9223372036854775807)) FROM sanctions s
+                  WHERE s.kind = 1 AND s.user_key = ?2 AND s.room_id IN (r.id, r.hub_id))
+         FROM rooms r WHERE r.name = ?1",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![room.as_str(), user.key()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()
+    })
+    .map_err(db_error)?
+    .ok_or(StoreError::NoSuchRoom)
+}
+
 fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
     let mut new_members = Vec::new();
+    let mut muted_until = None;
     let (room_id, last_seq) = match &m.direct {
         Some(DirectPeers {
             sender_guest,
@@ -549,10 +576,14 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
             }
             (id, last)
         }
-        None if Amend::by_moderator(m.amend) => {
-            room_row(conn, m.room.as_str())?.ok_or(StoreError::NoSuchRoom)?
+        None => {
+            let (id, last, member, mute) = sender_room(conn, &m.room, &m.sender)?;
+            if !member && !Amend::by_moderator(m.amend) {
+                return Err(StoreError::NotMember);
+            }
+            muted_until = mute;
+            (id, last)
         }
-        None => member_room(conn, &m.room, &m.sender)?,
     };
     if let Some(nonce) = &m.nonce {
         let sql = format!(
@@ -573,8 +604,10 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
             });
         }
     }
-    if !matches!(m.amend, Some(Amend::Delete { .. })) {
-        refuse_sanctioned(conn, room_id, &m.room, &m.sender, SanctionKind::Mute)?;
+    let speaks = !matches!(m.amend, Some(Amend::Delete { .. }));
+    if let Some(end) = muted_until.filter(|end| speaks && *end > now_ms()) {
+        let until = (end != i64::MAX).then_some(end);
+        return Err(sanctioned(SanctionKind::Mute, &m.room, until));
     }
     if let Some(amend) = m.amend {
         apply_amend(conn, room_id, &m, amend)?;
