@@ -242,16 +242,20 @@ async fn private_hubs_and_channels_take_invites(store: Store) {
     assert_eq!(names(&seen["channels"], "room"), ["club/general"]);
     // Who is in a private channel, or a private hub, is not for outsiders.
     assert_eq!(
-        carol.error(json!({"type":"members","room":"club/inner"})).await,
+        carol
+            .error(json!({"type":"members","room":"club/inner"}))
+            .await,
         "forbidden"
     );
     let mut erin = registered(&server, "erin").await;
     assert_eq!(
-        erin.error(json!({"type":"members","room":"club/general"})).await,
+        erin.error(json!({"type":"members","room":"club/general"}))
+            .await,
         "forbidden"
     );
     assert_eq!(
-        erin.error(json!({"type":"members","room":"nohub/general"})).await,
+        erin.error(json!({"type":"members","room":"nohub/general"}))
+            .await,
         "not_found"
     );
     assert_eq!(
