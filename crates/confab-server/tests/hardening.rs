@@ -485,7 +485,11 @@ async fn a_client_that_sends_and_never_reads_is_cut_off_when_its_writes_stall() 
             break;
         }
     }
-    assert_eq!(stuck.closed().await.0, 4008);
+    // Closed as a slow consumer; the close frame may not arrive: the
+    // requests it sent and the server never read make the close a reset.
+    if let Some((code, _)) = stuck.closed_or_reset().await {
+        assert_eq!(code, 4008);
+    }
     seeder.send("big", "still here").await;
     loop {
         let e = seeder.event().await;

@@ -454,6 +454,28 @@ impl WsClient {
         );
     }
 
+    /// [`WsClient::closed`], or `None` when the connection was reset
+    /// instead: a server that closes a socket with input it has not read
+    /// (requests of a client it cut off) makes the kernel send a reset,
+    /// which discards the close frame on its way.
+    pub async fn closed_or_reset(&mut self) -> Option<(u16, String)> {
+        loop {
+            let msg = tokio::time::timeout(READ_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for the close");
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Some((u16::from(frame.code), frame.reason.to_string()))
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return Some((u16::from(CloseCode::Status), String::new()))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
     /// Read until the server closes; returns the close code and reason.
     /// Frames before the close are discarded.
     pub async fn closed(&mut self) -> (u16, String) {

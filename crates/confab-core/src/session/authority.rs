@@ -123,7 +123,7 @@ impl Session {
         let me = self.me().user.clone();
         let mine = self.standing(&room, &me).await?;
         if !mine.at_least(role) {
-            let place = shown(&room);
+            let place = room.shown();
             return Err(match mine.role {
                 None => ChatError::forbidden(format!("you are not a member of {place}")),
                 Some(_) => ChatError::forbidden(format!(
@@ -139,7 +139,7 @@ impl Session {
                 return Err(ChatError::forbidden(format!(
                     "{target} is {} of {}: you act only on those below you",
                     theirs.rank().unwrap_or_default().as_str(),
-                    shown(&room)
+                    room.shown()
                 )));
             }
             if let Request::Role { role: given, .. } = request {
@@ -170,11 +170,6 @@ impl Session {
         let operator = !guest && store.operator(user).await?;
         Ok(Standing { role, operator })
     }
-}
-
-/// A room or hub as people read it: `general`, `rust/general`, `hub rust`.
-pub(crate) fn shown(room: &RoomName) -> String {
-    room.shown()
 }
 
 /// `not_found` for a room or hub that does not exist.

@@ -4,7 +4,7 @@
 
 use confab_proto::{Event, OkBody, Place, Role, SanctionKind};
 
-use super::authority::{place_room, shown};
+use super::authority::place_room;
 use super::{check_text, left_event, Done, Handled, Session};
 use crate::broker::{BrokerEvent, Skip};
 use crate::error::ChatError;
@@ -108,7 +108,7 @@ impl Session {
             return Err(ChatError::not_found(format!(
                 "{user} has no {} in force in {}",
                 kind.as_str(),
-                shown(&room)
+                room.shown()
             )));
         }
         Ok(Done::empty())
@@ -195,7 +195,7 @@ pub(super) fn place_of(room: &RoomName) -> Place {
 fn not_in(e: crate::StoreError, user: &UserName, room: &RoomName) -> ChatError {
     match e {
         crate::StoreError::NotMember => {
-            ChatError::not_found(format!("{user} is not in {}", shown(room)))
+            ChatError::not_found(format!("{user} is not in {}", room.shown()))
         }
         crate::StoreError::NoSuchRoom => super::authority::no_such(room),
         e => e.into(),
