@@ -104,11 +104,16 @@ pub fn check_password(password: &str) -> Result<(), ChatError> {
 
 /// A fresh token: what the client gets, and what the store keeps.
 pub fn new_token() -> (String, TokenHash) {
-    let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).expect("the OS random source works");
-    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let token = random_hex(32);
     let hash = token_hash(&token);
     (token, hash)
+}
+
+/// `bytes` random bytes from the OS, in hex: tokens, invite codes.
+pub fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    getrandom::fill(&mut raw).expect("the OS random source works");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn token_hash(token: &str) -> TokenHash {

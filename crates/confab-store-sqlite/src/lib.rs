@@ -271,11 +271,7 @@ fn room_row(conn: &Connection, room: &str) -> StoreResult<Option<(i64, Seq)>> {
 /// The room's id and last seq, if `user` is a member.
 fn member_room(conn: &Connection, room: &RoomName, user: &UserName) -> StoreResult<(i64, Seq)> {
     let (id, last) = room_row(conn, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
-    let member = conn
-        .prepare_cached("SELECT 1 FROM members WHERE room_id = ?1 AND user_key = ?2")
-        .and_then(|mut s| s.exists(params![id, user.key()]))
-        .map_err(db_error)?;
-    if !member {
+    if !is_member(conn, id, user)? {
         return Err(StoreError::NotMember);
     }
     Ok((id, last))
@@ -342,16 +338,17 @@ fn refuse_sanctioned(
     }
 }
 
-/// A room's hub (the id of the hub's own room), for a channel.
-fn hub_of(conn: &Connection, room_id: i64) -> StoreResult<Option<i64>> {
-    conn.prepare_cached("SELECT hub_id FROM rooms WHERE id = ?1")
-        .and_then(|mut s| s.query_row([room_id], |r| r.get(0)))
+/// A room's hub (the id of the hub's own room), for a channel, and
+/// whether the room is private.
+fn hub_of(conn: &Connection, room_id: i64) -> StoreResult<(Option<i64>, bool)> {
+    conn.prepare_cached("SELECT hub_id, private FROM rooms WHERE id = ?1")
+        .and_then(|mut s| s.query_row([room_id], |r| Ok((r.get(0)?, r.get(1)?))))
         .map_err(db_error)
 }
 
 /// The room whose roles and bans count in `room_id` too: its hub's.
 fn authority(conn: &Connection, room_id: i64) -> StoreResult<i64> {
-    Ok(hub_of(conn, room_id)?.unwrap_or(room_id))
+    Ok(hub_of(conn, room_id)?.0.unwrap_or(room_id))
 }
 
 fn is_member(conn: &Connection, room_id: i64, user: &UserName) -> StoreResult<bool> {
@@ -891,17 +888,10 @@ impl Store for SqliteStore {
                     Some(id) => {
                         if !member {
                             refuse_sanctioned(c, id, &room, &user, SanctionKind::Ban)?;
-                            if let Some(hub) = hub_of(c, id)? {
+                            if let (Some(hub), private) = hub_of(c, id)? {
                                 if !is_member(c, hub, &user)? {
                                     return Err(not_in_hub(&room.hub().expect("a channel")));
                                 }
-                                let private: bool = c
-                                    .query_row(
-                                        "SELECT private FROM rooms WHERE id = ?1",
-                                        [id],
-                                        |r| r.get(0),
-                                    )
-                                    .map_err(db_error)?;
                                 if private {
                                     redeem(c, rules.invite.as_deref(), &room, &user)?;
                                 }
@@ -1258,12 +1248,7 @@ impl Store for SqliteStore {
                     return Ok(HubJoined::default());
                 }
                 refuse_sanctioned(c, id, &room, &user, SanctionKind::Ban)?;
-                let private: bool = c
-                    .query_row("SELECT private FROM rooms WHERE id = ?1", [id], |r| {
-                        r.get(0)
-                    })
-                    .map_err(db_error)?;
-                if private {
+                if hub_of(c, id)?.1 {
                     redeem(c, invite.as_deref(), &room, &user)?;
                 }
                 add_member(c, id, &user, guest, Role::Member)?;

@@ -265,8 +265,7 @@ impl Session {
                 )))
             }
         };
-        let (token, _) = auth::new_token();
-        let code = token[..24].to_owned();
+        let code = auth::random_hex(12);
         let invite = NewInvite {
             code: code.clone(),
             place: room.clone(),

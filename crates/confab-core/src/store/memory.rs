@@ -89,6 +89,15 @@ impl Room {
         }
     }
 
+    /// Refuse to take the owner role from the room's only owner, `user`.
+    fn keep_an_owner(&self, name: &RoomName, user: &UserName) -> StoreResult<()> {
+        let owners = self.members.values().filter(|m| m.role == Role::Owner);
+        if self.members[user.key()].role == Role::Owner && owners.count() == 1 {
+            return Err(last_owner(user, name));
+        }
+        Ok(())
+    }
+
     /// Check and apply an edit or deletion made by `sender`.
     fn amend(&mut self, amend: Amend, sender: &UserName, entry: &Message) -> StoreResult<()> {
         let index = (amend.target() as usize).wrapping_sub(1);
@@ -478,12 +487,10 @@ impl Store for MemoryStore {
         self.with(|s| {
             let room = &s.authority(room)?;
             let r = s.member_room(room, user)?;
-            let owners = r.members.values().filter(|m| m.role == Role::Owner).count();
-            let m = r.members.get_mut(user.key()).expect("checked member");
-            if m.role == Role::Owner && role != Role::Owner && owners == 1 {
-                return Err(last_owner(user, room));
+            if role != Role::Owner {
+                r.keep_an_owner(room, user)?;
             }
-            m.role = role;
+            r.members.get_mut(user.key()).expect("checked member").role = role;
             Ok(())
         })
     }
@@ -621,10 +628,7 @@ impl Store for MemoryStore {
         self.with(|s| {
             let room = RoomName::hub_room(hub);
             let r = s.member_room(&room, user)?;
-            let owners = r.members.values().filter(|m| m.role == Role::Owner).count();
-            if r.members[user.key()].role == Role::Owner && owners == 1 {
-                return Err(last_owner(user, &room));
-            }
+            r.keep_an_owner(&room, user)?;
             r.members.remove(user.key());
             let mut left = Vec::new();
             for (name, c) in s.rooms.iter_mut() {
