@@ -12,12 +12,15 @@
 //! on a worker thread of its own and hands every statement across a
 //! channel. Group commit wants the opposite: one thread that owns the
 //! connection and runs a whole batch of jobs without a hop per statement.
-//! Reads run on tokio's blocking pool over a small pool of connections; the
-//! async threads never touch SQLite.
+//! Reads run on tokio's blocking pool over a small pool of connections,
+//! but for reads of a row or two by key (a user at login, a token), which
+//! run where they are asked: a hand-off to a pool thread and back costs
+//! more than they do ([`SqliteStore::lookup`]).
 
 mod export;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -53,12 +56,60 @@ const READERS: usize = 4;
 pub struct SqliteStore {
     writer: writer::Writer,
     readers: Arc<Readers>,
+    guests: Arc<GuestRows>,
+}
+
+/// The guests that may hold memberships, by key, so that a guest who
+/// joined nothing leaves without a writer job (a thread hand-off there and
+/// back, at every guest's disconnect). Exact because this process is the
+/// file's only writer (two nodes cannot share a SQLite file): filled from
+/// the file on open, marked *before* a write that may add a guest
+/// membership is queued, and forgotten only by a [`Store::drop_guest`]
+/// whose job was queued after every such write (a generation per name: a
+/// write queued after the drop keeps the name).
+#[derive(Default)]
+struct GuestRows {
+    names: Mutex<HashMap<String, u64>>,
+}
+
+impl GuestRows {
+    /// A write queued after this may add a membership of this guest.
+    fn mark(&self, key: &str) {
+        let mut names = self.names.lock().expect("guests poisoned");
+        match names.get_mut(key) {
+            Some(generation) => *generation += 1,
+            None => {
+                names.insert(key.to_owned(), 0);
+            }
+        }
+    }
+
+    /// The generation to drop, or `None` when the guest holds nothing.
+    fn held(&self, key: &str) -> Option<u64> {
+        self.names
+            .lock()
+            .expect("guests poisoned")
+            .get(key)
+            .copied()
+    }
+
+    /// The drop of `generation` is committed: forget the name unless a
+    /// write was queued since.
+    fn dropped(&self, key: &str, generation: u64) {
+        let mut names = self.names.lock().expect("guests poisoned");
+        if names.get(key) == Some(&generation) {
+            names.remove(key);
+        }
+    }
 }
 
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
+    /// Connections for [`SqliteStore::lookup`]: at most one per thread that
+    /// calls it at once. They never wait for a lock (busy timeout 0).
+    inline: Mutex<Vec<Connection>>,
 }
 
 /// How durable a commit is.
@@ -83,12 +134,17 @@ impl SqliteStore {
             .map_err(|e| StoreError::Internal(e.to_string()))??;
         // Room for every statement the writer runs, the batch's own too.
         conn.set_prepared_statement_cache_capacity(64);
+        let guests = GuestRows {
+            names: Mutex::new(guests_with_rows(&conn)?),
+        };
         Ok(SqliteStore {
+            guests: Arc::new(guests),
             writer: writer::Writer::start(conn),
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(READERS)),
+                inline: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -125,6 +181,23 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Internal(e.to_string()))?
     }
+
+    /// A read of a few rows by key (a user by name, a token), run on the
+    /// calling thread. Such a read takes microseconds from cached pages,
+    /// less than handing it to a pool thread and waking the caller again:
+    /// that hand-off was a third of the server's time per guest login. A
+    /// read that would wait for a lock (WAL readers rarely do) is not waited
+    /// for here but run again on the pool, which waits; anything that scans
+    /// goes to the pool ([`SqliteStore::read`]) from the start.
+    async fn lookup<T: Send + 'static>(
+        &self,
+        f: impl Fn(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        match self.readers.inline(&f) {
+            Some(Err(StoreError::Unavailable(_))) | None => self.read(move |c| f(c)).await,
+            Some(done) => done,
+        }
+    }
 }
 
 impl Readers {
@@ -132,14 +205,29 @@ impl Readers {
         if let Some(conn) = self.idle.lock().expect("pool poisoned").pop() {
             return Ok(conn);
         }
+        self.open(std::time::Duration::from_secs(5))
+    }
+
+    fn open(&self, busy_timeout: std::time::Duration) -> StoreResult<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(db_error)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(db_error)?;
+        conn.busy_timeout(busy_timeout).map_err(db_error)?;
         Ok(conn)
+    }
+
+    /// Run `f` here on an inline connection; `None` if none could be had.
+    fn inline<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> Option<StoreResult<T>> {
+        let idle = self.inline.lock().expect("pool poisoned").pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => self.open(std::time::Duration::ZERO).ok()?,
+        };
+        let result = f(&conn);
+        self.inline.lock().expect("pool poisoned").push(conn);
+        Some(result)
     }
 }
 
@@ -173,6 +261,13 @@ fn open_writer(path: &Path, durability: Durability) -> StoreResult<Connection> {
     .map_err(db_error)?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Every guest that holds a membership in the file, for [`GuestRows`].
+fn guests_with_rows(conn: &Connection) -> StoreResult<HashMap<String, u64>> {
+    conn.prepare("SELECT DISTINCT user_key FROM members WHERE guest = 1")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, 0)))?.collect())
+        .map_err(db_error)
 }
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
@@ -209,10 +304,19 @@ fn update_user(
     }
 }
 
-/// The columns [`user_record`] reads, of `users u`.
-const USER_COLUMNS: &str = "u.name, u.password_hash, u.banned, u.ban_reason, u.ban_until";
+/// `SELECT` of the columns [`user_record`] reads, of `users u`, and the
+/// rest of the query: one string made at compile time (these run at every
+/// login).
+macro_rules! select_user {
+    ($rest:literal) => {
+        concat!(
+            "SELECT u.name, u.password_hash, u.banned, u.ban_reason, u.ban_until ",
+            $rest
+        )
+    };
+}
 
-/// The one user a query of [`USER_COLUMNS`] finds.
+/// The one user a query of [`select_user!`] finds.
 fn user_record(
     conn: &Connection,
     sql: &str,
@@ -673,11 +777,8 @@ impl Store for SqliteStore {
 
     async fn user(&self, name: &UserName) -> StoreResult<Option<UserRecord>> {
         let key = name.key().to_owned();
-        self.read(move |c| {
-            let sql = format!("SELECT {USER_COLUMNS} FROM users u WHERE u.key = ?1");
-            user_record(c, &sql, &key)
-        })
-        .await
+        self.lookup(move |c| user_record(c, select_user!("FROM users u WHERE u.key = ?1"), &key))
+            .await
     }
 
     async fn set_password(&self, name: &UserName, password_hash: &str) -> StoreResult<()> {
@@ -794,12 +895,10 @@ impl Store for SqliteStore {
 
     async fn token_user(&self, token: &TokenHash) -> StoreResult<Option<UserRecord>> {
         let token = *token;
-        self.read(move |c| {
-            let sql = format!(
-                "SELECT {USER_COLUMNS} FROM tokens t JOIN users u ON u.key = t.user_key
-                 WHERE t.hash = ?1"
-            );
-            user_record(c, &sql, &token[..])
+        self.lookup(move |c| {
+            let sql =
+                select_user!("FROM tokens t JOIN users u ON u.key = t.user_key WHERE t.hash = ?1");
+            user_record(c, sql, &token[..])
         })
         .await
     }
@@ -855,6 +954,9 @@ impl Store for SqliteStore {
         rules: JoinRules,
     ) -> StoreResult<Joined> {
         let (room, user) = (room.clone(), user.clone());
+        if rules.guest {
+            self.guests.mark(user.key());
+        }
         self.writer
             .run(move |c| {
                 let id = match room_row(c, room.as_str())? {
@@ -929,8 +1031,12 @@ impl Store for SqliteStore {
     }
 
     async fn drop_guest(&self, user: &UserName) -> StoreResult<Vec<RoomName>> {
+        let Some(generation) = self.guests.held(user.key()) else {
+            return Ok(Vec::new());
+        };
         let key = user.key().to_owned();
-        self.writer
+        let left = self
+            .writer
             .run(move |c| {
                 let rooms: Vec<(i64, String)> = c
                     .prepare_cached(
@@ -950,17 +1056,29 @@ impl Store for SqliteStore {
                     .map(|(_, name)| RoomName::from_trusted(name))
                     .collect())
             })
-            .await
+            .await?;
+        self.guests.dropped(user.key(), generation);
+        Ok(left)
     }
 
     async fn drop_all_guests(&self) -> StoreResult<()> {
+        // A guest write queued meanwhile runs after this one and keeps its
+        // mark; the marks of before go once this has committed.
+        let before: Vec<(String, u64)> = {
+            let names = self.guests.names.lock().expect("guests poisoned");
+            names.iter().map(|(k, g)| (k.clone(), *g)).collect()
+        };
         self.writer
             .run(|c| {
                 c.execute("DELETE FROM members WHERE guest = 1", [])
                     .map_err(db_error)?;
                 sweep_guest_rooms(c, None)
             })
-            .await
+            .await?;
+        for (key, generation) in before {
+            self.guests.dropped(&key, generation);
+        }
+        Ok(())
     }
 
     async fn members(
@@ -1033,9 +1151,9 @@ impl Store for SqliteStore {
 
     async fn operator(&self, user: &UserName) -> StoreResult<bool> {
         let key = user.key().to_owned();
-        self.read(move |c| {
+        self.lookup(move |c| {
             c.prepare_cached("SELECT operator FROM users WHERE key = ?1")
-                .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+                .and_then(|mut s| s.query_row([&key], |r| r.get(0)).optional())
                 .map(|op| op.unwrap_or(false))
                 .map_err(db_error)
         })
@@ -1241,6 +1359,9 @@ impl Store for SqliteStore {
             user.clone(),
             invite.map(str::to_owned),
         );
+        if guest {
+            self.guests.mark(user.key());
+        }
         self.writer
             .run(move |c| {
                 let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
@@ -1513,6 +1634,14 @@ impl Store for SqliteStore {
     }
 
     async fn queue_append(&self, message: NewMessage) -> StoreResult<Queued> {
+        if let Some(peers) = &message.direct {
+            if peers.sender_guest {
+                self.guests.mark(message.sender.key());
+            }
+            if peers.peer_guest {
+                self.guests.mark(peers.peer.key());
+            }
+        }
         let outcome = self.writer.queue(move |c| append(c, message)).await?;
         Ok(Box::pin(outcome))
     }
@@ -1683,6 +1812,31 @@ mod tests {
             ("t", 1, Some(1)),
             "one message: the nonce deduplicated the retries"
         );
+    }
+
+    #[tokio::test]
+    async fn a_guest_who_joined_nothing_leaves_without_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let room = RoomName::parse("r").unwrap();
+        {
+            let s = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+            let before = s.writer_stats();
+            assert!(s.drop_guest(&name("idle")).await.unwrap().is_empty());
+            assert_eq!(s.writer_stats(), before, "no job for a guest with no rows");
+            s.join(&room, &name("Kept"), JoinRules::open(true))
+                .await
+                .unwrap();
+            s.join(&room, &name("reg"), JoinRules::open(false))
+                .await
+                .unwrap();
+        }
+        // A guest membership in the file (a crash, say) is known on open.
+        let s = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+        assert_eq!(s.drop_guest(&name("kept")).await.unwrap(), vec![room]);
+        let before = s.writer_stats();
+        assert!(s.drop_guest(&name("kept")).await.unwrap().is_empty());
+        assert_eq!(s.writer_stats(), before, "forgotten once dropped");
     }
 
     #[tokio::test]

@@ -79,6 +79,7 @@ macro_rules! store_contract_tests {
             rooms_lists_memberships_and_public_rooms,
             topics_are_set_by_members,
             guest_memberships_are_dropped,
+            every_guest_membership_is_dropped_however_made,
             rooms_created_by_guests_go_when_empty,
             joins_follow_their_rules,
             rooms_and_members_come_in_pages,
@@ -493,6 +494,50 @@ pub async fn topics_are_set_by_members(s: DynStore) {
         s.set_topic(&r, &user("carol"), "x").await.unwrap_err(),
         StoreError::NotMember
     );
+}
+
+/// A guest's memberships come from its joins and from direct messages
+/// either way; a drop takes those queued before it, and a guest who
+/// comes back after a drop is dropped again.
+pub async fn every_guest_membership_is_dropped_however_made(s: DynStore) {
+    let (g, reg) = (user("Visitor"), user("reg"));
+    assert!(
+        s.drop_guest(&g).await.unwrap().is_empty(),
+        "nothing to drop"
+    );
+    // Made a member by a registered user's direct message.
+    let dm = RoomName::direct(&reg, &g);
+    let mut m = msg("x", "reg", "hi", None);
+    m.room = dm.clone();
+    m.direct = Some(DirectPeers {
+        sender_guest: false,
+        peer: g.clone(),
+        peer_guest: true,
+    });
+    let queued = s.queue_append(m).await.unwrap();
+    // Dropped by a drop asked for before that message is committed.
+    let left = s.drop_guest(&g).await.unwrap();
+    queued.await.unwrap();
+    assert_eq!(left, vec![dm.clone()]);
+    assert!(s.rooms(&g, false, None, 10).await.unwrap().is_empty());
+    assert!(s.drop_guest(&g).await.unwrap().is_empty(), "dropped once");
+    // Back, by a join and a message of its own.
+    s.join(&room("lobby"), &g, JoinRules::open(true))
+        .await
+        .unwrap();
+    let mut m = msg("x", "Visitor", "back", None);
+    m.room = dm.clone();
+    m.direct = Some(DirectPeers {
+        sender_guest: true,
+        peer: reg.clone(),
+        peer_guest: false,
+    });
+    s.append(m).await.unwrap();
+    let mut left = s.drop_guest(&g).await.unwrap();
+    left.sort();
+    assert_eq!(left, vec![dm.clone(), room("lobby")]);
+    assert_eq!(s.members(&dm, None, 10).await.unwrap().len(), 1);
+    assert!(s.rooms(&g, false, None, 10).await.unwrap().is_empty());
 }
 
 pub async fn guest_memberships_are_dropped(s: DynStore) {
