@@ -267,6 +267,15 @@ async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> std:
     io.flush().await
 }
 
+/// What a connection starts with besides its socket: bytes to write before
+/// the greeting, in the same write (the response that upgraded it), and
+/// bytes already read (what a client sent right after its request).
+#[derive(Default)]
+pub(crate) struct Opening {
+    pub(crate) written: Vec<u8>,
+    pub(crate) read: BytesMut,
+}
+
 /// A connection from `client` on `io`, speaking `protocol`: its session,
 /// its `conn` log span, and the future that drives it to its end.
 ///
@@ -279,6 +288,7 @@ pub(crate) fn run<P, S>(
     client: Client,
     protocol: P,
     admitted: Admitted,
+    opening: Opening,
 ) -> impl Future<Output = ()> + Send
 where
     P: Protocol,
@@ -298,10 +308,13 @@ where
         closer: rx.closer(),
         rx,
         stall: app.config().write_stall,
-        out: Vec::new(),
+        out: opening.written,
         broken: false,
     };
-    connection(app, wire, session, protocol, admitted).instrument(span)
+    let input = Input {
+        bytes: opening.read,
+    };
+    connection(app, wire, session, protocol, admitted, input).instrument(span)
 }
 
 async fn connection<P, S>(
@@ -310,13 +323,13 @@ async fn connection<P, S>(
     mut session: Session,
     mut protocol: P,
     _admitted: Admitted,
+    mut input: Input,
 ) where
     P: Protocol,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let _open = app.metrics.connection(P::TRANSPORT);
     tracing::debug!("connected");
-    let mut input = Input::default();
     wire.write_raw(&protocol.greeting(&app)).await;
     let end = match wire.broken {
         true => wire.ending(),

@@ -127,7 +127,12 @@ async fn admit<S: Stream>(
         Ok(admitted) => {
             let protocol = lines(&app);
             Some(Box::pin(driver::run(
-                app, stream, client, protocol, admitted,
+                app,
+                stream,
+                client,
+                protocol,
+                admitted,
+                driver::Opening::default(),
             )))
         }
         Err(full) => {

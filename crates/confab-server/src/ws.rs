@@ -20,7 +20,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncRead;
 use tokio::time::Instant;
 
-use crate::driver::{self, End, Input};
+use crate::admission::Admitted;
+use crate::driver::{self, End, Input, Opening};
 use crate::metrics::Transport;
 use crate::proxy::Client;
 use crate::wsframe::{self, Frame, FrameError};
@@ -52,38 +53,79 @@ const LINGER_AFTER_TOO_BIG: Duration = Duration::from_secs(1);
 /// connection, and the client could lose our close frame.
 const CLOSING_HANDSHAKE: Duration = Duration::from_secs(1);
 
+/// An upgrade request that passed every check: its answer's key, the
+/// client, and its place among the connections.
+pub(crate) struct Accepted {
+    accept: HeaderValue,
+    client: Client,
+    admitted: Admitted,
+}
+
+/// Why an upgrade request is refused: a bad request (400, 426) or no room
+/// now (503).
+struct Refusal {
+    status: StatusCode,
+    why: &'static str,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, why) = (self.status, self.why);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            ([(header::RETRY_AFTER, "5")], (status, why)).into_response()
+        } else {
+            ([(header::SEC_WEBSOCKET_VERSION, "13")], (status, why)).into_response()
+        }
+    }
+}
+
+/// Check an upgrade request from `peer` and take its place, or the refusal.
+fn handshake(app: &App, peer: SocketAddr, headers: &HeaderMap) -> Result<Accepted, Refusal> {
+    let unavailable = |why| Refusal {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        why,
+    };
+    let accept = accept_key(headers).map_err(|(status, why)| Refusal { status, why })?;
+    if app.draining.is_cancelled() {
+        return Err(unavailable("the server is shutting down"));
+    }
+    let config = app.config();
+    let client = Client::behind(peer, headers, &config.trusted_proxies);
+    match app.admit(&config, client.ip) {
+        Ok(admitted) => Ok(Accepted {
+            accept,
+            client,
+            admitted,
+        }),
+        Err(full) => Err(unavailable(full.message())),
+    }
+}
+
+/// `GET /ws` through hyper: a request after others on a kept-alive
+/// connection, or one refused (the first request of a connection is
+/// answered by [`first_request`]).
 pub(crate) async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     State(app): State<Arc<App>>,
     mut request: Request,
 ) -> Response {
-    let unavailable = |why: &'static str| {
-        let headers = [(header::RETRY_AFTER, "5")];
-        (StatusCode::SERVICE_UNAVAILABLE, headers, why).into_response()
-    };
-    let accept = match accept_key(request.headers()) {
-        Ok(accept) => accept,
-        Err((status, why)) => {
-            let version = [(header::SEC_WEBSOCKET_VERSION, "13")];
-            return (status, version, why).into_response();
-        }
-    };
-    if app.draining.is_cancelled() {
-        return unavailable("the server is shutting down");
-    }
-    let config = app.config();
-    let client = Client::behind(peer, request.headers(), &config.trusted_proxies);
-    let admitted = match app.admit(&config, client.ip) {
-        Ok(admitted) => admitted,
-        Err(full) => return unavailable(full.message()),
+    let accepted = match handshake(&app, peer, request.headers()) {
+        Ok(accepted) => accepted,
+        Err(refused) => return refused.into_response(),
     };
     let upgraded = hyper::upgrade::on(&mut request);
     let tracker = app.tasks.clone();
+    let Accepted {
+        accept,
+        client,
+        admitted,
+    } = accepted;
     tracker.spawn(async move {
         match upgraded.await {
             Ok(upgraded) => {
                 let protocol = WebSocket::new(&app);
-                driver::run(app, TokioIo::new(upgraded), client, protocol, admitted).await
+                let io = TokioIo::new(upgraded);
+                driver::run(app, io, client, protocol, admitted, Opening::default()).await
             }
             Err(e) => tracing::debug!(peer = %client, error = %e, "the upgrade failed"),
         }
@@ -94,6 +136,62 @@ pub(crate) async fn upgrade(
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     response
+}
+
+/// The first request of a connection, if it is a WebSocket upgrade that
+/// passes every check: the connection becomes the driver's in the task
+/// that accepted it, with no HTTP machinery, no second task, and the 101
+/// written with the `hello` in one write. `None` leaves the request to
+/// hyper, which answers refusals (through [`upgrade`], the same checks).
+pub(crate) fn first_request(
+    app: &App,
+    peer: SocketAddr,
+    request: &httparse::Request<'_, '_>,
+) -> Option<Accepted> {
+    let path = request.path?;
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    if request.method != Some("GET") || request.version != Some(1) || path != "/ws" {
+        return None;
+    }
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    for h in request.headers.iter() {
+        let name = header::HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    }
+    handshake(app, peer, &headers).ok()
+}
+
+/// The WebSocket connection of an upgrade accepted by [`first_request`]:
+/// `rest` is what the client sent after its request.
+pub(crate) fn upgraded<S>(
+    app: Arc<App>,
+    io: S,
+    accepted: Accepted,
+    rest: BytesMut,
+) -> impl std::future::Future<Output = ()> + Send
+where
+    S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
+    let mut written = Vec::with_capacity(160);
+    written.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+          sec-websocket-accept: ",
+    );
+    written.extend_from_slice(accepted.accept.as_bytes());
+    written.extend_from_slice(b"\r\n\r\n");
+    let protocol = WebSocket::new(&app);
+    let opening = Opening {
+        written,
+        read: rest,
+    };
+    driver::run(
+        app,
+        io,
+        accepted.client,
+        protocol,
+        accepted.admitted,
+        opening,
+    )
 }
 
 /// The `Sec-WebSocket-Accept` for a valid upgrade request, or why not.

@@ -106,6 +106,83 @@ async fn fragmented_messages_are_whole_requests(store: Store) {
     }
 }
 
+/// Read an HTTP response head byte by byte (so nothing after it is taken).
+async fn response_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_u8())
+            .await
+            .expect("a response in time")
+            .expect("a response");
+        head.push(byte);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A client's text frame, masked, by hand.
+fn masked_text(text: &str) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// An upgrade as clients really send it: the request in pieces, a frame
+/// right behind it before any answer; and an upgrade that comes after
+/// another request on a kept-alive connection.
+async fn upgrades_in_pieces_with_a_frame_behind_and_after_another_request(store: Store) {
+    use confab_testkit::tokio_tungstenite::{tungstenite::protocol::Role, WebSocketStream};
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let server = store.spawn().await;
+    let upgrade = "GET /ws?from=test HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                   Sec-WebSocket-Version: 13\r\n\r\n";
+    let (first, second) = upgrade.split_at(30);
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(first.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    let mut rest = second.as_bytes().to_vec();
+    rest.extend(masked_text(r#"{"type":"ping","id":"early"}"#));
+    stream.write_all(&rest).await.unwrap();
+    let head = response_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    // RFC 6455's own example key and answer.
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let mut ws = WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    let mut texts = Vec::new();
+    for _ in 0..2 {
+        let frame = ws.next().await.unwrap().unwrap();
+        texts.push(serde_json::from_str::<Value>(frame.to_text().unwrap()).unwrap());
+    }
+    assert_eq!(texts[0]["type"], "hello");
+    assert_eq!(texts[1], json!({"type":"pong","id":"early"}));
+
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    stream.write_all(healthz.as_bytes()).await.unwrap();
+    let head = response_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let mut body = [0u8; 3];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut body)
+        .await
+        .unwrap();
+    assert_eq!(&body, b"ok\n");
+    stream.write_all(upgrade.as_bytes()).await.unwrap();
+    let head = response_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let mut ws = WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    let hello = ws.next().await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains(r#""type":"hello""#));
+}
+
 /// What is not a WebSocket upgrade is refused with words: 400 without the
 /// upgrade headers, 426 naming the version for another version.
 async fn bad_upgrades_are_refused(store: Store) {
@@ -795,6 +872,7 @@ confab_testkit::on_each_store!(
     frames_over_the_limit_close_with_1009,
     fragmented_messages_are_whole_requests,
     bad_upgrades_are_refused,
+    upgrades_in_pieces_with_a_frame_behind_and_after_another_request,
     only_login_requests_before_login,
     register_login_resume_logout,
     guests_come_and_go,
