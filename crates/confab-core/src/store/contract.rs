@@ -30,6 +30,20 @@ fn msg(r: &str, sender: &str, body: &str, nonce: Option<&str>) -> NewMessage {
     }
 }
 
+/// A direct message from `sender` to `peer`, which opens their
+/// conversation; `guests` says which of the two are guests.
+fn direct(sender: &str, peer: &str, body: &str, guests: (bool, bool)) -> NewMessage {
+    let (from, to) = (user(sender), user(peer));
+    let mut m = msg("x", sender, body, None);
+    m.room = RoomName::direct(&from, &to);
+    m.direct = Some(DirectPeers {
+        sender_guest: guests.0,
+        peer: to,
+        peer_guest: guests.1,
+    });
+    m
+}
+
 fn amend(r: &str, sender: &str, body: &str, amend: Amend) -> NewMessage {
     NewMessage {
         amend: Some(amend),
@@ -349,12 +363,8 @@ pub async fn nonces_deduplicate_per_sender_and_room(s: DynStore) {
 
 pub async fn direct_messages_open_the_conversation(s: DynStore) {
     let dm = RoomName::direct(&user("bob"), &user("alice"));
-    let mut m = msg(dm.as_str(), "bob", "hello", Some("d1"));
-    m.direct = Some(DirectPeers {
-        sender_guest: false,
-        peer: user("Alice"),
-        peer_guest: false,
-    });
+    let mut m = direct("bob", "Alice", "hello", (false, false));
+    m.nonce = Some("d1".into());
     let a = s.append(m.clone()).await.unwrap();
     assert_eq!(a.message.seq, 1);
     let mut new: Vec<_> = a.new_members.iter().map(|u| u.key().to_owned()).collect();
@@ -507,14 +517,10 @@ pub async fn every_guest_membership_is_dropped_however_made(s: DynStore) {
     );
     // Made a member by a registered user's direct message.
     let dm = RoomName::direct(&reg, &g);
-    let mut m = msg("x", "reg", "hi", None);
-    m.room = dm.clone();
-    m.direct = Some(DirectPeers {
-        sender_guest: false,
-        peer: g.clone(),
-        peer_guest: true,
-    });
-    let queued = s.queue_append(m).await.unwrap();
+    let queued = s
+        .queue_append(direct("reg", "Visitor", "hi", (false, true)))
+        .await
+        .unwrap();
     // Dropped by a drop asked for before that message is committed.
     let left = s.drop_guest(&g).await.unwrap();
     queued.await.unwrap();
@@ -525,14 +531,9 @@ pub async fn every_guest_membership_is_dropped_however_made(s: DynStore) {
     s.join(&room("lobby"), &g, JoinRules::open(true))
         .await
         .unwrap();
-    let mut m = msg("x", "Visitor", "back", None);
-    m.room = dm.clone();
-    m.direct = Some(DirectPeers {
-        sender_guest: true,
-        peer: reg.clone(),
-        peer_guest: false,
-    });
-    s.append(m).await.unwrap();
+    s.append(direct("Visitor", "reg", "back", (true, false)))
+        .await
+        .unwrap();
     let mut left = s.drop_guest(&g).await.unwrap();
     left.sort();
     assert_eq!(left, vec![dm.clone(), room("lobby")]);
@@ -641,14 +642,9 @@ pub async fn joins_follow_their_rules(s: DynStore) {
             .newly_joined,
         "joining a room one is in passes the cap"
     );
-    let mut dm = msg("dm:alice:owner", "owner", "hi", None);
-    dm.room = RoomName::direct(&user("owner"), &a);
-    dm.direct = Some(DirectPeers {
-        sender_guest: false,
-        peer: a.clone(),
-        peer_guest: false,
-    });
-    s.append(dm).await.unwrap();
+    s.append(direct("owner", a.as_str(), "hi", (false, false)))
+        .await
+        .unwrap();
     s.leave(&room("one"), &a).await.unwrap();
     s.join(&room("three"), &a, strict)
         .await
