@@ -2005,9 +2005,17 @@ mod tests {
         let s = SqliteStore::open(dir.path().join("d.db"), Durability::Normal)
             .await
             .unwrap();
+        // A panic outside any job (here in the commit observer, after the
+        // second commit's replies) kills the thread. Set before the first
+        // commit: the observer runs after a batch's replies are sent, so one
+        // set after `ping` returned could still be called for its batch.
+        let commits = std::sync::atomic::AtomicUsize::new(0);
+        s.observe_commits(Box::new(move |_, _| {
+            if commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                panic!("observer bug")
+            }
+        }));
         s.ping().await.unwrap();
-        // A panic outside any job (here in the commit observer) kills the thread.
-        s.observe_commits(Box::new(|_, _| panic!("observer bug")));
         s.create_user(&name("last"), "h").await.unwrap();
         let e = tokio::time::timeout(std::time::Duration::from_secs(10), s.failed())
             .await
