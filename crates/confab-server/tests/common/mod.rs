@@ -51,11 +51,13 @@ impl Confab {
                 let _ = tx.send(line);
             }
         });
+        let mut said = Vec::new();
         let http = loop {
             let line = tokio::time::timeout(Duration::from_secs(30), logs.recv())
                 .await
-                .expect("confab did not start")
-                .expect("confab exited at start");
+                .unwrap_or_else(|_| panic!("confab did not start:\n{}", said.join("\n")))
+                .unwrap_or_else(|| panic!("confab exited at start:\n{}", said.join("\n")));
+            said.push(line.clone());
             if line.contains("listening for HTTP and WebSocket") {
                 let addr = line
                     .split("addr=")
