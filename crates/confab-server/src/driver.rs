@@ -267,6 +267,10 @@ async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> std:
     io.flush().await
 }
 
+/// A connection's driver, boxed: what the accepting task runs once the
+/// connection is open (the opening's state is gone by then).
+pub(crate) type Opened = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// What a connection starts with besides its socket: bytes to write before
 /// the greeting, in the same write (the response that upgraded it), and
 /// bytes already read (what a client sent right after its request).

@@ -7,7 +7,6 @@
 //! server's time per connection was hyper's and a second task's). Every
 //! other request goes to hyper and the router, with the bytes read so far.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
 
-use crate::{ws, App};
+use crate::{driver, ws, App};
 
 /// How long accepting waits after an error (out of descriptors, say).
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -56,9 +55,6 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener, router: Router) 
     }
 }
 
-/// A WebSocket connection ready to run.
-type WebSocket = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 /// Serve a connection's HTTP requests; a WebSocket upgrade in its first
 /// request is returned to run instead.
 async fn connection(
@@ -66,7 +62,7 @@ async fn connection(
     router: Router,
     stream: TcpStream,
     peer: SocketAddr,
-) -> Option<WebSocket> {
+) -> Option<driver::Opened> {
     match &app.tls {
         None => serve_connection(&app, router, stream, peer).await,
         Some(tls) => {
@@ -132,7 +128,7 @@ async fn serve_connection<S>(
     router: Router,
     mut stream: S,
     peer: SocketAddr,
-) -> Option<WebSocket>
+) -> Option<driver::Opened>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {

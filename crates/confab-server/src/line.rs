@@ -68,14 +68,15 @@ pub(crate) async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-/// A connection ready to run, on TCP or TLS.
-type Connection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 /// Who the client is (from a PROXY header when the peer is a trusted
 /// proxy), then TLS when configured: the connection to serve, or `None`
 /// when it is refused (and told why). All of it within the handshake
 /// timeout.
-async fn handshake(app: Arc<App>, mut stream: TcpStream, peer: SocketAddr) -> Option<Connection> {
+async fn handshake(
+    app: Arc<App>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<driver::Opened> {
     let _ = stream.set_nodelay(true);
     if let Err(e) = keep_alive(&stream) {
         tracing::warn!(%peer, error = %e, "cannot set TCP keepalive");
@@ -122,7 +123,7 @@ async fn admit<S: Stream>(
     mut stream: S,
     client: Client,
     admitted: Result<Admitted, Full>,
-) -> Option<Connection> {
+) -> Option<driver::Opened> {
     match admitted {
         Ok(admitted) => {
             let protocol = lines(&app);
