@@ -3,8 +3,8 @@
 //! and says nothing costs a task for `handshake_timeout` at most), the peer
 //! address for every request, a graceful drain, and WebSocket connections
 //! without hyper: the first request's head is read here, and an upgrade to
-//! WebSocket is answered here and driven in the same task (a third of the
-//! server's time per connection was hyper's and a second task's). Every
+//! WebSocket is answered here and driven in the same task (about a fifth of
+//! the server's time per connection was hyper's and a second task's). Every
 //! other request goes to hyper and the router, with the bytes read so far.
 
 use std::net::SocketAddr;
@@ -148,7 +148,7 @@ where
             None
         }
         First::Gone => {
-            tracing::debug!(%peer, "no request in time");
+            tracing::debug!(%peer, "closed or silent before a whole request");
             None
         }
     }

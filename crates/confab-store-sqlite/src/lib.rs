@@ -184,8 +184,8 @@ impl SqliteStore {
 
     /// A read of a few rows by key (a user by name, a token), run on the
     /// calling thread. Such a read takes microseconds from cached pages,
-    /// less than handing it to a pool thread and waking the caller again:
-    /// that hand-off was a third of the server's time per guest login. A
+    /// less than handing it to a pool thread and waking the caller again
+    /// (BENCHMARKS.md: server CPU per guest login fell by up to a fifth). A
     /// read that would wait for a lock (WAL readers rarely do) is not waited
     /// for here but run again on the pool, which waits; anything that scans
     /// goes to the pool ([`SqliteStore::read`]) from the start.

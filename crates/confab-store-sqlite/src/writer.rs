@@ -200,8 +200,8 @@ impl Writer {
     }
 
     /// [`Writer::queue`] for a job that, when it fails, fails before its
-    /// first write: it runs without a savepoint (a tenth of a message's
-    /// time on the writer went to its savepoint).
+    /// first write: it runs without a savepoint (about a quarter of a
+    /// message's time on the writer went to its savepoint).
     pub(crate) async fn queue_refusing_first<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,

@@ -459,40 +459,36 @@ impl WsClient {
     /// (requests of a client it cut off) makes the kernel send a reset,
     /// which discards the close frame on its way.
     pub async fn closed_or_reset(&mut self) -> Option<(u16, String)> {
-        loop {
-            let msg = tokio::time::timeout(READ_TIMEOUT, self.ws.next())
-                .await
-                .expect("timed out waiting for the close");
-            match msg {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Some((u16::from(frame.code), frame.reason.to_string()))
-                }
-                Some(Ok(Message::Close(None))) => {
-                    return Some((u16::from(CloseCode::Status), String::new()))
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return None,
-            }
-        }
+        self.close_frame().await.ok()
     }
 
     /// Read until the server closes; returns the close code and reason.
     /// Frames before the close are discarded.
     pub async fn closed(&mut self) -> (u16, String) {
+        self.close_frame()
+            .await
+            .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// The close frame's code and reason, or how the connection ended
+    /// without one.
+    async fn close_frame(&mut self) -> Result<(u16, String), String> {
         loop {
             let msg = tokio::time::timeout(READ_TIMEOUT, self.ws.next())
                 .await
                 .expect("timed out waiting for the close");
             match msg {
                 Some(Ok(Message::Close(Some(frame)))) => {
-                    return (u16::from(frame.code), frame.reason.to_string())
+                    return Ok((u16::from(frame.code), frame.reason.to_string()))
                 }
                 Some(Ok(Message::Close(None))) => {
-                    return (u16::from(CloseCode::Status), String::new())
+                    return Ok((u16::from(CloseCode::Status), String::new()))
                 }
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => panic!("connection failed without a close frame: {e}"),
-                None => panic!("connection ended without a close frame"),
+                Some(Err(e)) => {
+                    return Err(format!("connection failed without a close frame: {e}"))
+                }
+                None => return Err("connection ended without a close frame".into()),
             }
         }
     }
