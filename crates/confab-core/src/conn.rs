@@ -6,9 +6,10 @@
 //! a full queue closes the connection as a slow consumer instead of
 //! dropping the event or slowing the publisher down.
 //!
-//! The queue is a `VecDeque` under a mutex that is never held across an
+//! The queue is a [`Batch`] under a mutex that is never held across an
 //! `.await`: it holds no memory while it is empty (most connections, most
-//! of the time), and the transport takes everything queued at once
+//! of the time), allocates nothing while it holds one item (the oldest is
+//! kept inline), and the transport takes everything queued at once
 //! ([`ConnReceiver::recv_all`]), one lock per write instead of one per
 //! item. The transport's waker is kept under that same lock, so a push is
 //! one lock and, when the transport waits, one wake: no [`Notify`] of its
@@ -37,9 +38,11 @@ pub enum Outbound {
     Reply(Box<Reply>),
     /// An event, possibly shared with many connections.
     Event(Arc<SharedEvent>),
-    /// Bytes the transport queued for its own connection (a greeting, a
-    /// `PONG`), written as they are, in order with the rest.
-    Raw(bytes::Bytes),
+    /// Bytes the transport queued for its own connection (a `PONG`),
+    /// written as they are, in order with the rest. Boxed, as replies are:
+    /// every connection's queue keeps an item inline, and an item is the
+    /// size of its largest variant.
+    Raw(Box<bytes::Bytes>),
 }
 
 /// Why the server closes a connection.
@@ -58,10 +61,66 @@ pub enum CloseReason {
     Stale,
 }
 
+/// Queued items, oldest first: what the transport takes at once.
+///
+/// The oldest item is kept inline, so a queue that holds one item at a
+/// time allocates nothing. Under fan-out that is most of them: each event
+/// wakes its connection, which takes it alone. Held in a `VecDeque` alone,
+/// each delivery allocated a buffer on the publisher's thread that the
+/// connection's task freed on another: the larger part of malloc's share
+/// of the fan-out profile.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// `None` only when `rest` is empty too.
+    first: Option<Outbound>,
+    rest: VecDeque<Outbound>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn push_back(&mut self, item: Outbound) {
+        match self.first {
+            None => self.first = Some(item),
+            Some(_) => self.rest.push_back(item),
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Outbound> {
+        let item = self.first.take()?;
+        self.first = self.rest.pop_front();
+        Some(item)
+    }
+
+    /// Bytes of memory held beside the inline item.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.rest.capacity() * std::mem::size_of::<Outbound>()
+    }
+}
+
+impl IntoIterator for Batch {
+    type Item = Outbound;
+    type IntoIter = std::iter::Chain<
+        std::option::IntoIter<Outbound>,
+        std::collections::vec_deque::IntoIter<Outbound>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
 /// The queue, and the transport's waker while it waits for an item.
 #[derive(Debug, Default)]
 struct Queue {
-    items: VecDeque<Outbound>,
+    items: Batch,
     waiting: Option<Waker>,
 }
 
@@ -168,7 +227,7 @@ impl Shared {
     fn poll_take<T>(
         &self,
         cx: Option<&mut Context<'_>>,
-        take: impl FnOnce(&mut VecDeque<Outbound>) -> T,
+        take: impl FnOnce(&mut Batch) -> T,
     ) -> Poll<Option<T>> {
         let mut queue = self.queue();
         if queue.items.is_empty() {
@@ -190,7 +249,7 @@ impl Shared {
         let left = queue.items.len();
         if left == 0 {
             // Give the memory back: an idle connection holds none.
-            queue.items = VecDeque::new();
+            queue.items.rest = VecDeque::new();
         }
         drop(queue);
         // Senders wait for room only when the queue was full.
@@ -201,7 +260,7 @@ impl Shared {
     }
 
     /// What `take` takes if anything is queued, without waiting.
-    fn take_now<T>(&self, take: impl FnOnce(&mut VecDeque<Outbound>) -> T) -> Option<T> {
+    fn take_now<T>(&self, take: impl FnOnce(&mut Batch) -> T) -> Option<T> {
         match self.poll_take(None, take) {
             Poll::Ready(taken) => taken,
             Poll::Pending => None,
@@ -352,18 +411,18 @@ impl ConnReceiver {
     /// Everything queued, oldest first, once something is (with the memory
     /// that held it); `None` once every sender is gone and the queue is
     /// empty. Cancel-safe.
-    pub async fn recv_all(&mut self) -> Option<VecDeque<Outbound>> {
+    pub async fn recv_all(&mut self) -> Option<Batch> {
         std::future::poll_fn(|cx| self.shared.poll_take(Some(cx), std::mem::take)).await
     }
 
     /// The next item if one is queued now.
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.shared.take_now(VecDeque::pop_front).flatten()
+        self.shared.take_now(Batch::pop_front).flatten()
     }
 
     /// Everything queued now, oldest first, with one lock; the queue's
     /// memory goes with it.
-    pub fn take_all(&mut self) -> VecDeque<Outbound> {
+    pub fn take_all(&mut self) -> Batch {
         self.shared.take_now(std::mem::take).unwrap_or_default()
     }
 
@@ -401,6 +460,13 @@ mod tests {
         })))
     }
 
+    #[test]
+    fn an_item_is_two_words() {
+        // Every connection's queue holds one inline: large variants are
+        // boxed.
+        assert_eq!(std::mem::size_of::<Outbound>(), 16);
+    }
+
     #[tokio::test]
     async fn overflow_closes_as_slow_consumer() {
         let (conn, mut rx) = channel(ConnId(1), 2, None);
@@ -430,7 +496,7 @@ mod tests {
     }
 
     fn held(rx: &ConnReceiver) -> usize {
-        rx.shared.queue().items.capacity()
+        rx.shared.queue().items.held()
     }
 
     #[tokio::test]
@@ -438,6 +504,7 @@ mod tests {
         let (conn, mut rx) = channel(ConnId(1), 8, None);
         assert_eq!(held(&rx), 0);
         conn.push(event());
+        assert_eq!(held(&rx), 0, "one item is kept inline");
         conn.push(event());
         assert!(held(&rx) > 0);
         assert!(rx.try_recv().is_some());

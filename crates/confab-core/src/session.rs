@@ -287,7 +287,7 @@ impl Session {
     /// Queue transport-specific bytes, in order with replies and events.
     pub async fn write_raw(&mut self, bytes: bytes::Bytes) {
         self.settle().await;
-        self.conn.send(Outbound::Raw(bytes)).await;
+        self.conn.send(Outbound::Raw(Box::new(bytes))).await;
     }
 
     /// Answer a frame that could not be decoded.

@@ -719,13 +719,12 @@ impl SharedEvent {
         self
     }
 
-    /// The event's bytes in `format`; cheap after the first call.
-    pub fn encoded(&self, format: Format) -> bytes::Bytes {
-        self.encoded[format.index()]
-            .get_or_init(|| match format {
-                Format::Json => crate::json::encode_event(&self.event),
-                Format::Line => crate::line::format_event(&self.event),
-            })
-            .clone()
+    /// The event's bytes in `format`, encoded at the first call: every
+    /// connection writes the same bytes, borrowed.
+    pub fn encoded(&self, format: Format) -> &bytes::Bytes {
+        self.encoded[format.index()].get_or_init(|| match format {
+            Format::Json => crate::json::encode_event(&self.event),
+            Format::Line => crate::line::format_event(&self.event),
+        })
     }
 }

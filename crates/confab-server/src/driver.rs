@@ -6,25 +6,26 @@
 //! ```text
 //! socket ─► Input ─► Protocol::decode ─► Protocol::serve ─► Session ─► queue
 //!   ▲                                                                   │
-//!   └──────────── one write per wake-up ◄── Protocol::wrap ◄── encode ◄─┘
+//!   └──────────── one write per wake-up ◄── Protocol::header ◄─ encode ◄─┘
 //! ```
 //!
 //! An idle connection holds no buffer: input is read onto the stack and
-//! kept only while a frame is incomplete ([`Input`]); output is gathered
-//! into one buffer per wake-up, written with one write, and given back. The
+//! kept only while a frame is incomplete ([`Input`]); a lone item goes out
+//! with one `writev` of its header and its encoded bytes (an event's are
+//! shared by every member), several are gathered into one buffer per
+//! wake-up, written with one write, and given back. The
 //! session's work on a frame is boxed, so the connection's future is small
 //! while it waits. While the session works (a request can wait on storage,
 //! or for room in its own queue), the driver keeps writing what is queued:
 //! a connection never waits on itself.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use confab_core::conn::Closer;
+use confab_core::conn::{Batch, Closer};
 use confab_core::{CloseReason, ConnReceiver, Outbound, Session};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
@@ -60,6 +61,9 @@ pub(crate) trait Protocol: Send + 'static {
     type Frame: Send;
     /// The protocol's own endings.
     type Close: Send + Sync;
+    /// What goes on the wire before an encoded reply or event (a
+    /// WebSocket frame's header; nothing before a line).
+    type Header: AsRef<[u8]>;
     const TRANSPORT: Transport;
 
     /// Bytes written first (the WebSocket `hello`, the line greeting).
@@ -79,8 +83,8 @@ pub(crate) trait Protocol: Send + 'static {
         session: &'a mut Session,
         frame: Self::Frame,
     ) -> impl Future<Output = Option<End<Self::Close>>> + Send + 'a;
-    /// Append an encoded reply or event as it goes on the wire.
-    fn wrap(payload: &[u8], out: &mut Vec<u8>);
+    /// The header of an encoded reply or event of `len` bytes.
+    fn header(len: usize) -> Self::Header;
     /// The client sent something (it is alive).
     fn heard(&mut self);
     /// When [`Protocol::tick`] is due, if ever.
@@ -189,9 +193,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
     }
 
     /// Write what was taken from the queue, in one write.
-    async fn send<P: Protocol>(&mut self, app: &App, items: VecDeque<Outbound>) {
-        self.gather::<P>(app, items);
+    async fn send<P: Protocol>(&mut self, app: &App, items: Batch) {
+        if items.len() == 1 && self.out.is_empty() && self.io.is_write_vectored() {
+            if let Some(item) = items.into_iter().next() {
+                self.write_one::<P>(app, item);
+            }
+        } else {
+            self.gather::<P>(app, items);
+        }
         self.flush().await;
+    }
+
+    /// Write a lone item (under fan-out, most wake-ups take one event)
+    /// straight from its encoded bytes, which every member shares: one
+    /// `writev` of header and payload, no gather buffer. What the socket
+    /// does not take now is copied to the output, for [`Wire::flush`].
+    fn write_one<P: Protocol>(&mut self, app: &App, item: Outbound) {
+        if self.closer.is_closed() {
+            return; // flush notices
+        }
+        let payload = encode(app, P::TRANSPORT, &item);
+        let header = match item {
+            Outbound::Raw(_) => None,
+            _ => Some(P::header(payload.len())),
+        };
+        let header = header.as_ref().map_or(&[][..], AsRef::as_ref);
+        if write_parts_now(&mut self.io, header, &payload, &mut self.out).is_err() {
+            self.broken = true;
+        }
     }
 
     /// Write the output unless evicted first (a write that stalls evicts),
@@ -233,12 +262,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
     }
 
     /// Append these items to the output, encoded.
-    fn gather<P: Protocol>(&mut self, app: &App, items: VecDeque<Outbound>) {
+    fn gather<P: Protocol>(&mut self, app: &App, items: Batch) {
         for item in items {
-            match item {
-                Outbound::Raw(bytes) => self.out.extend_from_slice(&bytes),
-                item => P::wrap(&encode(app, P::TRANSPORT, item), &mut self.out),
+            let payload = encode(app, P::TRANSPORT, &item);
+            if !matches!(item, Outbound::Raw(_)) {
+                self.out
+                    .extend_from_slice(P::header(payload.len()).as_ref());
             }
+            self.out.extend_from_slice(&payload);
         }
     }
 
@@ -267,6 +298,37 @@ async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> std:
         out.drain(..n);
     }
     io.flush().await
+}
+
+/// Write `header` and `payload` with one vectored write, without waiting;
+/// what the socket does not take is appended to `out` (empty before).
+fn write_parts_now<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    header: &[u8],
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if header.is_empty() && payload.is_empty() {
+        return Ok(()); // an event a protocol does not show (typing, on lines)
+    }
+    let parts = [
+        std::io::IoSlice::new(header),
+        std::io::IoSlice::new(payload),
+    ];
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let written = match Pin::new(io).poll_write_vectored(&mut cx, &parts) {
+        Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+        Poll::Ready(written) => written?,
+        Poll::Pending => 0,
+    };
+    match written.checked_sub(header.len()) {
+        Some(sent) => out.extend_from_slice(&payload[sent..]),
+        None => {
+            out.extend_from_slice(&header[written..]);
+            out.extend_from_slice(payload);
+        }
+    }
+    Ok(())
 }
 
 /// A connection's driver, boxed: what the accepting task runs once the
@@ -541,6 +603,62 @@ mod tests {
         input.bytes.clear();
         input.release_if_done();
         assert_eq!(input.held(), 0, "nothing held between frames");
+    }
+
+    /// Takes at most `most` bytes a write (none: not ready), of the
+    /// first buffer only, as a vectored write may.
+    struct Trickle {
+        most: usize,
+        got: Vec<u8>,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.most == 0 {
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.most);
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn what_a_vectored_write_leaves_is_kept_in_order() {
+        let (header, payload) = (b"head".as_slice(), b"the payload".as_slice());
+        let mut io = Trickle {
+            most: 1,
+            got: Vec::new(),
+        };
+        let mut out = Vec::new();
+        write_parts_now(&mut io, b"", b"", &mut out).expect("nothing to write is no error");
+        assert!(io.got.is_empty() && out.is_empty());
+        for most in [0, 1, 3, 4, 5, 15, 100] {
+            let mut io = Trickle {
+                most,
+                got: Vec::new(),
+            };
+            let mut out = Vec::new();
+            write_parts_now(&mut io, header, payload, &mut out).unwrap();
+            io.got.extend_from_slice(&out);
+            assert_eq!(io.got, b"headthe payload", "at most {most} bytes a write");
+        }
     }
 
     #[tokio::test]

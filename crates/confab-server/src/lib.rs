@@ -96,23 +96,28 @@ pub(crate) async fn unless_evicted<T>(
 
 /// Encode one queued item for `transport`, counting message deliveries
 /// and their latency since accept.
-pub(crate) fn encode(app: &App, transport: Transport, item: Outbound) -> bytes::Bytes {
+pub(crate) fn encode<'a>(
+    app: &App,
+    transport: Transport,
+    item: &'a Outbound,
+) -> std::borrow::Cow<'a, bytes::Bytes> {
+    use std::borrow::Cow;
     match item {
-        Outbound::Reply(reply) => match transport {
-            Transport::Ws => confab_proto::json::encode_reply(&reply),
-            Transport::Line => confab_proto::line::format_reply(&reply),
-        },
+        Outbound::Reply(reply) => Cow::Owned(match transport {
+            Transport::Ws => confab_proto::json::encode_reply(reply),
+            Transport::Line => confab_proto::line::format_reply(reply),
+        }),
         Outbound::Event(shared) => {
             if let confab_proto::Event::Message(_) = shared.event {
                 let latency = shared.accepted.map(|at| at.elapsed());
                 app.metrics.delivered(transport, latency);
             }
-            shared.encoded(match transport {
+            Cow::Borrowed(shared.encoded(match transport {
                 Transport::Ws => confab_proto::Format::Json,
                 Transport::Line => confab_proto::Format::Line,
-            })
+            }))
         }
-        Outbound::Raw(bytes) => bytes,
+        Outbound::Raw(bytes) => Cow::Borrowed(bytes),
     }
 }
 

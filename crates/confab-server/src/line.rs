@@ -199,6 +199,7 @@ struct Lines {
 impl driver::Protocol for Lines {
     type Frame = LineFrame;
     type Close = Closing;
+    type Header = [u8; 0];
     const TRANSPORT: Transport = Transport::Line;
 
     fn greeting(&self, _app: &App) -> Bytes {
@@ -226,8 +227,8 @@ impl driver::Protocol for Lines {
         terminal.frame(frame).await
     }
 
-    fn wrap(payload: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(payload);
+    fn header(_len: usize) -> [u8; 0] {
+        []
     }
 
     fn heard(&mut self) {

@@ -256,6 +256,7 @@ fn closing(code: u16, reason: &'static str) -> End<Closing> {
 impl driver::Protocol for WebSocket {
     type Frame = Frame;
     type Close = Closing;
+    type Header = wsframe::OutHeader;
     const TRANSPORT: Transport = Transport::Ws;
 
     fn greeting(&self, app: &App) -> Bytes {
@@ -312,8 +313,8 @@ impl driver::Protocol for WebSocket {
         None
     }
 
-    fn wrap(payload: &[u8], out: &mut Vec<u8>) {
-        wsframe::put(wsframe::TEXT, payload, out);
+    fn header(len: usize) -> wsframe::OutHeader {
+        wsframe::OutHeader::new(wsframe::TEXT, len)
     }
 
     fn heard(&mut self) {

@@ -196,21 +196,48 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// The header of a final, unmasked frame the server sends: 2 to 10 bytes.
+pub(crate) struct OutHeader {
+    bytes: [u8; 10],
+    len: u8,
+}
+
+impl OutHeader {
+    /// A frame with this opcode and a payload of `len` bytes.
+    pub(crate) fn new(opcode: u8, len: usize) -> OutHeader {
+        let mut bytes = [0u8; 10];
+        bytes[0] = 0x80 | opcode;
+        let used = match len {
+            n if n < 126 => {
+                bytes[1] = n as u8;
+                2
+            }
+            n if n <= usize::from(u16::MAX) => {
+                bytes[1] = 126;
+                bytes[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                4
+            }
+            n => {
+                bytes[1] = 127;
+                bytes[2..10].copy_from_slice(&(n as u64).to_be_bytes());
+                10
+            }
+        };
+        OutHeader { bytes, len: used }
+    }
+}
+
+impl AsRef<[u8]> for OutHeader {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
 /// Append a final, unmasked frame with this opcode and payload.
 pub(crate) fn put(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
-    out.reserve(10 + payload.len());
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= usize::from(u16::MAX) => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let header = OutHeader::new(opcode, payload.len());
+    out.reserve(header.as_ref().len() + payload.len());
+    out.extend_from_slice(header.as_ref());
     out.extend_from_slice(payload);
 }
 
