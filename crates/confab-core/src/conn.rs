@@ -412,7 +412,12 @@ impl ConnReceiver {
     /// that held it); `None` once every sender is gone and the queue is
     /// empty. Cancel-safe.
     pub async fn recv_all(&mut self) -> Option<Batch> {
-        std::future::poll_fn(|cx| self.shared.poll_take(Some(cx), std::mem::take)).await
+        std::future::poll_fn(|cx| self.poll_recv_all(cx)).await
+    }
+
+    /// [`ConnReceiver::recv_all`], polled.
+    pub fn poll_recv_all(&mut self, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
+        self.shared.poll_take(Some(cx), std::mem::take)
     }
 
     /// The next item if one is queued now.

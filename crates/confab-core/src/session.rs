@@ -219,11 +219,15 @@ impl Session {
     /// while none is in flight. Then [`Session::answer`] answers it.
     /// Cancel-safe: the outcome is kept.
     pub async fn stored(&mut self) {
-        std::future::poll_fn(|cx| match self.in_flight.front_mut() {
+        std::future::poll_fn(|cx| self.poll_stored(cx)).await
+    }
+
+    /// [`Session::stored`], polled.
+    pub fn poll_stored(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.in_flight.front_mut() {
             Some(oldest) => oldest.outcome.poll_known(cx),
             None => Poll::Pending,
-        })
-        .await
+        }
     }
 
     /// Answer, oldest first, the requests in flight whose outcome is known,
