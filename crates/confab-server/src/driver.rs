@@ -185,15 +185,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
                 biased;
                 done = &mut work => return done,
                 items = self.rx.recv_all() => match items {
-                    Some(items) => self.send::<P>(app, items).await,
+                    Some(items) => {
+                        self.stage::<P>(app, items);
+                        self.flush().await
+                    }
                     None => self.broken = true,
                 },
             }
         }
     }
 
-    /// Write what was taken from the queue, in one write.
-    async fn send<P: Protocol>(&mut self, app: &App, items: Batch) {
+    /// Start writing what was taken from the queue: [`Wire::flush`]
+    /// writes the rest. Not async, so that no future holds the batch
+    /// (each would be room in every idle connection's future).
+    fn stage<P: Protocol>(&mut self, app: &App, items: Batch) {
         // Once closed, what was taken is kept in the output: an eviction
         // for abuse still writes it (the refusal that says why).
         let lone = items.len() == 1 && self.out.is_empty() && !self.closer.is_closed();
@@ -204,7 +209,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
         } else {
             self.gather::<P>(app, items);
         }
-        self.flush().await;
     }
 
     /// Write a lone item (under fan-out, most wake-ups take one event)
@@ -538,7 +542,10 @@ where
         // before a drain can be noticed.
         match woke {
             Woke::Closed => return wire.ending(),
-            Woke::Events(Some(items)) => wire.send::<P>(app, items).await,
+            Woke::Events(Some(items)) => {
+                wire.stage::<P>(app, items);
+                wire.flush().await
+            }
             Woke::Events(None) => return End::Gone,
             Woke::Stored => {
                 let answer = session.answer().instrument(span.clone());
