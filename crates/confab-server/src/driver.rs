@@ -459,8 +459,7 @@ where
     // answered, the timer fired): frames to serve, deadlines to move. A
     // wake-up that only wrote events changes neither.
     let mut moved = true;
-    // Wake-ups in a row that took events first.
-    let mut events_in_a_row = 0;
+    let mut turns = Turns::default();
     loop {
         if moved {
             // Serve every whole frame read so far.
@@ -501,7 +500,7 @@ where
         // starve the rest: the reads that carry the client's pongs, the
         // timer, the drain. Among the rest, the timer and the drain come
         // before the reads, which a flooding client keeps ready.
-        let events_first = events_in_a_row < EVENTS_FIRST;
+        let events_first = turns.events_first();
         let woke = std::future::poll_fn(|cx| {
             if events_first {
                 if let Poll::Ready(items) = wire.rx.poll_recv_all(cx) {
@@ -532,10 +531,7 @@ where
         })
         .await;
         moved = !matches!(woke, Woke::Events(_));
-        events_in_a_row = match woke {
-            Woke::Events(_) if events_first => events_in_a_row + 1,
-            _ => 0,
-        };
+        turns.woke(events_first, matches!(woke, Woke::Events(_)));
         // What a wake-up does (serve a frame, answer) is boxed where it is
         // large: it would otherwise take its room in every idle
         // connection's future. Frames already read are served above,
@@ -589,6 +585,27 @@ enum Woke {
 /// Wake-ups in a row that take events before anything else; the next
 /// takes them last.
 const EVENTS_FIRST: u32 = 16;
+
+/// Whether the next wake-up polls the queue first: not after
+/// [`EVENTS_FIRST`] turns in a row that took events that way.
+#[derive(Default)]
+struct Turns {
+    events_in_a_row: u32,
+}
+
+impl Turns {
+    fn events_first(&self) -> bool {
+        self.events_in_a_row < EVENTS_FIRST
+    }
+
+    /// A wake-up that polled the queue first (or last) took `events`.
+    fn woke(&mut self, events_first: bool, events: bool) {
+        self.events_in_a_row = match events_first && events {
+            true => self.events_in_a_row + 1,
+            false => 0,
+        };
+    }
+}
 
 /// How far away the timer is set while there is no deadline.
 const NO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(86_400 * 365);
@@ -728,6 +745,32 @@ mod tests {
             io.got.extend_from_slice(&out);
             assert_eq!(io.got, b"headthe payload", "at most {most} bytes a write");
         }
+    }
+
+    #[test]
+    fn a_stream_of_events_cannot_starve_the_rest() {
+        // Events are ready at every wake-up, and so is something else
+        // (the client's pong, the timer): it goes first once the queue
+        // goes last.
+        let mut turns = Turns::default();
+        let mut others = Vec::new();
+        for turn in 0..100 {
+            let first = turns.events_first();
+            turns.woke(first, first);
+            if !first {
+                others.push(turn);
+            }
+        }
+        assert_eq!(others.len(), 100 / (EVENTS_FIRST as usize + 1));
+        assert_eq!(others[0], EVENTS_FIRST as usize);
+        // A wake-up for anything else starts the count again.
+        let mut turns = Turns::default();
+        for _ in 0..EVENTS_FIRST - 1 {
+            turns.woke(true, true);
+        }
+        turns.woke(true, false);
+        turns.woke(true, true);
+        assert!(turns.events_first());
     }
 
     #[tokio::test]
