@@ -338,10 +338,32 @@ async fn a_node_stops_under_load(signal: i32) {
     drop(shared);
 }
 
-/// A free port on loopback (bound and let go).
+/// A free port on loopback (bound and let go), below the kernel's
+/// ephemeral range. A port is let go here and bound again later by a node
+/// or HAProxy (a node that restarts binds it a second time); one from the
+/// ephemeral range can be taken meanwhile as the local port of any
+/// outgoing connection (HAProxy's, a client's), and the node then fails to
+/// start (`a_rolling_restart_loses_nothing` did, once).
 fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let low = 10_000.min(ephemeral / 2);
+    let span = u32::from(ephemeral - low);
+    // Tests run in parallel: start somewhere else each time.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        ^ std::process::id();
+    for i in 0..span {
+        let port = low + ((seed.wrapping_add(i.wrapping_mul(7_919))) % span) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap().to_string();
+        }
+    }
+    panic!("no free port on loopback below {ephemeral}");
 }
 
 /// What the nodes of one test share: a PostgreSQL schema and a Redis key
