@@ -216,11 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
     /// `writev` of header and payload, no gather buffer. What the socket
     /// does not take now is copied to the output, for [`Wire::flush`].
     fn write_one<P: Protocol>(&mut self, app: &App, item: Outbound) {
-        let payload = encode(app, P::TRANSPORT, &item);
-        let header = match item {
-            Outbound::Raw(_) => None,
-            _ => Some(P::header(payload.len())),
-        };
+        let (header, payload) = on_the_wire::<P>(app, &item);
         let header = header.as_ref().map_or(&[][..], AsRef::as_ref);
         if write_parts_now(&mut self.io, header, &payload, &mut self.out).is_err() {
             self.broken = true;
@@ -268,10 +264,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
     /// Append these items to the output, encoded.
     fn gather<P: Protocol>(&mut self, app: &App, items: Batch) {
         for item in items {
-            let payload = encode(app, P::TRANSPORT, &item);
-            if !matches!(item, Outbound::Raw(_)) {
-                self.out
-                    .extend_from_slice(P::header(payload.len()).as_ref());
+            let (header, payload) = on_the_wire::<P>(app, &item);
+            if let Some(header) = header {
+                self.out.extend_from_slice(header.as_ref());
             }
             self.out.extend_from_slice(&payload);
         }
@@ -302,6 +297,20 @@ async fn write_out<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> std:
         out.drain(..n);
     }
     io.flush().await
+}
+
+/// An item as it goes on the wire: the protocol's header (none for raw
+/// bytes, which go as they are) and the encoded payload.
+fn on_the_wire<'a, P: Protocol>(
+    app: &App,
+    item: &'a Outbound,
+) -> (Option<P::Header>, std::borrow::Cow<'a, Bytes>) {
+    let payload = encode(app, P::TRANSPORT, item);
+    let header = match item {
+        Outbound::Raw(_) => None,
+        _ => Some(P::header(payload.len())),
+    };
+    (header, payload)
 }
 
 /// Write `header` and `payload` with one vectored write, without waiting;
