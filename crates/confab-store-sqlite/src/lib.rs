@@ -4,6 +4,8 @@
 //! - [`SqliteStore`]: the [`Store`] implementation.
 //! - `writer`: the one thread that writes, committing many jobs per
 //!   transaction (group commit).
+//! - `staged`: messages written at the end of their batch, many rows per
+//!   `INSERT` and each room's `last_seq` once.
 //! - [`SqliteExport`]: every row read out, for `confab db copy`.
 //! - `schema.sql` and [`MIGRATIONS`]: the schema, embedded in the binary and
 //!   applied on open by `PRAGMA user_version`.
@@ -18,6 +20,7 @@
 //! more than they do ([`SqliteStore::lookup`]).
 
 mod export;
+mod staged;
 mod writer;
 
 use std::collections::HashMap;
@@ -37,6 +40,9 @@ use confab_core::{RoomName, Store, StoreError, UserName};
 use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::Semaphore;
+
+use crate::staged::Staged;
+use crate::writer::Kind;
 
 pub use export::SqliteExport;
 pub use writer::{CommitObserver, WriterStats};
@@ -662,7 +668,10 @@ fn sender_room(
     .ok_or(StoreError::NoSuchRoom)
 }
 
-fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
+/// Check a message and stage it as its room's next one (written with the
+/// rest of its batch, [`staged`]). Amends and direct messages run after a
+/// flush, so for them `staged` holds nothing yet.
+fn append(conn: &Connection, staged: &mut Staged, m: NewMessage) -> StoreResult<Appended> {
     let mut new_members = Vec::new();
     let mut muted_until = None;
     let (room_id, last_seq) = match &m.direct {
@@ -692,18 +701,9 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
             (id, last)
         }
     };
+    let last_seq = staged.last_seq(room_id).unwrap_or(last_seq);
     if let Some(nonce) = &m.nonce {
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE room_id = ?1 AND sender_key = ?2 AND nonce = ?3"
-        );
-        let original = query_messages(
-            conn,
-            m.room.as_str(),
-            &sql,
-            params![room_id, m.sender.key(), nonce],
-        )?;
-        if let Some(message) = original.into_iter().next() {
+        if let Some(message) = original(conn, staged, room_id, &m, nonce)? {
             return Ok(Appended {
                 message,
                 duplicate: true,
@@ -720,44 +720,48 @@ fn append(conn: &Connection, m: NewMessage) -> StoreResult<Appended> {
         apply_amend(conn, room_id, &m, amend)?;
     }
     let (edit, delete) = m.amend.map_or((None, None), Amend::fields);
-    let seq = last_seq + 1;
-    conn.prepare_cached("UPDATE rooms SET last_seq = ?1 WHERE id = ?2")
-        .and_then(|mut s| s.execute(params![seq, room_id]))
-        .map_err(db_error)?;
-    conn.prepare_cached(
-        "INSERT INTO messages
-         (room_id, seq, sender_key, sender, body, ts, nonce, edit_of, delete_of)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            room_id,
-            seq,
-            m.sender.key(),
-            m.sender.as_str(),
-            m.body,
-            m.ts,
-            m.nonce,
-            edit,
-            delete
-        ])
-    })
-    .map_err(db_error)?;
+    let message = Message {
+        room: m.room.as_str().to_owned(),
+        seq: last_seq + 1,
+        user: m.sender.as_str().to_owned(),
+        body: m.body,
+        ts: m.ts,
+        nonce: m.nonce,
+        edit,
+        delete,
+        ..Message::default()
+    };
+    staged.push(room_id, m.sender.key(), message.clone());
     Ok(Appended {
-        message: Message {
-            room: m.room.as_str().to_owned(),
-            seq,
-            user: m.sender.as_str().to_owned(),
-            body: m.body,
-            ts: m.ts,
-            nonce: m.nonce,
-            edit,
-            delete,
-            ..Message::default()
-        },
+        message,
         duplicate: false,
         new_members,
     })
+}
+
+/// The sender's earlier message in the room with this nonce, staged or
+/// stored.
+fn original(
+    conn: &Connection,
+    staged: &Staged,
+    room_id: i64,
+    m: &NewMessage,
+    nonce: &str,
+) -> StoreResult<Option<Message>> {
+    if let Some(message) = staged.original(room_id, m.sender.key(), nonce) {
+        return Ok(Some(message));
+    }
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages
+         WHERE room_id = ?1 AND sender_key = ?2 AND nonce = ?3"
+    );
+    let stored = query_messages(
+        conn,
+        m.room.as_str(),
+        &sql,
+        params![room_id, m.sender.key(), nonce],
+    )?;
+    Ok(stored.into_iter().next())
 }
 
 #[async_trait]
@@ -1649,15 +1653,16 @@ impl Store for SqliteStore {
             }
         }
         // A room's message is refused (not a member, muted, a bad edit)
-        // before its first write; a direct message may open its
-        // conversation first, and keeps a savepoint.
-        let direct = message.direct.is_some();
-        let job = move |c: &Connection| append(c, message);
-        Ok(if direct {
-            Box::pin(self.writer.queue(job).await?)
-        } else {
-            Box::pin(self.writer.queue_refusing_first(job).await?)
-        })
+        // before its first write, and a plain one writes nothing but its
+        // staged row; a direct message may open its conversation first,
+        // and keeps a savepoint.
+        let kind = match (&message.direct, message.amend) {
+            (Some(_), _) => Kind::Guarded,
+            (None, Some(_)) => Kind::RefusingFirst,
+            (None, None) => Kind::Staging,
+        };
+        let job = move |c: &Connection, staged: &mut Staged| append(c, staged, message);
+        Ok(Box::pin(self.writer.queue_as(kind, job).await?))
     }
 
     async fn history(
@@ -1965,12 +1970,14 @@ mod tests {
         let a = s.writer.queue(|c| add_user(c, "a")).await.unwrap();
         let refused = s
             .writer
-            .queue_refusing_first(|_| -> StoreResult<()> { Err(StoreError::Refused("no".into())) })
+            .queue_as(Kind::RefusingFirst, |_, _| -> StoreResult<()> {
+                Err(StoreError::Refused("no".into()))
+            })
             .await
             .unwrap();
         let d = s
             .writer
-            .queue_refusing_first(|c| add_user(c, "d"))
+            .queue_as(Kind::RefusingFirst, |c, _| add_user(c, "d"))
             .await
             .unwrap();
         release.send(()).unwrap();
@@ -1983,7 +1990,7 @@ mod tests {
         let e = s.writer.queue(|c| add_user(c, "e")).await.unwrap();
         let broken = s
             .writer
-            .queue_refusing_first(|c| {
+            .queue_as(Kind::RefusingFirst, |c, _| {
                 add_user(c, "c")?;
                 Err::<(), _>(StoreError::Refused("too late".into()))
             })
@@ -1997,6 +2004,140 @@ mod tests {
         }
         assert!(!exists("e").await && !exists("c").await, "rolled back");
         s.create_user(&name("after"), "h").await.unwrap();
+    }
+
+    fn message(sender: &str, body: &str, nonce: Option<&str>, amend: Option<Amend>) -> NewMessage {
+        NewMessage {
+            room: RoomName::parse("r").unwrap(),
+            sender: name(sender),
+            body: body.to_owned(),
+            nonce: nonce.map(str::to_owned),
+            ts: 1_700_000_000_000,
+            direct: None,
+            amend,
+        }
+    }
+
+    /// A store with ann and bob in room `r`.
+    async fn room_of_two() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path().join("s.db"), Durability::Normal)
+            .await
+            .unwrap();
+        for who in ["ann", "bob"] {
+            let r = RoomName::parse("r").unwrap();
+            s.join(&r, &name(who), JoinRules::open(false))
+                .await
+                .unwrap();
+        }
+        (s, dir)
+    }
+
+    #[tokio::test]
+    async fn messages_staged_in_a_batch_are_seen_by_every_later_job() {
+        let (s, _dir) = room_of_two().await;
+        let before = s.writer_stats();
+        let release = hold(&s).await;
+        let q = |m| s.queue_append(m);
+        let one = q(message("ann", "one", Some("n1"), None)).await.unwrap();
+        let resent = q(message("ann", "resent", Some("n1"), None)).await.unwrap();
+        let two = q(message("bob", "two", None, None)).await.unwrap();
+        // Any other job reads the database as if each message had been
+        // written in its turn.
+        let seen = s
+            .writer
+            .queue(|c| {
+                c.query_row(
+                    "SELECT last_seq, (SELECT count(*) FROM messages) FROM rooms WHERE name = 'r'",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .map_err(db_error)
+            })
+            .await
+            .unwrap();
+        let edit = q(message("ann", "one, edited", None, Some(Amend::Edit(1))))
+            .await
+            .unwrap();
+        let again = q(message("ann", "resent", Some("n1"), None)).await.unwrap();
+        let stranger = q(message("cy", "hello?", None, None)).await.unwrap();
+        let bobs_n1 = q(message("bob", "three", Some("n1"), None)).await.unwrap();
+        release.send(()).unwrap();
+
+        let one = one.await.unwrap();
+        assert_eq!((one.message.seq, one.duplicate), (1, false));
+        let resent = resent.await.unwrap();
+        assert_eq!((resent.message.seq, resent.duplicate), (1, true));
+        assert_eq!(resent.message.body, "one");
+        assert_eq!(two.await.unwrap().message.seq, 2);
+        assert_eq!(seen.await, Ok((2, 2)));
+        assert_eq!(edit.await.unwrap().message.seq, 3);
+        let again = again.await.unwrap();
+        assert_eq!((again.message.seq, again.duplicate), (1, true));
+        assert_eq!(again.message.body, "one, edited", "the stored original now");
+        assert_eq!(stranger.await.map(drop), Err(StoreError::NotMember));
+        assert_eq!(bobs_n1.await.unwrap().message.seq, 4);
+        let batches = s.writer_stats().transactions - before.transactions;
+        assert!(
+            batches <= 2,
+            "one batch, with the held job or after it: {batches}"
+        );
+
+        let r = RoomName::parse("r").unwrap();
+        assert_eq!(s.last_seqs(std::slice::from_ref(&r)).await.unwrap(), [4]);
+        let stored = s.messages_after(&r, 0, 10).await.unwrap();
+        let seqs: Vec<_> = stored.iter().map(|m| (m.seq, m.body.as_str())).collect();
+        assert_eq!(
+            seqs,
+            [
+                (1, "one, edited"),
+                (2, "two"),
+                (3, "one, edited"),
+                (4, "three")
+            ]
+        );
+        // The next batch goes on from the flushed last_seq.
+        let next = q(message("bob", "four", None, None)).await.unwrap();
+        assert_eq!(next.await.unwrap().message.seq, 5);
+    }
+
+    #[tokio::test]
+    async fn a_staged_row_that_cannot_be_written_fails_its_whole_batch() {
+        let (s, _dir) = room_of_two().await;
+        let release = hold(&s).await;
+        // A job of the same batch, before the messages, that makes their
+        // flush fail at the commit.
+        let trap = s
+            .writer
+            .queue(|c| {
+                c.execute_batch(
+                    "CREATE TRIGGER trap BEFORE INSERT ON messages
+                     BEGIN SELECT RAISE(ABORT, 'trapped'); END",
+                )
+                .map_err(db_error)
+            })
+            .await
+            .unwrap();
+        let one = s
+            .queue_append(message("ann", "one", None, None))
+            .await
+            .unwrap();
+        let two = s
+            .queue_append(message("bob", "two", None, None))
+            .await
+            .unwrap();
+        release.send(()).unwrap();
+        assert!(trap.await.is_err(), "rolled back with the batch");
+        assert!(one.await.is_err() && two.await.is_err());
+        let r = RoomName::parse("r").unwrap();
+        assert_eq!(s.last_seqs(std::slice::from_ref(&r)).await.unwrap(), [0]);
+        assert!(s.messages_after(&r, 0, 10).await.unwrap().is_empty());
+        // Nothing of it is left: not the trigger, not the rows, not a seq.
+        let next = s
+            .queue_append(message("ann", "again", None, None))
+            .await
+            .unwrap();
+        assert_eq!(next.await.unwrap().message.seq, 1);
     }
 
     #[tokio::test]

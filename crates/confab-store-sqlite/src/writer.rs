@@ -2,15 +2,20 @@
 //!
 //! Jobs queue on a bounded channel. The thread takes every job that is
 //! waiting (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE … COMMIT`
-//! with a savepoint each (a job that fails rolls back alone), and only after
+//! (a job that fails rolls back alone: to a savepoint of its own, or by
+//! having written nothing, below), and only after
 //! the commit hands each job its result. So no caller ever sees a write that
 //! is not durable, and concurrent callers share one fsync.
 //!
-//! A job that refuses before it writes ([`Writer::queue_refusing_first`]:
-//! a message's append, which checks everything, then inserts) needs no
-//! savepoint: failing, it has nothing to roll back. The writer checks
-//! that promise (`total_changes`): such a job that fails after a write
-//! anyway (an I/O error mid-way) aborts the batch, as below.
+//! A job that refuses before it writes ([`Kind::RefusingFirst`]: an edit,
+//! which checks everything, then writes) needs no savepoint: failing, it
+//! has nothing to roll back. The writer checks that promise
+//! (`total_changes`): such a job that fails after a write anyway (an I/O
+//! error mid-way) aborts the batch, as below. A room's plain message
+//! ([`Kind::Staging`]) writes nothing at all: it stages its row
+//! ([`Staged`]), and the writer writes the staged rows together before the
+//! next job of another kind and before the commit; a flush that fails
+//! aborts the batch.
 //!
 //! Failures are loud. A job that panics fails alone (rolled back to its
 //! savepoint, its caller told `internal`); a savepoint that cannot be taken
@@ -32,43 +37,56 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::db_error;
+use crate::staged::Staged;
 
 /// Most jobs in one transaction: bounds the latency one commit adds.
 const MAX_BATCH: usize = 1024;
 /// Jobs waiting for the writer before callers wait to enqueue.
 const QUEUE: usize = 16 * 1024;
 
+/// What a job promises about its writes, which decides what the writer
+/// does around it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// It may fail after writing: it runs under a savepoint of its own.
+    Guarded,
+    /// When it fails, it fails before its first write: no savepoint.
+    RefusingFirst,
+    /// It writes nothing and may only stage message rows, seeing those
+    /// staged before it: it runs without flushing them first. Refuses, if
+    /// it does, before staging anything.
+    Staging,
+}
+
 /// One caller's write: run inside the batch's transaction, then completed
 /// with the outcome of the commit.
 trait Job: Send {
-    /// Whether the job runs under a savepoint of its own: it may fail
-    /// after writing.
-    fn guarded(&self) -> bool;
+    fn kind(&self) -> Kind;
     /// Run the statements; returns whether they succeeded.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, conn: &Connection, staged: &mut Staged) -> bool;
     /// Hand the caller its result, or `commit`'s error.
     fn complete(self: Box<Self>, commit: StoreResult<()>);
 }
 
 struct Pending<F, T> {
     f: Option<F>,
-    guarded: bool,
+    kind: Kind,
     result: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
 }
 
 impl<F, T> Job for Pending<F, T>
 where
-    F: FnOnce(&Connection) -> StoreResult<T> + Send,
+    F: FnOnce(&Connection, &mut Staged) -> StoreResult<T> + Send,
     T: Send,
 {
-    fn guarded(&self) -> bool {
-        self.guarded
+    fn kind(&self) -> Kind {
+        self.kind
     }
 
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn run(&mut self, conn: &Connection, staged: &mut Staged) -> bool {
         let f = self.f.take().expect("a job runs once");
-        let result = catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|panic| {
+        let result = catch_unwind(AssertUnwindSafe(|| f(conn, staged))).unwrap_or_else(|panic| {
             let what = panic_text(&*panic);
             tracing::error!(panic = %what, "a storage job panicked; it is rolled back");
             Err(StoreError::Internal(format!(
@@ -196,28 +214,22 @@ impl Writer {
         &self,
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<impl Future<Output = StoreResult<T>> + Send + 'static> {
-        self.enqueue(f, true).await
+        self.queue_as(Kind::Guarded, move |conn, _| f(conn)).await
     }
 
-    /// [`Writer::queue`] for a job that, when it fails, fails before its
-    /// first write: it runs without a savepoint (about a quarter of a
-    /// message's time on the writer went to its savepoint).
-    pub(crate) async fn queue_refusing_first<T: Send + 'static>(
+    /// [`Writer::queue`] for a job that keeps the promise of its `kind`
+    /// (one without a savepoint: about a quarter of a message's time on
+    /// the writer went to its savepoint), and sees the rows staged before
+    /// it.
+    pub(crate) async fn queue_as<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
-    ) -> StoreResult<impl Future<Output = StoreResult<T>> + Send + 'static> {
-        self.enqueue(f, false).await
-    }
-
-    async fn enqueue<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
-        guarded: bool,
+        kind: Kind,
+        f: impl FnOnce(&Connection, &mut Staged) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<impl Future<Output = StoreResult<T>> + Send + 'static> {
         let (reply, rx) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(Pending {
             f: Some(f),
-            guarded,
+            kind,
             result: None,
             reply,
         });
@@ -236,6 +248,7 @@ fn stopped(died: &watch::Receiver<Option<StoreError>>) -> StoreError {
 
 fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, counters: &Counters) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut staged = Staged::default();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -248,7 +261,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, counters: &Counte
         let jobs = batch.len();
         counters.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
         let started = Instant::now();
-        commit_batch(&conn, &mut batch);
+        commit_batch(&conn, &mut batch, &mut staged);
         if let Some(observe) = counters.observer.get() {
             observe(jobs, started.elapsed());
         }
@@ -256,7 +269,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, counters: &Counte
     tracing::debug!("storage writer stopped");
 }
 
-fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
+fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, staged: &mut Staged) {
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
         let e = db_error(e);
         tracing::error!(error = %e, "cannot begin a transaction");
@@ -268,46 +281,19 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
     let mut completions = Vec::with_capacity(batch.len());
     let mut broken = None;
     for mut job in batch.drain(..) {
-        if broken.is_some() {
-            completions.push(job);
-            continue;
+        if broken.is_none() {
+            broken = run_job(conn, &mut *job, staged).err();
         }
-        if !job.guarded() {
-            let before = conn.total_changes();
-            let ok = job.run(conn);
-            if !ok && (conn.total_changes() != before || conn.is_autocommit()) {
-                // It promised to refuse before writing, and wrote (or its
-                // error ended the transaction): what is left is unknown.
-                broken = Some(StoreError::Internal(
-                    "a job failed after writing, with no savepoint to undo it".into(),
-                ));
-            }
-            completions.push(job);
-            continue;
-        }
-        // A job's savepoint is what lets it fail alone: without one, what
-        // the transaction holds is unknown, and the batch is abandoned.
-        if let Err(e) = exec(conn, "SAVEPOINT job") {
-            broken = Some(db_error(e));
-            completions.push(job);
-            continue;
-        }
-        let ok = job.run(conn);
-        let release = if ok {
-            exec(conn, "RELEASE job")
-        } else {
-            exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"))
-        };
-        broken = release.err().map(db_error);
         completions.push(job);
+    }
+    match &broken {
+        None => broken = staged.flush(conn).err(),
+        Some(_) => staged.clear(),
     }
     let aborted = broken.is_some();
     let outcome = match broken {
         Some(e) => {
-            tracing::error!(
-                error = %e,
-                "a job's writes cannot be undone alone; rolling back the batch"
-            );
+            tracing::error!(error = %e, "a batch cannot be committed whole; rolling it back");
             Err(e)
         }
         None => exec(conn, "COMMIT").map_err(db_error),
@@ -327,6 +313,43 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
     for job in completions {
         job.complete(outcome.clone());
     }
+}
+
+/// Run one job of the batch, keeping the promise of its kind. An error
+/// means what the transaction holds is unknown: the batch is abandoned.
+/// (A job that fails alone is not an error here: its caller is told.)
+fn run_job(conn: &Connection, job: &mut dyn Job, staged: &mut Staged) -> StoreResult<()> {
+    let kind = job.kind();
+    if kind != Kind::Staging {
+        // It may read or change what is staged: it sees it written.
+        staged.flush(conn)?;
+    }
+    if kind != Kind::Guarded {
+        let before = (conn.total_changes(), staged.len());
+        let ok = job.run(conn, staged);
+        if !ok && ((conn.total_changes(), staged.len()) != before || conn.is_autocommit()) {
+            // It promised to refuse before writing, and wrote or staged
+            // (or its error ended the transaction): what is left is
+            // unknown.
+            return Err(StoreError::Internal(
+                "a job failed after writing, with no savepoint to undo it".into(),
+            ));
+        }
+        return Ok(());
+    }
+    // A job's savepoint is what lets it fail alone: without one, what
+    // the transaction holds is unknown, and the batch is abandoned.
+    exec(conn, "SAVEPOINT job").map_err(db_error)?;
+    let ok = job.run(conn, staged);
+    if ok {
+        exec(conn, "RELEASE job")
+    } else {
+        // What it staged goes with its savepoint (nothing was staged
+        // before it: it ran after a flush).
+        staged.clear();
+        exec(conn, "ROLLBACK TO job").and_then(|()| exec(conn, "RELEASE job"))
+    }
+    .map_err(db_error)
 }
 
 /// Run a statement of the batch's own (a savepoint, the commit) prepared
