@@ -239,6 +239,25 @@ pub struct NewMessage {
     pub amend: Option<Amend>,
 }
 
+impl NewMessage {
+    /// The message as stored with `seq`, its room's next (what a backend
+    /// hands back once it is written).
+    pub fn stored_as(self, seq: Seq) -> Message {
+        let (edit, delete) = self.amend.map_or((None, None), Amend::fields);
+        Message {
+            room: self.room.as_str().to_owned(),
+            seq,
+            user: self.sender.as_str().to_owned(),
+            body: self.body,
+            ts: self.ts,
+            nonce: self.nonce,
+            edit,
+            delete,
+            ..Message::default()
+        }
+    }
+}
+
 /// What an edit or deletion entry does to the message it names, in the
 /// transaction that stores the entry (after [`check_amend`]):
 ///

@@ -848,7 +848,6 @@ async fn append_one(c: &impl GenericClient, m: NewMessage) -> StoreResult<Append
     if let Some(amend) = m.amend {
         apply_amend(c, room_id, &m, amend).await?;
     }
-    let (edit, delete) = m.amend.map_or((None, None), Amend::fields);
     let next = last_seq + 1;
     c.execute(
         "UPDATE rooms SET last_seq = $1 WHERE id = $2",
@@ -856,6 +855,8 @@ async fn append_one(c: &impl GenericClient, m: NewMessage) -> StoreResult<Append
     )
     .await
     .map_err(pg_error)?;
+    let sender_key = m.sender.key().to_owned();
+    let message = m.stored_as(seq(next));
     let stmt = c
         .prepare_cached(
             "INSERT INTO messages
@@ -870,29 +871,19 @@ async fn append_one(c: &impl GenericClient, m: NewMessage) -> StoreResult<Append
         &[
             &room_id,
             &next,
-            &m.sender.key(),
-            &m.sender.as_str(),
-            &m.body,
-            &m.ts,
-            &m.nonce,
-            &as_i64(edit),
-            &as_i64(delete),
+            &sender_key,
+            &message.user,
+            &message.body,
+            &message.ts,
+            &message.nonce,
+            &as_i64(message.edit),
+            &as_i64(message.delete),
         ],
     )
     .await
     .map_err(pg_error)?;
     Ok(Appended {
-        message: Message {
-            room: m.room.as_str().to_owned(),
-            seq: seq(next),
-            user: m.sender.as_str().to_owned(),
-            body: m.body,
-            ts: m.ts,
-            nonce: m.nonce,
-            edit,
-            delete,
-            ..Message::default()
-        },
+        message,
         duplicate: false,
         new_members,
     })

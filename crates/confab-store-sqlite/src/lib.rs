@@ -719,19 +719,9 @@ fn append(conn: &Connection, staged: &mut Staged, m: NewMessage) -> StoreResult<
     if let Some(amend) = m.amend {
         apply_amend(conn, room_id, &m, amend)?;
     }
-    let (edit, delete) = m.amend.map_or((None, None), Amend::fields);
-    let message = Message {
-        room: m.room.as_str().to_owned(),
-        seq: last_seq + 1,
-        user: m.sender.as_str().to_owned(),
-        body: m.body,
-        ts: m.ts,
-        nonce: m.nonce,
-        edit,
-        delete,
-        ..Message::default()
-    };
-    staged.push(room_id, m.sender.key(), message.clone());
+    let sender_key = m.sender.key().to_owned();
+    let message = m.stored_as(last_seq + 1);
+    staged.push(room_id, sender_key, message.clone());
     Ok(Appended {
         message,
         duplicate: false,

@@ -71,16 +71,16 @@ impl Staged {
 
     /// Stage a message as the room's next one (`message.seq` is the
     /// room's last seq + 1, seen through [`Staged::last_seq`]).
-    pub(crate) fn push(&mut self, room_id: i64, sender_key: &str, message: Message) {
+    pub(crate) fn push(&mut self, room_id: i64, sender_key: String, message: Message) {
         debug_assert!(self.last_seq(room_id).is_none_or(|s| s + 1 == message.seq));
         self.last_seq.insert(room_id, message.seq);
         if let Some(nonce) = &message.nonce {
-            let key = (room_id, sender_key.to_owned(), nonce.clone());
+            let key = (room_id, sender_key.clone(), nonce.clone());
             self.nonces.insert(key, self.rows.len());
         }
         self.rows.push(Row {
             room_id,
-            sender_key: sender_key.to_owned(),
+            sender_key,
             message,
         });
     }
