@@ -295,7 +295,13 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                             .await?;
                         published.add(1);
                     }
-                    drain.abort();
+                    // End the sending side and read the replies to the end,
+                    // rather than drop the connection with replies unread:
+                    // that resets it, and the reset can throw away the last
+                    // publishes before the server reads them (Redis answers
+                    // every PUBLISH; the sweep counted those as lost).
+                    w.shutdown().await?;
+                    let _ = tokio::time::timeout(o2.drain, drain).await;
                 }
             }
             anyhow::Ok(())
