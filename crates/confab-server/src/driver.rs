@@ -539,8 +539,9 @@ where
             Poll::Pending
         })
         .await;
-        moved = !matches!(woke, Woke::Events(_));
-        turns.woke(events_first, matches!(woke, Woke::Events(_)));
+        let events = matches!(woke, Woke::Events(_));
+        moved = !events;
+        turns.woke(events_first, events);
         // What a wake-up does (serve a frame, answer) is boxed where it is
         // large: it would otherwise take its room in every idle
         // connection's future. Frames already read are served above,

@@ -16,7 +16,9 @@
 //! commit, and nothing is acknowledged before it: a flush that fails (an
 //! I/O error, a constraint the checks missed) fails the whole batch.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::LazyLock;
 
 use confab_core::store::StoreResult;
@@ -46,8 +48,14 @@ pub(crate) struct Staged {
     rows: Vec<Row>,
     /// Each room's last seq as its staged rows leave it.
     last_seq: HashMap<i64, Seq>,
-    /// The staged rows with a nonce, by (room, sender key, nonce).
-    nonces: HashMap<(i64, String, String), usize>,
+    /// The first staged row with each nonce, by a hash of (room, sender
+    /// key, nonce): every message with a nonce is looked up here, and a
+    /// key of owned strings would cost two allocations each time. A look-up
+    /// compares the row itself, so a collision can only hide an earlier
+    /// row; its resend is then staged again, breaks the unique nonce index
+    /// at the flush, and fails the batch (nothing is acknowledged).
+    nonces: HashMap<u64, usize>,
+    hasher: RandomState,
 }
 
 impl Staged {
@@ -63,10 +71,18 @@ impl Staged {
 
     /// A staged message of `sender` in the room with this nonce.
     pub(crate) fn original(&self, room_id: i64, sender_key: &str, nonce: &str) -> Option<Message> {
-        // The key is owned; a look-up by borrowed parts would need a
-        // second map type for a path taken once per resent message.
-        let key = (room_id, sender_key.to_owned(), nonce.to_owned());
-        self.nonces.get(&key).map(|&i| self.rows[i].message.clone())
+        let &i = self
+            .nonces
+            .get(&self.nonce_key(room_id, sender_key, nonce))?;
+        let row = &self.rows[i];
+        let same = row.room_id == room_id
+            && row.sender_key == sender_key
+            && row.message.nonce.as_deref() == Some(nonce);
+        same.then(|| row.message.clone())
+    }
+
+    fn nonce_key(&self, room_id: i64, sender_key: &str, nonce: &str) -> u64 {
+        self.hasher.hash_one((room_id, sender_key, nonce))
     }
 
     /// Stage a message as the room's next one (`message.seq` is the
@@ -75,8 +91,8 @@ impl Staged {
         debug_assert!(self.last_seq(room_id).is_none_or(|s| s + 1 == message.seq));
         self.last_seq.insert(room_id, message.seq);
         if let Some(nonce) = &message.nonce {
-            let key = (room_id, sender_key.clone(), nonce.clone());
-            self.nonces.insert(key, self.rows.len());
+            let key = self.nonce_key(room_id, &sender_key, nonce);
+            self.nonces.entry(key).or_insert(self.rows.len());
         }
         self.rows.push(Row {
             room_id,
@@ -85,7 +101,7 @@ impl Staged {
         });
     }
 
-    /// Forget everything staged: the batch is rolled back.
+    /// Forget everything staged (written, or rolled back with the batch).
     pub(crate) fn clear(&mut self) {
         self.rows.clear();
         self.last_seq.clear();
