@@ -85,6 +85,11 @@ impl Batch {
         self.first.is_none()
     }
 
+    /// The items, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Outbound> {
+        self.first.iter().chain(&self.rest)
+    }
+
     fn push_back(&mut self, item: Outbound) {
         match self.first {
             None => self.first = Some(item),

@@ -94,6 +94,14 @@ pub(crate) async fn unless_evicted<T>(
     }
 }
 
+/// How events are encoded on `transport`.
+pub(crate) fn format(transport: Transport) -> confab_proto::Format {
+    match transport {
+        Transport::Ws => confab_proto::Format::Json,
+        Transport::Line => confab_proto::Format::Line,
+    }
+}
+
 /// Encode one queued item for `transport`, counting message deliveries
 /// and their latency since accept.
 pub(crate) fn encode<'a>(
@@ -112,10 +120,7 @@ pub(crate) fn encode<'a>(
                 let latency = shared.accepted.map(|at| at.elapsed());
                 app.metrics.delivered(transport, latency);
             }
-            Cow::Borrowed(shared.encoded(match transport {
-                Transport::Ws => confab_proto::Format::Json,
-                Transport::Line => confab_proto::Format::Line,
-            }))
+            Cow::Borrowed(shared.encoded(format(transport)))
         }
         Outbound::Raw(bytes) => Cow::Borrowed(bytes),
     }
