@@ -1,11 +1,18 @@
 //! The WebSocket codec: one JSON object per text frame.
 //!
-//! Decoding is two passes, so that a bad frame still gets an error carrying
-//! its `id`: first into a generic JSON map (where `id` and `type` are read
-//! and checked), then into the typed [`Request`].
+//! A frame is decoded straight into its types: its `id` (checked), then
+//! the typed [`Request`]. A frame that does not decode so is decoded again
+//! the careful way, so that its error says what is wrong and carries its
+//! `id` when that is readable: first into a generic JSON map (where `id`
+//! and `type` are read and checked), then into the [`Request`]. The careful way for every frame cost each
+//! request a map of owned keys and values (2.9 % of the server's samples
+//! in the 100 x 10 fan-out; a `send` takes 770 ns that way, 590 typed).
+
+use std::fmt;
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::types::{Envelope, ErrorBody, ErrorCode, Event, OkBody, Reply, Request, RequestId};
@@ -30,6 +37,69 @@ impl DecodeError {
 
 /// Decode one client frame.
 pub fn decode_request(frame: &[u8]) -> Result<Envelope, DecodeError> {
+    match decode_typed(frame) {
+        Some(envelope) => Ok(envelope),
+        None => decode_checked(frame),
+    }
+}
+
+/// A request decoded straight into its types, or `None` for anything
+/// [`decode_checked`] might judge otherwise: it only ever takes a frame
+/// that one would take, with the same result (the tests hold it to that,
+/// duplicate keys, which the map takes and typed decoding refuses, among
+/// the cases).
+///
+/// Two passes, the id's and the request's: one through `#[serde(flatten)]`
+/// is faster (450 ns a `send` against 590) but takes `"type": 5` for the
+/// sixth kind of request.
+fn decode_typed(frame: &[u8]) -> Option<Envelope> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        id: Option<WireId>,
+    }
+    let head: Head = serde_json::from_slice(frame).ok()?;
+    let request = serde_json::from_slice::<Request>(frame).ok()?;
+    Some(Envelope {
+        id: head.id.map(|WireId(id)| id),
+        request,
+    })
+}
+
+/// A request id as [`read_id`] takes it: an integer that fits an `i64`,
+/// or a string of at most [`RequestId::MAX_LEN`] characters.
+struct WireId(RequestId);
+
+impl<'de> Deserialize<'de> for WireId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = WireId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a request id")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<WireId, E> {
+                Ok(WireId(RequestId::Int(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<WireId, E> {
+                i64::try_from(v)
+                    .map(|v| WireId(RequestId::Int(v)))
+                    .map_err(|_| E::custom("id out of range"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<WireId, E> {
+                if v.chars().count() > RequestId::MAX_LEN {
+                    return Err(E::custom("id too long"));
+                }
+                Ok(WireId(RequestId::Str(v.to_owned())))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Decode one client frame the careful way: every error says what is
+/// wrong, with the frame's id when it can be read.
+fn decode_checked(frame: &[u8]) -> Result<Envelope, DecodeError> {
     let fail = |id: Option<RequestId>, message: String| DecodeError { id, message };
     let value: Value =
         serde_json::from_slice(frame).map_err(|e| fail(None, format!("invalid JSON: {e}")))?;
@@ -176,6 +246,56 @@ mod tests {
                 limit: None
             }
         );
+    }
+
+    #[test]
+    fn the_typed_decoding_takes_only_what_the_careful_one_would_and_agrees() {
+        let long = |n: usize| format!(r#"{{"type":"ping","id":"{}"}}"#, "é".repeat(n));
+        let mut frames: Vec<String> = [
+            r#"{"type":"send","id":"c1","room":"r","body":"hi","nonce":"n"}"#,
+            r#"{"type":"send","room":"r","body":"a\"b\u00e9","nonce":null}"#,
+            r#"{"type":"p\u0069ng","id":-5}"#,
+            r#"  {"type":"ping","id":null}  "#,
+            r#"{"type":"ping","id":9223372036854775807}"#,
+            r#"{"type":"ping","id":9223372036854775808}"#,
+            r#"{"type":"ping","id":1e2}"#,
+            r#"{"type":"ping","id":[1]}"#,
+            r#"{"type":0}"#,
+            r#"{"type":5,"room":"r","id":3}"#,
+            r#"{"type":"ping","type":"logout"}"#,
+            r#"{"id":1,"id":"a","type":"ping"}"#,
+            r#"{"type":"send","room":"r","room":"s","body":"b"}"#,
+            r#"{"type":"read","room":"r","seq":5.0}"#,
+            r#"{"type":"read","room":"r","seq":-1}"#,
+            r#"{"type":"rooms","limit":4294967296}"#,
+            r#"{"type":"role","room":"r","user":"u","role":"moderator","id":2}"#,
+            r#"{"type":"ban","hub":"h","user":"u","duration_ms":5}"#,
+            r#"{"type":"sync","cursors":{"r":3,"s":1},"limit":2}"#,
+            r#"{"type":"fly","id":"x"}"#,
+            r#"{"type":"ping"} x"#,
+            r#"{"id":1}"#,
+            r#"{}"#,
+            r#"[]"#,
+            r#""x""#,
+        ]
+        .map(str::to_owned)
+        .into();
+        frames.extend([long(64), long(65)]);
+        for frame in &frames {
+            let checked = decode_checked(frame.as_bytes());
+            if let Some(typed) = decode_typed(frame.as_bytes()) {
+                assert_eq!(Ok(&typed), checked.as_ref(), "{frame}");
+            }
+            assert_eq!(decode_request(frame.as_bytes()), checked, "{frame}");
+        }
+        // And the common requests do take the typed way.
+        for frame in &frames[..5] {
+            assert!(decode_typed(frame.as_bytes()).is_some(), "{frame}");
+        }
+        assert!(decode_typed(long(64).as_bytes()).is_some());
+        for refused in [r#"{"type":0}"#, r#"{"id":1,"id":"a","type":"ping"}"#] {
+            assert!(decode_typed(refused.as_bytes()).is_none(), "{refused}");
+        }
     }
 
     #[test]
