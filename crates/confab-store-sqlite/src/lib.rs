@@ -6,6 +6,8 @@
 //!   transaction (group commit).
 //! - `staged`: messages written at the end of their batch, many rows per
 //!   `INSERT` and each room's `last_seq` once.
+//! - `senders`: what a message reads of its room and sender, kept by the
+//!   writer between messages.
 //! - [`SqliteExport`]: every row read out, for `confab db copy`.
 //! - `schema.sql` and [`MIGRATIONS`]: the schema, embedded in the binary and
 //!   applied on open by `PRAGMA user_version`.
@@ -20,6 +22,7 @@
 //! more than they do ([`SqliteStore::lookup`]).
 
 mod export;
+mod senders;
 mod staged;
 mod writer;
 
@@ -41,6 +44,7 @@ use confab_proto::{Message, Role, Sanction, SanctionKind, Seq};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::Semaphore;
 
+use crate::senders::SenderRoom;
 use crate::staged::Staged;
 use crate::writer::Kind;
 
@@ -637,17 +641,13 @@ fn query_messages(
     rows.collect::<Result<_, _>>().map_err(db_error)
 }
 
-/// What a message's append reads of its room in one statement (it is in
-/// every message's path): the room's id and last seq, whether the sender
-/// is a member, and the latest end of a mute of the sender in the room or
-/// its hub (`i64::MAX` for one without an end). The two mutes are two
+/// What a message's append reads of its room in one statement (unless the
+/// writer kept it, `senders.rs`): the room's id and last seq, whether the
+/// sender is a member, and the latest end of a mute of the sender in the
+/// room or its hub (`i64::MAX` for one without an end). The two mutes are two
 /// lookups by key: `room_id IN (r.id, r.hub_id)` built a temporary table
 /// on every message (a third of the statement's time).
-fn sender_room(
-    conn: &Connection,
-    room: &RoomName,
-    user: &UserName,
-) -> StoreResult<(i64, Seq, bool, Option<i64>)> {
+fn sender_room(conn: &Connection, room: &RoomName, user: &UserName) -> StoreResult<SenderRoom> {
     conn.prepare_cached(
         "SELECT r.id, r.last_seq,
                 EXISTS (SELECT 1 FROM members m WHERE m.room_id = r.id AND m.user_key = ?2),
@@ -660,7 +660,12 @@ fn sender_room(
     .and_then(|mut s| {
         s.query_row(params![room.as_str(), user.key()], |r| {
             let (room, hub): (Option<i64>, Option<i64>) = (r.get(3)?, r.get(4)?);
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, room.max(hub)))
+            Ok(SenderRoom {
+                room_id: r.get(0)?,
+                last_seq: r.get(1)?,
+                member: r.get(2)?,
+                mute: room.max(hub),
+            })
         })
         .optional()
     })
@@ -693,12 +698,20 @@ fn append(conn: &Connection, staged: &mut Staged, m: NewMessage) -> StoreResult<
             (id, last)
         }
         None => {
-            let (id, last, member, mute) = sender_room(conn, &m.room, &m.sender)?;
-            if !member && !Amend::by_moderator(m.amend) {
+            let (room, user) = (m.room.as_str(), m.sender.key());
+            let read = match staged.senders.get(room, user) {
+                Some(kept) => kept,
+                None => {
+                    let read = sender_room(conn, &m.room, &m.sender)?;
+                    staged.senders.keep(room, user, read);
+                    read
+                }
+            };
+            if !read.member && !Amend::by_moderator(m.amend) {
                 return Err(StoreError::NotMember);
             }
-            muted_until = mute;
-            (id, last)
+            muted_until = read.mute;
+            (read.room_id, read.last_seq)
         }
     };
     let last_seq = staged.last_seq(room_id).unwrap_or(last_seq);
@@ -1928,11 +1941,16 @@ mod tests {
     /// Jobs queued while the writer is held by `hold` share one batch.
     async fn hold(s: &SqliteStore) -> std::sync::mpsc::Sender<()> {
         let (release, held) = std::sync::mpsc::channel::<()>();
+        let (running, started) = tokio::sync::oneshot::channel();
         let job = s.writer.queue(move |_| {
+            let _ = running.send(());
             let _ = held.recv();
             Ok(())
         });
         tokio::spawn(job.await.unwrap());
+        // Its batch is taken: whatever is queued from now on waits for
+        // the next one.
+        started.await.unwrap();
         release
     }
 
@@ -2128,6 +2146,106 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.await.unwrap().message.seq, 1);
+    }
+
+    async fn send(s: &SqliteStore, m: NewMessage) -> StoreResult<Appended> {
+        s.queue_append(m).await?.await
+    }
+
+    #[tokio::test]
+    async fn what_the_writer_keeps_of_a_sender_follows_every_change() {
+        let (s, _dir) = room_of_two().await;
+        let r = RoomName::parse("r").unwrap();
+        send(&s, message("ann", "one", None, None)).await.unwrap();
+        // Muted, then not, then gone: each seen by the next message.
+        let mute = NewSanction {
+            user: name("ann"),
+            kind: SanctionKind::Mute,
+            by: name("bob"),
+            reason: String::new(),
+            until_ts: None,
+        };
+        s.sanction(&r, mute).await.unwrap();
+        let muted = send(&s, message("ann", "two", None, None)).await;
+        let refusal = sanctioned(SanctionKind::Mute, &r, None);
+        assert_eq!(muted.map(drop), Err(refusal));
+        s.lift(&r, &name("ann"), SanctionKind::Mute).await.unwrap();
+        assert_eq!(
+            send(&s, message("ann", "two", None, None))
+                .await
+                .unwrap()
+                .message
+                .seq,
+            2
+        );
+        s.leave(&r, &name("ann")).await.unwrap();
+        let gone = send(&s, message("ann", "three", None, None)).await;
+        assert_eq!(gone.map(drop), Err(StoreError::NotMember));
+
+        // Within one batch: a job of another kind between two messages.
+        let release = hold(&s).await;
+        let first = s
+            .queue_append(message("bob", "three", None, None))
+            .await
+            .unwrap();
+        let leave = s
+            .writer
+            .queue(|c| {
+                c.execute("DELETE FROM members WHERE user_key = 'bob'", [])
+                    .map(drop)
+                    .map_err(db_error)
+            })
+            .await
+            .unwrap();
+        let second = s
+            .queue_append(message("bob", "four", None, None))
+            .await
+            .unwrap();
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().message.seq, 3);
+        assert_eq!(leave.await, Ok(()));
+        assert_eq!(second.await.map(drop), Err(StoreError::NotMember));
+        assert_eq!(s.last_seqs(std::slice::from_ref(&r)).await.unwrap(), [3]);
+    }
+
+    #[tokio::test]
+    async fn what_the_writer_read_in_a_batch_rolled_back_is_forgotten() {
+        let (s, _dir) = room_of_two().await;
+        let release = hold(&s).await;
+        // cy joins and speaks in a batch whose flush then fails.
+        let join = s
+            .writer
+            .queue(|c| {
+                c.execute_batch(
+                    "INSERT INTO members (room_id, user_key, user_name, guest, joined_at)
+                     SELECT id, 'cy', 'cy', 0, 0 FROM rooms WHERE name = 'r';
+                     CREATE TRIGGER trap BEFORE INSERT ON messages
+                     BEGIN SELECT RAISE(ABORT, 'trapped'); END",
+                )
+                .map_err(db_error)
+            })
+            .await
+            .unwrap();
+        let spoke = s
+            .queue_append(message("cy", "hi", None, None))
+            .await
+            .unwrap();
+        release.send(()).unwrap();
+        let (join, spoke) = (join.await, spoke.await.map(drop));
+        assert!(
+            join.is_err() && spoke.is_err(),
+            "rolled back: {join:?} {spoke:?}"
+        );
+        let again = send(&s, message("cy", "hi?", None, None)).await;
+        assert_eq!(again.map(drop), Err(StoreError::NotMember));
+        assert_eq!(
+            send(&s, message("ann", "one", None, None))
+                .await
+                .unwrap()
+                .message
+                .seq,
+            1
+        );
     }
 
     #[tokio::test]

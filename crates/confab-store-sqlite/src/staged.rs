@@ -27,6 +27,7 @@ use rusqlite::types::ToSql;
 use rusqlite::Connection;
 
 use crate::db_error;
+use crate::senders::Senders;
 
 /// Rows in one `INSERT`, largest first: a batch of `n` messages takes
 /// `n / 64` statements of 64 rows, then eights, then singles. A few fixed
@@ -42,9 +43,11 @@ struct Row {
     message: Message,
 }
 
-/// What the batch's appends staged since the last flush.
+/// What the batch's appends staged since the last flush, and what the
+/// writer keeps of their rooms and senders between them.
 #[derive(Default)]
 pub(crate) struct Staged {
+    pub(crate) senders: Senders,
     rows: Vec<Row>,
     /// Each room's last seq as its staged rows leave it.
     last_seq: HashMap<i64, Seq>,
@@ -101,7 +104,8 @@ impl Staged {
         });
     }
 
-    /// Forget everything staged (written, or rolled back with the batch).
+    /// Forget everything staged (written, or rolled back with the batch);
+    /// what is kept of the senders stays.
     pub(crate) fn clear(&mut self) {
         self.rows.clear();
         self.last_seq.clear();
@@ -113,6 +117,11 @@ impl Staged {
     /// (a failure leaves the transaction to be rolled back).
     pub(crate) fn flush(&mut self, conn: &Connection) -> StoreResult<()> {
         let result = self.write(conn);
+        if result.is_ok() {
+            for (&room_id, &seq) in &self.last_seq {
+                self.senders.stored(room_id, seq);
+            }
+        }
         self.clear();
         result
     }

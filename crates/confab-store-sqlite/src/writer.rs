@@ -310,6 +310,11 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, staged: &mut S
             }
         }
     }
+    if outcome.is_err() {
+        // What was read of the senders may have been the batch's own
+        // writes, now undone.
+        staged.senders.forget();
+    }
     for job in completions {
         job.complete(outcome.clone());
     }
@@ -321,9 +326,26 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, staged: &mut S
 fn run_job(conn: &Connection, job: &mut dyn Job, staged: &mut Staged) -> StoreResult<()> {
     let kind = job.kind();
     if kind != Kind::Staging {
-        // It may read or change what is staged: it sees it written.
+        // It may read or change what is staged: it sees it written. And
+        // it may change what is kept of the senders (`senders.rs`): that
+        // is forgotten around it.
         staged.flush(conn)?;
+        staged.senders.forget();
+        let done = run_promised(conn, job, kind, staged);
+        staged.senders.forget();
+        return done;
     }
+    run_promised(conn, job, kind, staged)
+}
+
+/// Run the job as its kind promises: under a savepoint of its own, or
+/// checked to have written nothing if it failed.
+fn run_promised(
+    conn: &Connection,
+    job: &mut dyn Job,
+    kind: Kind,
+    staged: &mut Staged,
+) -> StoreResult<()> {
     if kind != Kind::Guarded {
         let before = (conn.total_changes(), staged.len());
         let ok = job.run(conn, staged);
