@@ -1954,6 +1954,21 @@ mod tests {
         release
     }
 
+    /// A trigger that fails every message's row as it is written.
+    const TRAP: &str = "CREATE TRIGGER trap BEFORE INSERT ON messages
+                        BEGIN SELECT RAISE(ABORT, 'trapped'); END";
+
+    /// Queue a job that runs `sql`; its outcome after the commit.
+    async fn queue_sql(
+        s: &SqliteStore,
+        sql: &'static str,
+    ) -> impl std::future::Future<Output = StoreResult<()>> + use<> {
+        s.writer
+            .queue(move |c| c.execute_batch(sql).map_err(db_error))
+            .await
+            .unwrap()
+    }
+
     fn add_user(c: &Connection, key: &str) -> StoreResult<()> {
         c.execute(
             "INSERT INTO users (key, name, password_hash, created_at) VALUES (?1, ?1, 'h', 0)",
@@ -2115,17 +2130,7 @@ mod tests {
         let release = hold(&s).await;
         // A job of the same batch, before the messages, that makes their
         // flush fail at the commit.
-        let trap = s
-            .writer
-            .queue(|c| {
-                c.execute_batch(
-                    "CREATE TRIGGER trap BEFORE INSERT ON messages
-                     BEGIN SELECT RAISE(ABORT, 'trapped'); END",
-                )
-                .map_err(db_error)
-            })
-            .await
-            .unwrap();
+        let trap = queue_sql(&s, TRAP).await;
         let one = s
             .queue_append(message("ann", "one", None, None))
             .await
@@ -2152,6 +2157,11 @@ mod tests {
         s.queue_append(m).await?.await
     }
 
+    /// The seq a message was stored as (it must have been).
+    fn seq_of(appended: StoreResult<Appended>) -> Seq {
+        appended.expect("stored").message.seq
+    }
+
     #[tokio::test]
     async fn what_the_writer_keeps_of_a_sender_follows_every_change() {
         let (s, _dir) = room_of_two().await;
@@ -2170,14 +2180,7 @@ mod tests {
         let refusal = sanctioned(SanctionKind::Mute, &r, None);
         assert_eq!(muted.map(drop), Err(refusal));
         s.lift(&r, &name("ann"), SanctionKind::Mute).await.unwrap();
-        assert_eq!(
-            send(&s, message("ann", "two", None, None))
-                .await
-                .unwrap()
-                .message
-                .seq,
-            2
-        );
+        assert_eq!(seq_of(send(&s, message("ann", "two", None, None)).await), 2);
         s.leave(&r, &name("ann")).await.unwrap();
         let gone = send(&s, message("ann", "three", None, None)).await;
         assert_eq!(gone.map(drop), Err(StoreError::NotMember));
@@ -2188,15 +2191,7 @@ mod tests {
             .queue_append(message("bob", "three", None, None))
             .await
             .unwrap();
-        let leave = s
-            .writer
-            .queue(|c| {
-                c.execute("DELETE FROM members WHERE user_key = 'bob'", [])
-                    .map(drop)
-                    .map_err(db_error)
-            })
-            .await
-            .unwrap();
+        let leave = queue_sql(&s, "DELETE FROM members WHERE user_key = 'bob'").await;
         let second = s
             .queue_append(message("bob", "four", None, None))
             .await
@@ -2213,39 +2208,26 @@ mod tests {
         let (s, _dir) = room_of_two().await;
         let release = hold(&s).await;
         // cy joins and speaks in a batch whose flush then fails.
-        let join = s
-            .writer
-            .queue(|c| {
-                c.execute_batch(
-                    "INSERT INTO members (room_id, user_key, user_name, guest, joined_at)
-                     SELECT id, 'cy', 'cy', 0, 0 FROM rooms WHERE name = 'r';
-                     CREATE TRIGGER trap BEFORE INSERT ON messages
-                     BEGIN SELECT RAISE(ABORT, 'trapped'); END",
-                )
-                .map_err(db_error)
-            })
-            .await
-            .unwrap();
+        let join = queue_sql(
+            &s,
+            "INSERT INTO members (room_id, user_key, user_name, guest, joined_at)
+             SELECT id, 'cy', 'cy', 0, 0 FROM rooms WHERE name = 'r'",
+        )
+        .await;
+        let trap = queue_sql(&s, TRAP).await;
         let spoke = s
             .queue_append(message("cy", "hi", None, None))
             .await
             .unwrap();
         release.send(()).unwrap();
-        let (join, spoke) = (join.await, spoke.await.map(drop));
+        let (join, trap, spoke) = (join.await, trap.await, spoke.await.map(drop));
         assert!(
-            join.is_err() && spoke.is_err(),
-            "rolled back: {join:?} {spoke:?}"
+            join.is_err() && trap.is_err() && spoke.is_err(),
+            "rolled back: {join:?} {trap:?} {spoke:?}"
         );
         let again = send(&s, message("cy", "hi?", None, None)).await;
         assert_eq!(again.map(drop), Err(StoreError::NotMember));
-        assert_eq!(
-            send(&s, message("ann", "one", None, None))
-                .await
-                .unwrap()
-                .message
-                .seq,
-            1
-        );
+        assert_eq!(seq_of(send(&s, message("ann", "one", None, None)).await), 1);
     }
 
     #[tokio::test]
