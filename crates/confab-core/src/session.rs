@@ -194,12 +194,10 @@ impl Session {
         let Envelope { id, request } = envelope;
         let kind = request.kind();
         let pipelined = matches!(request, Request::Send { .. });
-        // Boxed, as the other rare paths of a frame (`execute`): a send
-        // rarely waits for the requests in flight.
         if !pipelined {
-            Box::pin(self.settle()).await;
+            self.settle().await;
         } else if self.in_flight.len() >= MAX_IN_FLIGHT {
-            Box::pin(self.settle_oldest()).await;
+            self.settle_oldest().await;
         }
         self.accepted = Instant::now();
         let outcome = self.execute(request).await;
@@ -212,7 +210,7 @@ impl Session {
             outcome,
         });
         if !pipelined {
-            Box::pin(self.settle()).await;
+            self.settle().await;
         }
         !refused
     }
@@ -292,20 +290,20 @@ impl Session {
 
     /// Queue transport-specific bytes, in order with replies and events.
     pub async fn write_raw(&mut self, bytes: bytes::Bytes) {
-        Box::pin(self.settle()).await;
+        self.settle().await;
         self.conn.send(Outbound::Raw(Box::new(bytes))).await;
     }
 
     /// Answer a frame that could not be decoded.
     pub async fn reject(&mut self, error: DecodeError) {
-        Box::pin(self.settle()).await;
+        self.settle().await;
         let Reply { id, result } = error.into_reply();
         self.reply(id, result).await;
     }
 
     /// Answer with an error the transport found (a frame too large, say).
     pub async fn refuse(&mut self, id: Option<RequestId>, error: ChatError) {
-        Box::pin(self.settle()).await;
+        self.settle().await;
         self.reply(id, Err(error.into())).await;
     }
 
@@ -342,12 +340,7 @@ impl Session {
                 Ok(room) => self.post(room, body, nonce, None).await,
                 Err(e) => Later::now(Err(e)),
             },
-            // Boxed: the future of every frame (which the transport boxes,
-            // and moves there) held room for the largest handler and for
-            // the waits on the requests in flight, which a send does not
-            // reach: 5.1 KB a frame, 3.3 KB with these boxed; malloc's
-            // share of the 100 x 10 fan-out fell by about 2 points.
-            request => Later::now(Box::pin(self.run(request, standing)).await),
+            request => Later::now(self.run(request, standing).await),
         }
     }
 
@@ -370,10 +363,7 @@ impl Session {
                 "log in first: register, login, guest or resume",
             )),
             (Need::Login, Some(_)) => Ok(Standing::default()),
-            // Boxed, as the other requests' handlers (`execute`).
-            (Need::Rank { role, over }, Some(_)) => {
-                Box::pin(self.authorize(request, role, over)).await
-            }
+            (Need::Rank { role, over }, Some(_)) => self.authorize(request, role, over).await,
             (Need::Nothing, _) => unreachable!("answered above"),
         }
     }
