@@ -644,9 +644,9 @@ fn query_messages(
 /// What a message's append reads of its room in one statement (unless the
 /// writer kept it, `senders.rs`): the room's id and last seq, whether the
 /// sender is a member, and the latest end of a mute of the sender in the
-/// room or its hub (`i64::MAX` for one without an end). The two mutes are two
-/// lookups by key: `room_id IN (r.id, r.hub_id)` built a temporary table
-/// on every message (a third of the statement's time).
+/// room or its hub (`i64::MAX` for one without an end). The two mutes are
+/// two lookups by key: `room_id IN (r.id, r.hub_id)` built a temporary
+/// table on every message (a third of the statement's time).
 fn sender_room(conn: &Connection, room: &RoomName, user: &UserName) -> StoreResult<SenderRoom> {
     conn.prepare_cached(
         "SELECT r.id, r.last_seq,

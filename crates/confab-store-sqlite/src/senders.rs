@@ -6,11 +6,12 @@
 //! the 100 rooms x 10 members fan-out, and under load it reads the same
 //! rows again and again. It can be kept because the writer is the file's
 //! only writer (as for the guests in `lib.rs`), and kept exactly because
-//! the writer forgets it whenever it could change: before and after every
-//! job that is not a plain message (a join, a kick, a mute, a room's
-//! removal, an edit...: only a [`Kind::Staging`](crate::writer::Kind) job
-//! promises to write nothing but staged rows), and when a batch is rolled
-//! back (what it read may have been its own writes). A mute's end is kept,
+//! the writer forgets it whenever it could have changed: after every job
+//! that is not a plain message (a join, a kick, a mute, a room's removal,
+//! an edit...: only a [`Kind::Staging`](crate::writer::Kind) job promises
+//! to write nothing but staged rows), and when a batch is rolled back
+//! (what it read may have been its own writes). So what is kept was read
+//! since the last job that could change it. A mute's end is kept,
 //! not whether it is in force: that is judged at each message, as before.
 //!
 //! A room's last seq is the one value that moves under plain messages:

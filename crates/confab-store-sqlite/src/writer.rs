@@ -326,16 +326,15 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, staged: &mut S
 fn run_job(conn: &Connection, job: &mut dyn Job, staged: &mut Staged) -> StoreResult<()> {
     let kind = job.kind();
     if kind != Kind::Staging {
-        // It may read or change what is staged: it sees it written. And
-        // it may change what is kept of the senders (`senders.rs`): that
-        // is forgotten around it.
+        // It may read or change what is staged: it sees it written.
         staged.flush(conn)?;
-        staged.senders.forget();
-        let done = run_promised(conn, job, kind, staged);
-        staged.senders.forget();
-        return done;
     }
-    run_promised(conn, job, kind, staged)
+    let done = run_promised(conn, job, kind, staged);
+    if kind != Kind::Staging {
+        // It may have changed what is kept of the senders (`senders.rs`).
+        staged.senders.forget();
+    }
+    done
 }
 
 /// Run the job as its kind promises: under a savepoint of its own, or
