@@ -96,9 +96,16 @@ enum Scenario {
         /// together); a fresh server for each. A step holds when its p99 is
         /// at most 50 ms and nothing was lost (every delivery in time),
         /// duplicated, out of order or refused; a system stops at its first
-        /// step that does not. Without it, `--rate` alone.
+        /// step that does not. Without it, `--rate` alone. Past the last,
+        /// the sweep goes on by the last step's size while a system still
+        /// holds (up to `--extra-steps` more), so that each finds its limit.
         #[arg(long, value_delimiter = ',')]
         rates: Vec<u64>,
+        /// Most steps past `--rates` while a system still holds (0: none).
+        /// One that holds even then is reported as holding at least its
+        /// last rate, and a ratio against it as a bound.
+        #[arg(long, default_value_t = 8)]
+        extra_steps: usize,
         /// Runs per step (a fresh server each); the step is judged by the
         /// run with the median p99, and fails if any run lost, duplicated,
         /// reordered or was refused anything. On a shared two-core machine
@@ -239,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
             nats,
             redis,
             rates,
+            extra_steps,
             repeat,
             shape,
         } => {
@@ -247,7 +255,11 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 rates
             };
-            let (result, plot) = compare(confab, nats, redis, &rates, repeat, shape).await?;
+            let steps = Steps {
+                rates,
+                extra: extra_steps,
+            };
+            let (result, plot) = compare(confab, nats, redis, steps, repeat, shape).await?;
             if let Some(path) = &cli.svg {
                 std::fs::write(path, plot)?;
                 eprintln!("wrote {}", path.display());
@@ -366,13 +378,52 @@ async fn start_system(
     Ok((child, server))
 }
 
+/// The rates a sweep steps through: the ones given, then up to `extra`
+/// more, each the last step's size past the one before.
+struct Steps {
+    rates: Vec<u64>,
+    extra: usize,
+}
+
+impl Steps {
+    /// The rate after `rates` (not empty): by the last step's size, or by
+    /// a quarter when only one rate was given.
+    fn next(rates: &[u64]) -> u64 {
+        let last = rates[rates.len() - 1];
+        let step = match rates {
+            [.., before, last] if last > before => last - before,
+            _ => (last / 4).max(1),
+        };
+        last + step
+    }
+}
+
+/// How a system's highest held rate compares with redis-server's, as a
+/// ratio of deliveries/s. Each is `(deliveries/s, whether a step failed)`:
+/// one that never failed only shows that its limit is higher, so the ratio
+/// is then a bound.
+fn ratio_to(this: Option<(f64, bool)>, redis: Option<(f64, bool)>) -> String {
+    match (this, redis) {
+        (Some((a, a_found)), Some((r, r_found))) if r > 0.0 => {
+            let bound = match (a_found, r_found) {
+                (true, true) => "",
+                (true, false) => "≤ ",
+                (false, true) => "≥ ",
+                (false, false) => return "–".to_owned(),
+            };
+            format!("{bound}{:.2}×", a / r)
+        }
+        _ => "–".to_owned(),
+    }
+}
+
 /// Each system up the rates until one does not hold; the table of the
 /// highest rate each held, side by side, and the plot of p99 by rate.
 async fn compare(
     confab: PathBuf,
     nats: PathBuf,
     redis: PathBuf,
-    rates: &[u64],
+    steps: Steps,
     repeat: usize,
     shape: Shape,
 ) -> anyhow::Result<(serde_json::Value, String)> {
@@ -391,7 +442,11 @@ async fn compare(
     let mut sweeps: Vec<(&str, Vec<fanout::Outcome>)> =
         runs.iter().map(|(name, _)| (*name, Vec::new())).collect();
     let mut going: Vec<bool> = vec![true; runs.len()];
-    for &rate in rates {
+    let Steps { mut rates, extra } = steps;
+    let given = rates.len();
+    let mut step = 0;
+    while step < rates.len() {
+        let rate = rates[step];
         let shape = Shape {
             rate,
             ..shape.clone()
@@ -422,13 +477,17 @@ async fn compare(
             }
             sweeps[i].1.push(o);
         }
+        step += 1;
+        if step == rates.len() && going.contains(&true) && rates.len() - given < extra {
+            rates.push(Steps::next(&rates));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let best = |steps: &[fanout::Outcome]| -> Option<f64> {
-        steps
-            .iter()
-            .rfind(|o| verdict(o).is_ok())
-            .map(|o| o.deliveries_per_s)
+    // The highest rate held, and whether a step failed (the limit found).
+    let best = |steps: &[fanout::Outcome]| -> Option<(f64, bool)> {
+        let held = steps.iter().rfind(|o| verdict(o).is_ok())?;
+        let found = steps.iter().any(|o| verdict(o).is_err());
+        Some((held.deliveries_per_s, found))
     };
     let redis_best = sweeps
         .iter()
@@ -446,16 +505,14 @@ async fn compare(
         let failed = steps.iter().find(|o| verdict(o).is_err());
         let next = match failed {
             Some(o) => format!("{}/s: {}", o.rate, verdict(o).err().unwrap_or_default()),
-            None => "held every step".to_owned(),
+            None => "held every step: its limit is higher".to_owned(),
         };
         let cell = |f: &dyn Fn(&fanout::Outcome) -> String| held.map_or("–".to_owned(), f);
-        let ratio = match (held, redis_best) {
-            (Some(o), Some(r)) if r > 0.0 => format!("{:.2}×", o.deliveries_per_s / r),
-            _ => "–".to_owned(),
-        };
+        let at_least = if failed.is_none() { "≥ " } else { "" };
+        let ratio = ratio_to(best(steps), redis_best);
         println!(
             "| {name} | {} | {} | {} | {} | {next} | {ratio} |",
-            cell(&|o| o.rate.to_string()),
+            cell(&|o| format!("{at_least}{}", o.rate)),
             cell(&|o| format!("{:.0}", o.deliveries_per_s)),
             cell(&|o| format!("{:.1}", o.latency.p50_ms)),
             cell(&|o| format!("{:.1}", o.latency.p99_ms)),
@@ -463,6 +520,8 @@ async fn compare(
         table.insert(
             name.to_string(),
             json!({
+                "limit_found": failed.is_some(),
+                "vs_redis": ratio,
                 "highest_held": held.map(|o| json!({
                     "rate": o.rate,
                     "deliveries_per_s": o.deliveries_per_s,
@@ -563,5 +622,34 @@ mod tests {
             "a loss fails the step whatever the latencies"
         );
         assert!(verdict(&faulty).is_err());
+    }
+
+    #[test]
+    fn a_sweep_goes_on_by_its_last_step_past_the_rates_given() {
+        assert_eq!(Steps::next(&[16_000, 24_000, 32_000]), 40_000);
+        assert_eq!(Steps::next(&[8_000, 12_000, 20_000]), 28_000);
+        assert_eq!(
+            Steps::next(&[1_000]),
+            1_250,
+            "a quarter on from a lone rate"
+        );
+        assert_eq!(Steps::next(&[2]), 3, "never a step of nothing");
+        assert_eq!(Steps::next(&[500, 500]), 625);
+    }
+
+    #[test]
+    fn a_ratio_against_a_limit_not_found_is_a_bound() {
+        let found = |d: f64| Some((d, true));
+        let not_found = |d: f64| Some((d, false));
+        assert_eq!(ratio_to(found(400.0), found(640.0)), "0.62×");
+        assert_eq!(
+            ratio_to(found(400.0), not_found(640.0)),
+            "≤ 0.62×",
+            "redis-server held every step: its limit, and so the gap, may be larger"
+        );
+        assert_eq!(ratio_to(not_found(800.0), found(640.0)), "≥ 1.25×");
+        assert_eq!(ratio_to(not_found(800.0), not_found(640.0)), "–");
+        assert_eq!(ratio_to(None, found(640.0)), "–", "held no step");
+        assert_eq!(ratio_to(found(400.0), None), "–");
     }
 }
