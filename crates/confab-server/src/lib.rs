@@ -102,26 +102,16 @@ pub(crate) fn format(transport: Transport) -> confab_proto::Format {
     }
 }
 
-/// Encode one queued item for `transport`, counting message deliveries
-/// and their latency since accept.
-pub(crate) fn encode<'a>(
-    app: &App,
-    transport: Transport,
-    item: &'a Outbound,
-) -> std::borrow::Cow<'a, bytes::Bytes> {
+/// Encode one queued item for `transport` (the driver counts deliveries,
+/// per batch: [`metrics::Metrics::delivered`]).
+pub(crate) fn encode(transport: Transport, item: &Outbound) -> std::borrow::Cow<'_, bytes::Bytes> {
     use std::borrow::Cow;
     match item {
         Outbound::Reply(reply) => Cow::Owned(match transport {
             Transport::Ws => confab_proto::json::encode_reply(reply),
             Transport::Line => confab_proto::line::format_reply(reply),
         }),
-        Outbound::Event(shared) => {
-            if let confab_proto::Event::Message(_) = shared.event {
-                let latency = shared.accepted.map(|at| at.elapsed());
-                app.metrics.delivered(transport, latency);
-            }
-            Cow::Borrowed(shared.encoded(format(transport)))
-        }
+        Outbound::Event(shared) => Cow::Borrowed(shared.encoded(format(transport))),
         Outbound::Raw(bytes) => Cow::Borrowed(bytes),
     }
 }

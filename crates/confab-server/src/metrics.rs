@@ -2,8 +2,9 @@
 //! follow Prometheus conventions (`confab_…_total` for counters, base units
 //! in the name); every label has a handful of values at most.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use confab_core::conn::Outbound;
 use confab_core::{Chat, Observer};
 use confab_proto::ErrorCode;
 use prometheus::{
@@ -230,10 +231,33 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn delivered(&self, transport: Transport, since_accept: Option<Duration>) {
-        self.deliveries[transport as usize].inc();
-        if let Some(latency) = since_accept {
-            self.delivery_latency[transport as usize].observe(latency.as_secs_f64());
+    /// Count the messages among `items` as delivered, each with its
+    /// latency since accept: one clock read for them all (a read and a
+    /// count per delivery were 5 % of the server's samples at 700,000
+    /// deliveries a second).
+    pub(crate) fn delivered<'a>(
+        &self,
+        transport: Transport,
+        items: impl Iterator<Item = &'a Outbound>,
+    ) {
+        let mut now = None;
+        let mut messages = 0;
+        for item in items {
+            let Outbound::Event(shared) = item else {
+                continue;
+            };
+            if !matches!(shared.event, confab_proto::Event::Message(_)) {
+                continue;
+            }
+            messages += 1;
+            if let Some(at) = shared.accepted {
+                let now = *now.get_or_insert_with(Instant::now);
+                let latency = now.saturating_duration_since(at);
+                self.delivery_latency[transport as usize].observe(latency.as_secs_f64());
+            }
+        }
+        if messages > 0 {
+            self.deliveries[transport as usize].inc_by(messages);
         }
     }
 
@@ -310,5 +334,47 @@ impl Observer for Metrics {
 
     fn message_stored(&self) {
         self.messages_stored.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use confab_proto::{Event, Message, Reply, SharedEvent};
+
+    use super::*;
+
+    fn event(event: Event, accepted: Option<Instant>) -> Outbound {
+        Outbound::Event(Arc::new(SharedEvent::new(event).accepted_at(accepted)))
+    }
+
+    #[test]
+    fn a_batch_counts_its_messages_and_their_latencies_only() {
+        let metrics = Metrics::new();
+        let message = || Event::Message(Message::default());
+        let batch = [
+            event(message(), Some(Instant::now())),
+            // From another node: no accept time here.
+            event(message(), None),
+            event(
+                Event::Presence {
+                    user: "ann".into(),
+                    online: true,
+                },
+                Some(Instant::now()),
+            ),
+            Outbound::Reply(Box::new(Reply {
+                id: None,
+                result: Ok(confab_proto::OkBody::Pong),
+            })),
+            event(message(), Some(Instant::now())),
+        ];
+        metrics.delivered(Transport::Line, batch.iter());
+        metrics.delivered(Transport::Line, std::iter::empty());
+        let line = Transport::Line as usize;
+        assert_eq!(metrics.deliveries[line].get(), 3);
+        assert_eq!(metrics.delivery_latency[line].get_sample_count(), 2);
+        assert_eq!(metrics.deliveries[Transport::Ws as usize].get(), 0);
     }
 }
