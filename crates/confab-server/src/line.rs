@@ -189,7 +189,7 @@ fn lines(app: &App) -> Lines {
 }
 
 /// The line protocol's state: the decoder, the current room, the idle rule.
-struct Lines {
+pub(crate) struct Lines {
     decoder: LineDecoder,
     current: Option<String>,
     max_line: usize,
