@@ -774,10 +774,32 @@ mod tests {
     }
 
     /// Takes at most `most` bytes a write (none: not ready), of the
-    /// first buffer only, as a vectored write may.
+    /// first buffer only, as a vectored write may, and `budget` in all
+    /// (then it is full). Never has anything to read.
     struct Trickle {
         most: usize,
+        budget: usize,
         got: Vec<u8>,
+    }
+
+    impl Trickle {
+        fn taking(most: usize) -> Trickle {
+            Trickle {
+                most,
+                budget: usize::MAX,
+                got: Vec::new(),
+            }
+        }
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
     }
 
     impl AsyncWrite for Trickle {
@@ -786,10 +808,11 @@ mod tests {
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
-            if self.most == 0 {
+            let n = buf.len().min(self.most).min(self.budget);
+            if n == 0 {
                 return Poll::Pending;
             }
-            let n = buf.len().min(self.most);
+            self.budget -= n;
             self.got.extend_from_slice(&buf[..n]);
             Poll::Ready(Ok(n))
         }
@@ -810,62 +833,16 @@ mod tests {
     #[test]
     fn what_a_vectored_write_leaves_is_kept_in_order() {
         let (header, payload) = (b"head".as_slice(), b"the payload".as_slice());
-        let mut io = Trickle {
-            most: 1,
-            got: Vec::new(),
-        };
+        let mut io = Trickle::taking(1);
         let mut out = Vec::new();
         write_parts_now(&mut io, b"", b"", &mut out).expect("nothing to write is no error");
         assert!(io.got.is_empty() && out.is_empty());
         for most in [0, 1, 3, 4, 5, 15, 100] {
-            let mut io = Trickle {
-                most,
-                got: Vec::new(),
-            };
+            let mut io = Trickle::taking(most);
             let mut out = Vec::new();
             write_parts_now(&mut io, header, payload, &mut out).unwrap();
             io.got.extend_from_slice(&out);
             assert_eq!(io.got, b"headthe payload", "at most {most} bytes a write");
-        }
-    }
-
-    /// Takes `budget` bytes in all, then is full.
-    struct Budget {
-        budget: usize,
-        got: Vec<u8>,
-    }
-
-    impl AsyncRead for Budget {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Pending
-        }
-    }
-
-    impl AsyncWrite for Budget {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = buf.len().min(self.budget).min(7);
-            if n == 0 {
-                return Poll::Pending;
-            }
-            self.budget -= n;
-            self.got.extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
         }
     }
 
@@ -876,9 +853,9 @@ mod tests {
         for budget in [0, 1, 7, 12, whole.len(), 100] {
             let (conn, rx) = confab_core::conn::channel(confab_core::conn::ConnId(1), 16, None);
             let mut wire = Wire {
-                io: Budget {
+                io: Trickle {
                     budget,
-                    got: Vec::new(),
+                    ..Trickle::taking(7)
                 },
                 closer: rx.closer(),
                 rx,
