@@ -67,7 +67,7 @@ fn decode_typed(frame: &[u8]) -> Option<Envelope> {
     })
 }
 
-/// A request id as [`read_id`] takes it: an integer that fits an `i64`,
+/// A request id as the protocol takes it: an integer that fits an `i64`,
 /// or a string of at most [`RequestId::MAX_LEN`] characters.
 struct WireId(RequestId);
 
@@ -128,15 +128,15 @@ fn decode_checked(frame: &[u8]) -> Result<Envelope, DecodeError> {
     Ok(Envelope { id, request })
 }
 
+/// The frame's `id`, by the one rule both ways of decoding keep
+/// ([`WireId`]).
 fn read_id(map: &Map<String, Value>) -> Result<Option<RequestId>, &'static str> {
     const BAD: &str = "field `id` must be a string of at most 64 characters or an integer";
     match map.get("id") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.chars().count() <= RequestId::MAX_LEN => {
-            Ok(Some(RequestId::Str(s.clone())))
-        }
-        Some(Value::Number(n)) => n.as_i64().map(|i| Some(RequestId::Int(i))).ok_or(BAD),
-        Some(_) => Err(BAD),
+        Some(id) => WireId::deserialize(id)
+            .map(|WireId(id)| Some(id))
+            .map_err(|_| BAD),
     }
 }
 
