@@ -509,7 +509,10 @@ async fn compare(
         };
         let cell = |f: &dyn Fn(&fanout::Outcome) -> String| held.map_or("–".to_owned(), f);
         let at_least = if failed.is_none() { "≥ " } else { "" };
-        let ratio = ratio_to(best(steps), redis_best);
+        let ratio = ratio_to(
+            held.map(|o| (o.deliveries_per_s, failed.is_some())),
+            redis_best,
+        );
         println!(
             "| {name} | {} | {} | {} | {} | {next} | {ratio} |",
             cell(&|o| format!("{at_least}{}", o.rate)),
