@@ -10,6 +10,7 @@
 //!   SVG latency plot.
 
 pub mod client;
+pub mod cpu;
 pub mod peers;
 pub mod report;
 pub mod scenarios;

@@ -48,6 +48,11 @@ enum Scenario {
     Fanout {
         #[arg(long, value_enum, default_value = "confab")]
         system: fanout::System,
+        /// The server's process (several, comma-separated, for a cluster's
+        /// nodes): its CPU per message, in user space and in the kernel,
+        /// is reported.
+        #[arg(long, value_delimiter = ',')]
+        server_pid: Vec<u32>,
         #[command(flatten)]
         shape: Shape,
     },
@@ -139,7 +144,12 @@ struct Shape {
 }
 
 impl Shape {
-    fn options(&self, system: fanout::System, servers: Vec<SocketAddr>) -> fanout::Options {
+    fn options(
+        &self,
+        system: fanout::System,
+        servers: Vec<SocketAddr>,
+        server_pids: Vec<u32>,
+    ) -> fanout::Options {
         fanout::Options {
             system,
             servers,
@@ -150,6 +160,7 @@ impl Shape {
             body: self.body,
             duration: Duration::from_secs(self.duration_secs),
             drain: Duration::from_secs(5),
+            server_pids,
         }
     }
 }
@@ -184,11 +195,15 @@ async fn main() -> anyhow::Result<()> {
             );
             (json!(o), vec![])
         }
-        Scenario::Fanout { system, shape } => {
+        Scenario::Fanout {
+            system,
+            server_pid,
+            shape,
+        } => {
             for server in &shape.server {
                 check_loopback(*server)?;
             }
-            let o = fanout::run(shape.options(system, shape.server.clone())).await?;
+            let o = fanout::run(shape.options(system, shape.server.clone(), server_pid)).await?;
             print_fanout(&o);
             let plot = (
                 format!("{:?}", o.system).to_lowercase(),
@@ -285,6 +300,9 @@ fn print_fanout(o: &fanout::Outcome) {
         o.system, o.rooms, o.members, o.publishers, o.rate, o.body_bytes, o.deliveries_per_s, o.published,
         o.delivered, o.expected, o.lost, o.duplicated, o.out_of_order, o.refused, o.latency
     );
+    if let Some(cpu) = o.server_cpu {
+        println!("  the server's CPU per message: {cpu}");
+    }
 }
 
 /// A free loopback port (bound and released; the child binds it next).
@@ -460,7 +478,8 @@ async fn compare(
                 let (mut child, server) =
                     start_system(name, (&confab, &nats, &redis), &dir).await?;
                 eprintln!("== {name} on {server} at {rate}/s");
-                let o = fanout::run(shape.options(*system, vec![server])).await?;
+                let pids = child.id().into_iter().collect();
+                let o = fanout::run(shape.options(*system, vec![server], pids)).await?;
                 let _ = child.kill().await;
                 print_fanout(&o);
                 tries[i].push(o);
@@ -497,8 +516,8 @@ async fn compare(
         "\n{} rooms × {} members, {} publishers, {} B; steps of {:?} messages/s\n",
         shape.rooms, shape.members, shape.publishers, shape.body, rates
     );
-    println!("| system | highest rate held (msg/s) | deliveries/s | p50 ms | p99 ms | the next step | vs redis |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| system | highest rate held (msg/s) | deliveries/s | p50 ms | p99 ms | server CPU per message | the next step | vs redis |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut table = serde_json::Map::new();
     for (name, steps) in &sweeps {
         let held = steps.iter().rfind(|o| verdict(o).is_ok());
@@ -514,11 +533,12 @@ async fn compare(
             redis_best,
         );
         println!(
-            "| {name} | {} | {} | {} | {} | {next} | {ratio} |",
+            "| {name} | {} | {} | {} | {} | {} | {next} | {ratio} |",
             cell(&|o| format!("{at_least}{}", o.rate)),
             cell(&|o| format!("{:.0}", o.deliveries_per_s)),
             cell(&|o| format!("{:.1}", o.latency.p50_ms)),
             cell(&|o| format!("{:.1}", o.latency.p99_ms)),
+            cell(&|o| o.server_cpu.map_or("–".to_owned(), |c| c.to_string())),
         );
         table.insert(
             name.to_string(),
@@ -529,6 +549,7 @@ async fn compare(
                     "rate": o.rate,
                     "deliveries_per_s": o.deliveries_per_s,
                     "p99_ms": o.latency.p99_ms,
+                    "server_cpu": o.server_cpu,
                 })),
                 "steps": steps,
             }),
@@ -611,6 +632,7 @@ mod tests {
                 p999_ms: p99_ms,
                 max_ms: p99_ms,
             },
+            server_cpu: None,
             histogram: Default::default(),
         }
     }

@@ -25,6 +25,7 @@ fn tiny_fanout(system: fanout::System, server: SocketAddr) -> fanout::Options {
         body: 64,
         duration: Duration::from_millis(800),
         drain: Duration::from_secs(5),
+        server_pids: Vec::new(),
     }
 }
 
@@ -40,10 +41,16 @@ fn assert_complete(o: &fanout::Outcome) {
 #[tokio::test]
 async fn fanout_counts_every_delivery() {
     let server = server().await;
-    let o = fanout::run(tiny_fanout(fanout::System::Confab, server.addr))
-        .await
-        .unwrap();
+    let o = fanout::run(fanout::Options {
+        // The test server runs in this process.
+        server_pids: vec![std::process::id()],
+        ..tiny_fanout(fanout::System::Confab, server.addr)
+    })
+    .await
+    .unwrap();
     assert_complete(&o);
+    let cpu = o.server_cpu.expect("the server's CPU, its process given");
+    assert!(cpu.user_us >= 0.0 && cpu.kernel_us >= 0.0, "{cpu:?}");
 }
 
 fn peer(var: &str) -> Option<SocketAddr> {

@@ -16,6 +16,7 @@ use tokio::sync::{watch, Barrier};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Counter;
+use crate::cpu::{Cpu, CpuPerMessage};
 use crate::report::{Latency, Percentiles};
 use crate::{client, peers, source_addr, Progress};
 
@@ -43,6 +44,10 @@ pub struct Options {
     /// How long to wait for the last deliveries (and acks); what has not
     /// arrived by then counts as lost.
     pub drain: Duration,
+    /// The server's processes (a cluster's nodes), when on this machine:
+    /// their CPU from the first publish to the last delivery is reported
+    /// per message. Empty: not measured.
+    pub server_pids: Vec<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -63,6 +68,9 @@ pub struct Outcome {
     pub out_of_order: u64,
     pub deliveries_per_s: f64,
     pub latency: Percentiles,
+    /// The server's CPU per accepted message, when its processes were
+    /// given.
+    pub server_cpu: Option<CpuPerMessage>,
     #[serde(skip)]
     pub histogram: Latency,
 }
@@ -211,6 +219,11 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
     // Sent, and refused by the server (Confab answers every send).
     let published = Counter::default();
     let refused = Counter::default();
+    let server_cpu = || match o.server_pids.is_empty() {
+        true => None,
+        false => Cpu::of_all(&o.server_pids),
+    };
+    let cpu_before = server_cpu();
     let start = Instant::now();
     let stop_at = start + o.duration;
     let period = Duration::from_secs_f64(o.publishers as f64 / o.rate.max(1) as f64);
@@ -325,6 +338,9 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_before
+        .zip(server_cpu())
+        .and_then(|(before, after)| after.per_message(&before, published.get() - refused.get()));
     progress.show(total, total, &format!("ms, {} delivered", delivered.get()));
     progress.finish();
     let _ = stop_tx.send(true);
@@ -353,6 +369,7 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
         out_of_order: all.out_of_order,
         deliveries_per_s: all.unique as f64 / elapsed,
         latency: all.latency.percentiles(),
+        server_cpu: cpu,
         histogram: all.latency,
     })
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::cpu::Cpu;
 use crate::{client, source_addr, Progress};
 
 pub struct Options {
@@ -65,21 +66,6 @@ pub fn tcp_mem_pages() -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime of a process, in seconds.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may contain spaces), 1-based 14 and 15.
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
 pub async fn run(o: Options) -> anyhow::Result<Outcome> {
     let rss_before = rss_kib(o.server_pid)?;
     let sock_before = tcp_mem_pages();
@@ -115,7 +101,7 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
     let connect_seconds = started.elapsed().as_secs_f64();
     // Let the server settle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cpu_before = cpu_seconds(o.server_pid);
+    let cpu_before = Cpu::of(o.server_pid).unwrap_or_default();
     let t = Instant::now();
     // Keep reading (answering the server's pings) while holding.
     let readers: Vec<_> = held
@@ -128,8 +114,9 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
         })
         .collect();
     tokio::time::sleep(o.hold).await;
-    let idle_cpu_percent =
-        (cpu_seconds(o.server_pid) - cpu_before) / t.elapsed().as_secs_f64() * 100.0;
+    let idle_cpu_percent = (Cpu::of(o.server_pid).unwrap_or_default().total() - cpu_before.total())
+        / t.elapsed().as_secs_f64()
+        * 100.0;
     let rss_after = rss_kib(o.server_pid)?;
     let sock_after = tcp_mem_pages();
     let connected = readers.len();
