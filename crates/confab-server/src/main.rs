@@ -18,9 +18,10 @@ use tracing_subscriber::{reload, EnvFilter, Registry};
 /// storage writer), which glibc serves from locked arenas. At 100 x 10,
 /// 32,000 msg/s, it took the server's user CPU per message from 17.1-19.7
 /// to 15.2-16.5 us and cut p50 and p99 in every interleaved pair; jemalloc
-/// did as well but held more per idle connection (3,989 B against 3,825;
-/// glibc 3,839-3,923). Transparent huge pages stay off for it (`no_thp`):
-/// with them its arenas took 4,886 B per idle connection. BENCHMARKS.md.
+/// did as well but held as much or more per idle connection (3,978-4,109 B
+/// against 3,825-3,974; glibc 3,839-3,931). Transparent huge pages stay
+/// off for it (`no_thp`): with them its arenas took 4,886 B per idle
+/// connection. BENCHMARKS.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
