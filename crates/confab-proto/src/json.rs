@@ -54,6 +54,16 @@ pub fn decode_request(frame: &[u8]) -> Result<Envelope, DecodeError> {
 /// is faster (450 ns a `send` against 590) but takes `"type": 5` for the
 /// sixth kind of request.
 fn decode_typed(frame: &[u8]) -> Option<Envelope> {
+    if let Ok(send) = serde_json::from_slice::<SendFrame>(frame) {
+        return Some(Envelope {
+            id: send.id.map(|WireId(id)| id),
+            request: Request::Send {
+                room: send.room,
+                body: send.body,
+                nonce: send.nonce,
+            },
+        });
+    }
     #[derive(Deserialize)]
     struct Head {
         #[serde(default)]
@@ -65,6 +75,31 @@ fn decode_typed(frame: &[u8]) -> Option<Envelope> {
         id: head.id.map(|WireId(id)| id),
         request,
     })
+}
+
+/// A `send`, the request behind every message, in one pass into a shape
+/// of its own: a [`Request`], tagged by a field inside it, is decoded by
+/// buffering every field (its strings copied) until the tag is found, and
+/// then again from the buffer, after a pass for the id (the two were 2-3 %
+/// of the server's samples in the 100 x 10 fan-out). The fields are the
+/// `Send` variant's, with the same defaults, and the tag must be `send`;
+/// anything else fails here and is decoded the general way.
+#[derive(Deserialize)]
+struct SendFrame {
+    #[serde(rename = "type")]
+    _kind: SendTag,
+    #[serde(default)]
+    id: Option<WireId>,
+    room: String,
+    body: String,
+    #[serde(default)]
+    nonce: Option<String>,
+}
+
+#[derive(Deserialize)]
+enum SendTag {
+    #[serde(rename = "send")]
+    Send,
 }
 
 /// A request id as the protocol takes it: an integer that fits an `i64`,
@@ -255,6 +290,8 @@ mod tests {
         let mut frames: Vec<String> = [
             r#"{"type":"send","id":"c1","room":"r","body":"hi","nonce":"n"}"#,
             r#"{"type":"send","room":"r","body":"a\"b\u00e9","nonce":null}"#,
+            r#"{"room":"r","body":"late tag","id":4,"type":"s\u0065nd","extra":{"a":[1]}}"#,
+            r#"{"type":"send","room":"r","body":"b","id":null}"#,
             r#"{"type":"p\u0069ng","id":-5}"#,
             r#"  {"type":"ping","id":null}  "#,
             r#"{"type":"ping","id":9223372036854775807}"#,
@@ -266,6 +303,13 @@ mod tests {
             r#"{"type":"ping","type":"logout"}"#,
             r#"{"id":1,"id":"a","type":"ping"}"#,
             r#"{"type":"send","room":"r","room":"s","body":"b"}"#,
+            r#"{"type":"send","type":"send","room":"r","body":"b"}"#,
+            r#"{"type":"send","room":"r","body":5}"#,
+            r#"{"type":"send","room":"r"}"#,
+            r#"{"type":"send","room":"r","body":"b","nonce":7}"#,
+            r#"{"type":"send","room":"r","body":"b","id":1,"id":2}"#,
+            r#"{"type":"Send","room":"r","body":"b"}"#,
+            r#"{"type":"dm","to":"u","body":"b","room":"r"}"#,
             r#"{"type":"read","room":"r","seq":5.0}"#,
             r#"{"type":"read","room":"r","seq":-1}"#,
             r#"{"type":"rooms","limit":4294967296}"#,
@@ -290,7 +334,7 @@ mod tests {
             assert_eq!(decode_request(frame.as_bytes()), checked, "{frame}");
         }
         // And the common requests do take the typed way.
-        for frame in &frames[..5] {
+        for frame in &frames[..7] {
             assert!(decode_typed(frame.as_bytes()).is_some(), "{frame}");
         }
         assert!(decode_typed(long(64).as_bytes()).is_some());
