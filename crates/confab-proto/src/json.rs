@@ -1,7 +1,8 @@
 //! The WebSocket codec: one JSON object per text frame.
 //!
-//! A frame is decoded straight into its types: its `id` (checked), then
-//! the typed [`Request`]. A frame that does not decode so is decoded again
+//! A frame is decoded straight into its types: a `send` in one pass into
+//! its own shape, any other request its `id` (checked), then the typed
+//! [`Request`]. A frame that does not decode so is decoded again
 //! the careful way, so that its error says what is wrong and carries its
 //! `id` when that is readable: first into a generic JSON map (where `id`
 //! and `type` are read and checked), then into the [`Request`]. The
