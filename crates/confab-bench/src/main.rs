@@ -203,6 +203,11 @@ async fn main() -> anyhow::Result<()> {
             for server in &shape.server {
                 check_loopback(*server)?;
             }
+            for &pid in &server_pid {
+                if confab_bench::cpu::Cpu::of(pid).is_none() {
+                    anyhow::bail!("--server-pid {pid}: no such process to measure here");
+                }
+            }
             let o = fanout::run(shape.options(system, shape.server.clone(), server_pid)).await?;
             print_fanout(&o);
             let plot = (
