@@ -16,12 +16,12 @@ use tracing_subscriber::{reload, EnvFilter, Registry};
 /// on one thread and freed on another (an event on the publisher's, its
 /// last reference dropped on a member's; a job on a worker, done on the
 /// storage writer), which glibc serves from locked arenas. At 100 x 10,
-/// 32,000 msg/s, it took the server's user CPU per message from 17.1-19.7
-/// to 15.2-16.5 us and cut p50 and p99 in every interleaved pair; jemalloc
-/// did as well but held as much or more per idle connection (3,978-4,109 B
-/// against 3,825-3,974; glibc 3,839-3,931). Transparent huge pages stay
-/// off for it (`no_thp`): with them its arenas took 4,886 B per idle
-/// connection. BENCHMARKS.md.
+/// 32,000 msg/s, it took the server's user CPU per message from 17.1-20.4
+/// to 15.2-18.5 us, lower in every interleaved pair, and p99 in 11 pairs of
+/// 14; jemalloc did as well but held as much or more per idle connection
+/// (3,978-4,109 B against 3,825-3,974; glibc 3,839-3,931). Transparent
+/// huge pages stay off for it (`no_thp`): with them its arenas took
+/// 4,886 B per idle connection. BENCHMARKS.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
