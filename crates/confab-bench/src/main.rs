@@ -421,6 +421,30 @@ impl Steps {
     }
 }
 
+/// A system's steps as the table reads them: the highest it held and the
+/// first it did not.
+#[derive(Clone, Copy)]
+struct Sweep<'a> {
+    held: Option<&'a fanout::Outcome>,
+    failed: Option<&'a fanout::Outcome>,
+}
+
+impl<'a> Sweep<'a> {
+    fn of(steps: &'a [fanout::Outcome]) -> Self {
+        Sweep {
+            held: steps.iter().rfind(|o| verdict(o).is_ok()),
+            failed: steps.iter().find(|o| verdict(o).is_err()),
+        }
+    }
+
+    /// The deliveries/s of the highest step held, and whether a step
+    /// failed (the limit was found), for [`ratio_to`].
+    fn best(&self) -> Option<(f64, bool)> {
+        self.held
+            .map(|o| (o.deliveries_per_s, self.failed.is_some()))
+    }
+}
+
 /// How a system's highest held rate compares with redis-server's, as a
 /// ratio of deliveries/s. Each is `(deliveries/s, whether a step failed)`:
 /// one that never failed only shows that its limit is higher, so the ratio
@@ -507,16 +531,10 @@ async fn compare(
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    // The highest rate held, and whether a step failed (the limit found).
-    let best = |steps: &[fanout::Outcome]| -> Option<(f64, bool)> {
-        let held = steps.iter().rfind(|o| verdict(o).is_ok())?;
-        let found = steps.iter().any(|o| verdict(o).is_err());
-        Some((held.deliveries_per_s, found))
-    };
     let redis_best = sweeps
         .iter()
         .find(|(n, _)| *n == "redis")
-        .and_then(|(_, s)| best(s));
+        .and_then(|(_, s)| Sweep::of(s).best());
     println!(
         "\n{} rooms × {} members, {} publishers, {} B; steps of {:?} messages/s\n",
         shape.rooms, shape.members, shape.publishers, shape.body, rates
@@ -525,18 +543,15 @@ async fn compare(
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut table = serde_json::Map::new();
     for (name, steps) in &sweeps {
-        let held = steps.iter().rfind(|o| verdict(o).is_ok());
-        let failed = steps.iter().find(|o| verdict(o).is_err());
+        let sweep = Sweep::of(steps);
+        let Sweep { held, failed } = sweep;
         let next = match failed {
             Some(o) => format!("{}/s: {}", o.rate, verdict(o).err().unwrap_or_default()),
             None => "held every step: its limit is higher".to_owned(),
         };
         let cell = |f: &dyn Fn(&fanout::Outcome) -> String| held.map_or("–".to_owned(), f);
         let at_least = if failed.is_none() { "≥ " } else { "" };
-        let ratio = ratio_to(
-            held.map(|o| (o.deliveries_per_s, failed.is_some())),
-            redis_best,
-        );
+        let ratio = ratio_to(sweep.best(), redis_best);
         println!(
             "| {name} | {} | {} | {} | {} | {} | {next} | {ratio} |",
             cell(&|o| format!("{at_least}{}", o.rate)),
