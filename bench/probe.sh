@@ -5,17 +5,15 @@
 # the bytes it wrote to the block device per message stored (/proc/PID/io),
 # all between 4 s and 8 s into the run.
 #
-#   bench/probe.sh BIN RATE [confab-bench fanout options...]
+#   bench/probe.sh BIN RATE [ROOMS MEMBERS PUBLISHERS]
 #
 # A fresh server (bench/confab.toml, a new SQLite database under $WORK,
 # /tmp/confab-probe by default) on 127.0.0.1:18080; the fan-out is 100
-# rooms of 10 members and 32 publishers unless the options say otherwise
-# (the last given wins), for 10 s. Environment variables reach the server
-# (a throwaway build reads its switches from them). Needs a release build
-# of confab-bench.
+# rooms of 10 members and 32 publishers unless given, 100-byte bodies, for
+# 10 s. Environment variables reach the server (a throwaway build reads
+# its switches from them). Needs a release build of confab-bench.
 set -euo pipefail
-bin=$1 rate=$2
-shift 2
+bin=$1 rate=$2 rooms=${3:-100} members=${4:-10} publishers=${5:-32}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${WORK:-/tmp/confab-probe}
 http=127.0.0.1:18080
@@ -35,7 +33,8 @@ snap() {
 (sleep 4; snap 1; sleep 4; snap 2) &
 probe=$!
 "$root/target/release/confab-bench" fanout --server-pid $server --server $http \
-    --rooms 100 --members 10 --publishers 32 --body 100 --duration-secs 10 --rate "$rate" "$@" 2>&1 \
+    --rooms "$rooms" --members "$members" --publishers "$publishers" --body 100 \
+    --duration-secs 10 --rate "$rate" 2>&1 \
     | grep -E 'latency|CPU per' | sed 's/.*latency/latency/'
 wait $probe
 WORK=$work python3 - <<'PY'
