@@ -75,7 +75,10 @@ pub struct Session {
     abusive: bool,
     /// When the request being handled arrived.
     accepted: Instant,
-    login: Option<Login>,
+    /// Boxed: inline it took 88 bytes of every connection's future, logged
+    /// in or not, and kept the driver's future in the allocator's next
+    /// larger block (BENCHMARKS.md, write-through: an idle connection).
+    login: Option<Box<Login>>,
     /// Requests not answered yet, oldest first. Empty (and unallocated)
     /// unless sends are waiting for their commits.
     in_flight: VecDeque<InFlight>,
@@ -353,7 +356,7 @@ impl Session {
             return Ok(Standing::default());
         }
         self.admit(request)?;
-        match (need, &self.login) {
+        match (need, self.login.as_deref()) {
             (Need::LoggedOut, Some(l)) => Err(ChatError::bad_request(format!(
                 "already logged in as {}; log out first",
                 l.user
@@ -509,7 +512,7 @@ impl Session {
 
     fn me(&self) -> &Login {
         self.login
-            .as_ref()
+            .as_deref()
             .expect("the command table checked the login")
     }
 
@@ -654,7 +657,7 @@ impl Session {
                 rooms: rooms.into_iter().map(|(r, _)| r).collect(),
             });
         }
-        self.login = Some(Login { user, guest, token });
+        self.login = Some(Box::new(Login { user, guest, token }));
         Ok(done)
     }
 

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use confab_core::conn::{Batch, Closer};
+use confab_core::conn::{publisher_turn, Batch, Closer};
 use confab_core::{CloseReason, ConnReceiver, Outbound, Session};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
@@ -36,6 +36,7 @@ use tracing::Instrument;
 use crate::admission::Admitted;
 use crate::metrics::Transport;
 use crate::proxy::Client;
+use crate::through::SharedTcp;
 use crate::{encode, App, SLOW_CONSUMER_GRACE};
 
 /// Largest single read from a socket. It is read onto the stack, and only
@@ -177,7 +178,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
     /// Run a session future to its end while writing what is queued: the
     /// session may wait for room in this very queue.
     async fn drive<T, P: Protocol>(&mut self, app: &App, work: impl Future<Output = T>) -> T {
+        // Each poll of the session's work is a publisher's turn: the events
+        // it publishes to idle connections are written when the poll ends,
+        // by this thread (`confab_core::conn::publisher_turn`).
         let mut work = pin!(work);
+        let mut work = std::future::poll_fn(move |cx| publisher_turn(|| work.as_mut().poll(cx)));
         loop {
             if self.broken {
                 return work.await;
@@ -267,7 +272,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
             }
         };
         match done {
-            Some(Ok(())) => self.out = Vec::new(),
+            Some(Ok(())) => {
+                self.out = Vec::new();
+                self.rx.written();
+            }
             Some(Err(_)) | None => self.broken = true,
         }
     }
@@ -292,6 +300,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire<S> {
     }
 
     async fn write_raw(&mut self, bytes: &[u8]) {
+        self.rx.writing();
         self.out.extend_from_slice(bytes);
         self.flush().await;
     }
@@ -333,12 +342,17 @@ const GATHERED_KEPT: usize = 64 * 1024;
 fn gather_into<P: Protocol>(out: &mut Vec<u8>, items: Batch) {
     out.reserve(items.iter().map(wire_size_hint::<P>).sum::<usize>());
     for item in items {
-        let (header, payload) = on_the_wire::<P>(&item);
-        if let Some(header) = header {
-            out.extend_from_slice(header.as_ref());
-        }
-        out.extend_from_slice(&payload);
+        put_on_the_wire::<P>(&item, out);
     }
+}
+
+/// Append `item` to `out` as it goes on the wire.
+pub(crate) fn put_on_the_wire<P: Protocol>(item: &Outbound, out: &mut Vec<u8>) {
+    let (header, payload) = on_the_wire::<P>(item);
+    if let Some(header) = header {
+        out.extend_from_slice(header.as_ref());
+    }
+    out.extend_from_slice(&payload);
 }
 
 /// Write what the socket takes of `bytes` now, without waiting: how much
@@ -373,7 +387,7 @@ fn wire_size_hint<P: Protocol>(item: &Outbound) -> usize {
 
 /// An item as it goes on the wire: the protocol's header (none for raw
 /// bytes, which go as they are) and the encoded payload.
-fn on_the_wire<'a, P: Protocol>(
+pub(crate) fn on_the_wire<'a, P: Protocol>(
     item: &'a Outbound,
 ) -> (Option<P::Header>, std::borrow::Cow<'a, Bytes>) {
     let payload = encode(P::TRANSPORT, item);
@@ -444,7 +458,7 @@ pub(crate) fn run<P, S>(
 ) -> impl Future<Output = ()> + Send
 where
     P: Protocol,
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (session, rx) = app.open(&app.config(), client.ip);
     let span = tracing::info_span!(
@@ -479,11 +493,16 @@ async fn connection<P, S>(
     span: tracing::Span,
 ) where
     P: Protocol,
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _open = app.metrics.connection(P::TRANSPORT);
     span.in_scope(|| tracing::debug!("connected"));
     wire.write_raw(&protocol.greeting(&app)).await;
+    // A socket that publishers can write to as well: their turns write
+    // events to it (`confab_core::conn`).
+    if let Some(socket) = (&wire.io as &dyn std::any::Any).downcast_ref::<SharedTcp<P>>() {
+        wire.rx.write_through(Some(socket.through()));
+    }
     let end = match wire.broken {
         true => wire.ending(),
         false => {
@@ -706,6 +725,8 @@ async fn finish<P, S>(
 {
     // Replies to what was read are written below, unless evicted.
     wire.drive::<_, P>(app, session.settle()).await;
+    // From here on only this task writes: the last words come last.
+    wire.rx.write_through(None);
     let end = match (end, wire.rx.reason()) {
         (End::Evicted(reason), _) => End::Evicted(reason),
         (_, Some(reason)) => End::Evicted(reason),

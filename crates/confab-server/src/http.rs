@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
 
+use crate::through::SharedTcp;
 use crate::{driver, ws, App};
 
 /// How long accepting waits after an error (out of descriptors, say).
@@ -64,7 +65,10 @@ async fn connection(
     peer: SocketAddr,
 ) -> Option<driver::Opened> {
     match &app.tls {
-        None => serve_connection(&app, router, stream, peer).await,
+        None => {
+            let stream = SharedTcp::<ws::WebSocket>::new(stream, app.clone());
+            serve_connection(&app, router, stream, peer).await
+        }
         Some(tls) => {
             let handshake = tls.acceptor.accept(stream);
             match tokio::time::timeout(app.config().handshake_timeout, handshake).await {

@@ -26,6 +26,7 @@ pub mod line;
 mod metrics;
 pub mod proxy;
 pub mod settings;
+mod through;
 mod tls;
 mod web;
 pub mod ws;

@@ -25,6 +25,7 @@ use crate::driver::{self, End, READ_CHUNK};
 use crate::http::ACCEPT_BACKOFF;
 use crate::metrics::Transport;
 use crate::proxy::{self, Client};
+use crate::through::SharedTcp;
 use crate::App;
 
 /// Messages `/history` shows when not told how many.
@@ -100,7 +101,10 @@ async fn handshake(
     };
     let admitted = app.admit(&config, client.ip);
     match &app.tls {
-        None => admit(app, stream, client, admitted).await,
+        None => {
+            let stream = SharedTcp::<Lines>::new(stream, app.clone());
+            admit(app, stream, client, admitted).await
+        }
         Some(tls) => {
             let handshake = tls.acceptor.accept(stream);
             match tokio::time::timeout(config.handshake_timeout, handshake).await {

@@ -170,7 +170,7 @@ pub(crate) fn upgraded<S>(
     rest: BytesMut,
 ) -> impl std::future::Future<Output = ()> + Send
 where
-    S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut written = Vec::with_capacity(160);
     written.extend_from_slice(
