@@ -67,14 +67,7 @@ impl<P> AsyncWrite for SharedTcp<P> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let stream = &self.0.stream;
-        loop {
-            ready!(stream.poll_write_ready(cx))?;
-            match stream.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done),
-            }
-        }
+        poll_written(&self.0.stream, cx, |stream| stream.try_write(buf))
     }
 
     fn poll_write_vectored(
@@ -82,14 +75,7 @@ impl<P> AsyncWrite for SharedTcp<P> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let stream = &self.0.stream;
-        loop {
-            ready!(stream.poll_write_ready(cx))?;
-            match stream.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done),
-            }
-        }
+        poll_written(&self.0.stream, cx, |stream| stream.try_write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -104,6 +90,22 @@ impl<P> AsyncWrite for SharedTcp<P> {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         let socket = socket2::SockRef::from(&self.0.stream);
         Poll::Ready(socket.shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// Wait until `stream` is writable and `write` takes something (a
+/// readiness that turns out stale is waited for again).
+fn poll_written(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        match write(stream) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
     }
 }
 
