@@ -367,12 +367,21 @@ impl Shared {
             }
         });
         through.written(&items);
+        self.taken(queue, before, true);
+    }
+
+    /// Items were taken from a queue that held `before`: give its memory
+    /// back once it is empty (an idle connection holds none), let go of it
+    /// (waking the transport for what is left, if `wake_rest`), and wake
+    /// the senders waiting for room (they wait only when it was full).
+    fn taken(&self, mut queue: std::sync::MutexGuard<'_, Queue>, before: usize, wake_rest: bool) {
         let left = queue.items.len();
         if left == 0 {
             queue.items.rest = VecDeque::new();
-            drop(queue);
-        } else {
-            wake(queue);
+        }
+        match left > 0 && wake_rest {
+            true => wake(queue),
+            false => drop(queue),
         }
         if before >= self.capacity && left < self.capacity {
             self.room.notify_waiters();
@@ -411,16 +420,7 @@ impl Shared {
         // Until it has written what it takes, no turn writes.
         queue.writing = true;
         let taken = take(&mut queue.items);
-        let left = queue.items.len();
-        if left == 0 {
-            // Give the memory back: an idle connection holds none.
-            queue.items.rest = VecDeque::new();
-        }
-        drop(queue);
-        // Senders wait for room only when the queue was full.
-        if before >= self.capacity && left < self.capacity {
-            self.room.notify_waiters();
-        }
+        self.taken(queue, before, false);
         Poll::Ready(Some(taken))
     }
 
@@ -676,7 +676,10 @@ mod tests {
     impl WriteThrough for Socket {
         fn encode(&self, item: &Outbound, out: &mut Vec<u8>) {
             match item {
-                Outbound::Event(shared) => out.extend_from_slice(&shared.event_bytes()),
+                Outbound::Event(shared) => match &shared.event {
+                    Event::Presence { user, .. } => out.extend_from_slice(user.as_bytes()),
+                    other => panic!("unexpected {other:?}"),
+                },
                 _ => panic!("only events are written through"),
             }
         }
@@ -690,19 +693,6 @@ mod tests {
 
         fn written(&self, items: &Batch) {
             self.counted.fetch_add(items.len(), Ordering::Relaxed);
-        }
-    }
-
-    trait EventBytes {
-        fn event_bytes(&self) -> Vec<u8>;
-    }
-
-    impl EventBytes for SharedEvent {
-        fn event_bytes(&self) -> Vec<u8> {
-            match &self.event {
-                Event::Presence { user, .. } => user.as_bytes().to_vec(),
-                other => panic!("unexpected {other:?}"),
-            }
         }
     }
 
@@ -855,6 +845,17 @@ mod tests {
         assert!(rx.try_recv().is_some());
         drop(rx);
         assert_eq!(Arc::strong_count(&socket), 1, "the socket is let go");
+    }
+
+    #[test]
+    fn dropping_the_receiver_lets_the_socket_go() {
+        let socket = Socket::with_room(usize::MAX);
+        let (conn, rx, _wakes) = through(&socket);
+        assert_eq!(Arc::strong_count(&socket), 2);
+        drop(rx);
+        assert_eq!(Arc::strong_count(&socket), 1);
+        publisher_turn(|| assert!(!conn.push(said("a")), "nobody reads any more"));
+        assert!(socket.taken().is_empty());
     }
 
     #[test]

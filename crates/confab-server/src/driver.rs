@@ -387,7 +387,7 @@ fn wire_size_hint<P: Protocol>(item: &Outbound) -> usize {
 
 /// An item as it goes on the wire: the protocol's header (none for raw
 /// bytes, which go as they are) and the encoded payload.
-pub(crate) fn on_the_wire<'a, P: Protocol>(
+fn on_the_wire<'a, P: Protocol>(
     item: &'a Outbound,
 ) -> (Option<P::Header>, std::borrow::Cow<'a, Bytes>) {
     let payload = encode(P::TRANSPORT, item);
