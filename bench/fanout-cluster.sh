@@ -4,9 +4,11 @@
 # build, the local PostgreSQL and Redis.
 #   cargo build --release -p confab-server -p confab-bench
 #   bench/fanout-cluster.sh            # results in bench/results/DATE/cluster
+# CONFAB (the server binary) and OUT (the results' directory) may be set.
 set -u
 cd "$(dirname "$0")/.."
-OUT=bench/results/$(date +%F)/cluster
+CONFAB=${CONFAB:-./target/release/confab}
+OUT=${OUT:-bench/results/$(date +%F)/cluster}
 mkdir -p "$OUT"
 DB=postgres://postgres@127.0.0.1:5432/confab_bench_cluster
 REDIS_PID=$(pgrep -x redis-server | head -1)
@@ -25,7 +27,7 @@ start_nodes() {   # N nodes; N=1 without a broker
   for i in $(seq 1 "$1"); do
     local port=$((18080 + i)) broker=()
     [ "$1" -gt 1 ] && broker=(--broker "redis://127.0.0.1:6379/?prefix=$prefix" --node "n$i")
-    ./target/release/confab serve --config bench/confab.toml --http 127.0.0.1:$port \
+    "$CONFAB" serve --config bench/confab.toml --http 127.0.0.1:$port \
       --database "$DB?pool_size=16&sslmode=disable" "${broker[@]}" > "$OUT/node-$1-$i.log" 2>&1 &
     PIDS+=($!)
     SERVERS="${SERVERS:+$SERVERS,}127.0.0.1:$port"

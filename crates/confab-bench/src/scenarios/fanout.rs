@@ -5,14 +5,13 @@
 //! delivery. The same scenario runs against Confab, NATS and Redis.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{watch, Barrier};
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Counter;
@@ -140,20 +139,43 @@ fn rooms_of(i: usize, p: usize, rooms: usize) -> Vec<usize> {
     }
 }
 
+/// Report a member's setup to the run, then (if it succeeded) wait for
+/// the start.
+async fn set_up<T>(
+    outcome: anyhow::Result<T>,
+    ready: &mpsc::UnboundedSender<anyhow::Result<()>>,
+    go: &mut watch::Receiver<bool>,
+) -> anyhow::Result<T> {
+    match outcome {
+        Ok(value) => {
+            let _ = ready.send(Ok(()));
+            go.wait_for(|go| *go).await?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
 pub async fn run(o: Options) -> anyhow::Result<Outcome> {
     let base = Instant::now();
     let delivered = Counter::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let subscribers = o.rooms * o.members;
-    let ready = Arc::new(Barrier::new(subscribers + 1));
+    // Each member reports its setup (joined, or why not), then waits for
+    // `go`: one that failed ends the run with its error, not a wait for it.
+    let (ready_tx, mut ready) = mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let (go_tx, go) = watch::channel(false);
     let mut progress = Progress::new("fanout setup");
     let mut subs = Vec::new();
     let run_id = std::process::id();
     for r in 0..o.rooms {
         for m in 0..o.members {
             let i = r * o.members + m;
-            let (o2, delivered, mut stop, ready) =
-                (o.clone(), delivered.clone(), stop_rx.clone(), ready.clone());
+            let (o2, delivered, mut stop) = (o.clone(), delivered.clone(), stop_rx.clone());
+            let (ready, mut go) = (ready_tx.clone(), go.clone());
             subs.push(tokio::spawn(async move {
                 let mut seen = Seen::default();
                 let mut tracks = Vec::new();
@@ -161,11 +183,14 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                 match o2.system {
                     System::Confab => {
                         let server = o2.servers[i % o2.servers.len()];
-                        let mut ws = client::Lean::connect(server, source_addr(i)).await?;
-                        ws.call(json!({"type":"guest","user":format!("s{run_id}x{i}")}))
-                            .await?;
-                        ws.call(json!({"type":"join","room":room})).await?;
-                        ready.wait().await;
+                        let joined = async {
+                            let mut ws = client::Lean::connect(server, source_addr(i)).await?;
+                            ws.call(json!({"type":"guest","user":format!("s{run_id}x{i}")}))
+                                .await?;
+                            ws.call(json!({"type":"join","room":room})).await?;
+                            anyhow::Ok(ws)
+                        };
+                        let mut ws = set_up(joined.await, &ready, &mut go).await?;
                         loop {
                             tokio::select! {
                                 _ = stop.changed() => break,
@@ -182,13 +207,16 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
                         }
                     }
                     System::Nats | System::Redis => {
-                        let (mut reader, mut w) = if o2.system == System::Nats {
-                            peers::nats(o2.servers[0]).await?
-                        } else {
-                            peers::redis(o2.servers[0]).await?
+                        let subscribed = async {
+                            let (mut reader, mut w) = if o2.system == System::Nats {
+                                peers::nats(o2.servers[0]).await?
+                            } else {
+                                peers::redis(o2.servers[0]).await?
+                            };
+                            peers::subscribe(&mut reader, &mut w, &room).await?;
+                            anyhow::Ok((reader, w))
                         };
-                        peers::subscribe(&mut reader, &mut w, &room).await?;
-                        ready.wait().await;
+                        let (mut reader, _w) = set_up(subscribed.await, &ready, &mut go).await?;
                         loop {
                             tokio::select! {
                                 _ = stop.changed() => break,
@@ -209,9 +237,17 @@ pub async fn run(o: Options) -> anyhow::Result<Outcome> {
         }
     }
     progress.finish();
+    drop(ready_tx);
+    for _ in 0..subscribers {
+        match ready.recv().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => anyhow::bail!("a member could not join: {e:#}"),
+            None => anyhow::bail!("a member ended before joining"),
+        }
+    }
+    let _ = go_tx.send(true);
     // Redis confirms SUBSCRIBE asynchronously; give it a moment after the
-    // barrier (NATS and Confab confirmed before it).
-    ready.wait().await;
+    // start (NATS and Confab confirmed before it).
     if o.system == System::Redis {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
