@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::pool::Connections;
 use confab_core::store::{sanctioned, Appended, NewMessage, Queued, StoreResult};
 use confab_core::StoreError;
 use confab_proto::{Message, SanctionKind};
-use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{pg_error, pool_error, seq};
+use crate::{pg_error, seq};
 
 /// Most messages in one batch: bounds the latency one commit adds and the
 /// size of the call.
@@ -56,7 +56,7 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    pub(crate) fn start(pool: Pool) -> Batcher {
+    pub(crate) fn start(pool: Connections) -> Batcher {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let counters = Arc::new(Counters::default());
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -88,7 +88,7 @@ type JobQueue = tokio::sync::Mutex<mpsc::Receiver<Job>>;
 /// One worker: takes what is waiting (the others wait their turn at the
 /// queue meanwhile), stores it, repeats; until every sender is gone (the
 /// store was dropped).
-async fn run(pool: Pool, rx: Arc<JobQueue>, counters: Arc<Counters>) {
+async fn run(pool: Connections, rx: Arc<JobQueue>, counters: Arc<Counters>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let mut queue = rx.lock().await;
@@ -124,11 +124,11 @@ async fn run(pool: Pool, rx: Arc<JobQueue>, counters: Arc<Counters>) {
 /// one after another keep their order in a room although several batches
 /// are in flight, while batches of other rooms still overlap.
 async fn store(
-    pool: &Pool,
+    pool: &Connections,
     batch: &[Job],
     taken: tokio::sync::MutexGuard<'_, mpsc::Receiver<Job>>,
 ) -> StoreResult<Vec<StoreResult<Appended>>> {
-    let mut client = pool.get().await.map_err(pool_error)?;
+    let mut client = pool.get().await?;
     let tx = client.transaction().await.map_err(pg_error)?;
     // Columns borrowed from the jobs: nothing is copied but the pointers.
     let column =

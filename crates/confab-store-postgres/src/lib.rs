@@ -22,6 +22,7 @@
 
 mod batch;
 mod import;
+mod pool;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -58,10 +59,10 @@ pub const MIGRATIONS: &[&str] = &[
 /// apply them once ("confab" in ASCII).
 const MIGRATION_LOCK: i64 = 0x636f_6e66_6162;
 
-/// How long a request waits for a pooled connection, or for a new one to be
-/// made, before it is answered `unavailable`: a database that went away
-/// must not leave clients hanging.
-const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long making a connection (or checking a pooled one) may take
+/// before it is answered `unavailable`: a database that went away must not
+/// leave clients hanging. Waiting for a busy pool: `pool`.
+const POOL_TIMEOUT: Duration = pool::WINDOW;
 
 /// Connections kept at most, by default.
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -69,7 +70,7 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 pub use batch::CommitObserver;
 
 pub struct PgStore {
-    pool: Pool,
+    pool: pool::Connections,
     batcher: batch::Batcher,
 }
 
@@ -266,12 +267,12 @@ impl PgStore {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
-            .wait_timeout(Some(POOL_TIMEOUT))
             .create_timeout(Some(POOL_TIMEOUT))
             .recycle_timeout(Some(POOL_TIMEOUT))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Invalid(format!("PostgreSQL pool: {e}")))?;
+        let pool = pool::Connections::new(pool);
         let batcher = batch::Batcher::start(pool.clone());
         Ok(PgStore { pool, batcher })
     }
@@ -301,12 +302,12 @@ impl PgStore {
 
     /// Connections in use and the pool's size.
     pub fn pool_status(&self) -> (usize, usize) {
-        let status = self.pool.status();
+        let status = self.pool.pool().status();
         (status.size - status.available, status.max_size)
     }
 
     async fn client(&self) -> StoreResult<Object> {
-        self.pool.get().await.map_err(pool_error)
+        self.pool.get().await
     }
 }
 
@@ -1933,6 +1934,60 @@ mod tests {
     }
 
     confab_core::store_contract_tests!(optional fresh());
+
+    /// A store of one connection whose `pool::WINDOW` is `window`.
+    async fn one_connection(schema: &TestSchema, window: Duration) -> PgStore {
+        let mut store = PgStore::open(&schema.url, 1).await.unwrap();
+        store.pool.set_window(window);
+        store
+    }
+
+    #[tokio::test]
+    async fn a_burst_waits_for_the_pool_while_the_database_answers() {
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        // 20 requests of 30 ms each on one connection: the last waits
+        // about 600 ms, many windows, but connections are handed out all
+        // the while.
+        let store = Arc::new(one_connection(&schema, Duration::from_millis(100)).await);
+        let requests: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let client = store.client().await?;
+                    client
+                        .batch_execute("SELECT pg_sleep(0.03)")
+                        .await
+                        .map_err(pg_error)
+                })
+            })
+            .collect();
+        for request in requests {
+            request
+                .await
+                .unwrap()
+                .expect("served, however long the queue");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_that_hands_out_nothing_answers_unavailable() {
+        let Some(schema) = TestSchema::create().await else {
+            return;
+        };
+        let window = Duration::from_millis(100);
+        let store = one_connection(&schema, window).await;
+        let held = store.client().await.unwrap();
+        let asked = std::time::Instant::now();
+        match store.client().await {
+            Err(StoreError::Unavailable(m)) => assert_eq!(m, "PostgreSQL does not answer"),
+            other => panic!("expected unavailable, got {:?}", other.map(|_| ())),
+        }
+        assert!(asked.elapsed() >= window, "after a window");
+        drop(held);
+        let _back = store.client().await.expect("once the connection is back");
+    }
 
     #[tokio::test]
     async fn a_database_from_before_roles_keeps_everything() {
