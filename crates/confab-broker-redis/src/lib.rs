@@ -33,8 +33,9 @@ use async_trait::async_trait;
 use confab_core::broker::{
     wire, Broker, BrokerError, BrokerEvent, BrokerSink, BrokerStats, Orphan, Topic,
 };
+use confab_core::conn::publisher_turn;
 use confab_core::{Rate, RoomName, UserName};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use tokio::sync::mpsc;
@@ -65,6 +66,10 @@ const PUBLISH_QUEUE: usize = 65_536;
 const PUBLISH_BATCH: usize = 256;
 /// Channels per SUBSCRIBE command when resubscribing.
 const SUBSCRIBE_CHUNK: usize = 1000;
+/// The most events from other nodes delivered in one publisher's turn
+/// (see `confab_core::conn::publisher_turn`) before the task lets others
+/// run.
+const RECEIVE_TURN: usize = 64;
 /// The subscriber's reconnect backoff.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -404,6 +409,24 @@ impl Shared {
             .collect())
     }
 
+    /// Deliver an event another node published (this node's own come
+    /// back too: they were delivered when published).
+    fn receive(&self, node: &str, msg: &redis::Msg) {
+        match wire::decode(msg.get_payload_bytes()) {
+            Ok((from, _)) if from == node => {}
+            Ok((_, event)) => {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                if let Some(hub) = self.sink() {
+                    hub.deliver(&event);
+                }
+            }
+            Err(e) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, channel = msg.get_channel_name(), "dropping an event from another node");
+            }
+        }
+    }
+
     fn keep_unsent(&self, events: &[BrokerEvent]) {
         let mut unsent = self.unsent.lock().expect("unsent poisoned");
         for event in events {
@@ -589,18 +612,26 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
                 msg = stream.next() => {
                     let Some(msg) = msg else { break };
                     let Some(sh) = shared.upgrade() else { return };
-                    match wire::decode(msg.get_payload_bytes()) {
-                        Ok((from, _)) if from == node => {}
-                        Ok((_, event)) => {
-                            sh.stats.received.fetch_add(1, Ordering::Relaxed);
-                            if let Some(hub) = sh.sink() {
-                                hub.deliver(&event);
+                    // What Redis has already sent is delivered in one
+                    // publisher's turn, as a local send's events are: an
+                    // idle member's socket is written once at the turn's
+                    // end, with every event of the turn, instead of its
+                    // task being woken for each.
+                    let ended = publisher_turn(|| {
+                        let mut msg = msg;
+                        for _ in 1..RECEIVE_TURN {
+                            sh.receive(&node, &msg);
+                            match stream.next().now_or_never() {
+                                Some(Some(next)) => msg = next,
+                                Some(None) => return true,
+                                None => return false,
                             }
                         }
-                        Err(e) => {
-                            sh.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %e, channel = msg.get_channel_name(), "dropping an event from another node");
-                        }
+                        sh.receive(&node, &msg);
+                        false
+                    });
+                    if ended {
+                        break;
                     }
                 }
                 sub = rx.recv() => {

@@ -2,13 +2,15 @@
 //! (`CONFAB_TEST_REDIS`, a key prefix per test), outages and dead nodes on
 //! a `redis-server` each test starts itself.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use confab_broker_redis::testing::{shared_redis, CutProxy, OwnRedis, Prefix};
 use confab_broker_redis::{BrokerUrl, ConnectError, Liveness, RedisBroker};
 use confab_core::broker::contract::{message, Cluster, Recorder};
-use confab_core::broker::{Broker, BrokerEvent, Topic};
+use confab_core::broker::{Broker, BrokerEvent, BrokerSink, Orphan, Topic};
+use confab_core::conn::in_publisher_turn;
 use confab_core::{RoomName, UserName};
 
 async fn nodes(url: &BrokerUrl, names: &[&str], liveness: Liveness) -> Vec<Arc<dyn Broker>> {
@@ -28,6 +30,56 @@ confab_core::broker_contract_tests!(later: true, async {
     let nodes = nodes(&prefix.broker_url(), &["a", "b", "c"], Liveness::default()).await;
     Some(Cluster::new(nodes, prefix))
 });
+
+/// A hub stand-in that counts the events delivered outside a publisher's
+/// turn.
+#[derive(Default)]
+struct TurnWatch {
+    rec: Recorder,
+    outside: AtomicUsize,
+}
+
+impl BrokerSink for TurnWatch {
+    fn deliver(&self, event: &BrokerEvent) {
+        if !in_publisher_turn() {
+            self.outside.fetch_add(1, Ordering::Relaxed);
+        }
+        self.rec.deliver(event);
+    }
+    fn missed(&self, rooms: Option<Vec<RoomName>>) {
+        self.rec.missed(rooms);
+    }
+    fn orphaned(&self, node: String, users: Vec<Orphan>) {
+        self.rec.orphaned(node, users);
+    }
+}
+
+#[tokio::test]
+async fn other_nodes_events_are_delivered_in_a_publishers_turn() {
+    let Some(url) = shared_redis() else { return };
+    let prefix = Prefix::new(&url);
+    let nodes = nodes(&prefix.broker_url(), &["a", "b"], Liveness::default()).await;
+    let b = Arc::new(TurnWatch::default());
+    nodes[1].attach(Arc::downgrade(&b) as Weak<dyn BrokerSink>);
+    b.rec.until_missed(1).await;
+    nodes[1].subscribe(Topic::Room(RoomName::parse("r").unwrap()));
+    b.rec.until_missed(2).await;
+    for seq in 1..=200 {
+        nodes[0].publish(message("r", seq)).await.unwrap();
+    }
+    let got = b.rec.until("200 messages", |e| e.len() >= 200).await;
+    let seqs: Vec<u64> = got
+        .iter()
+        .filter_map(|e| match e {
+            BrokerEvent::Message { message, .. } => Some(message.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    // So that an idle member's socket is written by the subscriber's
+    // thread at the turn's end, not by its task woken for each event.
+    assert_eq!(b.outside.load(Ordering::Relaxed), 0);
+}
 
 #[tokio::test]
 async fn a_restarted_redis_is_caught_up_on() {

@@ -213,6 +213,13 @@ pub fn publisher_turn<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Whether this thread is in a publisher's turn ([`publisher_turn`]):
+/// where a broker delivers what other nodes published matters for
+/// write-through, and its tests check it.
+pub fn in_publisher_turn() -> bool {
+    TURN.with_borrow(Option::is_some)
+}
+
 /// What the core's handles and the transport's end share.
 #[derive(Debug)]
 struct Shared {
