@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::pool::Connections;
 use confab_core::store::{sanctioned, Appended, NewMessage, Queued, StoreResult};
 use confab_core::StoreError;
 use confab_proto::{Message, SanctionKind};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::pool::Connections;
 use crate::{pg_error, seq};
 
 /// Most messages in one batch: bounds the latency one commit adds and the
