@@ -435,3 +435,26 @@ pub async fn run(
     }
     server.wait().await
 }
+
+/// An `App` on the in-memory store and no broker, for tests of the
+/// transports' pieces.
+#[cfg(test)]
+pub(crate) async fn test_app() -> Arc<App> {
+    let config = Config::default();
+    let store: DynStore = Arc::new(confab_core::store::memory::MemoryStore::new());
+    let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(&config.node));
+    let chat = Chat::new(store, broker, config.chat.clone())
+        .await
+        .expect("a chat on the memory store");
+    Arc::new(App {
+        chat,
+        gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
+        config: std::sync::RwLock::new(Arc::new(config)),
+        draining: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        tls: None,
+        metrics: Arc::new(Metrics::new()),
+        started: std::time::Instant::now(),
+        failure: std::sync::OnceLock::new(),
+    })
+}

@@ -232,7 +232,7 @@ pub(crate) struct WebSocket {
 }
 
 impl WebSocket {
-    fn new(app: &App) -> WebSocket {
+    pub(crate) fn new(app: &App) -> WebSocket {
         let config = app.config();
         let now = Instant::now();
         WebSocket {
