@@ -159,6 +159,20 @@ pub(crate) struct App {
 }
 
 impl App {
+    fn new(config: Config, chat: Chat, tls: Option<tls::Tls>, metrics: Arc<Metrics>) -> Arc<App> {
+        Arc::new(App {
+            chat,
+            gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
+            config: std::sync::RwLock::new(Arc::new(config)),
+            draining: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            tls,
+            metrics,
+            started: std::time::Instant::now(),
+            failure: std::sync::OnceLock::new(),
+        })
+    }
+
     /// The configuration in force; a connection reads it when it starts.
     pub(crate) fn config(&self) -> Arc<Config> {
         self.config.read().expect("config poisoned").clone()
@@ -326,17 +340,7 @@ async fn serve(
     let tls = config.tls.as_ref().map(tls::Tls::new).transpose()?;
     let chat = Chat::new(store.clone(), broker, config.chat.clone()).await?;
     chat.set_observer(metrics.clone());
-    let app = Arc::new(App {
-        chat,
-        gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
-        config: std::sync::RwLock::new(Arc::new(config)),
-        draining: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        tls,
-        metrics: metrics.clone(),
-        started: std::time::Instant::now(),
-        failure: std::sync::OnceLock::new(),
-    });
+    let app = App::new(config, chat, tls, metrics.clone());
     app.tasks.spawn(stop_on_failure(app.clone(), store.clone()));
     let router = Router::new()
         .route("/ws", get(ws::upgrade))
@@ -446,15 +450,5 @@ pub(crate) async fn test_app() -> Arc<App> {
     let chat = Chat::new(store, broker, config.chat.clone())
         .await
         .expect("a chat on the memory store");
-    Arc::new(App {
-        chat,
-        gate: admission::Gate::new(config.max_connections, config.max_connections_per_ip),
-        config: std::sync::RwLock::new(Arc::new(config)),
-        draining: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        tls: None,
-        metrics: Arc::new(Metrics::new()),
-        started: std::time::Instant::now(),
-        failure: std::sync::OnceLock::new(),
-    })
+    App::new(config, chat, None, Arc::new(Metrics::new()))
 }
