@@ -64,6 +64,22 @@ const MIGRATION_LOCK: i64 = 0x636f_6e66_6162;
 /// leave clients hanging. Waiting for a busy pool: `pool`.
 const POOL_TIMEOUT: Duration = pool::WINDOW;
 
+/// How a connection to a database that stops answering without closing
+/// it (packets dropped: a network cut, a host gone) is found dead, unless
+/// the URL says otherwise. The kernel's own defaults take about 15 min
+/// for a request already sent (retransmissions) and over 2 h for a
+/// connection waiting on a reply (keepalive), and every request on such a
+/// connection waits that long. Sent data unacknowledged this long ends the
+/// connection (`tcp_user_timeout`, in milliseconds as in libpq)...
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+/// ...and so does a connection silent this long (`keepalives_idle`, in
+/// seconds) that then leaves `KEEPALIVES_RETRIES` probes, one every
+/// `KEEPALIVES_INTERVAL`, unanswered: a waiting request learns in about
+/// 25 s. A live server's kernel answers the probes during a long query.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVES_RETRIES: u32 = 3;
+
 /// Connections kept at most, by default.
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
@@ -115,9 +131,21 @@ pub fn take_param(url: &str, name: &str) -> (String, Option<String>) {
     }
 }
 
+/// Whether the URL's query sets `name`.
+fn has_param(url: &str, name: &str) -> bool {
+    let (_, query) = url.split_once('?').unwrap_or((url, ""));
+    query
+        .split('&')
+        .any(|pair| pair.split_once('=').is_some_and(|(key, _)| key == name))
+}
+
 /// Parse a `postgres://` or `postgresql://` URL; the password may come
 /// from `PGPASSWORD`. Our own parameter `sslrootcert` is taken out (the
-/// driver does not know it) and returned beside the configuration.
+/// driver does not know it) and returned beside the configuration;
+/// `tcp_user_timeout` too, which the driver reads in seconds where libpq
+/// (and so every PostgreSQL URL) means milliseconds. A dead connection is
+/// found within about half a minute unless the URL says otherwise
+/// ([`TCP_USER_TIMEOUT`], [`KEEPALIVES_IDLE`]).
 fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), StoreError> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(StoreError::Invalid(format!(
@@ -126,6 +154,20 @@ fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), StoreEr
     }
     let (url, root_cert) = take_param(url, "sslrootcert");
     let root_cert = root_cert.map(PathBuf::from);
+    let (url, user_timeout) = take_param(&url, "tcp_user_timeout");
+    let user_timeout = match user_timeout {
+        None => Some(TCP_USER_TIMEOUT),
+        Some(ms) => match ms.parse::<u64>() {
+            // 0: the system's default, as in libpq.
+            Ok(0) => None,
+            Ok(ms) => Some(Duration::from_millis(ms)),
+            Err(_) => {
+                return Err(StoreError::Invalid(format!(
+                    "tcp_user_timeout={ms}: milliseconds, a whole number"
+                )))
+            }
+        },
+    };
     let mut config = tokio_postgres::Config::from_str(&url)
         .map_err(|e| StoreError::Invalid(format!("malformed PostgreSQL URL: {e}")))?;
     if config.get_user().is_none() {
@@ -149,6 +191,18 @@ fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), StoreEr
         ));
     }
     config.connect_timeout(POOL_TIMEOUT);
+    if let Some(timeout) = user_timeout {
+        config.tcp_user_timeout(timeout);
+    }
+    if !has_param(&url, "keepalives_idle") {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVES_RETRIES);
+    }
     if config.get_application_name().is_none() {
         config.application_name("confab");
     }
@@ -1934,6 +1988,34 @@ mod tests {
     }
 
     confab_core::store_contract_tests!(optional fresh());
+
+    #[test]
+    fn a_dead_connection_is_found_in_seconds_unless_the_url_says_otherwise() {
+        let (c, _) = parse("postgres://u@db/chat").unwrap();
+        assert_eq!(c.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(c.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(c.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        // The URL's own, with libpq's units: milliseconds for the user
+        // timeout (the driver alone would read seconds), seconds for the
+        // keepalives.
+        let (c, _) = parse(
+            "postgres://u@db/chat?tcp_user_timeout=1500&keepalives_idle=7200\
+             &keepalives_interval=30&keepalives_retries=9&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_millis(1500)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(7200));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(30)));
+        assert_eq!(c.get_keepalives_retries(), Some(9));
+        assert_eq!(c.get_application_name(), Some("x"));
+        let (c, _) = parse("postgres://u@db/chat?tcp_user_timeout=0&keepalives=0").unwrap();
+        assert_eq!(c.get_tcp_user_timeout(), None, "0: the system's default");
+        assert!(!c.get_keepalives());
+        let e = parse("postgres://u@db/chat?tcp_user_timeout=20s").unwrap_err();
+        assert!(e.to_string().contains("milliseconds"), "{e}");
+    }
 
     /// A store of one connection whose `pool::WINDOW` is `window`.
     async fn one_connection(schema: &TestSchema, window: Duration) -> PgStore {
