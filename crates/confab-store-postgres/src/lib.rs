@@ -131,14 +131,6 @@ pub fn take_param(url: &str, name: &str) -> (String, Option<String>) {
     }
 }
 
-/// Whether the URL's query sets `name`.
-fn has_param(url: &str, name: &str) -> bool {
-    let (_, query) = url.split_once('?').unwrap_or((url, ""));
-    query
-        .split('&')
-        .any(|pair| pair.split_once('=').is_some_and(|(key, _)| key == name))
-}
-
 /// Parse a `postgres://` or `postgresql://` URL; the password may come
 /// from `PGPASSWORD`. Our own parameter `sslrootcert` is taken out (the
 /// driver does not know it) and returned beside the configuration;
@@ -194,7 +186,9 @@ fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), StoreEr
     if let Some(timeout) = user_timeout {
         config.tcp_user_timeout(timeout);
     }
-    if !has_param(&url, "keepalives_idle") {
+    // The driver's default idle time (2 h) cannot be told from one the
+    // URL set: look in the URL.
+    if take_param(&url, "keepalives_idle").1.is_none() {
         config.keepalives_idle(KEEPALIVES_IDLE);
     }
     if config.get_keepalives_interval().is_none() {
