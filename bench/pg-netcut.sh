@@ -7,10 +7,13 @@
 # A server (BIN, target/release/confab by default) in a network namespace of
 # its own reaches the local PostgreSQL (127.0.0.1:5432, user postgres)
 # through a veth pair and socat, on a fresh database `confab_netcut`. A line
-# client sends a message (stored), a blackhole route takes everything the
-# server sends to the database, and the client sends another: the script prints how long its answer took,
-# or that none came within SECONDS (default 300). Extra URL parameters come
-# from PARAMS (`PARAMS='?tcp_user_timeout=5000'`). Needs root, iproute2,
+# client sends a message (stored), the host's end of the pair stops
+# answering (its address removed: what the server sends is dropped there in
+# silence), and the client sends another: the script prints how long its
+# answer took, or that none came within SECONDS (default 300). (A blackhole
+# route in the server's namespace is not the same test: the server's own
+# kernel then refuses to send, and counts its retries differently.) Extra
+# URL parameters come from PARAMS (`PARAMS='?tcp_user_timeout=5000'`). Needs root, iproute2,
 # socat, psql and python3; touches no other database or interface.
 set -euo pipefail
 bin=${1:-target/release/confab} wait=${2:-300}
@@ -35,6 +38,9 @@ ip link add cfh type veth peer name cfn
 ip link set cfn netns cfab
 ip addr add 10.77.0.1/24 dev cfh
 ip link set cfh up
+# A host that forwards would answer a packet for an address it no longer
+# has with an ICMP error; this one must drop it without a word.
+sysctl -qw net.ipv4.conf.cfh.forwarding=0
 ip netns exec cfab ip addr add 10.77.0.2/24 dev cfn
 ip netns exec cfab ip link set cfn up
 ip netns exec cfab ip link set lo up
@@ -70,15 +76,17 @@ while not os.path.exists(f"{work}/cut"):
 t = time.monotonic()
 send("during the cut")
 try:
-    print(f"during the cut: answered after {time.monotonic() - t:.1f} s: {until(answer)}")
+    # The answer first: an f-string evaluates left to right.
+    line = until(answer)
+    print(f"during the cut: answered after {time.monotonic() - t:.1f} s: {line}")
 except socket.timeout:
     print(f"during the cut: no answer after {time.monotonic() - t:.1f} s")
 PY
 client=$!
 while [ ! -e "$work/ready" ]; do sleep 0.05; done
-# Everything the server sends to the database's side now goes nowhere: a
-# blackhole route drops it in silence (no error to the sender, nothing
-# closed), so the replies stop too.
-ip netns exec cfab ip route add blackhole 10.77.0.1/32
+# Everything the server sends to the database's side now goes nowhere: the
+# host drops packets for an address it does not have, sending nothing back
+# (no reset, no ICMP); the server's kernel sees only silence.
+ip addr del 10.77.0.1/24 dev cfh
 touch "$work/cut"
 wait $client
