@@ -12,7 +12,8 @@ use std::task::{ready, Context, Poll};
 
 use confab_core::conn::{Batch, WriteThrough};
 use confab_core::Outbound;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::driver::{put_on_the_wire, Protocol};
@@ -53,13 +54,40 @@ impl<P> AsyncRead for SharedTcp<P> {
         let stream = &self.0.stream;
         loop {
             ready!(stream.poll_read_ready(cx))?;
-            match stream.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done.map(drop)),
+            let wanted = buf.remaining();
+            let mut read = 0;
+            let outcome = stream.try_io(Interest::READABLE, || {
+                // SAFETY: `recv` only writes into what it is given.
+                let unfilled = unsafe { buf.unfilled_mut() };
+                read = SockRef::from(stream).recv(unfilled)?;
+                // SAFETY: `recv` initialised the first `read` bytes.
+                unsafe { buf.assume_init(read) };
+                buf.advance(read);
+                match read > 0 && read < wanted && DRAINED_BY_A_SHORT_READ {
+                    // The socket is drained: the readiness goes with it (the
+                    // error clears it, and the bytes are returned below), so
+                    // that the next poll waits for the next event instead of
+                    // finding nothing with a `recv` of its own.
+                    true => Err(io::ErrorKind::WouldBlock.into()),
+                    false => Ok(()),
+                }
+            });
+            match outcome {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && read == 0 => continue,
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+                _ => return Poll::Ready(Ok(())),
             }
         }
     }
 }
+
+/// Whether a read that leaves room in its buffer shows the socket
+/// drained. So with edge-triggered epoll, which wakes a socket again for
+/// anything that arrives after that read, and which tokio's own streams
+/// rely on in the same way (a read that ends the connection stays ready:
+/// tokio never clears a closed state). Elsewhere a read goes on until it
+/// would block.
+const DRAINED_BY_A_SHORT_READ: bool = cfg!(target_os = "linux");
 
 impl<P> AsyncWrite for SharedTcp<P> {
     fn poll_write(
@@ -123,5 +151,76 @@ impl<P: Protocol> WriteThrough for Socket<P> {
 
     fn written(&self, items: &Batch) {
         self.app.metrics.delivered(P::TRANSPORT, items.iter());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::ws::WebSocket;
+
+    async fn pair() -> (TcpStream, SharedTcp<WebSocket>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        (peer, SharedTcp::new(stream, crate::test_app().await))
+    }
+
+    /// Whether a read would wait, found with one poll.
+    fn waits(shared: &mut SharedTcp<WebSocket>) -> bool {
+        let mut room = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut room);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        Pin::new(shared).poll_read(&mut cx, &mut buf).is_pending()
+    }
+
+    /// A read that leaves room in its buffer takes the socket's readiness
+    /// with it: what arrives after it still wakes the reader, and so does
+    /// the end of the stream, also when it comes with the last bytes.
+    #[tokio::test]
+    async fn a_short_read_misses_nothing_that_comes_after_it() {
+        let (mut peer, mut shared) = pair().await;
+        let mut buf = [0u8; 64];
+        let mut read = async |shared: &mut SharedTcp<WebSocket>| {
+            let n = tokio::time::timeout(Duration::from_secs(10), shared.read(&mut buf))
+                .await
+                .expect("the reader was woken")
+                .unwrap();
+            buf[..n].to_vec()
+        };
+        peer.write_all(b"first").await.unwrap();
+        assert_eq!(read(&mut shared).await, b"first");
+        assert!(waits(&mut shared), "nothing is there: a read waits");
+        peer.write_all(b"second").await.unwrap();
+        assert_eq!(read(&mut shared).await, b"second");
+        // The last bytes and the end together: both reach the reader.
+        peer.write_all(b"last").await.unwrap();
+        peer.shutdown().await.unwrap();
+        assert_eq!(read(&mut shared).await, b"last");
+        assert_eq!(
+            read(&mut shared).await,
+            b"",
+            "the end is read after a short read"
+        );
+    }
+
+    /// A read given a full buffer's worth leaves the rest for the next.
+    #[tokio::test]
+    async fn a_full_read_leaves_the_rest_ready() {
+        let (mut peer, mut shared) = pair().await;
+        peer.write_all(&[7u8; 100]).await.unwrap();
+        let mut first = [0u8; 60];
+        shared.read_exact(&mut first).await.unwrap();
+        let mut rest = [0u8; 64];
+        let n = shared.read(&mut rest).await.unwrap();
+        assert_eq!(n, 40);
+        assert!(rest[..n].iter().all(|&b| b == 7));
     }
 }
