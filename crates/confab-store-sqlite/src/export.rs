@@ -80,7 +80,10 @@ impl SqliteExport {
                 tokens: count("SELECT COUNT(*) FROM tokens")?,
                 rooms: count("SELECT COUNT(*) FROM rooms")?,
                 members: count("SELECT COUNT(*) FROM members WHERE guest = 0")?,
-                messages: count("SELECT COUNT(*) FROM messages")?,
+                // Not the history of removed rooms still being deleted.
+                messages: count(
+                    "SELECT COUNT(*) FROM messages WHERE room_id IN (SELECT id FROM rooms)",
+                )?,
                 sanctions: count("SELECT COUNT(*) FROM sanctions")?,
                 invites: count("SELECT COUNT(*) FROM invites")?,
                 last_seqs,

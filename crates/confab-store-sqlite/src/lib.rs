@@ -64,9 +64,10 @@ pub const MIGRATIONS: &[&str] = &[
 const READERS: usize = 4;
 
 pub struct SqliteStore {
-    writer: writer::Writer,
+    writer: Arc<writer::Writer>,
     readers: Arc<Readers>,
     guests: Arc<GuestRows>,
+    purger: Purger,
 }
 
 /// The guests that may hold memberships, by key, so that a guest who
@@ -147,9 +148,15 @@ impl SqliteStore {
         let guests = GuestRows {
             names: Mutex::new(guests_with_rows(&conn)?),
         };
+        // History that a stop left behind its removed room.
+        let orphans = orphaned_rooms(&conn)?;
+        let writer = Arc::new(writer::Writer::start(conn));
+        let purger = Purger::start(&writer);
+        purger.purge(orphans);
         Ok(SqliteStore {
             guests: Arc::new(guests),
-            writer: writer::Writer::start(conn),
+            writer,
+            purger,
             readers: Arc::new(Readers {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -586,28 +593,162 @@ fn apply_amend(conn: &Connection, room_id: i64, m: &NewMessage, amend: Amend) ->
 }
 
 fn create_room(conn: &Connection, room: &RoomName, by_guest: bool) -> StoreResult<i64> {
+    let id = new_room_id(conn)?;
     conn.prepare_cached(
-        "INSERT INTO rooms (name, direct, guest_created, created_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO rooms (id, name, direct, guest_created, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )
-    .and_then(|mut s| s.insert(params![room.as_str(), room.is_direct(), by_guest, now_ms()]))
+    .and_then(|mut s| {
+        s.insert(params![
+            id,
+            room.as_str(),
+            room.is_direct(),
+            by_guest,
+            now_ms()
+        ])
+    })
     .map_err(db_error)
 }
 
-/// Remove guest-created rooms that nobody is in any more, with their
-/// history: the one room `id`, or every such room.
-fn sweep_guest_rooms(conn: &Connection, id: Option<i64>) -> StoreResult<()> {
-    let empty = "SELECT id FROM rooms r WHERE r.guest_created = 1
-                 AND (?1 IS NULL OR r.id = ?1)
-                 AND NOT EXISTS (SELECT 1 FROM members m WHERE m.room_id = r.id)";
-    for table in ["messages", "sanctions"] {
-        conn.prepare_cached(&format!("DELETE FROM {table} WHERE room_id IN ({empty})"))
+/// Remove guest-created rooms that nobody is in any more: the one room
+/// `id`, or every such room. Their history goes after them, a chunk at a
+/// time ([`Purger`]): the ids returned.
+fn sweep_guest_rooms(conn: &Connection, id: Option<i64>) -> StoreResult<Vec<i64>> {
+    let ids: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM rooms r WHERE r.guest_created = 1
+             AND (?1 IS NULL OR r.id = ?1)
+             AND NOT EXISTS (SELECT 1 FROM members m WHERE m.room_id = r.id)",
+        )
+        .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
+        .map_err(db_error)?;
+    for &id in &ids {
+        remove_room_row(conn, id)?;
+    }
+    Ok(ids)
+}
+
+/// Remove a room but for its history (left to the [`Purger`]).
+fn remove_room_row(conn: &Connection, id: i64) -> StoreResult<()> {
+    for table in ["sanctions", "invites"] {
+        conn.prepare_cached(&format!("DELETE FROM {table} WHERE room_id = ?1"))
             .and_then(|mut s| s.execute([id]))
             .map_err(db_error)?;
     }
-    conn.prepare_cached(&format!("DELETE FROM rooms WHERE id IN ({empty})"))
+    conn.prepare_cached("DELETE FROM rooms WHERE id = ?1")
         .and_then(|mut s| s.execute([id]))
         .map_err(db_error)?;
     Ok(())
+}
+
+/// The id for a new room: past every room's, and past every id whose
+/// history is still being purged, so that no room is ever handed the
+/// messages of one removed before it.
+fn new_room_id(conn: &Connection) -> StoreResult<i64> {
+    conn.prepare_cached(
+        "SELECT max((SELECT coalesce(max(id), 0) FROM rooms),
+                    (SELECT coalesce(max(room_id), 0) FROM messages)) + 1",
+    )
+    .and_then(|mut s| s.query_row([], |r| r.get(0)))
+    .map_err(db_error)
+}
+
+/// Rows of a removed room's history deleted per writer job. A room removed
+/// with a long history must not hold the writer, and with it every other
+/// room's messages, for as long as deleting all of it takes (200,000
+/// messages: 0.25 to 1 s in one commit, the WAL grown to 70 MB).
+#[cfg(not(test))]
+const PURGE_CHUNK: i64 = 2_000;
+#[cfg(test)]
+const PURGE_CHUNK: i64 = 10;
+
+/// Deletes the history of removed rooms behind their removal, a chunk
+/// of [`PURGE_CHUNK`] messages per writer job, so that the jobs of
+/// everyone else run in between. What a stop leaves is found when the file
+/// is opened again ([`orphaned_rooms`]). Nothing reads such history
+/// meanwhile: every read finds its room by name first, and a removed room's
+/// id is never handed out again while history remains ([`new_room_id`]).
+struct Purger {
+    rooms: tokio::sync::mpsc::UnboundedSender<i64>,
+    /// Rooms whose history is not yet all deleted.
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Purger {
+    /// A task that runs the chunks while the store is alive.
+    fn start(writer: &Arc<writer::Writer>) -> Purger {
+        let (rooms, mut queue) = tokio::sync::mpsc::unbounded_channel::<i64>();
+        let pending = Arc::new(tokio::sync::watch::Sender::new(0));
+        let (writer, left) = (Arc::downgrade(writer), pending.clone());
+        tokio::spawn(async move {
+            while let Some(id) = queue.recv().await {
+                loop {
+                    let Some(writer) = writer.upgrade() else {
+                        return; // the store is gone: the next open goes on
+                    };
+                    match writer.run(move |c| purge_chunk(c, id)).await {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!(room_id = id, error = %e,
+                                "deleting a removed room's history failed; the next start goes on");
+                            break;
+                        }
+                    }
+                }
+                left.send_modify(|n| *n -= 1);
+            }
+        });
+        Purger { rooms, pending }
+    }
+
+    fn purge(&self, ids: Vec<i64>) {
+        for id in ids {
+            self.pending.send_modify(|n| *n += 1);
+            if self.rooms.send(id).is_err() {
+                self.pending.send_modify(|n| *n -= 1);
+            }
+        }
+    }
+}
+
+/// Delete the oldest chunk of a removed room's history; whether any was
+/// left to delete.
+fn purge_chunk(c: &Connection, room_id: i64) -> StoreResult<bool> {
+    let first: Option<Seq> = c
+        .prepare_cached("SELECT min(seq) FROM messages WHERE room_id = ?1")
+        .and_then(|mut s| s.query_row([room_id], |r| r.get(0)))
+        .map_err(db_error)?;
+    let Some(first) = first else {
+        return Ok(false);
+    };
+    c.prepare_cached("DELETE FROM messages WHERE room_id = ?1 AND seq < ?2")
+        .and_then(|mut s| s.execute(params![room_id, first as i64 + PURGE_CHUNK]))
+        .map_err(db_error)?;
+    Ok(true)
+}
+
+/// Ids that have history but no room: rooms removed before a stop let
+/// their history be deleted. A seek per room id in the messages' key.
+fn orphaned_rooms(c: &Connection) -> StoreResult<Vec<i64>> {
+    let mut next = c
+        .prepare("SELECT room_id FROM messages WHERE room_id > ?1 ORDER BY room_id LIMIT 1")
+        .map_err(db_error)?;
+    let mut room = c
+        .prepare("SELECT 1 FROM rooms WHERE id = ?1")
+        .map_err(db_error)?;
+    let (mut orphans, mut after) = (Vec::new(), i64::MIN);
+    while let Some(id) = next
+        .query_row([after], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(db_error)?
+    {
+        if !room.exists([id]).map_err(db_error)? {
+            orphans.push(id);
+        }
+        after = id;
+    }
+    Ok(orphans)
 }
 
 const MESSAGE_COLUMNS: &str =
@@ -1032,7 +1173,8 @@ impl Store for SqliteStore {
 
     async fn leave(&self, room: &RoomName, user: &UserName) -> StoreResult<()> {
         let (room, user) = (room.clone(), user.clone());
-        self.writer
+        let removed = self
+            .writer
             .run(move |c| {
                 let (id, _) = member_room(c, &room, &user)?;
                 c.prepare_cached("DELETE FROM members WHERE room_id = ?1 AND user_key = ?2")
@@ -1040,7 +1182,9 @@ impl Store for SqliteStore {
                     .map_err(db_error)?;
                 sweep_guest_rooms(c, Some(id))
             })
-            .await
+            .await?;
+        self.purger.purge(removed);
+        Ok(())
     }
 
     async fn drop_guest(&self, user: &UserName) -> StoreResult<Vec<RoomName>> {
@@ -1048,7 +1192,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         };
         let key = user.key().to_owned();
-        let left = self
+        let (left, removed) = self
             .writer
             .run(move |c| {
                 let rooms: Vec<(i64, String)> = c
@@ -1061,15 +1205,18 @@ impl Store for SqliteStore {
                             .collect::<Result<_, _>>()
                     })
                     .map_err(db_error)?;
+                let mut removed = Vec::new();
                 for (id, _) in &rooms {
-                    sweep_guest_rooms(c, Some(*id))?;
+                    removed.extend(sweep_guest_rooms(c, Some(*id))?);
                 }
-                Ok(rooms
+                let left = rooms
                     .into_iter()
                     .map(|(_, name)| RoomName::from_trusted(name))
-                    .collect())
+                    .collect();
+                Ok((left, removed))
             })
             .await?;
+        self.purger.purge(removed);
         self.guests.dropped(user.key(), generation);
         Ok(left)
     }
@@ -1081,13 +1228,15 @@ impl Store for SqliteStore {
             let names = self.guests.names.lock().expect("guests poisoned");
             names.iter().map(|(k, g)| (k.clone(), *g)).collect()
         };
-        self.writer
+        let removed = self
+            .writer
             .run(|c| {
                 c.execute("DELETE FROM members WHERE guest = 1", [])
                     .map_err(db_error)?;
                 sweep_guest_rooms(c, None)
             })
             .await?;
+        self.purger.purge(removed);
         for (key, generation) in before {
             self.guests.dropped(&key, generation);
         }
@@ -1189,7 +1338,8 @@ impl Store for SqliteStore {
 
     async fn sanction(&self, room: &RoomName, sanction: NewSanction) -> StoreResult<Vec<RoomName>> {
         let room = room.clone();
-        self.writer
+        let (ended, removed) = self
+            .writer
             .run(move |c| {
                 let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
                 let s = &sanction;
@@ -1212,13 +1362,14 @@ impl Store for SqliteStore {
                 })
                 .map_err(db_error)?;
                 if s.kind != SanctionKind::Ban {
-                    return Ok(Vec::new());
+                    return Ok((Vec::new(), Vec::new()));
                 }
                 let ended = remove_member(c, id, &s.user)?;
-                sweep_guest_rooms(c, Some(id))?;
-                Ok(ended)
+                Ok((ended, sweep_guest_rooms(c, Some(id))?))
             })
-            .await
+            .await?;
+        self.purger.purge(removed);
+        Ok(ended)
     }
 
     async fn lift(
@@ -1338,22 +1489,25 @@ impl Store for SqliteStore {
                     return Err(StoreError::Conflict(format!("hub name {}", hub.hub)));
                 }
                 let now = now_ms();
-                let id = c
-                    .prepare_cached(
-                        "INSERT INTO rooms (name, topic, direct, private, created_at)
-                         VALUES (?1, ?2, 0, ?3, ?4)",
-                    )
-                    .and_then(|mut s| s.insert(params![room.as_str(), hub.title, hub.private, now]))
-                    .map_err(db_error)?;
+                let id = new_room_id(c)?;
+                c.prepare_cached(
+                    "INSERT INTO rooms (id, name, topic, direct, private, created_at)
+                     VALUES (?1, ?2, ?3, 0, ?4, ?5)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![id, room.as_str(), hub.title, hub.private, now])
+                })
+                .map_err(db_error)?;
                 add_member(c, id, &hub.owner, false, Role::Owner)?;
                 let general = RoomName::channel(&hub.hub, FIRST_CHANNEL)
                     .map_err(|e| StoreError::Internal(e.message))?;
-                let channel = c
-                    .prepare_cached(
-                        "INSERT INTO rooms (name, direct, hub_id, created_at) VALUES (?1, 0, ?2, ?3)",
-                    )
-                    .and_then(|mut s| s.insert(params![general.as_str(), id, now]))
-                    .map_err(db_error)?;
+                let channel = new_room_id(c)?;
+                c.prepare_cached(
+                    "INSERT INTO rooms (id, name, direct, hub_id, created_at)
+                     VALUES (?1, ?2, 0, ?3, ?4)",
+                )
+                .and_then(|mut s| s.execute(params![channel, general.as_str(), id, now]))
+                .map_err(db_error)?;
                 add_member(c, channel, &hub.owner, false, Role::Member)?;
                 Ok(())
             })
@@ -1541,14 +1695,15 @@ impl Store for SqliteStore {
 
     async fn delete_hub(&self, hub: &HubName) -> StoreResult<Vec<(RoomName, Vec<UserName>)>> {
         let room = RoomName::hub_room(hub);
-        self.writer
+        let (gone, removed) = self
+            .writer
             .run(move |c| {
                 let (id, _) = room_row(c, room.as_str())?.ok_or(StoreError::NoSuchRoom)?;
                 let rooms: Vec<(i64, String)> = c
                     .prepare_cached("SELECT id, name FROM rooms WHERE id = ?1 OR hub_id = ?1")
                     .and_then(|mut s| s.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
                     .map_err(db_error)?;
-                let mut gone = Vec::new();
+                let (mut gone, mut removed) = (Vec::new(), Vec::new());
                 for (room_id, name) in rooms {
                     let members: Vec<String> = c
                         .prepare_cached(
@@ -1556,14 +1711,8 @@ impl Store for SqliteStore {
                         )
                         .and_then(|mut s| s.query_map([room_id], |r| r.get(0))?.collect())
                         .map_err(db_error)?;
-                    for table in ["messages", "sanctions", "invites"] {
-                        c.prepare_cached(&format!("DELETE FROM {table} WHERE room_id = ?1"))
-                            .and_then(|mut s| s.execute([room_id]))
-                            .map_err(db_error)?;
-                    }
-                    c.prepare_cached("DELETE FROM rooms WHERE id = ?1")
-                        .and_then(|mut s| s.execute([room_id]))
-                        .map_err(db_error)?;
+                    remove_room_row(c, room_id)?;
+                    removed.push(room_id);
                     let mut members = members
                         .into_iter()
                         .map(user_name)
@@ -1572,9 +1721,11 @@ impl Store for SqliteStore {
                     gone.push((RoomName::from_trusted(name), members));
                 }
                 gone.sort_by(|(a, _), (b, _)| a.cmp(b));
-                Ok(gone)
+                Ok((gone, removed))
             })
-            .await
+            .await?;
+        self.purger.purge(removed);
+        Ok(gone)
     }
 
     async fn create_channel(
@@ -1593,15 +1744,22 @@ impl Store for SqliteStore {
                 if room_row(c, channel.as_str())?.is_some() {
                     return Err(StoreError::Conflict(format!("channel name {channel}")));
                 }
-                let id = c
-                    .prepare_cached(
-                        "INSERT INTO rooms (name, topic, direct, hub_id, private, created_at)
-                         VALUES (?1, ?2, 0, ?3, ?4, ?5)",
-                    )
-                    .and_then(|mut s| {
-                        s.insert(params![channel.as_str(), topic, hub_id, private, now_ms()])
-                    })
-                    .map_err(db_error)?;
+                let id = new_room_id(c)?;
+                c.prepare_cached(
+                    "INSERT INTO rooms (id, name, topic, direct, hub_id, private, created_at)
+                     VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id,
+                        channel.as_str(),
+                        topic,
+                        hub_id,
+                        private,
+                        now_ms()
+                    ])
+                })
+                .map_err(db_error)?;
                 if private {
                     add_member(c, id, &by, false, Role::Member)?;
                     return Ok(vec![by]);
@@ -1859,6 +2017,98 @@ mod tests {
         let before = s.writer_stats();
         assert!(s.drop_guest(&name("kept")).await.unwrap().is_empty());
         assert_eq!(s.writer_stats(), before, "forgotten once dropped");
+    }
+
+    /// Messages in the file whose room is gone.
+    fn orphaned_messages(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM messages WHERE room_id NOT IN (SELECT id FROM rooms)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    async fn purged(s: &SqliteStore) {
+        let mut pending = s.purger.pending.subscribe();
+        pending.wait_for(|&n| n == 0).await.unwrap();
+    }
+
+    /// A guest room with a long history: its removal is one job, its
+    /// history many, a chunk each; its name is free at once.
+    #[tokio::test]
+    async fn a_removed_rooms_history_goes_a_chunk_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.db");
+        let s = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+        let room = RoomName::parse("r").unwrap();
+        s.join(&room, &name("guest"), JoinRules::open(true))
+            .await
+            .unwrap();
+        let n = PURGE_CHUNK as u64 * 4 + 3;
+        for i in 0..n {
+            send(&s, message("guest", &format!("m{i}"), None, None))
+                .await
+                .unwrap();
+        }
+        let before = s.writer_stats().transactions;
+        assert_eq!(
+            s.drop_guest(&name("guest")).await.unwrap(),
+            vec![room.clone()]
+        );
+        // Gone at once, whatever is left of its history: a room of the
+        // same name is a new one.
+        let joined = s
+            .join(&room, &name("next"), JoinRules::open(true))
+            .await
+            .unwrap();
+        assert_eq!(joined.last_seq, 0);
+        assert!(s.messages_after(&room, 0, 100).await.unwrap().is_empty());
+        purged(&s).await;
+        assert_eq!(orphaned_messages(&path), 0);
+        let commits = s.writer_stats().transactions - before;
+        assert!(
+            commits > n / PURGE_CHUNK as u64,
+            "{n} messages deleted in {commits} commits: more than {PURGE_CHUNK} in one"
+        );
+    }
+
+    /// What a stop left of a removed room's history goes at the next open;
+    /// until then no new room is given that room's id.
+    #[tokio::test]
+    async fn history_left_by_a_stop_is_deleted_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let (r, r2) = (
+            RoomName::parse("r").unwrap(),
+            RoomName::parse("r2").unwrap(),
+        );
+        {
+            let s = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+            s.join(&r, &name("ann"), JoinRules::open(false))
+                .await
+                .unwrap();
+            for i in 0..25 {
+                send(&s, message("ann", &format!("m{i}"), None, None))
+                    .await
+                    .unwrap();
+            }
+            // Removed, its history not yet deleted: as a stop leaves it.
+            s.writer.run(|c| remove_room_row(c, 1)).await.unwrap();
+            assert_eq!(orphaned_messages(&path), 25);
+            s.join(&r2, &name("ann"), JoinRules::open(false))
+                .await
+                .unwrap();
+            assert!(s.messages_after(&r2, 0, 100).await.unwrap().is_empty());
+            let id = s.read(|c| room_row(c, "r2")).await.unwrap().unwrap().0;
+            assert_ne!(id, 1, "the removed room's id, its history still there");
+        }
+        let s = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+        purged(&s).await;
+        assert_eq!(orphaned_messages(&path), 0);
+        assert!(s.messages_after(&r2, 0, 100).await.unwrap().is_empty());
     }
 
     #[tokio::test]
