@@ -25,6 +25,7 @@
 pub mod testing;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -574,7 +575,7 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
         let channels: Vec<&String> = wanted.iter().collect();
         let mut ok = true;
         for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
-            if sink.subscribe(chunk).await.is_err() {
+            if !answered(sink.subscribe(chunk)).await {
                 ok = false;
                 break;
             }
@@ -637,11 +638,14 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
                 sub = rx.recv() => {
                     let Some(sub) = sub else { return };
                     sub.apply(&mut wanted);
+                    // Meanwhile nothing else of this loop runs, the pings
+                    // neither: a (un)subscription Redis does not answer
+                    // ends the connection as a ping would.
                     let done = match &sub {
-                        Sub::Add { channel, .. } => sink.subscribe(channel).await,
-                        Sub::Remove(channel) => sink.unsubscribe(channel).await,
+                        Sub::Add { channel, .. } => answered(sink.subscribe(channel)).await,
+                        Sub::Remove(channel) => answered(sink.unsubscribe(channel)).await,
                     };
-                    if done.is_err() {
+                    if !done {
                         break;
                     }
                     // Messages committed before the subscription took
@@ -654,8 +658,7 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
                 }
                 _ = ping.tick() => {
                     // Subscribed, Redis answers PING with ["pong", ""].
-                    let alive = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await;
-                    if !matches!(alive, Ok(Ok(_))) {
+                    if !answered(sink.ping::<redis::Value>()).await {
                         break;
                     }
                 }
@@ -669,6 +672,16 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
 }
 
 /// Keep this node alive in the registry and bury dead ones.
+/// Whether Redis answered a command within [`COMMAND_TIMEOUT`], without
+/// an error. A connection whose packets are dropped in silence would
+/// otherwise hold the command until TCP gives up, some 15 minutes.
+async fn answered<T>(command: impl Future<Output = redis::RedisResult<T>>) -> bool {
+    matches!(
+        tokio::time::timeout(COMMAND_TIMEOUT, command).await,
+        Ok(Ok(_))
+    )
+}
+
 async fn heartbeats(shared: Weak<Shared>, liveness: Liveness) {
     let mut tick = tokio::time::interval(liveness.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

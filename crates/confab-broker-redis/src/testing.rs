@@ -119,10 +119,14 @@ impl OwnRedis {
 }
 
 /// A TCP proxy to `target` that a test cuts and restores: cut, it drops
-/// its connections and every new one, as a network partition does.
+/// its connections and every new one, as a network partition does;
+/// stalled, it forwards nothing either way and closes nothing, as a path
+/// that drops every packet in silence does (though the kernel acknowledges
+/// what is sent).
 pub struct CutProxy {
     pub addr: std::net::SocketAddr,
     cut: tokio::sync::watch::Sender<bool>,
+    stalled: tokio::sync::watch::Sender<bool>,
 }
 
 impl CutProxy {
@@ -133,29 +137,57 @@ impl CutProxy {
             .expect("binding port 0");
         let addr = listener.local_addr().expect("local address");
         let (cut, is_cut) = tokio::sync::watch::channel(false);
+        let (stalled, is_stalled) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let mut is_cut = is_cut.clone();
                 if *is_cut.borrow() {
                     continue; // dropped: closed at once
                 }
-                let target = target.clone();
+                let (target, is_stalled) = (target.clone(), is_stalled.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
+                    let ((in_r, in_w), (out_r, out_w)) =
+                        (inbound.into_split(), outbound.into_split());
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pipe(in_r, out_w, is_stalled.clone()) => {}
+                        _ = pipe(out_r, in_w, is_stalled) => {}
                         _ = is_cut.wait_for(|cut| *cut) => {}
                     }
                 });
             }
         });
-        CutProxy { addr, cut }
+        CutProxy { addr, cut, stalled }
     }
 
     /// Cut (`true`) or restore the path.
     pub fn cut(&self, cut: bool) {
         self.cut.send_replace(cut);
+    }
+
+    /// Stall (`true`) or resume the path: what was held goes on.
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+/// Copy one way, holding what was read while the path is stalled.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

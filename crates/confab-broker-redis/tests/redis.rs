@@ -308,3 +308,46 @@ async fn a_node_cut_off_too_long_is_buried_and_told_when_back() {
     // Back, a learns it was buried (its guests lost their memberships).
     rec_a.until_rejoined().await;
 }
+
+/// Redis stops answering, nothing closed and nothing refused, while a
+/// subscription is being taken: the subscriber gives that connection up
+/// within seconds, as its pings would (they do not run while it waits),
+/// rather than for as long as TCP would hold it, and takes every wanted
+/// topic again once Redis answers.
+#[tokio::test]
+async fn a_subscription_redis_does_not_answer_is_given_up() {
+    let redis = OwnRedis::start().await;
+    let proxy = CutProxy::start(redis.url()["redis://".len()..].to_owned()).await;
+    let via_proxy = BrokerUrl::parse(&format!("redis://{}", proxy.addr)).unwrap();
+    let a: Arc<dyn Broker> = Arc::new(
+        RedisBroker::connect_with(&via_proxy, "a", Liveness::default())
+            .await
+            .unwrap(),
+    );
+    let direct = BrokerUrl::parse(&redis.url()).unwrap();
+    let b: Arc<dyn Broker> = Arc::new(
+        RedisBroker::connect_with(&direct, "b", Liveness::default())
+            .await
+            .unwrap(),
+    );
+    let rec = Recorder::attach(&a);
+    rec.until_missed(1).await;
+    assert!(a.connected());
+    proxy.stall(true);
+    a.subscribe(Topic::Room(RoomName::parse("r").unwrap()));
+    // Nothing published meanwhile, so only the subscriber can say so.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while a.connected() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the unanswered subscription was given up");
+    let before = rec.missed_count();
+    proxy.stall(false);
+    rec.until_missed(before + 1).await;
+    b.publish(message("r", 1)).await.unwrap();
+    rec.until("r:1 through the new subscription", |e| e.len() == 1)
+        .await;
+    assert!(a.stats().reconnects >= 1);
+}
