@@ -82,11 +82,10 @@ impl<P> AsyncRead for SharedTcp<P> {
 }
 
 /// Whether a read that leaves room in its buffer shows the socket
-/// drained. So with edge-triggered epoll, which wakes a socket again for
-/// anything that arrives after that read, and which tokio's own streams
-/// rely on in the same way (a read that ends the connection stays ready:
-/// tokio never clears a closed state). Elsewhere a read goes on until it
-/// would block.
+/// drained: it does with edge-triggered epoll, which wakes a socket again
+/// for anything that arrives after that read, as tokio's own streams rely
+/// on (and an end of stream stays ready: tokio never clears a closed
+/// state). Elsewhere a read goes on until it would block.
 const DRAINED_BY_A_SHORT_READ: bool = cfg!(target_os = "linux");
 
 impl<P> AsyncWrite for SharedTcp<P> {

@@ -140,16 +140,22 @@ impl SqliteStore {
     pub async fn open(path: impl AsRef<Path>, durability: Durability) -> StoreResult<Self> {
         let path = path.as_ref().to_path_buf();
         let p = path.clone();
-        let conn = tokio::task::spawn_blocking(move || open_writer(&p, durability))
-            .await
-            .map_err(|e| StoreError::Internal(e.to_string()))??;
+        // What the file holds is read here too, off the runtime: a guest
+        // row is a scan, and the history a stop left behind its removed
+        // room a seek per room.
+        let (conn, guests, orphans) = tokio::task::spawn_blocking(move || {
+            let conn = open_writer(&p, durability)?;
+            let guests = guests_with_rows(&conn)?;
+            let orphans = orphaned_rooms(&conn)?;
+            Ok::<_, StoreError>((conn, guests, orphans))
+        })
+        .await
+        .map_err(|e| StoreError::Internal(e.to_string()))??;
         // Room for every statement the writer runs, the batch's own too.
         conn.set_prepared_statement_cache_capacity(64);
         let guests = GuestRows {
-            names: Mutex::new(guests_with_rows(&conn)?),
+            names: Mutex::new(guests),
         };
-        // History that a stop left behind its removed room.
-        let orphans = orphaned_rooms(&conn)?;
         let writer = Arc::new(writer::Writer::start(conn));
         let purger = Purger::start(&writer);
         purger.purge(orphans);
