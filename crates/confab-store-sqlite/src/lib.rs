@@ -57,6 +57,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("schema.sql"),
     include_str!("schema_2.sql"),
     include_str!("schema_3.sql"),
+    include_str!("schema_4.sql"),
 ];
 
 /// Reader connections kept open at most (WAL lets them read concurrently
@@ -2381,6 +2382,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn messages_are_kept_in_the_order_they_came_and_found_by_room_and_seq() {
+        let (s, dir) = room_of_two().await;
+        for who in ["ann", "bob"] {
+            let other = RoomName::parse("o").unwrap();
+            s.join(&other, &name(who), JoinRules::open(false))
+                .await
+                .unwrap();
+        }
+        let o = |sender, body| NewMessage {
+            room: RoomName::parse("o").unwrap(),
+            ..message(sender, body, None, None)
+        };
+        for m in [
+            message("ann", "r1", None, None),
+            o("bob", "o1"),
+            message("bob", "r2", None, None),
+            o("ann", "o2"),
+        ] {
+            seq_of(send(&s, m).await);
+        }
+        let c = Connection::open(dir.path().join("s.db")).unwrap();
+        let bodies: Vec<String> = c
+            .prepare("SELECT body FROM messages ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            bodies,
+            ["r1", "o1", "r2", "o2"],
+            "at the table's end, one after another"
+        );
+        let plan: String = c
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT body FROM messages WHERE room_id = 1 AND seq > 0",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("messages_by_seq"), "{plan}");
+        let twice = c.execute(
+            "INSERT INTO messages (room_id, seq, sender_key, sender, body, ts)
+             SELECT room_id, seq, sender_key, sender, body, ts FROM messages LIMIT 1",
+            [],
+        );
+        assert!(twice.is_err(), "one message per room and seq");
+    }
+
+    #[tokio::test]
     async fn a_staged_row_that_cannot_be_written_fails_its_whole_batch() {
         let (s, _dir) = room_of_two().await;
         let release = hold(&s).await;
@@ -2553,7 +2604,7 @@ mod tests {
         .unwrap();
         drop(c);
         let store: DynStore = Arc::new(SqliteStore::open(&path, Durability::Normal).await.unwrap());
-        assert_eq!(schema_version(&path).unwrap(), Some((3, 3)));
+        assert_eq!(schema_version(&path).unwrap(), Some((4, 4)));
         confab_core::store::contract::keeps_a_database_from_before_roles(store).await;
     }
 }
