@@ -93,6 +93,19 @@ enum Scenario {
         /// The confab binary (build it with --release).
         #[arg(long, default_value = "target/release/confab")]
         confab: PathBuf,
+        /// Another confab binary (the build before a change, say), run like
+        /// `--confab` (fsync per commit) in a row `confab-baseline` of the
+        /// same sweep; the row is added when this is given.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// The rows of the sweep, in the order they take turns.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "confab,confab-sync-normal,nats,redis"
+        )]
+        systems: Vec<Row>,
         #[arg(long, default_value = "nats-server")]
         nats: PathBuf,
         #[arg(long, default_value = "redis-server")]
@@ -263,6 +276,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Compare {
             confab,
+            baseline,
+            systems,
             nats,
             redis,
             rates,
@@ -279,7 +294,14 @@ async fn main() -> anyhow::Result<()> {
                 rates,
                 extra: extra_steps,
             };
-            let (result, plot) = compare(confab, nats, redis, steps, repeat, shape).await?;
+            let rows = rows(systems, baseline.is_some())?;
+            let binaries = Binaries {
+                confab,
+                baseline,
+                nats,
+                redis,
+            };
+            let (result, plot) = compare(&binaries, &rows, steps, repeat, shape).await?;
             if let Some(path) = &cli.svg {
                 std::fs::write(path, plot)?;
                 eprintln!("wrote {}", path.display());
@@ -354,31 +376,104 @@ fn median_run(mut runs: Vec<fanout::Outcome>) -> fanout::Outcome {
     runs.swap_remove(runs.len() / 2)
 }
 
+/// A row of a `compare` sweep: a system and how it is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Row {
+    /// `--confab`, an fsync per commit.
+    Confab,
+    /// `--confab`, fsync at checkpoints only.
+    ConfabSyncNormal,
+    /// `--baseline`, an fsync per commit.
+    ConfabBaseline,
+    Nats,
+    Redis,
+}
+
+impl Row {
+    fn name(self) -> &'static str {
+        match self {
+            Row::Confab => "confab",
+            Row::ConfabSyncNormal => "confab-sync-normal",
+            Row::ConfabBaseline => "confab-baseline",
+            Row::Nats => "nats",
+            Row::Redis => "redis",
+        }
+    }
+
+    fn system(self) -> fanout::System {
+        match self {
+            Row::Confab | Row::ConfabSyncNormal | Row::ConfabBaseline => fanout::System::Confab,
+            Row::Nats => fanout::System::Nats,
+            Row::Redis => fanout::System::Redis,
+        }
+    }
+}
+
+/// The rows asked for, each once, with `confab-baseline` after `confab`
+/// (or first) when a baseline binary is given and the row was not asked
+/// for; a baseline row without a binary is an error.
+fn rows(mut asked: Vec<Row>, baseline: bool) -> anyhow::Result<Vec<Row>> {
+    let mut seen = Vec::new();
+    asked.retain(|r| {
+        let first = !seen.contains(r);
+        seen.push(*r);
+        first
+    });
+    match (baseline, asked.contains(&Row::ConfabBaseline)) {
+        (false, true) => anyhow::bail!("the row confab-baseline needs --baseline BINARY"),
+        (true, false) => {
+            let at = asked
+                .iter()
+                .position(|r| *r == Row::Confab)
+                .map_or(0, |i| i + 1);
+            asked.insert(at, Row::ConfabBaseline);
+        }
+        _ => {}
+    }
+    if asked.is_empty() {
+        anyhow::bail!("--systems names no row");
+    }
+    Ok(asked)
+}
+
+/// The binaries `compare` starts.
+struct Binaries {
+    confab: PathBuf,
+    baseline: Option<PathBuf>,
+    nats: PathBuf,
+    redis: PathBuf,
+}
+
 /// Start one of the compared systems on a free port.
 async fn start_system(
-    name: &str,
-    paths: (&PathBuf, &PathBuf, &PathBuf),
+    row: Row,
+    binaries: &Binaries,
     dir: &std::path::Path,
 ) -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
-    let (confab, nats, redis) = paths;
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/confab.toml");
     let port = free_port()?;
-    let mut command = match name {
-        "nats" => {
-            let mut c = tokio::process::Command::new(nats);
+    let name = row.name();
+    let mut command = match row {
+        Row::Nats => {
+            let mut c = tokio::process::Command::new(&binaries.nats);
             c.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
             c
         }
-        "redis" => {
-            let mut c = tokio::process::Command::new(redis);
+        Row::Redis => {
+            let mut c = tokio::process::Command::new(&binaries.redis);
             c.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--save", "", "--appendonly", "no"]);
             c
         }
-        _ => {
-            let sync = if name == "confab" { "full" } else { "normal" };
+        Row::Confab | Row::ConfabSyncNormal | Row::ConfabBaseline => {
+            let (binary, sync) = match (row, &binaries.baseline) {
+                (Row::ConfabBaseline, Some(baseline)) => (baseline, "full"),
+                (Row::ConfabBaseline, None) => anyhow::bail!("no --baseline binary"),
+                (Row::ConfabSyncNormal, _) => (&binaries.confab, "normal"),
+                _ => (&binaries.confab, "full"),
+            };
             let db = dir.join(format!("{name}-{port}.db"));
-            let mut c = tokio::process::Command::new(confab);
+            let mut c = tokio::process::Command::new(binary);
             c.args(["serve", "--config", config])
                 .args(["--http", &format!("127.0.0.1:{port}")])
                 .args([
@@ -467,27 +562,20 @@ fn ratio_to(this: Option<(f64, bool)>, redis: Option<(f64, bool)>) -> String {
 /// Each system up the rates until one does not hold; the table of the
 /// highest rate each held, side by side, and the plot of p99 by rate.
 async fn compare(
-    confab: PathBuf,
-    nats: PathBuf,
-    redis: PathBuf,
+    binaries: &Binaries,
+    runs: &[Row],
     steps: Steps,
     repeat: usize,
     shape: Shape,
 ) -> anyhow::Result<(serde_json::Value, String)> {
     let dir = std::env::temp_dir().join(format!("confab-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let runs: [(&str, fanout::System); 4] = [
-        ("confab", fanout::System::Confab),
-        ("confab-sync-normal", fanout::System::Confab),
-        ("nats", fanout::System::Nats),
-        ("redis", fanout::System::Redis),
-    ];
     // Step by step, the systems take turns (and, with --repeat, runs take
     // turns too): a busy spell of the machine falls on all of them rather
     // than on whichever system ran then. A system leaves at its first step
     // that does not hold.
     let mut sweeps: Vec<(&str, Vec<fanout::Outcome>)> =
-        runs.iter().map(|(name, _)| (*name, Vec::new())).collect();
+        runs.iter().map(|row| (row.name(), Vec::new())).collect();
     let mut going: Vec<bool> = vec![true; runs.len()];
     let Steps { mut rates, extra } = steps;
     let given = rates.len();
@@ -500,15 +588,14 @@ async fn compare(
         };
         let mut tries: Vec<Vec<fanout::Outcome>> = runs.iter().map(|_| Vec::new()).collect();
         for _ in 0..repeat.max(1) {
-            for (i, (name, system)) in runs.iter().enumerate() {
+            for (i, row) in runs.iter().enumerate() {
                 if !going[i] {
                     continue;
                 }
-                let (mut child, server) =
-                    start_system(name, (&confab, &nats, &redis), &dir).await?;
-                eprintln!("== {name} on {server} at {rate}/s");
+                let (mut child, server) = start_system(*row, binaries, &dir).await?;
+                eprintln!("== {} on {server} at {rate}/s", row.name());
                 let pids = child.id().into_iter().collect();
-                let o = fanout::run(shape.options(*system, vec![server], pids)).await?;
+                let o = fanout::run(shape.options(row.system(), vec![server], pids)).await?;
                 let _ = child.kill().await;
                 print_fanout(&o);
                 tries[i].push(o);
@@ -680,6 +767,25 @@ mod tests {
         );
         assert_eq!(Steps::next(&[2]), 3, "never a step of nothing");
         assert_eq!(Steps::next(&[500, 500]), 625);
+    }
+
+    #[test]
+    fn a_baseline_gets_a_row_after_confab_and_only_with_its_binary() {
+        use Row::*;
+        let default = vec![Confab, ConfabSyncNormal, Nats, Redis];
+        assert_eq!(rows(default.clone(), false).unwrap(), default);
+        assert_eq!(
+            rows(default, true).unwrap(),
+            [Confab, ConfabBaseline, ConfabSyncNormal, Nats, Redis]
+        );
+        assert_eq!(
+            rows(vec![Redis, ConfabBaseline, Confab, Redis], true).unwrap(),
+            [Redis, ConfabBaseline, Confab],
+            "as asked, each once"
+        );
+        assert_eq!(rows(vec![Nats], true).unwrap(), [ConfabBaseline, Nats]);
+        let err = rows(vec![ConfabBaseline, Redis], false).unwrap_err();
+        assert!(err.to_string().contains("--baseline"), "{err}");
     }
 
     #[test]
