@@ -671,7 +671,6 @@ async fn subscriber(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Sub>) 
     }
 }
 
-/// Keep this node alive in the registry and bury dead ones.
 /// Whether Redis answered a command within [`COMMAND_TIMEOUT`], without
 /// an error. A connection whose packets are dropped in silence would
 /// otherwise hold the command until TCP gives up, some 15 minutes.
@@ -682,6 +681,7 @@ async fn answered<T>(command: impl Future<Output = redis::RedisResult<T>>) -> bo
     )
 }
 
+/// Keep this node alive in the registry and bury dead ones.
 async fn heartbeats(shared: Weak<Shared>, liveness: Liveness) {
     let mut tick = tokio::time::interval(liveness.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -740,7 +740,7 @@ fn purge_chunk(c: &Connection, room_id: i64) -> StoreResult<bool> {
 }
 
 /// Ids that have history but no room: rooms removed before a stop let
-/// their history be deleted. A seek per room id in the messages' key.
+/// their history be deleted. A seek per room id in `messages_by_seq`.
 fn orphaned_rooms(c: &Connection) -> StoreResult<Vec<i64>> {
     let mut next = c
         .prepare("SELECT room_id FROM messages WHERE room_id > ?1 ORDER BY room_id LIMIT 1")
